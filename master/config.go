@@ -1,0 +1,142 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Defaults of the settings in Config.
+const (
+	DefaultReadyTimeout = 30 * time.Second
+	DefaultDrainTimeout = 30 * time.Second
+	DefaultPIDFile      = "molt.pid"
+)
+
+// ErrConfig is wrapped by every error Run returns for a configuration it
+// refuses before starting anything.
+var ErrConfig = errors.New("invalid configuration")
+
+// Config describes one master and its workers.
+type Config struct {
+	// Listeners are the sockets to open (or inherit), in order: workers get
+	// them at fds 3.. in this order. At least one is required.
+	Listeners []ListenSpec
+	// SocketMode, if not zero, is the permission of unix-socket listeners.
+	SocketMode os.FileMode
+	// Workers is the number of worker processes (>= 1).
+	Workers int
+	// Command is the app a worker runs: an absolute path then its arguments,
+	// started through molt's exec trampoline so that LISTEN_PID is the
+	// worker's own pid. Empty means the master's own binary, re-executed
+	// with WorkerArgs; that process must call RunChild first thing.
+	Command []string
+	// WorkerArgs is the argv of self-executed workers (Command empty).
+	// Empty means the master's own os.Args.
+	WorkerArgs []string
+	// Env is added to every worker's environment (KEY=VALUE).
+	Env []string
+
+	// PIDFile is the master's pid file; its lock file is PIDFile+".lock".
+	PIDFile string
+	// ReadyTimeout bounds how long a new worker may take to become ready.
+	ReadyTimeout time.Duration
+	// DrainTimeout bounds a worker's graceful stop; then it is killed.
+	DrainTimeout time.Duration
+	// StopSignal asks a worker to drain and exit (default SIGTERM).
+	StopSignal syscall.Signal
+	// ReadyDelay, if not zero, makes a worker that never sends READY=1
+	// count as ready this long after it started (--ready=delay:DUR).
+	ReadyDelay time.Duration
+
+	// Logger receives the master's log; nil discards it.
+	Logger hclog.Logger
+	// Output gives workers their stdout and stderr and reopens the log file
+	// on USR1; nil means workers share the master's stdout and stderr.
+	Output Output
+	// Version is reported in logs and to workers.
+	Version string
+}
+
+// Output is where workers write and what USR1 reopens.
+type Output interface {
+	// Files returns the files a worker started now gets as fds 1 and 2.
+	Files() (stdout, stderr *os.File)
+	// Reopen reopens the log file at its path (after rotation).
+	Reopen() error
+}
+
+// withDefaults returns c with zero settings replaced by their defaults.
+func (c Config) withDefaults() Config {
+	if c.PIDFile == "" {
+		c.PIDFile = DefaultPIDFile
+	}
+	if c.ReadyTimeout == 0 {
+		c.ReadyTimeout = DefaultReadyTimeout
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = DefaultDrainTimeout
+	}
+	if c.StopSignal == 0 {
+		c.StopSignal = syscall.SIGTERM
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	return c
+}
+
+// validate checks everything that can be checked before starting: each
+// error says which setting is wrong and wraps ErrConfig.
+func (c Config) validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrConfig, fmt.Sprintf(format, a...))
+	}
+	if len(c.Listeners) == 0 {
+		return bad("no listener: give at least one --listen")
+	}
+	if c.Workers < 1 {
+		return bad("workers must be at least 1, not %d", c.Workers)
+	}
+	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 {
+		return bad("timeouts must not be negative")
+	}
+	switch c.StopSignal {
+	case syscall.SIGKILL, syscall.SIGSTOP:
+		return bad("worker stop signal %v cannot be caught: workers could not drain", c.StopSignal)
+	}
+	if len(c.Command) > 0 {
+		if err := checkExecutable(c.Command[0]); err != nil {
+			return bad("%v", err)
+		}
+	}
+	dir := filepath.Dir(c.PIDFile)
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		return bad("pid-file directory %s does not exist", dir)
+	}
+	return nil
+}
+
+// checkExecutable verifies that path is an absolute path to an executable
+// regular file.
+func checkExecutable(path string) error {
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("command %q: not an absolute path", path)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("command %s: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("command %s: not a regular file", path)
+	}
+	if fi.Mode().Perm()&0o111 == 0 {
+		return fmt.Errorf("command %s: not executable (mode %v)", path, fi.Mode().Perm())
+	}
+	return nil
+}

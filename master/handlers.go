@@ -1,0 +1,156 @@
+package master
+
+import (
+	"syscall"
+	"time"
+)
+
+// onSignals applies a batch in the table's order (signals.go).
+func (m *Master) onSignals(ev signalBatch) {
+	for _, sig := range ev.sigs {
+		a, ok := lookupSignal(sig)
+		if !ok {
+			continue
+		}
+		log := m.log.With("signal", unixName(a.sig), "action", a.action)
+		if !a.supported {
+			log.Warn("signal ignored: this molt does not implement it yet")
+			continue
+		}
+		if !m.phase.running() && a.sig != syscall.SIGTERM && a.sig != syscall.SIGINT && a.sig != syscall.SIGUSR1 {
+			log.Info("signal ignored: the master is shutting down", "state", m.phase)
+			continue
+		}
+		log.Info("signal received")
+		switch a.sig {
+		case syscall.SIGTERM, syscall.SIGINT:
+			m.shutdown(true)
+		case syscall.SIGQUIT:
+			m.shutdown(false)
+		case syscall.SIGUSR1:
+			m.reopenLogs()
+		case syscall.SIGTTIN:
+			m.scaleUp()
+		case syscall.SIGTTOU:
+			m.scaleDown()
+		}
+	}
+}
+
+func (m *Master) scaleUp() {
+	if len(m.slots) >= maxWorkers {
+		m.log.Warn("TTIN refused: at the maximum", "workers", len(m.slots), "max", maxWorkers)
+		return
+	}
+	m.addSlot()
+	m.log.Info("worker count changed", "workers", len(m.slots))
+}
+
+func (m *Master) scaleDown() {
+	if len(m.slots) <= 1 {
+		m.log.Warn("TTOU refused: one worker is the minimum; send QUIT to stop the master", "workers", len(m.slots))
+		return
+	}
+	m.removeSlot()
+	m.log.Info("worker count changed", "workers", len(m.slots))
+}
+
+func (m *Master) reopenLogs() {
+	if m.cfg.Output == nil {
+		m.log.Info("no log file to reopen: molt logs to stderr (give --log-file)")
+		return
+	}
+	if err := m.cfg.Output.Reopen(); err != nil {
+		m.log.Error("log file not reopened; logging continues to the old file", "error", err)
+		return
+	}
+	m.log.Info("log file reopened; running workers keep the file they started with")
+}
+
+// onNotify applies one notify datagram. Only a process in a worker's own
+// process group may speak for it (like systemd's NotifyAccess=all within a
+// unit); everything else is logged and dropped. Passed fds are closed
+// after the message is applied: a BARRIER=1 sender waits for exactly that.
+func (m *Master) onNotify(ev notified) {
+	defer closeFDs(ev.fds)
+	if ev.err != nil {
+		m.log.Warn("notify message rejected", "pid", ev.pid, "error", ev.err)
+		return
+	}
+	p := m.procs[ev.pgid]
+	if p == nil || ev.pgid <= 0 {
+		m.log.Warn("notify message from a process that is no worker of this master; ignored", "pid", ev.pid, "pgid", ev.pgid)
+		return
+	}
+	msg := ev.msg
+	if msg.Is("READY", "1") {
+		m.markReady(p, "notify")
+	}
+	if v, ok := msg.Get("STATUS"); ok {
+		p.status = v
+		m.log.Debug("worker status", "worker", p.slot, "pid", p.pid, "status", v)
+	}
+	if msg.Is("WATCHDOG", "1") {
+		p.lastPing = time.Now()
+	}
+	if msg.Is("STOPPING", "1") {
+		m.onWorkerStopping(p)
+	}
+	if len(ev.fds) > 0 && !msg.Is("BARRIER", "1") {
+		m.log.Debug("fds passed with a notify message closed: molt keeps no fd store", "pid", ev.pid, "fds", len(ev.fds))
+	}
+}
+
+// onWorkerStopping handles a worker that announced STOPPING=1 without
+// being asked: it leaves its slot, which is refilled at once without
+// counting a failure, and it has the drain timeout to exit.
+func (m *Master) onWorkerStopping(p *proc) {
+	if p.state == workerStopping {
+		return
+	}
+	p.state = workerStopping
+	m.after(m.cfg.DrainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
+	if p.slot < 0 || !m.phase.running() {
+		return
+	}
+	s := m.slots[p.slot]
+	m.log.Info("worker is stopping on its own; starting its replacement", "worker", p.slot, "pid", p.pid)
+	p.slot = -1
+	s.pid = 0
+	m.spawn(s)
+}
+
+// onTimer applies a timer if what it was armed for still holds.
+func (m *Master) onTimer(ev timerFired) {
+	if ev.kind == respawnDue {
+		if ev.slot < len(m.slots) && m.slots[ev.slot].seq == ev.seq && m.slots[ev.slot].pid == 0 && m.phase.running() {
+			m.spawn(m.slots[ev.slot])
+		}
+		return
+	}
+	p := m.procs[ev.pid]
+	if p == nil {
+		return
+	}
+	switch ev.kind {
+	case readyDeadline:
+		if p.state == workerStarting {
+			m.log.Error("worker not ready in time; stopping it",
+				"worker", p.slot, "pid", p.pid, "ready_timeout", m.cfg.ReadyTimeout,
+				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
+			m.stopWorker(p)
+		}
+	case readyDelayOver:
+		m.markReady(p, "delay")
+	case drainDeadline:
+		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", m.cfg.DrainTimeout)
+		m.kill(p)
+	case killDeadline:
+		m.log.Error("worker not reaped after SIGKILL; giving up on it", "worker", p.slot, "pid", p.pid)
+		delete(m.procs, p.pid)
+		m.finishIfIdle()
+	}
+}
+
+// unixName is "SIGTERM" for SIGTERM.
+func unixName(s syscall.Signal) string { return "SIG" + signalName(s) }

@@ -1,0 +1,242 @@
+package master
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ListenSpec is one --listen flag: a named TCP or unix-socket address.
+type ListenSpec struct {
+	// Name is what workers see in LISTEN_FDNAMES and what the listener
+	// travels under between masters.
+	Name string
+	// Network is "tcp" or "unix".
+	Network string
+	// Address is host:port for tcp, a filesystem path for unix.
+	Address string
+}
+
+// String formats the spec as it is written on the command line.
+func (s ListenSpec) String() string {
+	if s.Network == "unix" {
+		return s.Name + "=unix:" + s.Address
+	}
+	return s.Name + "=" + s.Address
+}
+
+// ParseListen parses one --listen value: ADDR or NAME=ADDR, where ADDR is
+// host:port, [v6addr]:port, :port or unix:/path. index gives the default
+// name "l<index>". Host names are resolved only when binding.
+func ParseListen(value string, index int) (ListenSpec, error) {
+	spec := ListenSpec{Name: "l" + strconv.Itoa(index)}
+	addr := value
+	if name, rest, ok := strings.Cut(value, "="); ok && !strings.ContainsAny(name, ":/[") {
+		if err := validName(name); err != nil {
+			return ListenSpec{}, fmt.Errorf("listen %q: %w", value, err)
+		}
+		spec.Name, addr = name, rest
+	}
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		if path == "" {
+			return ListenSpec{}, fmt.Errorf("listen %q: empty unix socket path", value)
+		}
+		if len(path) >= len(unix.RawSockaddrUnix{}.Path) {
+			return ListenSpec{}, fmt.Errorf("listen %q: unix socket path longer than %d bytes", value, len(unix.RawSockaddrUnix{}.Path)-1)
+		}
+		spec.Network, spec.Address = "unix", path
+		return spec, nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ListenSpec{}, fmt.Errorf("listen %q: want host:port, [ipv6]:port, :port or unix:/path: %w", value, err)
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 0 || n > 65535 {
+		return ListenSpec{}, fmt.Errorf("listen %q: port %q is not a number from 0 to 65535", value, port)
+	}
+	if strings.Contains(host, ":") && net.ParseIP(host) == nil {
+		return ListenSpec{}, fmt.Errorf("listen %q: %q is not an IPv6 address", value, host)
+	}
+	spec.Network, spec.Address = "tcp", net.JoinHostPort(host, port)
+	return spec, nil
+}
+
+// validName accepts what can travel in LISTEN_FDNAMES (sd_listen_fds(3):
+// printable, no ':'), restricted further to a readable set.
+func validName(name string) error {
+	if name == "" || len(name) > 255 {
+		return errors.New("listener name must be 1 to 255 characters")
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '.') {
+			return fmt.Errorf("listener name %q: use letters, digits, '_', '-' and '.'", name)
+		}
+	}
+	return nil
+}
+
+// ParseListeners parses every --listen value in order and rejects
+// duplicate names and duplicate addresses.
+func ParseListeners(values []string) ([]ListenSpec, error) {
+	var specs []ListenSpec
+	names := map[string]bool{}
+	addrs := map[string]bool{}
+	for i, v := range values {
+		s, err := ParseListen(v, i)
+		if err != nil {
+			return nil, err
+		}
+		if names[s.Name] {
+			return nil, fmt.Errorf("listen %q: listener name %q used twice", v, s.Name)
+		}
+		key := s.Network + " " + s.Address
+		if addrs[key] && !strings.HasSuffix(s.Address, ":0") {
+			return nil, fmt.Errorf("listen %q: address used twice", v)
+		}
+		names[s.Name], addrs[key] = true, true
+		specs = append(specs, s)
+	}
+	return specs, nil
+}
+
+// BindError reports a listener that could not be bound.
+type BindError struct {
+	Spec ListenSpec
+	Err  error
+}
+
+func (e *BindError) Error() string {
+	return fmt.Sprintf("bind %s: %v", e.Spec, e.Err)
+}
+
+func (e *BindError) Unwrap() error { return e.Err }
+
+// bind opens the listening socket of spec and returns a close-on-exec
+// duplicate of it as a file; the Go listener is closed (the socket lives on
+// in the duplicate). The socket stays in non-blocking mode: the duplicate is
+// made with fcntl on the raw fd, never through os.File.Fd (DESIGN §4).
+func bind(spec ListenSpec, socketMode os.FileMode) (*os.File, error) {
+	var (
+		ln  net.Listener
+		err error
+	)
+	switch spec.Network {
+	case "unix":
+		ln, err = bindUnix(spec.Address, socketMode)
+	default:
+		ln, err = (&net.ListenConfig{}).Listen(context.Background(), "tcp", spec.Address)
+	}
+	if err != nil {
+		return nil, &BindError{Spec: spec, Err: err}
+	}
+	defer ln.Close()
+	f, err := dupListener(ln.(syscall.Conn), spec.Name)
+	if err != nil {
+		return nil, &BindError{Spec: spec, Err: err}
+	}
+	return f, nil
+}
+
+// bindUnix binds a unix stream socket at path. A socket file left by a
+// crashed run is removed first, but only when nothing answers on it.
+func bindUnix(path string, mode os.FileMode) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			_ = c.Close()
+			return nil, fmt.Errorf("%s: %w (another process accepts on it)", path, syscall.EADDRINUSE)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("probe stale socket %s: %w", path, err)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	// molt owns unlinking: the path is removed only at final shutdown of the
+	// last generation (DESIGN §4, "Unix sockets: molt owns unlinking").
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	if mode != 0 {
+		if err := os.Chmod(path, mode); err != nil {
+			_ = ln.Close()
+			_ = os.Remove(path)
+			return nil, fmt.Errorf("set socket mode %#o: %w", mode, err)
+		}
+	}
+	return ln, nil
+}
+
+// dupListener duplicates the socket of c as a close-on-exec *os.File,
+// through the raw fd so that the blocking mode is left alone.
+func dupListener(c syscall.Conn, name string) (*os.File, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var (
+		nfd  int
+		derr error
+	)
+	if err := raw.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup: %w", derr)
+	}
+	return os.NewFile(uintptr(nfd), name), nil
+}
+
+// rawFD returns the descriptor number of f without os.File.Fd, which would
+// switch the socket to blocking mode. The caller keeps f alive while it uses
+// the number.
+func rawFD(f *os.File) (int, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := raw.Control(func(u uintptr) { fd = int(u) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
+}
+
+// localAddr returns the bound address of the socket in f ("127.0.0.1:43211"
+// or the unix path), for logs and status.
+func localAddr(f *os.File) (string, error) {
+	fd, err := rawFD(f)
+	if err != nil {
+		return "", err
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return "", fmt.Errorf("getsockname: %w", err)
+	}
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), nil
+	case *unix.SockaddrInet6:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), nil
+	case *unix.SockaddrUnix:
+		return a.Name, nil
+	}
+	return "", fmt.Errorf("getsockname: unexpected address %T", sa)
+}

@@ -1,0 +1,158 @@
+package master
+
+import (
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestParseListen(t *testing.T) {
+	tests := []struct {
+		in                string
+		name, net, addr   string
+		wantErrContaining string
+	}{
+		{in: "127.0.0.1:8080", name: "l3", net: "tcp", addr: "127.0.0.1:8080"},
+		{in: ":8080", name: "l3", net: "tcp", addr: ":8080"},
+		{in: "[::1]:0", name: "l3", net: "tcp", addr: "[::1]:0"},
+		{in: "localhost:80", name: "l3", net: "tcp", addr: "localhost:80"},
+		{in: "web=127.0.0.1:80", name: "web", net: "tcp", addr: "127.0.0.1:80"},
+		{in: "unix:/run/a.sock", name: "l3", net: "unix", addr: "/run/a.sock"},
+		{in: "admin=unix:/run/a=b.sock", name: "admin", net: "unix", addr: "/run/a=b.sock"},
+		{in: "unix:/tmp/x=y", name: "l3", net: "unix", addr: "/tmp/x=y"},
+		{in: "127.0.0.1", wantErrContaining: "want host:port"},
+		{in: "127.0.0.1:http", wantErrContaining: "not a number"},
+		{in: "127.0.0.1:70000", wantErrContaining: "not a number"},
+		{in: "::1:80", wantErrContaining: "want host:port"},
+		{in: "[zz::1]:80", wantErrContaining: "not an IPv6 address"},
+		{in: "unix:", wantErrContaining: "empty unix socket path"},
+		{in: "unix:/" + strings.Repeat("x", 200), wantErrContaining: "longer than"},
+		{in: "bad name=127.0.0.1:1", wantErrContaining: "listener name"},
+		{in: "=127.0.0.1:1", wantErrContaining: "1 to 255"},
+	}
+	for _, tt := range tests {
+		got, err := ParseListen(tt.in, 3)
+		if tt.wantErrContaining != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErrContaining) {
+				t.Errorf("ParseListen(%q) error = %v, want one containing %q", tt.in, err, tt.wantErrContaining)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("ParseListen(%q): %v", tt.in, err)
+			continue
+		}
+		if got.Name != tt.name || got.Network != tt.net || got.Address != tt.addr {
+			t.Errorf("ParseListen(%q) = %+v, want name=%s net=%s addr=%s", tt.in, got, tt.name, tt.net, tt.addr)
+		}
+	}
+}
+
+func TestParseListeners_NamesAndDuplicates(t *testing.T) {
+	specs, err := ParseListeners([]string{"127.0.0.1:0", "api=127.0.0.1:0", "unix:/tmp/s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range specs {
+		names = append(names, s.Name)
+	}
+	if got := strings.Join(names, ","); got != "l0,api,l2" {
+		t.Errorf("names = %s, want l0,api,l2 (default names follow flag order)", got)
+	}
+	for _, bad := range [][]string{
+		{"a=127.0.0.1:1", "a=127.0.0.1:2"},
+		{"127.0.0.1:1", "127.0.0.1:1"},
+		{"l1=127.0.0.1:1", "127.0.0.1:2"}, // the second one's default name is l1
+	} {
+		if _, err := ParseListeners(bad); err == nil {
+			t.Errorf("ParseListeners(%q) accepted a duplicate", bad)
+		}
+	}
+}
+
+func TestBind_KeepsNonBlockingAndCloseOnExec(t *testing.T) {
+	f, err := bind(ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := rawFD(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fl&unix.O_NONBLOCK == 0 {
+		t.Error("listening socket is blocking: a worker's Close would no longer interrupt accept")
+	}
+	fdfl, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	if fdfl&unix.FD_CLOEXEC == 0 {
+		t.Error("master's copy of the listener is not close-on-exec")
+	}
+	addr, err := localAddr(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dial %s: %v (the socket must still listen after the Go listener was closed)", addr, err)
+	}
+	c.Close()
+}
+
+func TestBind_Errors(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, err = bind(ListenSpec{Name: "l0", Network: "tcp", Address: ln.Addr().String()}, 0)
+	var be *BindError
+	if !errors.As(err, &be) || !errors.Is(err, syscall.EADDRINUSE) {
+		t.Errorf("bind of a port in use: %v, want a *BindError wrapping EADDRINUSE", err)
+	}
+	dir := t.TempDir()
+	notSock := filepath.Join(dir, "file")
+	os.WriteFile(notSock, nil, 0o644)
+	if _, err := bind(ListenSpec{Name: "u", Network: "unix", Address: notSock}, 0); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("bind over a regular file: %v, want 'not a socket'", err)
+	}
+}
+
+func TestBindUnix_StaleAndLive(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "s.sock")
+	// A stale socket file: bound, then its listener closed without unlink.
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	f, err := bind(ListenSpec{Name: "u", Network: "unix", Address: path}, 0o600)
+	if err != nil {
+		t.Fatalf("bind over a stale socket: %v", err)
+	}
+	defer f.Close()
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode = %v (err %v), want 0600", fi.Mode().Perm(), err)
+	}
+	// Now the path is live: a second bind must refuse, not steal it.
+	_, err = bind(ListenSpec{Name: "u2", Network: "unix", Address: path}, 0)
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		t.Errorf("bind over a live socket: %v, want EADDRINUSE", err)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Errorf("the live socket's path was removed: %v", err)
+	}
+}

@@ -1,0 +1,262 @@
+package master
+
+import (
+	"errors"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/worker"
+)
+
+// fakeSys scripts the master's process operations: no processes, no
+// sleeps; timers are recorded and fired by the test.
+type fakeSys struct {
+	nextPID int
+	started []int
+	signals []sentSignal
+	timers  []armedTimer
+}
+
+type sentSignal struct {
+	pid int
+	sig syscall.Signal
+}
+
+type armedTimer struct {
+	d  time.Duration
+	ev timerFired
+}
+
+func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fakeSys) {
+	t.Helper()
+	f := &fakeSys{nextPID: 100}
+	cfg := Config{Workers: workers, Logger: hclog.NewNullLogger()}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	m := &Master{
+		cfg:    cfg.withDefaults(),
+		log:    hclog.NewNullLogger(),
+		events: make(chan event, 16),
+		done:   make(chan struct{}),
+		procs:  map[int]*proc{},
+	}
+	m.sys = sysOps{
+		start: func(n int) (*proc, error) {
+			f.nextPID++
+			f.started = append(f.started, f.nextPID)
+			return &proc{pid: f.nextPID, slot: n, started: time.Now()}, nil
+		},
+		watch: func(*proc) {},
+		signal: func(pid int, sig syscall.Signal) error {
+			f.signals = append(f.signals, sentSignal{pid, sig})
+			return nil
+		},
+		after: func(d time.Duration, ev event) { f.timers = append(f.timers, armedTimer{d, ev.(timerFired)}) },
+	}
+	m.phase = phaseStarting
+	for i := 0; i < workers; i++ {
+		m.addSlot()
+	}
+	return m, f
+}
+
+func ready(pid int) notified {
+	n, _ := worker.ParseNotify([]byte(worker.NotifyReady))
+	return notified{notifyMsg{pid: pid, pgid: pid, msg: n}}
+}
+
+func exited(pid int) childExited {
+	return childExited{pid: pid, err: errors.New("exit status 1")}
+}
+
+// lastTimer returns the most recent timer of kind, failing if none.
+func (f *fakeSys) lastTimer(t *testing.T, kind timerKind) armedTimer {
+	t.Helper()
+	for i := len(f.timers) - 1; i >= 0; i-- {
+		if f.timers[i].ev.kind == kind {
+			return f.timers[i]
+		}
+	}
+	t.Fatalf("no %s timer armed", timerNames[kind])
+	return armedTimer{}
+}
+
+func TestLoop_ServingOnlyWhenEveryWorkerIsReady(t *testing.T) {
+	m, f := newTestMaster(t, 2, nil)
+	m.onNotify(ready(f.started[0]))
+	if m.phase != phaseStarting {
+		t.Fatalf("phase %v after 1 of 2 ready, want starting", m.phase)
+	}
+	m.onNotify(ready(f.started[1]))
+	if m.phase != phaseServing {
+		t.Fatalf("phase %v after 2 of 2 ready, want serving", m.phase)
+	}
+}
+
+func TestLoop_NotifyFromAStrangerChangesNothing(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	stranger := ready(99999)
+	m.onNotify(stranger)
+	// A child of the worker (same process group) may speak for it.
+	child := ready(f.started[0] + 500)
+	child.pgid = f.started[0]
+	if p := m.procs[f.started[0]]; p.state != workerStarting {
+		t.Fatalf("a stranger's READY=1 made worker %d %v", p.pid, p.state)
+	}
+	m.onNotify(child)
+	if p := m.procs[f.started[0]]; p.state != workerReady {
+		t.Fatalf("READY=1 from the worker's process group ignored: %v", p.state)
+	}
+}
+
+func TestLoop_CrashLoopBacksOffAndStaleTimersAreIgnored(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	first := f.started[0]
+	m.onNotify(ready(first))
+	m.onChildExited(exited(first))
+	if len(f.started) != 2 {
+		t.Fatalf("first crash: %d starts, want an immediate replacement", len(f.started))
+	}
+	m.onChildExited(exited(f.started[1]))
+	if len(f.started) != 2 {
+		t.Fatal("second consecutive crash replaced at once, want a backoff")
+	}
+	tm := f.lastTimer(t, respawnDue)
+	if tm.d < 80*time.Millisecond || tm.d > 120*time.Millisecond {
+		t.Errorf("second failure backoff %v, want ~100ms", tm.d)
+	}
+	stale := tm.ev
+	stale.seq--
+	m.onTimer(stale)
+	if len(f.started) != 2 {
+		t.Fatal("a stale respawn timer started a worker")
+	}
+	m.onTimer(tm.ev)
+	if len(f.started) != 3 || m.slots[0].pid != f.started[2] || m.slots[0].restarts != 2 {
+		t.Fatalf("respawn after backoff: starts=%d slot=%+v", len(f.started), m.slots[0])
+	}
+}
+
+func TestLoop_ReadyTimeoutStopsAndReplacesTheWorker(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	pid := f.started[0]
+	tm := f.lastTimer(t, readyDeadline)
+	if tm.d != DefaultReadyTimeout || tm.ev.pid != pid {
+		t.Fatalf("ready deadline %v for pid %d", tm.d, tm.ev.pid)
+	}
+	m.onTimer(tm.ev)
+	if len(f.signals) != 1 || f.signals[0] != (sentSignal{-pid, syscall.SIGTERM}) {
+		t.Fatalf("signals %v, want SIGTERM to process group %d", f.signals, pid)
+	}
+	m.onChildExited(exited(pid))
+	if len(f.started) != 2 {
+		t.Fatal("a worker stopped for not being ready was not replaced")
+	}
+	// A ready deadline of a worker that did become ready does nothing.
+	m.onNotify(ready(f.started[1]))
+	m.onTimer(f.lastTimer(t, readyDeadline).ev)
+	if len(f.signals) != 1 {
+		t.Fatalf("a ready worker was stopped by its old deadline: %v", f.signals)
+	}
+}
+
+func TestLoop_ReadyDelayCountsAsReady(t *testing.T) {
+	m, f := newTestMaster(t, 1, func(c *Config) { c.ReadyDelay = 2 * time.Second })
+	tm := f.lastTimer(t, readyDelayOver)
+	if tm.d != 2*time.Second {
+		t.Fatalf("ready delay timer %v", tm.d)
+	}
+	m.onTimer(tm.ev)
+	if m.phase != phaseServing {
+		t.Fatalf("phase %v after the ready delay, want serving", m.phase)
+	}
+}
+
+func TestLoop_TTOUKeepsOneWorkerAndRetiresTheLastSlot(t *testing.T) {
+	m, f := newTestMaster(t, 2, nil)
+	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGTTOU}})
+	if len(m.slots) != 1 || len(f.signals) != 1 || f.signals[0].pid != -f.started[1] {
+		t.Fatalf("TTOU: slots=%d signals=%v, want slot 1's worker %d stopped", len(m.slots), f.signals, f.started[1])
+	}
+	m.onChildExited(exited(f.started[1]))
+	if len(f.started) != 2 {
+		t.Fatal("a worker removed by TTOU was replaced")
+	}
+	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGTTOU}})
+	if len(m.slots) != 1 {
+		t.Fatal("TTOU removed the last worker")
+	}
+	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGTTIN}})
+	if len(m.slots) != 2 || len(f.started) != 3 {
+		t.Fatalf("TTIN: slots=%d starts=%d", len(m.slots), len(f.started))
+	}
+}
+
+func TestLoop_QuitDrainsKillsLateWorkersAndStops(t *testing.T) {
+	m, f := newTestMaster(t, 2, nil)
+	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGQUIT}})
+	if m.phase != phaseDraining || len(f.signals) != 2 {
+		t.Fatalf("QUIT: phase %v, signals %v", m.phase, f.signals)
+	}
+	m.onChildExited(exited(f.started[0]))
+	if len(f.started) != 2 {
+		t.Fatal("a worker was respawned during the drain")
+	}
+	// The second worker overstays the drain timeout.
+	var dl armedTimer
+	for _, tm := range f.timers {
+		if tm.ev.kind == drainDeadline && tm.ev.pid == f.started[1] {
+			dl = tm
+		}
+	}
+	if dl.d != DefaultDrainTimeout {
+		t.Fatalf("drain deadline %v", dl.d)
+	}
+	m.onTimer(dl.ev)
+	if last := f.signals[len(f.signals)-1]; last != (sentSignal{-f.started[1], syscall.SIGKILL}) {
+		t.Fatalf("after the drain timeout: %v, want SIGKILL to the group", last)
+	}
+	m.onChildExited(exited(f.started[1]))
+	if m.phase != phaseStopped {
+		t.Fatalf("phase %v once every worker is gone, want stopped", m.phase)
+	}
+}
+
+func TestLoop_TermKillsEveryWorkerAtOnce(t *testing.T) {
+	m, f := newTestMaster(t, 2, nil)
+	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGQUIT}})
+	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGTERM}}) // a fast stop overrides a drain
+	kills := 0
+	for _, s := range f.signals {
+		if s.sig == syscall.SIGKILL {
+			kills++
+		}
+	}
+	if m.phase != phaseStopping || kills != 2 {
+		t.Fatalf("TERM: phase %v, %d SIGKILLs (signals %v)", m.phase, kills, f.signals)
+	}
+	m.onChildExited(exited(f.started[0]))
+	m.onChildExited(exited(f.started[1]))
+	if m.phase != phaseStopped {
+		t.Fatalf("phase %v", m.phase)
+	}
+}
+
+func TestLoop_WorkerStoppingOnItsOwnIsReplacedAtOnce(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	pid := f.started[0]
+	m.onNotify(ready(pid))
+	n, _ := worker.ParseNotify([]byte(worker.NotifyStopping))
+	m.onNotify(notified{notifyMsg{pid: pid, pgid: pid, msg: n}})
+	if len(f.started) != 2 || m.slots[0].pid != f.started[1] {
+		t.Fatalf("STOPPING=1: starts=%d, slot=%+v: want a replacement at once", len(f.started), m.slots[0])
+	}
+	m.onChildExited(exited(pid))
+	if len(f.started) != 2 || m.slots[0].restarts != 0 {
+		t.Fatalf("the announced exit counted as a crash: starts=%d slot=%+v", len(f.started), m.slots[0])
+	}
+}

@@ -1,0 +1,124 @@
+package master
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/molt-server/molt/worker"
+	"golang.org/x/sys/unix"
+)
+
+// notifySocket is the master's NOTIFY_SOCKET: a unix datagram socket in the
+// abstract namespace (no file to clean up after a crash; workers that drop
+// privileges can still reach it) with SO_PASSCRED, so every datagram
+// carries the sender's pid as the kernel saw it (sd_notify(3)).
+type notifySocket struct {
+	// f wraps the non-blocking socket so that reads go through the Go
+	// poller: close then wakes a blocked reader safely, with no window in
+	// which the fd number could be reused under it.
+	f    *os.File
+	addr string // as workers see it: "@molt/..."
+}
+
+// notifyMsg is one datagram as the reader saw it. pgid is looked up the
+// moment the datagram is read, while its sender most likely still lives:
+// systemd-notify exits right after sending (its BARRIER=1 makes it wait
+// for us to close the fd it passes, which the loop does after handling the
+// message).
+type notifyMsg struct {
+	pid, pgid int
+	msg       worker.Notification
+	err       error // malformed datagram or missing credentials
+	fds       []int // passed with the datagram; closed by the loop
+}
+
+// maxNotifyFDs is how many descriptors one datagram may carry (SCM_MAX_FD).
+const maxNotifyFDs = 253
+
+func openNotifySocket() (*notifySocket, error) {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	name := fmt.Sprintf("molt/%d/%s", os.Getpid(), hex.EncodeToString(b[:]))
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("notify socket: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSCRED, 1); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("notify socket: SO_PASSCRED: %w", err)
+	}
+	// A leading NUL in the address selects the abstract namespace; '@' is
+	// how NOTIFY_SOCKET spells it.
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: "\x00" + name}); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("notify socket: bind @%s: %w", name, err)
+	}
+	return &notifySocket{f: os.NewFile(uintptr(fd), "notify"), addr: "@" + name}, nil
+}
+
+// read blocks for the next datagram. It returns an error only when the
+// socket is closed or broken; a bad datagram is a notifyMsg with err set.
+func (s *notifySocket) read() (notifyMsg, error) {
+	buf := make([]byte, worker.MaxNotifySize+1)
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxNotifyFDs))
+	rc, err := s.f.SyscallConn()
+	if err != nil {
+		return notifyMsg{}, err
+	}
+	var (
+		n, oobn, flags int
+		rerr           error
+	)
+	err = rc.Read(func(fd uintptr) bool {
+		n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+		return !errors.Is(rerr, unix.EAGAIN) && !errors.Is(rerr, unix.EINTR)
+	})
+	if err != nil {
+		// RawRead fails only once the file is closed (poll's "use of
+		// closed file" is not os.ErrClosed; callers test for the latter).
+		return notifyMsg{}, fmt.Errorf("notify socket: %w (%v)", os.ErrClosed, err)
+	}
+	if rerr != nil {
+		return notifyMsg{}, fmt.Errorf("notify socket: recvmsg: %w", rerr)
+	}
+	return parseDatagram(buf[:n], oob[:oobn], flags), nil
+}
+
+// parseDatagram interprets one datagram and its control messages.
+func parseDatagram(data, oob []byte, flags int) notifyMsg {
+	var m notifyMsg
+	cmsgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		m.err = fmt.Errorf("control message: %w", err)
+		return m
+	}
+	for _, c := range cmsgs {
+		if fds, err := unix.ParseUnixRights(&c); err == nil {
+			m.fds = append(m.fds, fds...)
+			continue
+		}
+		if cred, err := unix.ParseUnixCredentials(&c); err == nil {
+			m.pid = int(cred.Pid)
+		}
+	}
+	switch {
+	case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || len(data) > worker.MaxNotifySize:
+		m.err = fmt.Errorf("%w: larger than %d bytes or too many fds", worker.ErrNotifyMessage, worker.MaxNotifySize)
+	case m.pid <= 0:
+		m.err = errors.New("no sender credentials")
+	default:
+		m.msg, m.err = worker.ParseNotify(data)
+	}
+	if m.pid > 0 {
+		if pgid, err := unix.Getpgid(m.pid); err == nil {
+			m.pgid = pgid
+		}
+	}
+	return m
+}
+
+// close closes the socket; a blocked read returns an error.
+func (s *notifySocket) close() error { return s.f.Close() }

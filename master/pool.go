@@ -1,0 +1,211 @@
+package master
+
+import (
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/molt-server/molt/worker"
+)
+
+// maxWorkers bounds TTIN: a runaway script cannot fork-bomb the host.
+const maxWorkers = 1024
+
+// selfExe is the master's own executable as the kernel holds it: it names
+// the binary this generation started with even after a deploy replaced
+// the file at its path (DESIGN §4, "A generation pins its executable").
+const selfExe = "/proc/self/exe"
+
+// addSlot adds one place to the pool and fills it.
+func (m *Master) addSlot() {
+	s := &slot{n: len(m.slots)}
+	m.slots = append(m.slots, s)
+	m.spawn(s)
+}
+
+// removeSlot drops the last slot; its worker drains and is not replaced.
+func (m *Master) removeSlot() {
+	s := m.slots[len(m.slots)-1]
+	m.slots = m.slots[:len(m.slots)-1]
+	s.seq = m.nextSeq() // voids a pending respawn
+	if p := m.procs[s.pid]; p != nil {
+		p.slot = -1
+		m.stopWorker(p)
+	}
+}
+
+// spawn starts the worker of slot s. A failure to start counts as a crash
+// of the slot: it is retried with backoff.
+func (m *Master) spawn(s *slot) {
+	p, err := m.sys.start(s.n)
+	if err != nil {
+		m.log.Error("worker start failed", "worker", s.n, "error", err)
+		s.lastExit = err.Error()
+		m.respawnLater(s, s.backoff.fail())
+		return
+	}
+	s.pid = p.pid
+	m.procs[p.pid] = p
+	m.sys.watch(p)
+	m.log.Info("worker started", "worker", s.n, "pid", p.pid)
+	m.after(m.cfg.ReadyTimeout, timerFired{kind: readyDeadline, pid: p.pid})
+	if m.cfg.ReadyDelay > 0 {
+		m.after(m.cfg.ReadyDelay, timerFired{kind: readyDelayOver, pid: p.pid})
+	}
+}
+
+// startWorker forks the worker of slot n with the protocol's fds and
+// environment (DESIGN §2; README "The worker protocol").
+func (m *Master) startWorker(n int) (*proc, error) {
+	stdout, stderr := os.Stdout, os.Stderr
+	if m.cfg.Output != nil {
+		stdout, stderr = m.cfg.Output.Files()
+	}
+	files := []*os.File{m.devNull, stdout, stderr}
+	names := make([]string, len(m.listeners))
+	for i, l := range m.listeners {
+		files = append(files, l.file)
+		names[i] = l.spec.Name
+	}
+	files = append(files, m.parentR)
+	env := []string{
+		worker.EnvListenFDs + "=" + strconv.Itoa(len(m.listeners)),
+		worker.EnvListenFDNames + "=" + strings.Join(names, ":"),
+		worker.EnvNotifySocket + "=" + m.notify.addr,
+		worker.EnvMasterPID + "=" + strconv.Itoa(os.Getpid()),
+		worker.EnvWorker + "=" + strconv.Itoa(n),
+		worker.EnvStopSignal + "=" + signalName(m.cfg.StopSignal),
+		worker.EnvDrainTimeout + "=" + m.cfg.DrainTimeout.String(),
+		worker.EnvParentFD + "=" + strconv.Itoa(len(files)-1),
+	}
+	argv := m.cfg.WorkerArgs
+	if len(argv) == 0 {
+		argv = os.Args
+	}
+	if len(m.cfg.Command) > 0 {
+		argv = m.cfg.Command
+		env = append(env, envRole+"="+roleExec, envExecPath+"="+m.cfg.Command[0])
+	} else {
+		env = append(env, envRole+"="+roleWorker)
+	}
+	env = workerEnv(os.Environ(), append(m.cfg.Env, env...)...)
+	p, err := m.spawner.start(spawnRequest{
+		path: selfExe, argv: argv, env: env, files: files, pdeathsig: m.cfg.StopSignal,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &proc{pid: p.Pid, p: p, slot: n, started: time.Now()}, nil
+}
+
+// watch reaps p in a goroutine of its own and reports its exit.
+func (m *Master) watch(p *proc) {
+	go func() {
+		state, err := p.p.Wait()
+		m.send(childExited{pid: p.pid, state: state, err: err})
+	}()
+}
+
+// onChildExited forgets a reaped worker and refills its slot if the
+// master is running. Any exit of a worker that still holds a slot is a
+// failure: the slot's backoff grows unless the worker had been healthy.
+func (m *Master) onChildExited(ev childExited) {
+	p := m.procs[ev.pid]
+	if p == nil {
+		return
+	}
+	delete(m.procs, ev.pid)
+	how := "unknown"
+	if ev.state != nil {
+		how = ev.state.String()
+	} else if ev.err != nil {
+		how = ev.err.Error()
+	}
+	log := m.log.With("worker", p.slot, "pid", p.pid, "status", how, "uptime", time.Since(p.started).Round(time.Millisecond))
+	var s *slot
+	if p.slot >= 0 && p.slot < len(m.slots) && m.slots[p.slot].pid == p.pid {
+		s = m.slots[p.slot]
+		s.pid, s.lastExit = 0, how
+	}
+	if s == nil || !m.phase.running() {
+		log.Info("worker exited")
+		m.finishIfIdle()
+		return
+	}
+	if p.state == workerReady && time.Since(p.readyAt) >= healthyAfter {
+		s.backoff.reset()
+	}
+	delay := s.backoff.fail()
+	s.restarts++
+	log.Error("worker exited unexpectedly; replacing it", "restart_in", delay, "restarts", s.restarts)
+	m.respawnLater(s, delay)
+}
+
+// respawnLater refills s after delay (at once if zero).
+func (m *Master) respawnLater(s *slot, delay time.Duration) {
+	if delay <= 0 {
+		m.spawn(s)
+		return
+	}
+	s.seq = m.nextSeq()
+	m.after(delay, timerFired{kind: respawnDue, slot: s.n, seq: s.seq})
+}
+
+// markReady records that p is ready and enters the serving phase once
+// every slot has a ready worker.
+func (m *Master) markReady(p *proc, how string) {
+	if p.state != workerStarting {
+		return
+	}
+	p.state, p.readyAt = workerReady, time.Now()
+	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond))
+	if m.phase == phaseStarting && m.allReady() {
+		m.phase = phaseServing
+		m.log.Info("serving", "workers", len(m.slots))
+	}
+}
+
+// allReady reports whether every slot has a ready worker.
+func (m *Master) allReady() bool {
+	for _, s := range m.slots {
+		if p := m.procs[s.pid]; p == nil || p.state != workerReady {
+			return false
+		}
+	}
+	return true
+}
+
+// stopWorker asks p's process group to drain and exit, and arms the drain
+// deadline after which it is killed.
+func (m *Master) stopWorker(p *proc) {
+	if p.state == workerStopping {
+		return
+	}
+	p.state = workerStopping
+	m.signalGroup(p, m.cfg.StopSignal)
+	m.after(m.cfg.DrainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
+}
+
+// kill sends SIGKILL to p's process group and arms a deadline for the reap.
+func (m *Master) kill(p *proc) {
+	if p.killed {
+		return
+	}
+	p.killed = true
+	m.signalGroup(p, syscall.SIGKILL)
+	m.after(killReapTimeout, timerFired{kind: killDeadline, pid: p.pid})
+}
+
+// killReapTimeout bounds the wait for a killed worker's exit; a process in
+// uninterruptible sleep may take that long, and then the master gives up.
+const killReapTimeout = 10 * time.Second
+
+// signalGroup signals the worker's whole process group (its pgid is its
+// pid: each worker leads its own group).
+func (m *Master) signalGroup(p *proc, sig syscall.Signal) {
+	if err := m.sys.signal(-p.pid, sig); err != nil && err != syscall.ESRCH {
+		m.log.Warn("signal worker", "worker", p.slot, "pid", p.pid, "signal", sig, "error", err)
+	}
+}

@@ -1,0 +1,116 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"syscall"
+)
+
+// spawner starts every worker from one goroutine locked to its OS thread
+// for the whole life of the master. Pdeathsig fires when the *thread* that
+// forked the child exits, not the process (prctl(2), PR_SET_PDEATHSIG); a
+// worker forked from an ordinary goroutine would get its stop signal
+// whenever the Go runtime happened to retire that thread (DESIGN §2).
+type spawner struct {
+	reqC chan spawnRequest
+	done <-chan struct{}
+}
+
+type spawnRequest struct {
+	path  string
+	argv  []string
+	env   []string
+	files []*os.File // fd 0, 1, 2, 3, ... in the child
+	// pdeathsig reaches the child when the spawner thread ends: when the
+	// master dies or its Run returns.
+	pdeathsig syscall.Signal
+	reply     chan spawnResult
+}
+
+type spawnResult struct {
+	proc *os.Process
+	err  error
+}
+
+// errSpawnerStopped is returned by start once the master is shutting down.
+var errSpawnerStopped = errors.New("spawner stopped")
+
+// newSpawner starts the spawner goroutine; it ends when done is closed,
+// and its thread ends with it (the goroutine never unlocks).
+func newSpawner(done <-chan struct{}) *spawner {
+	s := &spawner{reqC: make(chan spawnRequest), done: done}
+	started := make(chan struct{})
+	go s.run(started)
+	<-started
+	return s
+}
+
+func (s *spawner) run(started chan<- struct{}) {
+	runtime.LockOSThread()
+	// No UnlockOSThread: when this goroutine returns, its thread exits, and
+	// Pdeathsig reaches every worker still alive. That is the backstop for
+	// a master that stops without draining them.
+	close(started)
+	for {
+		select {
+		case r := <-s.reqC:
+			r.reply <- startProcess(r)
+		case <-s.done:
+			return
+		}
+	}
+}
+
+// start forks and executes a child on the spawner thread and returns once
+// the exec has happened (or failed). It blocks only for the fork and exec.
+func (s *spawner) start(r spawnRequest) (*os.Process, error) {
+	r.reply = make(chan spawnResult, 1)
+	select {
+	case s.reqC <- r:
+	case <-s.done:
+		return nil, errSpawnerStopped
+	}
+	res := <-r.reply
+	return res.proc, res.err
+}
+
+// startProcess passes raw descriptors through syscall.StartProcess. Going
+// through os.StartProcess or exec.Cmd.ExtraFiles would call os.File.Fd,
+// which switches a shared listening socket to blocking mode in every
+// process that holds it, after which Close no longer interrupts accept
+// and drains hang (DESIGN §4, "Don't touch the listener's blocking mode").
+func startProcess(r spawnRequest) spawnResult {
+	fds := make([]uintptr, len(r.files))
+	for i, f := range r.files {
+		fd, err := rawFD(f)
+		if err != nil {
+			return spawnResult{err: fmt.Errorf("spawn %s: fd %d: %w", r.path, i, err)}
+		}
+		fds[i] = uintptr(fd)
+	}
+	attr := &syscall.ProcAttr{
+		Env:   r.env,
+		Files: fds,
+		Sys: &syscall.SysProcAttr{
+			// One process group per worker: signalled as a group, and a
+			// terminal's Ctrl-C reaches only the master (DESIGN §2).
+			Setpgid:   true,
+			Pdeathsig: r.pdeathsig,
+		},
+	}
+	pid, _, err := syscall.StartProcess(r.path, r.argv, attr)
+	runtime.KeepAlive(r.files) // the numbers above stay valid until the exec
+	if err != nil {
+		return spawnResult{err: fmt.Errorf("spawn %s: %w", r.path, err)}
+	}
+	// FindProcess opens a pidfd for our own, not yet reaped child: Wait
+	// then reaps exactly this pid, never another (DESIGN §4: never wait4(-1)).
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		return spawnResult{err: fmt.Errorf("spawn %s: find pid %d: %w", r.path, pid, err)}
+	}
+	return spawnResult{proc: p}
+}

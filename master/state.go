@@ -1,0 +1,69 @@
+package master
+
+import (
+	"os"
+	"time"
+)
+
+// phase is where the master is in its life.
+type phase int
+
+const (
+	// phaseStarting: workers are starting; not all have been ready yet.
+	phaseStarting phase = iota
+	// phaseServing: every slot has had a ready worker; respawns keep it so.
+	phaseServing
+	// phaseDraining: QUIT; workers drain, nothing is respawned.
+	phaseDraining
+	// phaseStopping: TERM/INT; workers are killed, nothing is respawned.
+	phaseStopping
+	// phaseStopped: every worker is gone; Run returns.
+	phaseStopped
+)
+
+var phaseNames = [...]string{"starting", "serving", "draining", "stopping", "stopped"}
+
+func (p phase) String() string { return phaseNames[p] }
+
+// running reports whether the master still keeps its slots filled.
+func (p phase) running() bool { return p == phaseStarting || p == phaseServing }
+
+// workerState is a worker process's state as the master sees it.
+type workerState int
+
+const (
+	workerStarting workerState = iota // started, not ready yet
+	workerReady                       // sent READY=1 (or the ready delay passed)
+	workerStopping                    // told to stop, or said STOPPING=1
+)
+
+var workerStateNames = [...]string{"starting", "ready", "stopping"}
+
+func (s workerState) String() string { return workerStateNames[s] }
+
+// proc is one live worker process.
+type proc struct {
+	pid  int
+	p    *os.Process
+	slot int // -1 once retired: its exit is not replaced
+	// state and its times.
+	state            workerState
+	started, readyAt time.Time
+	// status is the last STATUS= it sent.
+	status string
+	// lastPing is the time of its last WATCHDOG=1.
+	lastPing time.Time
+	// killed is set once SIGKILL was sent to its group.
+	killed bool
+}
+
+// slot is one place in the worker pool. Its worker may come and go; the
+// slot keeps the count of restarts and the crash-loop backoff.
+type slot struct {
+	n        int
+	pid      int // its live worker, 0 while none
+	seq      int // changes whenever a respawn timer is armed or voided
+	backoff  backoff
+	restarts int
+	lastExit string
+}
