@@ -110,12 +110,11 @@ func (m *Master) onWorkerStopping(p *proc) {
 	}
 	p.state = workerStopping
 	m.after(m.cfg.DrainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
-	if p.slot < 0 || !m.phase.running() {
+	s := m.slotOf(p)
+	if s == nil || !m.phase.running() {
 		return
 	}
-	s := m.slots[p.slot]
 	m.log.Info("worker is stopping on its own; starting its replacement", "worker", p.slot, "pid", p.pid)
-	p.slot = -1
 	s.pid = 0
 	m.spawn(s)
 }
@@ -136,14 +135,14 @@ func (m *Master) onTimer(ev timerFired) {
 	case readyDeadline:
 		if p.state == workerStarting {
 			m.log.Error("worker not ready in time; stopping it",
-				"worker", p.slot, "pid", p.pid, "ready_timeout", m.cfg.ReadyTimeout,
+				"worker", p.slot, "pid", p.pid, "ready_timeout", m.cfg.ReadyTimeout.String(),
 				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
 			m.stopWorker(p)
 		}
 	case readyDelayOver:
 		m.markReady(p, "delay")
 	case drainDeadline:
-		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", m.cfg.DrainTimeout)
+		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", m.cfg.DrainTimeout.String())
 		m.kill(p)
 	case killDeadline:
 		m.log.Error("worker not reaped after SIGKILL; giving up on it", "worker", p.slot, "pid", p.pid)

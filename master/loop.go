@@ -239,7 +239,7 @@ func (m *Master) shutdown(fast bool) {
 		}
 	} else {
 		m.phase = phaseDraining
-		m.log.Info("graceful shutdown", "workers", len(m.procs), "drain_timeout", m.cfg.DrainTimeout)
+		m.log.Info("graceful shutdown", "workers", len(m.procs), "drain_timeout", m.cfg.DrainTimeout.String())
 		for _, p := range m.procs {
 			m.stopWorker(p)
 		}

@@ -31,8 +31,7 @@ func (m *Master) removeSlot() {
 	m.slots = m.slots[:len(m.slots)-1]
 	s.seq = m.nextSeq() // voids a pending respawn
 	if p := m.procs[s.pid]; p != nil {
-		p.slot = -1
-		m.stopWorker(p)
+		m.stopWorker(p) // it no longer owns a slot: its exit is not replaced
 	}
 }
 
@@ -123,10 +122,9 @@ func (m *Master) onChildExited(ev childExited) {
 	} else if ev.err != nil {
 		how = ev.err.Error()
 	}
-	log := m.log.With("worker", p.slot, "pid", p.pid, "status", how, "uptime", time.Since(p.started).Round(time.Millisecond))
-	var s *slot
-	if p.slot >= 0 && p.slot < len(m.slots) && m.slots[p.slot].pid == p.pid {
-		s = m.slots[p.slot]
+	log := m.log.With("worker", p.slot, "pid", p.pid, "status", how, "uptime", time.Since(p.started).Round(time.Millisecond).String())
+	s := m.slotOf(p)
+	if s != nil {
 		s.pid, s.lastExit = 0, how
 	}
 	if s == nil || !m.phase.running() {
@@ -139,8 +137,17 @@ func (m *Master) onChildExited(ev childExited) {
 	}
 	delay := s.backoff.fail()
 	s.restarts++
-	log.Error("worker exited unexpectedly; replacing it", "restart_in", delay, "restarts", s.restarts)
+	log.Error("worker exited unexpectedly; replacing it", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
+}
+
+// slotOf returns the slot p fills, or nil if p was retired (TTOU, or it
+// announced STOPPING=1) and its slot removed or refilled.
+func (m *Master) slotOf(p *proc) *slot {
+	if p.slot < len(m.slots) && m.slots[p.slot].pid == p.pid {
+		return m.slots[p.slot]
+	}
+	return nil
 }
 
 // respawnLater refills s after delay (at once if zero).
@@ -160,7 +167,7 @@ func (m *Master) markReady(p *proc, how string) {
 		return
 	}
 	p.state, p.readyAt = workerReady, time.Now()
-	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond))
+	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond).String())
 	if m.phase == phaseStarting && m.allReady() {
 		m.phase = phaseServing
 		m.log.Info("serving", "workers", len(m.slots))

@@ -45,7 +45,7 @@ func (s workerState) String() string { return workerStateNames[s] }
 type proc struct {
 	pid  int
 	p    *os.Process
-	slot int // -1 once retired: its exit is not replaced
+	slot int // its slot number; see Master.slotOf for whether it still owns it
 	// state and its times.
 	state            workerState
 	started, readyAt time.Time

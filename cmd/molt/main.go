@@ -1,0 +1,62 @@
+// Command molt runs a network service as a master process with preforked
+// workers on shared listen sockets. See README.md.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/molt-server/molt/master"
+)
+
+const usage = `molt: zero-downtime master/worker server for Go services and any
+program that speaks systemd's socket-activation protocol.
+
+Usage:
+  molt run [flags] [-- COMMAND [ARGS...]]   run a master and its workers
+  molt version                              print the version
+  molt help [COMMAND]                       show help
+
+Run "molt help run" for the flags of run.
+`
+
+func main() {
+	// Hidden roles first: a master starts every worker as this binary.
+	isWorker, err := master.RunChild()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt:", err)
+		if errors.Is(err, master.ErrManualRole) {
+			os.Exit(exitUsage)
+		}
+		os.Exit(exitExec)
+	}
+	if isWorker {
+		os.Exit(runDemo())
+	}
+	os.Exit(dispatch(os.Args[1:]))
+}
+
+// dispatch runs one subcommand and returns the process exit code.
+func dispatch(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "run":
+		return cmdRun(args[1:])
+	case "version", "--version", "-version":
+		fmt.Println("molt", version())
+		return exitOK
+	case "help", "-h", "--help", "-help":
+		if len(args) > 1 && args[1] == "run" {
+			fmt.Print(runUsage)
+			return exitOK
+		}
+		fmt.Print(usage)
+		return exitOK
+	}
+	fmt.Fprintf(os.Stderr, "molt: unknown command %q\n\n%s", args[0], usage)
+	return exitUsage
+}

@@ -1,0 +1,264 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/molt-server/molt/master"
+	"golang.org/x/sys/unix"
+)
+
+const runUsage = `Usage: molt run [flags] [-- COMMAND [ARGS...]]
+
+Runs a master process that opens the listen sockets and starts --workers
+worker processes that accept on them. Without COMMAND the workers run
+molt's built-in demo HTTP app; with COMMAND they run that program, which
+gets the sockets the way systemd passes them (fds 3.., LISTEN_FDS,
+LISTEN_FDNAMES, LISTEN_PID) and reports readiness on NOTIFY_SOCKET.
+
+Examples:
+  molt run --listen 127.0.0.1:8080 --workers 2
+  molt run --listen web=:8080 --listen admin=unix:/run/app.sock -- ./myapp --flag
+  molt run --ready delay:2s -- python3 app.py     # an app that never notifies
+
+Signals to the master (kill -SIGNAL $(cat molt.pid)):
+  QUIT  graceful stop: workers drain (bounded by --drain-timeout), then exit
+  TERM, INT  fast stop: workers are killed at once
+  TTIN / TTOU  one worker more / fewer
+  USR1  reopen --log-file
+  USR2, HUP, WINCH  caught and logged; upgrade and reload are not built yet
+
+Flags:
+`
+
+// runFlags are the flags of "molt run".
+type runFlags struct {
+	listen       []string
+	socketMode   string
+	workers      int
+	pidFile      string
+	logFile      string
+	logLevel     string
+	logJSON      bool
+	ready        string
+	readyTimeout time.Duration
+	drainTimeout time.Duration
+	stopSignal   string
+}
+
+// listFlag is a repeatable string flag.
+type listFlag struct{ values *[]string }
+
+func (l listFlag) String() string {
+	if l.values == nil {
+		return ""
+	}
+	return strings.Join(*l.values, ",")
+}
+
+func (l listFlag) Set(v string) error {
+	*l.values = append(*l.values, v)
+	return nil
+}
+
+// defaultListen is where "molt run" listens without --listen, as
+// gunicorn's default bind: loopback only.
+const defaultListen = "127.0.0.1:8080"
+
+func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("molt run", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Var(listFlag{&f.listen}, "listen", "`ADDR` to listen on, repeatable: host:port, [::1]:port, :port or unix:/path,\noptionally named NAME=ADDR (names default to l0, l1, ... in flag order) (default "+defaultListen+")")
+	fs.StringVar(&f.socketMode, "socket-mode", "", "permission `MODE` of unix-socket listeners, in octal (e.g. 0660)")
+	fs.IntVar(&f.workers, "workers", runtime.NumCPU(), "number of worker processes `N`")
+	fs.StringVar(&f.pidFile, "pid-file", master.DefaultPIDFile, "pid file `PATH`; its lock is PATH.lock")
+	fs.StringVar(&f.logFile, "log-file", "", "append molt's log and the workers' stdout and stderr to `PATH` (default: stderr)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log `LEVEL`: trace, debug, info, warn or error")
+	fs.BoolVar(&f.logJSON, "log-json", false, "log JSON lines")
+	fs.StringVar(&f.ready, "ready", "notify", "when a worker counts as ready: `notify` (it sends READY=1) or delay:DUR\n(READY=1, or DUR after it started, whichever comes first)")
+	fs.DurationVar(&f.readyTimeout, "ready-timeout", master.DefaultReadyTimeout, "a worker not ready within `DUR` is stopped and replaced")
+	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
+	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
+	fs.Usage = func() {
+		fmt.Fprint(out, runUsage)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// cmdRun is "molt run".
+func cmdRun(args []string) int {
+	var f runFlags
+	fs := newRunFlagSet(&f, os.Stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	cfg, err := f.config(fs.Args())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt run:", err)
+		return exitUsage
+	}
+	var out io.Writer = os.Stderr
+	if f.logFile != "" {
+		lf, err := openLogFile(f.logFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "molt run:", err)
+			return exitUsage
+		}
+		out, cfg.Output = lf, lf
+	}
+	log, err := newLogger(out, f.logLevel, f.logJSON)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt run:", err)
+		return exitUsage
+	}
+	cfg.Logger = log
+	err = master.Run(context.Background(), cfg)
+	if err == nil {
+		return exitOK
+	}
+	log.Error("molt run failed", "error", err)
+	if f.logFile != "" { // the operator's terminal sees it too
+		fmt.Fprintln(os.Stderr, "molt run:", err)
+	}
+	var bindErr *master.BindError
+	var lockErr *master.LockedError
+	switch {
+	case errors.Is(err, master.ErrConfig):
+		return exitUsage
+	case errors.As(err, &bindErr):
+		return exitBind
+	case errors.As(err, &lockErr):
+		return exitLocked
+	}
+	return exitFailure
+}
+
+// config turns the flags and the COMMAND into a master.Config; every
+// error names the flag.
+func (f *runFlags) config(command []string) (master.Config, error) {
+	cfg := master.Config{
+		Workers:      f.workers,
+		PIDFile:      f.pidFile,
+		ReadyTimeout: f.readyTimeout,
+		DrainTimeout: f.drainTimeout,
+		Version:      version(),
+	}
+	if f.workers < 1 {
+		return cfg, fmt.Errorf("--workers %d: want at least 1", f.workers)
+	}
+	if f.readyTimeout <= 0 || f.drainTimeout <= 0 {
+		return cfg, errors.New("--ready-timeout and --drain-timeout must be positive")
+	}
+	listen := f.listen
+	if len(listen) == 0 {
+		listen = []string{defaultListen}
+	}
+	specs, err := master.ParseListeners(listen)
+	if err != nil {
+		return cfg, fmt.Errorf("--listen: %w", err)
+	}
+	cfg.Listeners = specs
+	if f.socketMode != "" {
+		mode, err := strconv.ParseUint(f.socketMode, 8, 32)
+		if err != nil || mode > 0o777 {
+			return cfg, fmt.Errorf("--socket-mode %q: want an octal permission such as 0660", f.socketMode)
+		}
+		cfg.SocketMode = os.FileMode(mode)
+	}
+	if cfg.ReadyDelay, err = parseReady(f.ready); err != nil {
+		return cfg, err
+	}
+	if cfg.StopSignal, err = parseSignal(f.stopSignal); err != nil {
+		return cfg, fmt.Errorf("--worker-stop-signal: %w", err)
+	}
+	if dir := filepath.Dir(f.pidFile); !isDir(dir) {
+		return cfg, fmt.Errorf("--pid-file %s: directory %s does not exist", f.pidFile, dir)
+	}
+	if len(command) > 0 {
+		path, err := resolveCommand(command[0])
+		if err != nil {
+			return cfg, err
+		}
+		cfg.Command = append([]string{path}, command[1:]...)
+	} else {
+		cfg.WorkerArgs = []string{os.Args[0], "worker", "demo"}
+	}
+	if f.logJSON {
+		cfg.Env = append(cfg.Env, envDemoLogJSON+"=1")
+	}
+	return cfg, nil
+}
+
+// parseReady parses --ready: "notify" or "delay:DUR".
+func parseReady(v string) (time.Duration, error) {
+	if v == "notify" {
+		return 0, nil
+	}
+	if d, ok := strings.CutPrefix(v, "delay:"); ok {
+		dur, err := time.ParseDuration(d)
+		if err == nil && dur > 0 {
+			return dur, nil
+		}
+	}
+	return 0, fmt.Errorf("--ready %q: want notify or delay:DUR (e.g. delay:2s)", v)
+}
+
+// parseSignal accepts TERM, SIGTERM, term, or a number.
+func parseSignal(v string) (syscall.Signal, error) {
+	name := strings.ToUpper(strings.TrimSpace(v))
+	if n, err := strconv.Atoi(name); err == nil && n > 0 && n < 65 {
+		return syscall.Signal(n), nil
+	}
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	s := unix.SignalNum(name)
+	if s == 0 {
+		return 0, fmt.Errorf("unknown signal %q", v)
+	}
+	if s == syscall.SIGKILL || s == syscall.SIGSTOP {
+		return 0, fmt.Errorf("%s cannot be caught, so workers could not drain", name)
+	}
+	return s, nil
+}
+
+// resolveCommand finds COMMAND as a shell would (PATH for a bare name) and
+// makes it absolute, so that workers run what was meant even though the
+// generation's later respawns never search PATH again (DESIGN §4).
+func resolveCommand(name string) (string, error) {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("COMMAND %q: not found", name)
+		}
+		if errors.Is(err, os.ErrPermission) {
+			return "", fmt.Errorf("COMMAND %q: not executable", name)
+		}
+		return "", fmt.Errorf("COMMAND %q: %w", name, err)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("COMMAND %q: %w", name, err)
+	}
+	return abs, nil
+}
+
+func isDir(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.IsDir()
+}

@@ -1,0 +1,129 @@
+package worker
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+var (
+	filesOnce sync.Once
+	files     []*os.File
+	filesErr  error
+
+	listenersOnce sync.Once
+	listeners     map[string][]net.Listener
+	listenersErr  error
+)
+
+// Files returns the descriptors passed by socket activation, as files
+// named after LISTEN_FDNAMES ("unknown" where a name is missing), in fd
+// order. It returns nil, nil when the process was not activated:
+// LISTEN_PID unset or naming another process (the variables were
+// inherited, not meant for it), as sd_listen_fds(3). The fds are set
+// close-on-exec; their blocking mode is left as it is.
+//
+// Files takes the fds over once: every call returns the same files, so
+// it is safe to call many times and from several goroutines. Closing a
+// returned file closes this process's copy only.
+func Files() ([]*os.File, error) {
+	filesOnce.Do(func() { files, filesErr = takeFiles() })
+	return files, filesErr
+}
+
+func takeFiles() ([]*os.File, error) {
+	pidStr := os.Getenv(EnvListenPID)
+	if pidStr == "" {
+		return nil, nil
+	}
+	pid, err := strconv.Atoi(pidStr)
+	if err != nil {
+		return nil, fmt.Errorf("worker: %s=%q is not a pid", EnvListenPID, pidStr)
+	}
+	if pid != os.Getpid() {
+		return nil, nil
+	}
+	nStr := os.Getenv(EnvListenFDs)
+	n, err := strconv.Atoi(nStr)
+	if err != nil || n < 0 {
+		return nil, fmt.Errorf("worker: %s=%q is not a count", EnvListenFDs, nStr)
+	}
+	names, err := ParseFDNames(os.Getenv(EnvListenFDNames), n)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*os.File, n)
+	for i := range n {
+		fd := ListenFDsStart + i
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return nil, fmt.Errorf("worker: listener fd %d (%s): %w", fd, names[i], err)
+		}
+		// Children of the app must not inherit the listeners by accident.
+		unix.CloseOnExec(fd)
+		// os.NewFile looks at the fd's flags and, for a non-blocking socket,
+		// registers it with the poller; it does not change the flags.
+		out[i] = os.NewFile(uintptr(fd), names[i])
+	}
+	return out, nil
+}
+
+// Listeners returns the activated sockets that are stream listeners, by
+// name; several fds may share a name. It returns an empty map when the
+// process was not activated. Like Files, it does its work once; each
+// listener is a duplicate of the inherited fd (net.FileListener), which
+// leaves the shared socket's blocking mode alone. Closing a listener stops
+// this process accepting; other processes sharing the socket go on.
+func Listeners() (map[string][]net.Listener, error) {
+	listenersOnce.Do(func() { listeners, listenersErr = makeListeners() })
+	return listeners, listenersErr
+}
+
+func makeListeners() (map[string][]net.Listener, error) {
+	fs, err := Files()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]net.Listener{}
+	for _, f := range fs {
+		ln, err := net.FileListener(f)
+		if err != nil {
+			// Not a listening stream socket (a datagram socket, a FIFO):
+			// Files still offers it.
+			continue
+		}
+		out[f.Name()] = append(out[f.Name()], ln)
+	}
+	return out, nil
+}
+
+// Listener returns the one activated listener called name. It is an error
+// if there is none or more than one; the error names what there is.
+func Listener(name string) (net.Listener, error) {
+	all, err := Listeners()
+	if err != nil {
+		return nil, err
+	}
+	lns := all[name]
+	switch len(lns) {
+	case 1:
+		return lns[0], nil
+	case 0:
+		var have []string
+		for n := range all {
+			have = append(have, n)
+		}
+		sort.Strings(have)
+		if len(have) == 0 {
+			return nil, fmt.Errorf("worker: no listener %q: the process was not started with socket activation (%s unset or for another pid)", name, EnvListenPID)
+		}
+		return nil, fmt.Errorf("worker: no listener %q; there are: %s", name, strings.Join(have, ", "))
+	}
+	return nil, fmt.Errorf("worker: %d listeners are called %q; use Listeners", len(lns), name)
+}
