@@ -149,6 +149,9 @@ func (m *Master) loop(ctx context.Context) error {
 // the caller releases what was opened.
 func (m *Master) start() error {
 	m.log.Info("master starting", "version", m.cfg.Version, "pid", os.Getpid(), "workers", m.cfg.Workers)
+	if err := closeOnExecAll(); err != nil {
+		return fmt.Errorf("mark inherited fds close-on-exec: %w", err)
+	}
 	pf, err := lockPIDFile(m.cfg.PIDFile)
 	if err != nil {
 		return err
