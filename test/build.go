@@ -1,0 +1,56 @@
+package test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+)
+
+// Build builds each package (value) into dir/name (key), with -race when
+// the test binary is race-built and with version as molt's build version.
+// It runs from the module root (found from the working directory) and
+// returns the compiler's output in the error.
+func Build(dir, version string, pkgs map[string]string) error {
+	root, err := moduleRoot()
+	if err != nil {
+		return err
+	}
+	names := make([]string, 0, len(pkgs))
+	for n := range pkgs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		args := []string{"build", "-o", filepath.Join(dir, name), "-ldflags", "-X main.buildVersion=" + version}
+		if RaceEnabled {
+			args = append(args, "-race")
+		}
+		args = append(args, pkgs[name])
+		cmd := exec.Command("go", args...)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go %v: %w\n%s", args, err, out)
+		}
+	}
+	return nil
+}
+
+// moduleRoot walks up from the working directory to the go.mod.
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}

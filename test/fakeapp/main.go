@@ -1,0 +1,233 @@
+// Command fakeapp is the test fixture app: one binary, its mode the first
+// argument. It is an app like any other and uses only the worker package.
+// Failure modes never accept a connection they will not answer: they
+// close their copies of the listeners first, so the tests' "zero failed
+// requests" stays exact.
+//
+//	fakeapp serve [--report DIR] [--no-notify] [--ignore-stop]
+//	              [--ready-file PATH] [--hit-file PATH]
+//	fakeapp crash | exit0 | hang
+//
+// serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
+// X-Fakeapp-Names (LISTEN_FDNAMES) and the listener name in
+// X-Fakeapp-Listener; GET /sleep?ms=N answers after N ms. --report writes
+// DIR/<pid>.json (fds, their flags, environment) before anything else;
+// --ready-file appends the pid to PATH once ready; --hit-file appends
+// "<pid> <path>" when a /sleep request starts.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/molt-server/molt/worker"
+	"golang.org/x/sys/unix"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	mode := os.Args[1]
+	fs := flag.NewFlagSet("fakeapp "+mode, flag.ExitOnError)
+	report := fs.String("report", "", "write DIR/<pid>.json first")
+	noNotify := fs.Bool("no-notify", false, "never send READY=1")
+	ignoreStop := fs.Bool("ignore-stop", false, "ignore the stop signal")
+	readyFile := fs.String("ready-file", "", "append the pid to PATH when ready")
+	hitFile := fs.String("hit-file", "", "append '<pid> <path>' to PATH when /sleep starts")
+	fs.Parse(os.Args[2:])
+	if *report != "" {
+		// Before anything else opens an fd: the report is the fd set the
+		// process was started with.
+		if err := writeReport(*report); err != nil {
+			fmt.Fprintln(os.Stderr, "fakeapp: report:", err)
+			os.Exit(3)
+		}
+	}
+	switch mode {
+	case "serve":
+		os.Exit(serve(*noNotify, *ignoreStop, *readyFile, *hitFile))
+	case "crash", "exit0", "hang":
+		closeListeners()
+		switch mode {
+		case "crash":
+			fmt.Fprintln(os.Stderr, "fakeapp: crashing on purpose")
+			os.Exit(1)
+		case "exit0":
+			os.Exit(0)
+		}
+		select {} // hang: never ready, never serving; killed by the master
+	}
+	usage()
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: fakeapp serve|crash|exit0|hang [flags]")
+	os.Exit(2)
+}
+
+// closeListeners closes this process's copies of the inherited sockets.
+func closeListeners() {
+	fs, _ := worker.Files()
+	for _, f := range fs {
+		f.Close()
+	}
+}
+
+// fdInfo is one open descriptor of the process at start.
+type fdInfo struct {
+	FD       int
+	Target   string
+	NonBlock bool
+	CloExec  bool
+}
+
+// report is what --report writes.
+type report struct {
+	Pid int
+	FDs []fdInfo
+	Env []string
+}
+
+func writeReport(dir string) error {
+	var r report
+	r.Pid = os.Getpid()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		target, err := os.Readlink("/proc/self/fd/" + e.Name())
+		if err != nil {
+			continue // the fd ReadDir itself used, closed by now
+		}
+		fl, err1 := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		fdfl, err2 := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		r.FDs = append(r.FDs, fdInfo{FD: fd, Target: target, NonBlock: fl&unix.O_NONBLOCK != 0, CloExec: fdfl&unix.FD_CLOEXEC != 0})
+	}
+	r.Env = os.Environ()
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, fmt.Sprintf(".%d.tmp", r.Pid))
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, fmt.Sprintf("%d.json", r.Pid)))
+}
+
+var appendMu sync.Mutex
+
+func appendLine(path, line string) {
+	appendMu.Lock()
+	defer appendMu.Unlock()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	f.WriteString(line + "\n")
+}
+
+func serve(noNotify, ignoreStop bool, readyFile, hitFile string) int {
+	all, err := worker.Listeners()
+	if err != nil || len(all) == 0 {
+		fmt.Fprintln(os.Stderr, "fakeapp: no listeners:", err)
+		return 1
+	}
+	pid := strconv.Itoa(os.Getpid())
+	handler := func(name string) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Molt-Worker-Pid", pid)
+			w.Header().Set("X-Molt-Master-Pid", os.Getenv(worker.EnvMasterPID))
+			w.Header().Set("X-Fakeapp-Names", os.Getenv(worker.EnvListenFDNames))
+			w.Header().Set("X-Fakeapp-Listener", name)
+			if r.URL.Path == "/sleep" {
+				if hitFile != "" {
+					appendLine(hitFile, pid+" "+r.URL.String())
+				}
+				ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+				time.Sleep(time.Duration(ms) * time.Millisecond)
+			}
+			fmt.Fprintf(w, "fakeapp %s\n", pid)
+		})
+	}
+	if noNotify {
+		// Serve without ever saying READY=1 (the master's --ready=delay
+		// decides), but still drain on the stop signal.
+		os.Setenv(worker.EnvNotifySocket, "")
+	}
+	if ignoreStop {
+		signal.Ignore(stopSignal())
+		// Serve until killed; the master's drain timeout must do it.
+		errC := make(chan error, len(all))
+		for name, lns := range all {
+			for _, ln := range lns {
+				go func(ln net.Listener) { errC <- http.Serve(ln, handler(name)) }(ln)
+			}
+		}
+		if !noNotify {
+			worker.Ready()
+		}
+		markReady(readyFile, pid)
+		<-errC
+		return 1
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(all))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for name, lns := range all {
+		srv := &http.Server{Handler: handler(name), ReadHeaderTimeout: 10 * time.Second}
+		wg.Add(1)
+		// One ServeHTTP per listener name; each sends READY=1, and the
+		// master counts the first.
+		go func(lns []net.Listener) {
+			defer wg.Done()
+			errs <- worker.ServeHTTP(ctx, srv, lns...)
+			cancel() // one server stopping stops them all
+		}(lns)
+	}
+	markReady(readyFile, pid)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fakeapp:", err)
+			return 1
+		}
+	}
+	return 0
+}
+
+func markReady(readyFile, pid string) {
+	if readyFile != "" {
+		appendLine(readyFile, pid)
+	}
+}
+
+func stopSignal() os.Signal {
+	s, err := worker.StopSignal()
+	if err != nil {
+		return unix.SIGTERM
+	}
+	return s
+}
