@@ -1,0 +1,178 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// Generous bounds: the machines are shared and the binaries race-built.
+const (
+	startTimeout = 30 * time.Second
+	stepTimeout  = 20 * time.Second
+	reqTimeout   = 10 * time.Second
+)
+
+// master is a running "molt run" (or embedding program) under test.
+type master struct {
+	*test.Proc
+	t       *testing.T
+	dir     string
+	pidFile string
+	log     string
+}
+
+// startMolt runs bins.molt run with a pid file and a JSON log file in the
+// test's directory, then args. It does not wait for anything.
+func startMolt(t *testing.T, args ...string) *master {
+	t.Helper()
+	dir := t.TempDir()
+	return startMoltIn(t, dir, args...)
+}
+
+func startMoltIn(t *testing.T, dir string, args ...string) *master {
+	t.Helper()
+	// A second master in the same directory (same pid file) gets a log of
+	// its own, so that waits never match the first one's lines.
+	log := filepath.Join(dir, "molt.log")
+	for i := 2; fileExists(log); i++ {
+		log = filepath.Join(dir, fmt.Sprintf("molt-%d.log", i))
+	}
+	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: log}
+	full := append([]string{"run", "--pid-file", m.pidFile, "--log-file", m.log, "--log-json", "--log-level", "debug"}, args...)
+	m.Proc = test.Start(t, test.Opts{Path: bins.molt, Args: full, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		b, _ := os.ReadFile(m.log)
+		t.Logf("--- %s:\n%s", m.log, lastLines(string(b), 80))
+	})
+	return m
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// addrs waits until the master logged n "listening" lines and returns
+// listener name -> address.
+func (m *master) addrs(n int) map[string]string {
+	m.t.Helper()
+	out := map[string]string{}
+	for _, l := range test.WaitLog(m.t, m.log, startTimeout, n, "listening lines", test.Msg("listening")) {
+		a := l.Str("addr")
+		if l.Str("network") == "unix" {
+			a = "unix:" + a
+		}
+		out[l.Str("listener")] = a
+	}
+	return out
+}
+
+// addr is the address of the only listener.
+func (m *master) addr() string {
+	m.t.Helper()
+	for _, a := range m.addrs(1) {
+		return a
+	}
+	return ""
+}
+
+// waitServing waits for the "serving" line: every worker ready.
+func (m *master) waitServing() {
+	m.t.Helper()
+	test.WaitLog(m.t, m.log, startTimeout, 1, "the master serving", test.Msg("serving"))
+}
+
+// workers returns the master's live worker pids, sorted, and registers
+// each for the leak check at cleanup.
+func (m *master) workers() []int {
+	m.t.Helper()
+	var pids []int
+	for _, p := range test.Children(m.Pid) {
+		if test.Alive(p) {
+			pids = append(pids, p)
+			test.Track(m.t, p)
+		}
+	}
+	sort.Ints(pids)
+	return pids
+}
+
+// waitWorkers waits until the master has exactly n live workers and every
+// one of them has been logged ready, and returns them.
+func (m *master) waitWorkers(n int) []int {
+	m.t.Helper()
+	var pids []int
+	test.WaitFor(m.t, stepTimeout, fmt.Sprintf("%d ready workers", n), func() error {
+		pids = m.workers()
+		if len(pids) != n {
+			return fmt.Errorf("%d workers: %v", len(pids), pids)
+		}
+		ready := map[string]bool{}
+		for _, l := range test.Find(m.log, test.Msg("worker ready")) {
+			ready[l.Str("pid")] = true
+		}
+		for _, p := range pids {
+			if !ready[strconv.Itoa(p)] {
+				return fmt.Errorf("worker %d not ready yet", p)
+			}
+		}
+		return nil
+	})
+	return pids
+}
+
+// get sends GET path and fails the test unless it is answered 200.
+func get(t *testing.T, addr, path string) test.Response {
+	t.Helper()
+	r, err := test.Get(addr, path, reqTimeout)
+	if err != nil {
+		t.Fatalf("GET %s%s: %v", addr, path, err)
+	}
+	if r.Status != 200 {
+		t.Fatalf("GET %s%s: status %d: %s", addr, path, r.Status, r.Body)
+	}
+	return r
+}
+
+// stop sends QUIT and waits for a clean exit, then checks the log.
+func (m *master) stop(allow ...func(test.Line) bool) {
+	m.t.Helper()
+	m.Signal(quit)
+	if code := m.Wait(stepTimeout); code != 0 {
+		m.t.Errorf("master exited %d after QUIT, want 0", code)
+	}
+	test.CheckLogs(m.t, m.log, allow...)
+}
+
+// readPID reads a pid file.
+func readPID(t *testing.T, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("pid file %s: %q", path, b)
+	}
+	return pid
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}

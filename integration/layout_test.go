@@ -1,0 +1,67 @@
+package integration
+
+import (
+	"encoding/json"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/molt-server/molt"
+
+// pkgDeps lists every package path that pkg depends on (go list -deps).
+func pkgDeps(t *testing.T, pkg string) []string {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-deps", "-json=ImportPath,Standard", "../"+pkg).Output()
+	if err != nil {
+		t.Fatalf("go list %s: %v", pkg, err)
+	}
+	var deps []string
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	for dec.More() {
+		var p struct {
+			ImportPath string
+			Standard   bool
+		}
+		if err := dec.Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		if !p.Standard {
+			deps = append(deps, p.ImportPath)
+		}
+	}
+	return deps
+}
+
+// TestLayout_ImportDirections encodes STYLE.md §4's table: arrows point
+// to what a package may import, and each ban says why.
+func TestLayout_ImportDirections(t *testing.T) {
+	t.Parallel()
+	rules := []struct {
+		pkg    string
+		banned []string
+		why    string
+	}{
+		{"master", []string{module + "/cmd", module + "/test", module + "/integration"}, "worker and upgrade are leaves under master; nothing wires master but cmd"},
+		{"upgrade", []string{module + "/master", module + "/worker", module + "/cmd"}, "the handover knows nothing of workers"},
+		{"worker", []string{module + "/master", module + "/upgrade", module + "/cmd", module + "/test", "github.com/hashicorp/go-hclog", "github.com/cloudflare/tableflip"}, "apps import worker: its dependency closure is their cost"},
+		{"test", []string{module + "/master", module + "/upgrade", module + "/cmd"}, "helpers must not see internals"},
+		{"test/fakeapp", []string{module + "/master", module + "/upgrade", module + "/cmd"}, "the fake app is an app"},
+		{"cmd/molt", []string{module + "/test", module + "/integration"}, "the binary wires everything, nothing wires it"},
+	}
+	for _, r := range rules {
+		for _, d := range pkgDeps(t, r.pkg) {
+			for _, b := range r.banned {
+				if d == b || strings.HasPrefix(d, b+"/") {
+					t.Errorf("%s imports %s: %s", r.pkg, d, r.why)
+				}
+			}
+		}
+	}
+	// worker: the standard library and x/sys, nothing else.
+	for _, d := range pkgDeps(t, "worker") {
+		if d != module+"/worker" && !strings.HasPrefix(d, "golang.org/x/sys/") {
+			t.Errorf("worker depends on %s: its closure must be stdlib + golang.org/x/sys", d)
+		}
+	}
+}

@@ -1,0 +1,59 @@
+// Package integration holds molt's end-to-end tests: real binaries, real
+// signals, real sockets on loopback. It imports only the test helpers.
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/molt-server/molt/test"
+)
+
+// bins are the binaries under test, built once by TestMain.
+var bins struct {
+	dir, molt, fakeapp, embedapp string
+}
+
+// version is what the binaries under test report.
+var version = "test-" + fmt.Sprint(os.Getpid())
+
+func TestMain(m *testing.M) {
+	if err := test.MainSetup(); err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		os.Exit(1)
+	}
+	if v := os.Getenv("MOLT_TEST_VERSION"); v != "" {
+		version = v
+	}
+	dir, err := os.MkdirTemp("", "molt-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		os.Exit(1)
+	}
+	bins.dir = dir
+	bins.molt = filepath.Join(dir, "molt")
+	bins.fakeapp = filepath.Join(dir, "fakeapp")
+	bins.embedapp = filepath.Join(dir, "embedapp")
+	err = test.Build(dir, version, map[string]string{
+		"molt":     "./cmd/molt",
+		"fakeapp":  "./test/fakeapp",
+		"embedapp": "./test/embedapp",
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "integration: build:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	if leaked := test.MainSweep(); len(leaked) > 0 {
+		fmt.Fprintf(os.Stderr, "integration: %d processes outlived their tests (killed):\n", len(leaked))
+		for _, l := range leaked {
+			fmt.Fprintln(os.Stderr, "  ", l)
+		}
+		code = 1
+	}
+	os.RemoveAll(dir)
+	os.Exit(code)
+}

@@ -1,0 +1,160 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// TestSignals_TTINAndTTOUScaleButKeepOneWorker.
+func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
+	addr := m.addr()
+	m.waitServing()
+	before := m.waitWorkers(2)
+	m.Signal(syscall.SIGTTIN)
+	after := m.waitWorkers(3)
+	for _, p := range before {
+		if !containsInt(after, p) {
+			t.Errorf("TTIN replaced worker %d; it must only add one", p)
+		}
+	}
+	m.Signal(syscall.SIGTTOU)
+	m.waitWorkers(2)
+	m.Signal(syscall.SIGTTOU)
+	m.waitWorkers(1)
+	m.Signal(syscall.SIGTTOU)
+	test.WaitLog(t, m.log, stepTimeout, 1, "TTOU refused", func(l test.Line) bool { return strings.HasPrefix(l.Message, "TTOU refused") })
+	if w := m.workers(); len(w) != 1 {
+		t.Errorf("after a refused TTOU: workers %v, want 1", w)
+	}
+	get(t, addr, "/")
+	m.stop()
+}
+
+// TestSignals_QuitLetsAnInFlightRequestFinish: QUIT while a slow request
+// is in a worker's handler: it completes with 200, then the master exits
+// 0 and nothing is left.
+func TestSignals_QuitLetsAnInFlightRequestFinish(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	hits := filepath.Join(dir, "hits")
+	m := startMoltIn(t, dir, "--listen", "127.0.0.1:0", "--workers", "2", "--", bins.fakeapp, "serve", "--hit-file", hits)
+	addr := m.addr()
+	m.waitServing()
+	m.waitWorkers(2)
+	type result struct {
+		r   test.Response
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		r, err := test.Get(addr, "/sleep?ms=1500", reqTimeout)
+		done <- result{r, err}
+	}()
+	test.WaitFor(t, stepTimeout, "the slow request in a handler", func() error {
+		if b, _ := os.ReadFile(hits); len(b) == 0 {
+			return fmt.Errorf("no hit yet")
+		}
+		return nil
+	})
+	m.Signal(quit)
+	res := <-done
+	if res.err != nil || res.r.Status != 200 {
+		t.Fatalf("in-flight request during QUIT: %v (status %d)", res.err, res.r.Status)
+	}
+	if code := m.Wait(stepTimeout); code != 0 {
+		t.Errorf("exit code %d after QUIT, want 0", code)
+	}
+	test.CheckLogs(t, m.log)
+	test.WaitLog(t, m.log, time.Second, 1, "graceful shutdown line", test.Msg("graceful shutdown"))
+}
+
+// TestSignals_TermStopsEverythingAtOnce: TERM kills the workers without a
+// drain (a slow request is cut) and the master exits 0.
+func TestSignals_TermStopsEverythingAtOnce(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "60s")
+	m.addr()
+	m.waitServing()
+	m.waitWorkers(2)
+	start := time.Now()
+	m.Signal(syscall.SIGTERM)
+	if code := m.Wait(stepTimeout); code != 0 {
+		t.Errorf("exit code %d after TERM, want 0", code)
+	}
+	test.WaitLog(t, m.log, time.Second, 1, "fast shutdown line", test.Msg("fast shutdown"))
+	if el := time.Since(start); el > 15*time.Second {
+		t.Errorf("TERM took %v: it must not wait for the 60s drain timeout", el)
+	}
+	test.CheckLogs(t, m.log)
+}
+
+// TestSignals_INTStopsLikeTERM (a terminal's Ctrl-C).
+func TestSignals_INTStopsLikeTERM(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m.addr()
+	m.waitServing()
+	m.waitWorkers(1)
+	m.Signal(syscall.SIGINT)
+	if code := m.Wait(stepTimeout); code != 0 {
+		t.Errorf("exit code %d after INT, want 0", code)
+	}
+}
+
+// TestSignals_USR1ReopensTheLogFile: after a rotation (rename), USR1 makes
+// the master write to a new file at the configured path.
+func TestSignals_USR1ReopensTheLogFile(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m.addr()
+	m.waitServing()
+	rotated := m.log + ".1"
+	if err := os.Rename(m.log, rotated); err != nil {
+		t.Fatal(err)
+	}
+	m.Signal(syscall.SIGUSR1)
+	test.WaitLog(t, m.log, stepTimeout, 1, "a reopened log file", func(l test.Line) bool { return strings.HasPrefix(l.Message, "log file reopened") })
+	if len(test.Find(rotated, test.Msg("signal received", "signal", "SIGUSR1"))) != 1 {
+		t.Error("the rotated file does not end with the USR1 line")
+	}
+	m.stop()
+}
+
+// TestSignals_UpgradeSignalsAreCaughtNotFatal: USR2, HUP and WINCH are not
+// built yet; they must be logged and must not kill or stop the master
+// (Go's default action for HUP would kill it).
+func TestSignals_UpgradeSignalsAreCaughtNotFatal(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	addr := m.addr()
+	m.waitServing()
+	for _, s := range []syscall.Signal{syscall.SIGHUP, syscall.SIGUSR2, syscall.SIGWINCH} {
+		m.Signal(s)
+		test.WaitLog(t, m.log, stepTimeout, 1, "the "+s.String()+" log line", func(l test.Line) bool {
+			return strings.HasPrefix(l.Message, "signal ignored") && strings.Contains(l.Str("action"), "not supported yet") && l.Str("signal") == unixSignalName(s)
+		})
+	}
+	get(t, addr, "/")
+	m.stop()
+}
+
+func unixSignalName(s syscall.Signal) string {
+	switch s {
+	case syscall.SIGHUP:
+		return "SIGHUP"
+	case syscall.SIGUSR2:
+		return "SIGUSR2"
+	case syscall.SIGWINCH:
+		return "SIGWINCH"
+	}
+	return s.String()
+}

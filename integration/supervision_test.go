@@ -1,0 +1,176 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// TestSupervision_KilledWorkerIsReplaced: kill -9 of a worker; the master
+// logs the exit and starts a replacement in the same slot at once.
+func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
+	addr := m.addr()
+	m.waitServing()
+	before := m.waitWorkers(2)
+	victim := before[0]
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var after []int
+	test.WaitFor(t, stepTimeout, "a replacement worker", func() error {
+		after = m.waitWorkers(2)
+		if containsInt(after, victim) {
+			return fmt.Errorf("victim %d still listed", victim)
+		}
+		return nil
+	})
+	l := test.WaitLog(t, m.log, stepTimeout, 1, "the exit line", test.Msg("worker exited unexpectedly; replacing it", "pid", strconv.Itoa(victim)))
+	if l[0].Str("status") != "signal: killed" || l[0].Str("restart_in") != "0s" {
+		t.Errorf("exit line %s: want status 'signal: killed' and an immediate restart", l[0].Raw)
+	}
+	for i := 0; i < 20; i++ {
+		if r := get(t, addr, "/"); r.WorkerPid() == victim {
+			t.Fatal("answered by the killed worker")
+		}
+	}
+	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+}
+
+// TestSupervision_CrashLoopBacksOff: an app that dies at start is
+// restarted with growing delays, and the master keeps running.
+func TestSupervision_CrashLoopBacksOff(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "crash")
+	m.addr()
+	crashes := test.WaitLog(t, m.log, stepTimeout, 5, "five crashes", test.Msg("worker exited unexpectedly; replacing it"))
+	var delays []time.Duration
+	for _, l := range crashes[:5] {
+		d, err := time.ParseDuration(l.Str("restart_in"))
+		if err != nil {
+			t.Fatalf("restart_in %q: %v", l.Str("restart_in"), err)
+		}
+		delays = append(delays, d)
+		if l.Str("status") != "exit status 1" {
+			t.Errorf("crash line %s: want exit status 1", l.Raw)
+		}
+	}
+	if delays[0] != 0 {
+		t.Errorf("first crash waits %v, want an immediate restart", delays[0])
+	}
+	for i := 2; i < len(delays); i++ {
+		if delays[i] <= delays[i-1] {
+			t.Errorf("backoff did not grow: %v", delays)
+			break
+		}
+	}
+	if !test.Alive(m.Pid) {
+		t.Fatal("a crash loop of workers took the master down")
+	}
+	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+}
+
+// TestSupervision_ReadyTimeoutAndReadyDelay: an app that never sends
+// READY=1 is stopped and replaced after --ready-timeout; with
+// --ready=delay:DUR the same app counts as ready.
+func TestSupervision_ReadyTimeoutAndReadyDelay(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--ready-timeout", "1s", "--", bins.fakeapp, "serve", "--no-notify")
+	m.addr()
+	test.WaitLog(t, m.log, stepTimeout, 2, "two workers stopped for not being ready", test.Msg("worker not ready in time; stopping it"))
+	m.stop(test.Msg("worker not ready in time; stopping it"), test.Msg("worker exited unexpectedly; replacing it"))
+
+	d := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--ready", "delay:300ms", "--", bins.fakeapp, "serve", "--no-notify")
+	addr := d.addr()
+	d.waitServing()
+	for _, l := range test.Find(d.log, test.Msg("worker ready")) {
+		if l.Str("how") != "delay" {
+			t.Errorf("ready line %s: want how=delay", l.Raw)
+		}
+	}
+	get(t, addr, "/")
+	d.stop()
+}
+
+// TestSupervision_DrainTimeoutKillsAStubbornWorker: a worker that ignores
+// its stop signal is killed when --drain-timeout passes; QUIT still ends
+// with exit 0.
+func TestSupervision_DrainTimeoutKillsAStubbornWorker(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--drain-timeout", "1s", "--", bins.fakeapp, "serve", "--ignore-stop")
+	m.addr()
+	m.waitServing()
+	w := m.waitWorkers(1)
+	m.Signal(quit)
+	if code := m.Wait(stepTimeout); code != 0 {
+		t.Errorf("exit %d, want 0", code)
+	}
+	test.WaitLog(t, m.log, time.Second, 1, "the kill line", test.Msg("worker still running after the drain timeout; killing it", "pid", strconv.Itoa(w[0])))
+	ex := test.Find(m.log, test.Msg("worker exited", "pid", strconv.Itoa(w[0])))
+	if len(ex) != 1 || ex[0].Str("status") != "signal: killed" {
+		t.Errorf("stubborn worker's exit: %v", ex)
+	}
+}
+
+// TestSupervision_MasterKilledLeavesNoWorker: SIGKILL of the master; its
+// workers see it go (a Go worker through the parent pipe, any app through
+// its stop signal via Pdeathsig) and are gone once the drain timeout has
+// passed. The test binary is a subreaper, so the orphans re-parent to it
+// and the leak check sees them.
+func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
+	t.Parallel()
+	cases := map[string][]string{
+		"go demo": nil,
+		"go app":  {"--", bins.fakeapp, "serve"},
+		"python":  {"--", "python3", pyApp(t)},
+	}
+	for name, app := range cases {
+		t.Run(strings.ReplaceAll(name, " ", "_"), func(t *testing.T) {
+			m := startMolt(t, append([]string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "3s"}, app...)...)
+			m.addr()
+			m.waitServing()
+			workers := m.waitWorkers(2)
+			m.Signal(syscall.SIGKILL)
+			m.Wait(stepTimeout)
+			test.WaitFor(t, stepTimeout, "workers to exit after their master died", func() error {
+				for _, w := range workers {
+					if test.Alive(w) {
+						return fmt.Errorf("worker %d still alive", w)
+					}
+				}
+				return nil
+			})
+			// A new master can start on the same pid file: the lock died
+			// with the old one, and the stale pid file is replaced.
+			n := startMoltIn(t, m.dir, append([]string{"--listen", "127.0.0.1:0", "--workers", "1"}, app...)...)
+			n.addr()
+			n.waitServing()
+			if got := readPID(t, n.pidFile); got != n.Pid {
+				t.Errorf("pid file %d, want the new master %d", got, n.Pid)
+			}
+			n.stop()
+		})
+	}
+}
+
+// pyApp returns the path of the Python test worker, requiring python3.
+func pyApp(t *testing.T) string {
+	t.Helper()
+	test.RequireCommand(t, "python3")
+	p, err := filepath.Abs("../test/pyapp/app.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
