@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,15 +11,22 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/test"
+	"github.com/molt-server/molt/test/load"
 )
 
-// TestSignals_TTINAndTTOUScaleButKeepOneWorker.
+// TestSignals_TTINAndTTOUScaleButKeepOneWorker: under keep-alive and
+// connection-per-request load, TTIN adds a worker and TTOU drains one
+// away without a single failed request; the last worker stays.
 func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	t.Parallel()
 	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ka := load.Start(ctx, load.Config{Addr: addr, Clients: 8, Rate: 200, KeepAlive: true})
+	pc := load.Start(ctx, load.Config{Addr: addr, Clients: 8, Rate: 200})
 	m.Signal(syscall.SIGTTIN)
 	after := m.waitWorkers(3)
 	for _, p := range before {
@@ -35,7 +43,13 @@ func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	if w := m.workers(); len(w) != 1 {
 		t.Errorf("after a refused TTOU: workers %v, want 1", w)
 	}
-	get(t, addr, "/")
+	for name, r := range map[string]*load.Run{"keep-alive": ka, "connection per request": pc} {
+		res := r.Stop()
+		t.Logf("%s load: %v", name, res)
+		if res.Failed() != 0 || res.OK < 100 {
+			t.Errorf("%s load: %v; first failures: %v", name, res, res.Samples)
+		}
+	}
 	m.stop()
 }
 

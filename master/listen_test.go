@@ -156,3 +156,30 @@ func TestBindUnix_StaleAndLive(t *testing.T) {
 		t.Errorf("the live socket's path was removed: %v", err)
 	}
 }
+
+func FuzzParseListen(f *testing.F) {
+	for _, s := range []string{"127.0.0.1:80", "web=:8080", "unix:/tmp/a.sock", "[::1]:0", "a=unix:/x=y", "=", "unix:", "[::1", "x=y=z:1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		spec, err := ParseListen(s, 0)
+		if err != nil {
+			return
+		}
+		if validName(spec.Name) != nil {
+			t.Fatalf("%q: accepted name %q", s, spec.Name)
+		}
+		switch spec.Network {
+		case "unix":
+			if spec.Address == "" {
+				t.Fatalf("%q: empty unix path", s)
+			}
+		case "tcp":
+			if _, _, err := net.SplitHostPort(spec.Address); err != nil {
+				t.Fatalf("%q: accepted %q: %v", s, spec.Address, err)
+			}
+		default:
+			t.Fatalf("%q: network %q", s, spec.Network)
+		}
+	})
+}

@@ -2,6 +2,7 @@ package master
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -96,12 +97,22 @@ func parseDatagram(data, oob []byte, flags int) notifyMsg {
 		return m
 	}
 	for _, c := range cmsgs {
-		if fds, err := unix.ParseUnixRights(&c); err == nil {
-			m.fds = append(m.fds, fds...)
+		if c.Header.Level != unix.SOL_SOCKET {
 			continue
 		}
-		if cred, err := unix.ParseUnixCredentials(&c); err == nil {
-			m.pid = int(cred.Pid)
+		// Decoded here rather than with x/sys's ParseUnixRights and
+		// ParseUnixCredentials, which index the data before checking its
+		// length (found by FuzzParseDatagram): the kernel never sends it
+		// short, but a parser of outside input must not be able to panic.
+		switch c.Header.Type {
+		case unix.SCM_RIGHTS:
+			for i := 0; i+4 <= len(c.Data); i += 4 {
+				m.fds = append(m.fds, int(int32(binary.NativeEndian.Uint32(c.Data[i:]))))
+			}
+		case unix.SCM_CREDENTIALS:
+			if len(c.Data) >= unix.SizeofUcred { // struct ucred: pid, uid, gid
+				m.pid = int(int32(binary.NativeEndian.Uint32(c.Data)))
+			}
 		}
 	}
 	switch {
