@@ -74,8 +74,15 @@ func (s *notifySocket) read() (notifyMsg, error) {
 		rerr           error
 	)
 	err = rc.Read(func(fd uintptr) bool {
-		n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
-		return !errors.Is(rerr, unix.EAGAIN) && !errors.Is(rerr, unix.EINTR)
+		for {
+			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+			if !errors.Is(rerr, unix.EINTR) {
+				// false (EAGAIN) waits for the poller; retrying EINTR here
+				// instead matters: the poller is edge-triggered and would
+				// not report data that is already queued again.
+				return !errors.Is(rerr, unix.EAGAIN)
+			}
+		}
 	})
 	if err != nil {
 		// RawRead fails only once the file is closed (poll's "use of

@@ -3,6 +3,7 @@ package master
 import (
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -24,5 +25,38 @@ func TestSignalTable_CoversEverySignalOfTheDesign(t *testing.T) {
 		if _, ok := lookupSignal(s); !ok {
 			t.Errorf("%v is not caught: Go's default action would hit the master", s)
 		}
+	}
+}
+
+// TestSignalTable_MatchesREADME: the README's signal table lists the
+// signals in the order the master handles a batch (STYLE.md principle 3).
+func TestSignalTable_MatchesREADME(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "### Signals")
+	if !ok {
+		t.Fatal("README has no Signals section")
+	}
+	var readme []string
+	for _, line := range strings.Split(rest, "\n") {
+		if strings.HasPrefix(line, "### ") {
+			break
+		}
+		if !strings.HasPrefix(line, "| `") {
+			continue
+		}
+		first := strings.Split(line, "|")[1]
+		for _, name := range strings.Split(first, ",") {
+			readme = append(readme, "SIG"+strings.Trim(strings.TrimSpace(name), "`"))
+		}
+	}
+	var table []string
+	for _, a := range signalTable {
+		table = append(table, unixName(a.sig))
+	}
+	if !slices.Equal(readme, table) {
+		t.Errorf("README signal table %v, master's table %v: keep them in the same order", readme, table)
 	}
 }

@@ -34,7 +34,13 @@ func notifyTo(addr, state string) error {
 		return fmt.Errorf("worker: notify %s: %w", addr, err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Sendmsg(fd, []byte(state), nil, &unix.SockaddrUnix{Name: name}, 0); err != nil {
+	for {
+		err = unix.Sendmsg(fd, []byte(state), nil, &unix.SockaddrUnix{Name: name}, 0)
+		if err != unix.EINTR { // the Go runtime's preemption signal can interrupt a send
+			break
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("worker: notify %s: %w", addr, err)
 	}
 	return nil

@@ -44,6 +44,9 @@ func recvNotify(t *testing.T, fd int) (string, int) {
 	buf := make([]byte, MaxNotifySize)
 	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred))
 	n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, 0)
+	for i := 0; err == unix.EINTR && i < 100; i++ { // the Go runtime's preemption signals interrupt a blocking recvmsg
+		n, oobn, _, _, err = unix.Recvmsg(fd, buf, oob, 0)
+	}
 	if err != nil {
 		t.Fatalf("no datagram: %v", err)
 	}

@@ -51,7 +51,8 @@ func dispatch(args []string) int {
 		return exitOK
 	case "help", "-h", "--help", "-help":
 		if len(args) > 1 && args[1] == "run" {
-			fmt.Print(runUsage)
+			var f runFlags
+			newRunFlagSet(&f, os.Stdout).Usage()
 			return exitOK
 		}
 		fmt.Print(usage)
