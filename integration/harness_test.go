@@ -39,6 +39,13 @@ func startMolt(t *testing.T, args ...string) *master {
 
 func startMoltIn(t *testing.T, dir string, args ...string) *master {
 	t.Helper()
+	return startMoltAt(t, dir, bins.molt, args...)
+}
+
+// startMoltAt runs the molt binary at path (argv[0], what an upgrade
+// re-executes) in dir.
+func startMoltAt(t *testing.T, dir, path string, args ...string) *master {
+	t.Helper()
 	// A second master in the same directory (same pid file) gets a log of
 	// its own, so that waits never match the first one's lines.
 	log := filepath.Join(dir, "molt.log")
@@ -47,7 +54,7 @@ func startMoltIn(t *testing.T, dir string, args ...string) *master {
 	}
 	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: log}
 	full := append([]string{"run", "--pid-file", m.pidFile, "--log-file", m.log, "--log-json", "--log-level", "debug"}, args...)
-	m.Proc = test.Start(t, test.Opts{Path: bins.molt, Args: full, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
+	m.Proc = test.Start(t, test.Opts{Path: path, Args: full, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return

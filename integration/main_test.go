@@ -14,6 +14,9 @@ import (
 // bins are the binaries under test, built once by TestMain.
 var bins struct {
 	dir, molt, fakeapp, embedapp string
+	// molt2 is the same molt built as the next version (nextVersion), for
+	// upgrades that must show a new version serving.
+	molt2 string
 }
 
 // version is what the binaries under test report.
@@ -36,11 +39,15 @@ func TestMain(m *testing.M) {
 	bins.molt = filepath.Join(dir, "molt")
 	bins.fakeapp = filepath.Join(dir, "fakeapp")
 	bins.embedapp = filepath.Join(dir, "embedapp")
+	bins.molt2 = filepath.Join(dir, "next", "molt")
 	err = test.Build(dir, version, map[string]string{
 		"molt":     "./cmd/molt",
 		"fakeapp":  "./test/fakeapp",
 		"embedapp": "./test/embedapp",
 	})
+	if err == nil {
+		err = test.Build(filepath.Join(dir, "next"), nextVersion(), map[string]string{"molt": "./cmd/molt"})
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "integration: build:", err)
 		os.RemoveAll(dir)
@@ -57,3 +64,6 @@ func TestMain(m *testing.M) {
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
+
+// nextVersion is the version of bins.molt2.
+func nextVersion() string { return version + "-next" }

@@ -16,6 +16,7 @@ const (
 	DefaultReadyTimeout = 30 * time.Second
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultPIDFile      = "molt.pid"
+	DefaultProbation    = 10 * time.Second
 )
 
 // ErrConfig is wrapped by every error Run returns for a configuration it
@@ -31,11 +32,17 @@ type Config struct {
 	SocketMode os.FileMode
 	// Workers is the number of worker processes (>= 1).
 	Workers int
-	// Command is the app a worker runs: an absolute path then its arguments,
-	// started through molt's exec trampoline so that LISTEN_PID is the
-	// worker's own pid. Empty means the master's own binary, re-executed
-	// with WorkerArgs; that process must call RunChild first thing.
+	// Command is the argv of the app a worker runs, started through molt's
+	// exec trampoline so that LISTEN_PID is the worker's own pid. Empty
+	// means the master's own binary, re-executed with WorkerArgs; that
+	// process must call RunChild first thing.
 	Command []string
+	// ExecPath is the file Command runs: an absolute path, resolved once
+	// when the master starts (symlinks too), so that this generation's
+	// respawns run what it started with after a deploy re-pointed a
+	// symlink (DESIGN §4). Empty means Command[0], which must then be
+	// absolute.
+	ExecPath string
 	// WorkerArgs is the argv of self-executed workers (Command empty).
 	// Empty means the master's own os.Args.
 	WorkerArgs []string
@@ -50,6 +57,13 @@ type Config struct {
 	DrainTimeout time.Duration
 	// StopSignal asks a worker to drain and exit (default SIGTERM).
 	StopSignal syscall.Signal
+	// Probation is how long a new generation serves alongside the old one
+	// before it commits (DESIGN §4).
+	Probation time.Duration
+	// ManualCommit makes a new generation wait after its probation for the
+	// operator's QUIT to the old master (nginx's flow) instead of
+	// committing by itself.
+	ManualCommit bool
 	// ReadyDelay, if not zero, makes a worker that never sends READY=1
 	// count as ready this long after it started (--ready=delay:DUR).
 	ReadyDelay time.Duration
@@ -82,6 +96,9 @@ func (c Config) withDefaults() Config {
 	if c.DrainTimeout == 0 {
 		c.DrainTimeout = DefaultDrainTimeout
 	}
+	if c.Probation == 0 {
+		c.Probation = DefaultProbation
+	}
 	if c.StopSignal == 0 {
 		c.StopSignal = syscall.SIGTERM
 	}
@@ -103,7 +120,7 @@ func (c Config) validate() error {
 	if c.Workers < 1 {
 		return bad("workers must be at least 1, not %d", c.Workers)
 	}
-	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 {
+	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 {
 		return bad("timeouts must not be negative")
 	}
 	switch c.StopSignal {
@@ -111,7 +128,7 @@ func (c Config) validate() error {
 		return bad("worker stop signal %v cannot be caught: workers could not drain", c.StopSignal)
 	}
 	if len(c.Command) > 0 {
-		if err := checkExecutable(c.Command[0]); err != nil {
+		if err := checkExecutable(c.execPath()); err != nil {
 			return bad("%v", err)
 		}
 	}
@@ -139,4 +156,12 @@ func checkExecutable(path string) error {
 		return fmt.Errorf("command %s: not executable (mode %v)", path, fi.Mode().Perm())
 	}
 	return nil
+}
+
+// execPath is the file exec workers run.
+func (c Config) execPath() string {
+	if c.ExecPath != "" {
+		return c.ExecPath
+	}
+	return c.Command[0]
 }

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"strings"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
 // event is anything that reaches the master loop. Every goroutine other
@@ -52,13 +54,27 @@ const (
 	drainDeadline
 	// respawnDue: the backoff of a slot has passed.
 	respawnDue
-	// healthyMark: the worker has been ready for healthyAfter.
-	healthyMark
 	// killDeadline: processes killed with SIGKILL must be reaped by now.
 	killDeadline
+	// upgradeDeadline (old master): the new master must serve, or commit,
+	// by now; else it is killed with its workers.
+	upgradeDeadline
+	// quitSettled (old master): the QUIT settle window is over.
+	quitSettled
+	// configDeadline (new master): the old master's configuration must
+	// have arrived by now.
+	configDeadline
+	// newReadyDeadline (new master): every worker must be ready by now.
+	newReadyDeadline
+	// probationOver (new master): probation has passed; commit.
+	probationOver
+	// releaseDeadline (new master): a new master that gave up waits this
+	// long for the old one to serve again before it stops anyway.
+	releaseDeadline
 )
 
-var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due", "healthy", "kill deadline"}
+var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due",
+	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline"}
 
 // timerFired is a timer's event. Handlers check that the pid or slot and
 // its sequence number still match: a timer can fire after what it was for
@@ -73,3 +89,30 @@ type timerFired struct {
 func (e timerFired) String() string {
 	return fmt.Sprintf("timer %s pid=%d slot=%d", timerNames[e.kind], e.pid, e.slot)
 }
+
+// upgradeDone carries the result of Handover.Upgrade (old master): nil
+// when the new master committed.
+type upgradeDone struct{ err error }
+
+func (e upgradeDone) String() string { return fmt.Sprintf("upgrade done: %v", e.err) }
+
+// fromChild is a message from a new master (or a broken packet).
+type fromChild struct {
+	msg upgrade.Msg
+	err error
+}
+
+func (e fromChild) String() string { return "from new master: " + e.msg.Kind }
+
+// fromParent is a message from the old master (or a broken packet).
+type fromParent struct {
+	msg upgrade.Msg
+	err error
+}
+
+func (e fromParent) String() string { return "from old master: " + e.msg.Kind }
+
+// parentExited reports (new master) that the old master has exited.
+type parentExited struct{}
+
+func (parentExited) String() string { return "parent exited" }

@@ -1,11 +1,15 @@
 package master
 
 import (
+	"fmt"
 	"syscall"
 	"time"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
-// onSignals applies a batch in the table's order (signals.go).
+// onSignals applies a batch in the table's order (signals.go), each by
+// this master's role (DESIGN §3).
 func (m *Master) onSignals(ev signalBatch) {
 	for _, sig := range ev.sigs {
 		a, ok := lookupSignal(sig)
@@ -13,46 +17,60 @@ func (m *Master) onSignals(ev signalBatch) {
 			continue
 		}
 		log := m.log.With("signal", unixName(a.sig), "action", a.action)
-		if !a.supported {
-			log.Warn("signal ignored: this molt does not implement it yet")
-			continue
-		}
 		if !m.phase.running() && a.sig != syscall.SIGTERM && a.sig != syscall.SIGINT && a.sig != syscall.SIGUSR1 {
-			log.Info("signal ignored: the master is shutting down", "state", m.phase)
+			log.Info("signal ignored: the master is shutting down", "state", m.phase.String())
 			continue
 		}
-		log.Info("signal received")
+		log.Info("signal received", "role", m.role.String())
 		switch a.sig {
 		case syscall.SIGTERM, syscall.SIGINT:
-			m.shutdown(true)
+			m.onFastStop()
+		case syscall.SIGUSR2:
+			m.onUSR2(false)
+		case syscall.SIGHUP:
+			m.onHUP()
+		case syscall.SIGWINCH:
+			m.onWINCH()
 		case syscall.SIGQUIT:
-			m.shutdown(false)
+			m.onQUIT()
 		case syscall.SIGUSR1:
 			m.reopenLogs()
 		case syscall.SIGTTIN:
-			m.scaleUp()
+			m.scale(+1)
 		case syscall.SIGTTOU:
-			m.scaleDown()
+			m.scale(-1)
 		}
 	}
 }
 
-func (m *Master) scaleUp() {
-	if len(m.slots) >= maxWorkers {
-		m.log.Warn("TTIN refused: at the maximum", "workers", len(m.slots), "max", maxWorkers)
+// scale adds or removes one worker. During an upgrade the old master's
+// count is the one that counts: the new master follows it.
+func (m *Master) scale(delta int) {
+	name := map[int]string{1: "TTIN", -1: "TTOU"}[delta]
+	switch {
+	case m.role == roleNew:
+		m.log.Warn(name + " refused: during an upgrade send it to the old master; the new one follows its count")
+		return
+	case delta > 0 && len(m.slots) >= maxWorkers:
+		m.log.Warn(name+" refused: at the maximum", "workers", len(m.slots), "max", maxWorkers)
+		return
+	case delta < 0 && len(m.slots) <= 1:
+		m.log.Warn(name+" refused: one worker is the minimum; send QUIT to stop the master", "workers", len(m.slots))
 		return
 	}
-	m.addSlot()
-	m.log.Info("worker count changed", "workers", len(m.slots))
-}
-
-func (m *Master) scaleDown() {
-	if len(m.slots) <= 1 {
-		m.log.Warn("TTOU refused: one worker is the minimum; send QUIT to stop the master", "workers", len(m.slots))
-		return
+	if delta > 0 {
+		if m.old.standby {
+			m.slots = append(m.slots, &slot{n: len(m.slots)}) // filled when the standby ends
+		} else {
+			m.addSlot()
+		}
+	} else {
+		m.removeSlot()
 	}
-	m.removeSlot()
 	m.log.Info("worker count changed", "workers", len(m.slots))
+	if up := m.old.up; up != nil && up.pid != 0 && !up.serving {
+		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1})
+	}
 }
 
 func (m *Master) reopenLogs() {
@@ -121,6 +139,9 @@ func (m *Master) onWorkerStopping(p *proc) {
 
 // onTimer applies a timer if what it was armed for still holds.
 func (m *Master) onTimer(ev timerFired) {
+	if m.onUpgradeTimer(ev) {
+		return
+	}
 	if ev.kind == respawnDue {
 		if ev.slot < len(m.slots) && m.slots[ev.slot].seq == ev.seq && m.slots[ev.slot].pid == 0 && m.phase.running() {
 			m.spawn(m.slots[ev.slot])
@@ -138,6 +159,7 @@ func (m *Master) onTimer(ev timerFired) {
 				"worker", p.slot, "pid", p.pid, "ready_timeout", m.cfg.ReadyTimeout.String(),
 				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
 			m.stopWorker(p)
+			m.fail(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within %v", p.slot, p.pid, m.cfg.ReadyTimeout))
 		}
 	case readyDelayOver:
 		m.markReady(p, "delay")
@@ -149,6 +171,29 @@ func (m *Master) onTimer(ev timerFired) {
 		delete(m.procs, p.pid)
 		m.finishIfIdle()
 	}
+}
+
+// onUpgradeTimer applies the timers of the upgrade's two sides.
+func (m *Master) onUpgradeTimer(ev timerFired) bool {
+	switch ev.kind {
+	case upgradeDeadline:
+		m.onUpgradeDeadline(ev)
+	case quitSettled:
+		m.onQuitSettled()
+	case configDeadline:
+		if !m.new.configured {
+			m.fail(ExitNoParent, fmt.Sprintf("no configuration from the old master within %v", configTimeout))
+		}
+	case newReadyDeadline:
+		m.onNewReadyDeadline()
+	case probationOver:
+		m.onProbationOver()
+	case releaseDeadline:
+		m.onReleaseDeadline()
+	default:
+		return false
+	}
+	return true
 }
 
 // unixName is "SIGTERM" for SIGTERM.

@@ -199,6 +199,15 @@ func TestLoop_TTOUKeepsOneWorkerAndRetiresTheLastSlot(t *testing.T) {
 func TestLoop_QuitDrainsKillsLateWorkersAndStops(t *testing.T) {
 	m, f := newTestMaster(t, 2, nil)
 	m.onSignals(signalBatch{sigs: []os.Signal{syscall.SIGQUIT}})
+	// A lone master's QUIT first waits out the settle window for a USR2.
+	if m.phase != phaseStarting || len(f.signals) != 0 {
+		t.Fatalf("QUIT drained before the settle window: phase %v, signals %v", m.phase, f.signals)
+	}
+	settle := f.lastTimer(t, quitSettled)
+	if settle.d != quitSettle {
+		t.Fatalf("settle window %v, want %v", settle.d, quitSettle)
+	}
+	m.onTimer(settle.ev)
 	if m.phase != phaseDraining || len(f.signals) != 2 {
 		t.Fatalf("QUIT: phase %v, signals %v", m.phase, f.signals)
 	}

@@ -78,10 +78,10 @@ func (p *pidFile) write(pid int) error {
 	return writeFileAtomic(p.path, []byte(strconv.Itoa(pid)+"\n"))
 }
 
-// remove deletes the pid file if it still names pid; a file that names
-// another process belongs to it.
-func (p *pidFile) remove(pid int) error {
-	got, err := readPID(p.path)
+// removePIDFile deletes the pid file at path if it still names pid; a file
+// that names another process belongs to it.
+func removePIDFile(path string, pid int) error {
+	got, err := readPID(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil
@@ -91,7 +91,28 @@ func (p *pidFile) remove(pid int) error {
 	if got != pid {
 		return nil
 	}
-	return os.Remove(p.path)
+	return os.Remove(path)
+}
+
+// oldSuffix marks the pid file of an old master during an upgrade, as
+// nginx's: molt.pid.oldbin.
+const oldSuffix = ".oldbin"
+
+// toOld renames the pid file to PATH.oldbin (USR2).
+func (p *pidFile) toOld() error {
+	if err := os.Rename(p.path, p.path+oldSuffix); err != nil {
+		return fmt.Errorf("rename pid file to %s: %w", p.path+oldSuffix, err)
+	}
+	return nil
+}
+
+// fromOld renames PATH.oldbin back to PATH (rollback), replacing a pid
+// file the failed new master may have written.
+func (p *pidFile) fromOld() error {
+	if err := os.Rename(p.path+oldSuffix, p.path); err != nil {
+		return fmt.Errorf("rename pid file back from %s: %w", p.path+oldSuffix, err)
+	}
+	return nil
 }
 
 // close releases the lock. The lock file stays (see lockPIDFile).

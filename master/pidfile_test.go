@@ -35,7 +35,7 @@ func TestPIDFile_WriteLockRemove(t *testing.T) {
 	if err := pf.write(1); err != nil {
 		t.Fatal(err)
 	}
-	if err := pf.remove(4242); err != nil {
+	if err := removePIDFile(path, 4242); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(path); err != nil {
@@ -44,7 +44,7 @@ func TestPIDFile_WriteLockRemove(t *testing.T) {
 	if err := pf.write(4242); err != nil {
 		t.Fatal(err)
 	}
-	if err := pf.remove(4242); err != nil {
+	if err := removePIDFile(path, 4242); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {

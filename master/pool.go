@@ -1,12 +1,14 @@
 package master
 
 import (
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/molt-server/molt/upgrade"
 	"github.com/molt-server/molt/worker"
 )
 
@@ -49,6 +51,7 @@ func (m *Master) spawn(s *slot) {
 	m.procs[p.pid] = p
 	m.sys.watch(p)
 	m.log.Info("worker started", "worker", s.n, "pid", p.pid)
+	m.reportWorkers()
 	m.after(m.cfg.ReadyTimeout, timerFired{kind: readyDeadline, pid: p.pid})
 	if m.cfg.ReadyDelay > 0 {
 		m.after(m.cfg.ReadyDelay, timerFired{kind: readyDelayOver, pid: p.pid})
@@ -85,7 +88,7 @@ func (m *Master) startWorker(n int) (*proc, error) {
 	}
 	if len(m.cfg.Command) > 0 {
 		argv = m.cfg.Command
-		env = append(env, envRole+"="+roleExec, envExecPath+"="+m.cfg.Command[0])
+		env = append(env, envRole+"="+roleExec, envExecPath+"="+m.cfg.execPath())
 	} else {
 		env = append(env, envRole+"="+roleWorker)
 	}
@@ -116,6 +119,7 @@ func (m *Master) onChildExited(ev childExited) {
 		return
 	}
 	delete(m.procs, ev.pid)
+	m.reportWorkers()
 	how := "unknown"
 	if ev.state != nil {
 		how = ev.state.String()
@@ -127,7 +131,7 @@ func (m *Master) onChildExited(ev childExited) {
 	if s != nil {
 		s.pid, s.lastExit = 0, how
 	}
-	if s == nil || !m.phase.running() {
+	if s == nil || !m.phase.running() || m.old.standby {
 		log.Info("worker exited")
 		m.finishIfIdle()
 		return
@@ -139,6 +143,8 @@ func (m *Master) onChildExited(ev childExited) {
 	s.restarts++
 	log.Error("worker exited unexpectedly; replacing it", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
+	// A new generation has no business committing with a worker that dies.
+	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 }
 
 // slotOf returns the slot p fills, or nil if p was retired (TTOU, or it
@@ -168,14 +174,37 @@ func (m *Master) markReady(p *proc, how string) {
 	}
 	p.state, p.readyAt = workerReady, time.Now()
 	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond).String())
+	if m.role == roleNew {
+		m.tellParent(upgrade.Msg{Kind: upgrade.KindProgress, Ready: m.readyCount(), Workers: len(m.slots)})
+	}
 	if m.phase == phaseStarting && m.allReady() {
 		m.phase = phaseServing
 		m.log.Info("serving", "workers", len(m.slots))
+		if m.role == roleNew {
+			m.onNewServing()
+		} else {
+			m.releaseIfServing()
+		}
 	}
 }
 
-// allReady reports whether every slot has a ready worker.
+// readyCount counts ready workers in slots.
+func (m *Master) readyCount() int {
+	n := 0
+	for _, s := range m.slots {
+		if p := m.procs[s.pid]; p != nil && p.state == workerReady {
+			n++
+		}
+	}
+	return n
+}
+
+// allReady reports whether every slot (there is at least one) has a ready
+// worker.
 func (m *Master) allReady() bool {
+	if len(m.slots) == 0 {
+		return false
+	}
 	for _, s := range m.slots {
 		if p := m.procs[s.pid]; p == nil || p.state != workerReady {
 			return false

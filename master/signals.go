@@ -7,16 +7,12 @@ import (
 	"syscall"
 )
 
-// signalAction is what a signal means to a master in the one role this
-// build has (a lone primary master; the upgrade roles of DESIGN §3 come
-// with the upgrade).
+// signalAction is a signal the master catches and what it is for; what it
+// does depends on the master's role (handlers.go, DESIGN §3).
 type signalAction struct {
 	sig syscall.Signal
-	// action is the log's "action" value, also the README's wording.
+	// action is the log's "action" value.
 	action string
-	// supported is false for signals caught only so that Go's default
-	// action (terminate for HUP, stop for TTIN/TTOU) cannot hit the master.
-	supported bool
 }
 
 // signalTable is the master's signals in the order a batch is handled:
@@ -25,15 +21,15 @@ type signalAction struct {
 // coalesces and reorders"; DESIGN §4 "Never retire the last serving
 // generation").
 var signalTable = []signalAction{
-	{syscall.SIGTERM, "fast shutdown", true},
-	{syscall.SIGINT, "fast shutdown", true},
-	{syscall.SIGUSR2, "upgrade: not supported yet", false},
-	{syscall.SIGHUP, "reload: not supported yet", false},
-	{syscall.SIGWINCH, "stop workers: not supported yet", false},
-	{syscall.SIGUSR1, "reopen log file", true},
-	{syscall.SIGTTIN, "add a worker", true},
-	{syscall.SIGTTOU, "remove a worker", true},
-	{syscall.SIGQUIT, "graceful shutdown", true},
+	{syscall.SIGTERM, "fast shutdown of every generation"},
+	{syscall.SIGINT, "fast shutdown of every generation"},
+	{syscall.SIGUSR2, "upgrade"},
+	{syscall.SIGHUP, "respawn workers in standby"},
+	{syscall.SIGWINCH, "stop workers while another generation serves"},
+	{syscall.SIGUSR1, "reopen log file"},
+	{syscall.SIGTTIN, "add a worker"},
+	{syscall.SIGTTOU, "remove a worker"},
+	{syscall.SIGQUIT, "graceful shutdown, or commit/abort an upgrade"},
 }
 
 // lookupSignal returns the table entry of sig and whether there is one.

@@ -67,3 +67,21 @@ type slot struct {
 	restarts int
 	lastExit string
 }
+
+// role is this master's place among the generations (DESIGN §3's columns).
+type role int
+
+const (
+	// rolePrimary: serves on its own, and may start an upgrade.
+	rolePrimary role = iota
+	// roleNew: started by an upgrade, not committed: its parent, the old
+	// master, still decides.
+	roleNew
+	// roleCommitted: committed, while its parent still drains; it becomes
+	// primary when the parent has exited.
+	roleCommitted
+)
+
+var roleNames = [...]string{"primary", "new", "committed"}
+
+func (r role) String() string { return roleNames[r] }

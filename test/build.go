@@ -17,6 +17,9 @@ func Build(dir, version string, pkgs map[string]string) error {
 	if err != nil {
 		return err
 	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
 	names := make([]string, 0, len(pkgs))
 	for n := range pkgs {
 		names = append(names, n)

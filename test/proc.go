@@ -256,3 +256,28 @@ func Alive(pid int) bool {
 	_, state, ok := statFields(pid)
 	return ok && state != "Z"
 }
+
+// StopPID stops a process the test did not start itself but must not
+// leave behind (a new master started by an upgrade): QUIT, then TERM,
+// then KILL, each with a bounded wait, by pid. It returns the signal that
+// finally stopped it (0 if it was already gone). A zombie child of the
+// test binary (re-parented to the subreaper) is reaped.
+func StopPID(pid int, wait time.Duration) syscall.Signal {
+	start, ok := startTime(pid)
+	if !ok {
+		return 0
+	}
+	gone := func() error {
+		if processAlive(pid, start) {
+			return fmt.Errorf("pid %d alive", pid)
+		}
+		return nil
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGKILL} {
+		_ = syscall.Kill(pid, sig)
+		if Poll(Timeout(wait), gone) == nil {
+			return sig
+		}
+	}
+	return syscall.SIGKILL
+}

@@ -1,6 +1,8 @@
 package upgrade
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -16,14 +18,20 @@ import (
 // tableflip's pipes (DESIGN §4, "Don't leak tableflip into workers").
 const ParentEnv = "TABLEFLIP_HAS_PARENT_7DIU3"
 
-// filePrefix keeps molt's names apart from any other file passed through
-// the same Upgrader (the G1↔G2 channel, the pid-file lock).
-const filePrefix = "molt.listener."
+// Names of the files a master passes to the next one. Listeners go under
+// listenerPrefix+name, so they never collide with the channel or the
+// files passed by PassFile.
+const (
+	listenerPrefix = "molt.listener."
+	filePrefix     = "molt.file."
+	channelFile    = "molt.channel"
+)
 
 // Handover owns this process's tableflip.Upgrader.
 type Handover struct {
-	upg *tableflip.Upgrader
-	log hclog.Logger
+	upg      *tableflip.Upgrader
+	log      hclog.Logger
+	children *Channel // this master's end towards the masters it starts
 }
 
 // New creates the process's one Handover. It fails if called twice in one
@@ -59,7 +67,7 @@ func (h *Handover) HasParent() bool { return h.upg.HasParent() }
 // is the caller's to close; the Handover keeps its own duplicate. bind is
 // not called when the socket is inherited.
 func (h *Handover) Listener(name string, bind func() (*os.File, error)) (f *os.File, inherited bool, err error) {
-	key := filePrefix + name
+	key := listenerPrefix + name
 	f, err = h.upg.File(key)
 	if err != nil {
 		return nil, false, fmt.Errorf("upgrade: inherit listener %s: %w", name, err)
@@ -86,4 +94,84 @@ func (h *Handover) Ready() error {
 		return fmt.Errorf("upgrade: ready: %w", err)
 	}
 	return nil
+}
+
+// PassFile passes a duplicate of f to every new master this one starts,
+// under name (the pid-file lock travels this way: a duplicate shares the
+// flock). Passing a name again replaces the earlier file.
+func (h *Handover) PassFile(name string, f *os.File) error {
+	if err := h.upg.AddFile(filePrefix+name, f); err != nil {
+		return fmt.Errorf("upgrade: pass %s: %w", name, err)
+	}
+	return nil
+}
+
+// InheritedFile returns the file the parent master passed under name, or
+// nil if there is none. It stays registered for this master's own
+// children. The caller owns the returned duplicate.
+func (h *Handover) InheritedFile(name string) (*os.File, error) {
+	f, err := h.upg.File(filePrefix + name)
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: inherit %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// Parent returns the channel to the master that started this one, or nil
+// for a master with no parent. Call it once, before Children.
+func (h *Handover) Parent() (*Channel, error) {
+	if !h.HasParent() {
+		return nil, nil
+	}
+	f, err := h.upg.File(channelFile)
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: inherit the channel: %w", err)
+	}
+	if f == nil {
+		return nil, errors.New("upgrade: the parent master passed no channel (an older molt?)")
+	}
+	return &Channel{f: f}, nil
+}
+
+// Children returns this master's end of the channel to the new masters it
+// starts. The socket pair is made on the first call and its other end
+// registered with tableflip once, for every attempt (re-registering would
+// leak a descriptor: tableflip's AddFile overwrites without closing). In a
+// master that has a parent, the registration replaces the end inherited
+// from the parent, which this master no longer passes on (tableflip drops
+// that duplicate, which the garbage collector then closes).
+func (h *Handover) Children() (*Channel, error) {
+	if h.children != nil {
+		return h.children, nil
+	}
+	mine, childEnd, err := newChannelPair()
+	if err != nil {
+		return nil, err
+	}
+	defer childEnd.Close() // tableflip keeps its own duplicate
+	if err := h.upg.AddFile(channelFile, childEnd); err != nil {
+		_ = mine.Close()
+		return nil, fmt.Errorf("upgrade: register the channel: %w", err)
+	}
+	h.children = mine
+	return mine, nil
+}
+
+// Upgrade starts a new master (the binary at this process's original path,
+// os.Args[0], resolved now: a new file there is the new version) with
+// every registered file, and blocks until it commits (nil: this master
+// must retire) or fails: it could not be started, it exited, or Stop was
+// called. It refuses while this master has not called Ready, or while its
+// own parent lives. Run it in a goroutine of its own.
+func (h *Handover) Upgrade() error {
+	if err := h.upg.Upgrade(); err != nil {
+		return fmt.Errorf("upgrade: %w", err)
+	}
+	return nil
+}
+
+// WaitForParent blocks until the parent master has exited (at once for a
+// master with no parent) or ctx is done.
+func (h *Handover) WaitForParent(ctx context.Context) error {
+	return h.upg.WaitForParent(ctx)
 }

@@ -55,6 +55,8 @@ type runFlags struct {
 	readyTimeout time.Duration
 	drainTimeout time.Duration
 	stopSignal   string
+	probation    time.Duration
+	commit       string
 }
 
 // listFlag is a repeatable string flag.
@@ -90,6 +92,8 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.readyTimeout, "ready-timeout", master.DefaultReadyTimeout, "a worker not ready within `DUR` is stopped and replaced")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
+	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
+	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
 		fmt.Fprint(out, runUsage)
 		fs.PrintDefaults()
@@ -137,7 +141,10 @@ func cmdRun(args []string) int {
 	}
 	var bindErr *master.BindError
 	var lockErr *master.LockedError
+	var exitErr *master.ExitError
 	switch {
+	case errors.As(err, &exitErr):
+		return exitErr.Code
 	case errors.Is(err, master.ErrConfig):
 		return exitUsage
 	case errors.As(err, &bindErr):
@@ -161,8 +168,16 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 	if f.workers < 1 {
 		return cfg, fmt.Errorf("--workers %d: want at least 1", f.workers)
 	}
-	if f.readyTimeout <= 0 || f.drainTimeout <= 0 {
-		return cfg, errors.New("--ready-timeout and --drain-timeout must be positive")
+	if f.readyTimeout <= 0 || f.drainTimeout <= 0 || f.probation <= 0 {
+		return cfg, errors.New("--ready-timeout, --drain-timeout and --probation must be positive")
+	}
+	cfg.Probation = f.probation
+	switch f.commit {
+	case "auto":
+	case "manual":
+		cfg.ManualCommit = true
+	default:
+		return cfg, fmt.Errorf("--commit %q: want auto or manual", f.commit)
 	}
 	listen := f.listen
 	if len(listen) == 0 {
@@ -194,7 +209,7 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		if err != nil {
 			return cfg, err
 		}
-		cfg.Command = append([]string{path}, command[1:]...)
+		cfg.Command, cfg.ExecPath = command, path
 	} else {
 		cfg.WorkerArgs = []string{os.Args[0], "worker", "demo"}
 	}
@@ -238,8 +253,9 @@ func parseSignal(v string) (syscall.Signal, error) {
 }
 
 // resolveCommand finds COMMAND as a shell would (PATH for a bare name) and
-// makes it absolute, so that workers run what was meant even though the
-// generation's later respawns never search PATH again (DESIGN §4).
+// resolves it to an absolute path without symlinks: this generation's
+// later respawns run that file, never what PATH or a re-pointed symlink
+// names after a deploy (a new master resolves afresh; DESIGN §4).
 func resolveCommand(name string) (string, error) {
 	path, err := exec.LookPath(name)
 	if err != nil {
@@ -252,6 +268,9 @@ func resolveCommand(name string) (string, error) {
 		return "", fmt.Errorf("COMMAND %q: %w", name, err)
 	}
 	abs, err := filepath.Abs(path)
+	if err == nil {
+		abs, err = filepath.EvalSymlinks(abs)
+	}
 	if err != nil {
 		return "", fmt.Errorf("COMMAND %q: %w", name, err)
 	}

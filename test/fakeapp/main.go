@@ -5,7 +5,7 @@
 // requests" stays exact.
 //
 //	fakeapp serve [--report DIR] [--no-notify] [--ignore-stop]
-//	              [--ready-file PATH] [--hit-file PATH]
+//	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -45,6 +45,7 @@ func main() {
 	ignoreStop := fs.Bool("ignore-stop", false, "ignore the stop signal")
 	readyFile := fs.String("ready-file", "", "append the pid to PATH when ready")
 	hitFile := fs.String("hit-file", "", "append '<pid> <path>' to PATH when /sleep starts")
+	exitAfter := fs.Duration("exit-after", 0, "drain and exit 1 after DUR (a worker that dies on its own, without dropping a request)")
 	fs.Parse(os.Args[2:])
 	if *report != "" {
 		// Before anything else opens an fd: the report is the fd set the
@@ -56,7 +57,7 @@ func main() {
 	}
 	switch mode {
 	case "serve":
-		os.Exit(serve(*noNotify, *ignoreStop, *readyFile, *hitFile))
+		os.Exit(serve(*noNotify, *ignoreStop, *readyFile, *hitFile, *exitAfter))
 	case "crash", "exit0", "hang":
 		closeListeners()
 		switch mode {
@@ -147,7 +148,7 @@ func appendLine(path, line string) {
 	f.WriteString(line + "\n")
 }
 
-func serve(noNotify, ignoreStop bool, readyFile, hitFile string) int {
+func serve(noNotify, ignoreStop bool, readyFile, hitFile string, exitAfter time.Duration) int {
 	all, err := worker.Listeners()
 	if err != nil || len(all) == 0 {
 		fmt.Fprintln(os.Stderr, "fakeapp: no listeners:", err)
@@ -195,6 +196,11 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile string) int {
 	errs := make(chan error, len(all))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	if exitAfter > 0 {
+		// ServeHTTP drains on ctx like on the stop signal: the exit drops
+		// nothing, which keeps "zero failed requests" exact.
+		time.AfterFunc(exitAfter, cancel)
+	}
 	for name, lns := range all {
 		srv := &http.Server{Handler: handler(name), ReadHeaderTimeout: 10 * time.Second}
 		wg.Add(1)
@@ -214,6 +220,10 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile string) int {
 			fmt.Fprintln(os.Stderr, "fakeapp:", err)
 			return 1
 		}
+	}
+	if exitAfter > 0 {
+		fmt.Fprintln(os.Stderr, "fakeapp: exiting on purpose after", exitAfter)
+		return 1
 	}
 	return 0
 }

@@ -1,0 +1,233 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"github.com/molt-server/molt/upgrade"
+)
+
+// lockFileName is the name the pid-file lock travels under between
+// generations: a passed duplicate shares the flock, so the lock is held
+// without a gap from the first master to the last.
+const lockFileName = "pidlock"
+
+// start opens everything the master holds. A master with no parent then
+// writes its pid file and starts its workers; a new master started by an
+// upgrade first reports to the old one and waits for its configuration
+// (newside.go). On error the caller releases what was opened.
+func (m *Master) start() error {
+	m.log.Info("master starting", "version", m.cfg.Version, "pid", os.Getpid(), "workers", m.cfg.Workers)
+	if err := closeOnExecAll(); err != nil {
+		return fmt.Errorf("mark inherited fds close-on-exec: %w", err)
+	}
+	var err error
+	if m.hand, err = upgrade.New(m.log.Named("upgrade")); err != nil {
+		return err
+	}
+	if m.hand.HasParent() {
+		m.role = roleNew
+	} else {
+		m.role, m.gen = rolePrimary, 1
+		m.log = m.log.With("gen", m.gen)
+	}
+	if err := m.lockPIDFile(); err != nil {
+		return err
+	}
+	for _, spec := range m.cfg.Listeners {
+		if err := m.openListener(spec); err != nil {
+			return err
+		}
+	}
+	if m.notify, err = openNotifySocket(); err != nil {
+		return err
+	}
+	go m.readNotify(m.notify)
+	if m.parentR, m.parentW, err = os.Pipe(); err != nil {
+		return fmt.Errorf("parent pipe: %w", err)
+	}
+	if m.devNull, err = os.Open(os.DevNull); err != nil {
+		return err
+	}
+	m.spawner = newSpawner(m.done)
+	m.phase = phaseStarting
+	if m.role == roleNew {
+		return m.attachToParent()
+	}
+	if err := m.pidFile.write(os.Getpid()); err != nil {
+		return err
+	}
+	// A parentless master enables upgrades at once, not when its workers
+	// are ready: a generation whose app crash-loops must still accept USR2
+	// with a fixed binary (tableflip refuses Upgrade before Ready).
+	if err := m.hand.Ready(); err != nil {
+		return err
+	}
+	for i := 0; i < m.cfg.Workers; i++ {
+		m.addSlot()
+	}
+	return nil
+}
+
+// lockPIDFile takes the pid-file lock, or, in a new master, the one the
+// old master passed (the old master still holds it too).
+func (m *Master) lockPIDFile() error {
+	if m.role == roleNew {
+		f, err := m.hand.InheritedFile(lockFileName)
+		if err != nil {
+			return err
+		}
+		if f == nil {
+			return errors.New("the old master passed no pid-file lock")
+		}
+		m.pidFile = &pidFile{path: m.cfg.PIDFile, lock: f}
+		return nil
+	}
+	pf, err := lockPIDFile(m.cfg.PIDFile)
+	if err != nil {
+		return err
+	}
+	m.pidFile = pf
+	return m.hand.PassFile(lockFileName, pf.lock)
+}
+
+// openListener binds (or inherits) one listener.
+func (m *Master) openListener(spec ListenSpec) error {
+	f, inherited, err := m.hand.Listener(spec.Name, func() (*os.File, error) {
+		return bind(spec, m.cfg.SocketMode)
+	})
+	if err != nil {
+		return err
+	}
+	addr, err := localAddr(f)
+	if err != nil {
+		_ = f.Close()
+		return &BindError{Spec: spec, Err: err}
+	}
+	m.listeners = append(m.listeners, &listener{spec: spec, file: f, addr: addr, inherited: inherited})
+	m.log.Info("listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited)
+	return nil
+}
+
+// readNotify turns datagrams into events until the socket is closed.
+func (m *Master) readNotify(s *notifySocket) {
+	for {
+		msg, err := s.read()
+		if err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				m.log.Error("notify socket failed; workers can no longer report readiness", "error", err)
+			}
+			return
+		}
+		if !m.send(notified{msg}) {
+			closeFDs(msg.fds)
+			return
+		}
+	}
+}
+
+// shutdown begins a graceful (QUIT) or fast (TERM/INT) stop of this
+// master's workers. A fast stop may follow a graceful one, not the other
+// way round. The caller has dealt with the other generation.
+func (m *Master) shutdown(fast bool) {
+	switch {
+	case fast && m.phase == phaseStopping, !fast && !m.phase.running():
+		return
+	}
+	m.old.settling = false
+	if fast {
+		m.phase = phaseStopping
+		m.log.Info("fast shutdown", "workers", len(m.procs))
+		for _, p := range m.procs {
+			m.kill(p)
+		}
+	} else {
+		m.phase = phaseDraining
+		m.log.Info("graceful shutdown", "workers", len(m.procs), "drain_timeout", m.cfg.DrainTimeout.String())
+		for _, p := range m.procs {
+			m.stopWorker(p)
+		}
+	}
+	m.finishIfIdle()
+}
+
+// finishIfIdle ends the master once it is stopping, no worker is left and
+// no new master it started is still running.
+func (m *Master) finishIfIdle() {
+	if m.phase.running() || len(m.procs) > 0 || m.old.up != nil {
+		return
+	}
+	m.release()
+	m.phase = phaseStopped
+	m.log.Info("master exited")
+}
+
+// ownsFiles reports whether this master is the last generation, which
+// removes the unix-socket paths and the pid file when it stops: not a new
+// master before its commit (the old one goes on), and not an old master
+// whose successor committed (the new one goes on).
+func (m *Master) ownsFiles() bool {
+	return m.role != roleNew && !m.old.retiring
+}
+
+// release closes and removes everything the master holds, in reverse
+// order of start. It is safe on a partly started master.
+func (m *Master) release() {
+	if m.stopSignals != nil {
+		m.stopSignals()
+	}
+	if m.notify != nil {
+		_ = m.notify.close()
+	}
+	for _, c := range []*upgrade.Channel{m.old.children, m.new.parent} {
+		if c != nil {
+			_ = c.Close()
+		}
+	}
+	for _, l := range m.listeners {
+		if l.spec.Network == "unix" && m.ownsFiles() {
+			if err := removeSocket(l.spec.Address); err != nil {
+				m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
+			}
+		}
+		_ = l.file.Close()
+	}
+	for _, f := range []*os.File{m.parentW, m.parentR, m.devNull} {
+		if f != nil {
+			_ = f.Close()
+		}
+	}
+	if m.pidFile != nil {
+		// Whichever of PATH and PATH.oldbin still names this master.
+		for _, path := range []string{m.pidFile.path, m.pidFile.path + oldSuffix} {
+			if err := removePIDFile(path, os.Getpid()); err != nil {
+				m.log.Warn("pid file not removed", "path", path, "error", err)
+			}
+		}
+		_ = m.pidFile.close()
+	}
+}
+
+// removeSocket unlinks path if it is a socket.
+func removeSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s is no longer a socket", path)
+	}
+	return os.Remove(path)
+}
+
+// closeFDs closes descriptors received with a notify message.
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		_ = syscall.Close(fd)
+	}
+}

@@ -1,0 +1,397 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/molt-server/molt/upgrade"
+)
+
+// The old master's side of an upgrade (DESIGN §4): USR2 starts a new
+// master through tableflip; the new one reports over the channel; its
+// commit makes Upgrade return nil and this master retire; any failure
+// makes it return an error and this master roll back, having served
+// throughout.
+
+// Settings of the old master's side.
+const (
+	// quitSettle is how long a QUIT to a lone master waits for a USR2 that
+	// arrives as a delivery of its own (kill -USR2; kill -QUIT): with one,
+	// the QUIT means "upgrade, then retire", never a total outage.
+	quitSettle = time.Second
+	// upgradeSlack is added to the new master's deadlines for its own
+	// start-up and for the commit round trip.
+	upgradeSlack = 10 * time.Second
+)
+
+// oldSide is the old master's state of an upgrade.
+type oldSide struct {
+	children *upgrade.Channel // this master's end towards new masters
+	up       *attempt         // the upgrade in flight, nil if none
+	standby  bool             // WINCH stopped this master's workers
+	settling bool             // a QUIT waits out quitSettle
+	retiring bool             // a new generation committed: drain and exit
+	lastErr  string           // the last upgrade's failure, for logs
+}
+
+// attempt is one upgrade in flight.
+type attempt struct {
+	started     time.Time
+	pid         int   // the new master's pid, once known
+	pgids       []int // its workers' process groups, as it reported them
+	serving     bool
+	failed      *upgrade.Msg // its failure report, if it sent one
+	releaseSent bool
+	quitPending bool // a QUIT waits for the new generation to serve
+	seq         int  // of the current deadline
+	killed      bool
+}
+
+// onUSR2 starts an upgrade if this master may.
+func (m *Master) onUSR2(quitPending bool) {
+	refuse := func(why string) {
+		m.log.Warn("USR2 refused: "+why, "signal", "SIGUSR2", "role", m.role.String())
+	}
+	switch {
+	case m.role == roleNew:
+		refuse("this master's own upgrade is not committed yet; send USR2 once it is primary")
+		return
+	case m.role == roleCommitted:
+		// tableflip refuses while the parent lives; the parent's drain is
+		// bounded by the drain timeout, so wait for it rather than refuse
+		// an operator whose script sends USR2 right after a takeover.
+		m.new.deferredUSR2 = true
+		m.log.Info("USR2 deferred: the old generation is still draining; the upgrade starts once it has exited")
+		return
+	case m.old.up != nil:
+		refuse(fmt.Sprintf("an upgrade is already in flight (new master pid %d)", m.old.up.pid))
+		return
+	case !m.phase.running():
+		refuse("the master is shutting down")
+		return
+	}
+	if _, err := m.childChannel(); err != nil {
+		m.log.Error("upgrade not started", "error", err)
+		return
+	}
+	if err := m.pidFile.toOld(); err != nil {
+		m.log.Error("upgrade not started: the pid file cannot be renamed", "error", err)
+		return
+	}
+	if m.old.settling {
+		m.old.settling = false
+		quitPending = true
+	}
+	m.old.up = &attempt{started: time.Now(), quitPending: quitPending}
+	m.armUpgradeDeadline(m.cfg.ReadyTimeout + upgradeSlack)
+	m.log.Info("upgrade started", "path", os.Args[0], "quit_pending", quitPending,
+		"pid_file", m.pidFile.path+oldSuffix)
+	go func() { m.send(upgradeDone{m.hand.Upgrade()}) }()
+}
+
+// childChannel returns this master's end of the channel to new masters,
+// with its reader running.
+func (m *Master) childChannel() (*upgrade.Channel, error) {
+	if m.old.children != nil {
+		return m.old.children, nil
+	}
+	ch, err := m.hand.Children()
+	if err != nil {
+		return nil, err
+	}
+	m.old.children = ch
+	go func() {
+		for {
+			msg, err := ch.Recv()
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if !m.send(fromChild{msg: msg, err: err}) {
+				return
+			}
+		}
+	}()
+	return ch, nil
+}
+
+// armUpgradeDeadline (re)arms the deadline of the attempt in flight; a
+// zero d only voids the current one.
+func (m *Master) armUpgradeDeadline(d time.Duration) {
+	up := m.old.up
+	up.seq = m.nextSeq()
+	if d > 0 {
+		m.after(d, timerFired{kind: upgradeDeadline, seq: up.seq})
+	}
+}
+
+// tellChild sends a message to the new master in flight.
+func (m *Master) tellChild(msg upgrade.Msg) {
+	if m.old.up == nil || m.old.children == nil {
+		return
+	}
+	msg.To = m.old.up.pid
+	if err := m.old.children.Send(msg); err != nil {
+		m.log.Warn("message to the new master not sent", "kind", msg.Kind, "error", err)
+	}
+}
+
+// onChildMsg follows the new master's reports.
+func (m *Master) onChildMsg(ev fromChild) {
+	if ev.err != nil {
+		m.log.Warn("bad message from a new master; ignored", "error", ev.err)
+		return
+	}
+	up, msg := m.old.up, ev.msg
+	if up == nil {
+		return // from an attempt that has ended
+	}
+	if msg.Kind == upgrade.KindHello && up.pid == 0 {
+		up.pid = msg.Pid
+		m.log.Info("new master started", "new_pid", msg.Pid, "version", msg.Version)
+		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1})
+		return
+	}
+	if msg.Pid != up.pid {
+		return // from an earlier attempt
+	}
+	log := m.log.With("new_pid", up.pid)
+	switch msg.Kind {
+	case upgrade.KindWorkers:
+		up.pgids = msg.PGIDs
+	case upgrade.KindProgress:
+		log.Info("new generation: workers ready", "ready", msg.Ready, "want", msg.Workers)
+	case upgrade.KindServing:
+		up.serving = true
+		if m.cfg.ManualCommit {
+			m.armUpgradeDeadline(0)
+			log.Info("new generation serving; both generations serve until QUIT to the old master (commit) or to the new one (rollback)",
+				"workers", msg.Workers)
+		} else {
+			m.armUpgradeDeadline(m.cfg.Probation + upgradeSlack)
+			log.Info("new generation serving; probation", "workers", msg.Workers, "probation", m.cfg.Probation.String())
+		}
+		if up.quitPending {
+			log.Info("QUIT pending: asking the new generation to commit now")
+			m.tellChild(upgrade.Msg{Kind: upgrade.KindCommit})
+		}
+	case upgrade.KindCommitted:
+		log.Info("new generation committed")
+	case upgrade.KindFailed:
+		up.failed = &msg
+		log.Error("new generation gave up", "code", msg.Code, "reason", msg.Reason)
+		m.resumeServing()
+	case upgrade.KindStop:
+		log.Info("the new master was told to stop fast; stopping this generation too")
+		m.shutdown(true)
+	default:
+		log.Debug("unknown message from the new master; ignored", "kind", msg.Kind)
+	}
+}
+
+// resumeServing makes this master serve again after a failed upgrade:
+// workers a WINCH stopped are respawned, and the new master is released
+// once they are all ready (it keeps serving until then: no gap).
+func (m *Master) resumeServing() {
+	if m.old.standby {
+		m.old.standby = false
+		m.log.Info("respawning this generation's workers (it was in standby)")
+		m.phase = phaseStarting
+		for _, s := range m.slots {
+			if s.pid == 0 {
+				m.spawn(s)
+			}
+		}
+	}
+	m.releaseIfServing()
+}
+
+// releaseIfServing tells a failed new master to go once this generation
+// serves on its own.
+func (m *Master) releaseIfServing() {
+	up := m.old.up
+	if up == nil || up.failed == nil || up.releaseSent || m.old.standby || !m.allReady() {
+		return
+	}
+	up.releaseSent = true
+	m.tellChild(upgrade.Msg{Kind: upgrade.KindRelease})
+}
+
+// onUpgradeDone is the end of an upgrade: commit (nil) or rollback.
+func (m *Master) onUpgradeDone(ev upgradeDone) {
+	up := m.old.up
+	m.old.up = nil
+	if up == nil {
+		return
+	}
+	if ev.err == nil {
+		m.old.retiring = true
+		m.log.Info("upgrade committed; this generation retires", "new_pid", up.pid,
+			"elapsed", time.Since(up.started).Round(time.Millisecond).String())
+		if m.phase.running() {
+			m.shutdown(false)
+		}
+		m.finishIfIdle()
+		return
+	}
+	reason := m.failureReason(up, ev.err)
+	m.old.lastErr = reason
+	if err := m.pidFile.fromOld(); err != nil {
+		m.log.Error("pid file not restored", "error", err)
+	}
+	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "new_pid", up.pid, "reason", reason)
+	if up.quitPending && m.phase.running() {
+		m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
+	}
+	if m.phase.running() {
+		m.resumeServing()
+	}
+	m.finishIfIdle()
+}
+
+// failureReason explains why an attempt failed, from the new master's own
+// report if it sent one, else from its exit status.
+func (m *Master) failureReason(up *attempt, err error) string {
+	if up.failed != nil {
+		return up.failed.Reason
+	}
+	if up.killed {
+		return fmt.Sprintf("the new master did not serve in time and was killed (%v)", err)
+	}
+	// tableflip's words: "can't start child: ...", "child pid=N exited",
+	// "child pid=N exited: exit status 3", "... exited: signal: killed".
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "can't start child"):
+		return "the new binary could not be started: " + msg
+	case strings.HasSuffix(msg, "exited"):
+		return "the new master exited with status 0 before its commit"
+	}
+	if i := strings.LastIndex(msg, "exit status "); i >= 0 {
+		if code, cerr := strconv.Atoi(msg[i+len("exit status "):]); cerr == nil {
+			if why, ok := exitReasons[code]; ok {
+				return fmt.Sprintf("%s (exit status %d)", why, code)
+			}
+			return fmt.Sprintf("the new master exited with status %d before its commit", code)
+		}
+	}
+	if i := strings.LastIndex(msg, "signal: "); i >= 0 {
+		return "the new master was killed by " + msg[i:] + " before its commit"
+	}
+	return msg
+}
+
+// onUpgradeDeadline kills a new master that did not serve (or commit) in
+// time, and every worker it reported.
+func (m *Master) onUpgradeDeadline(ev timerFired) {
+	up := m.old.up
+	if up == nil || ev.seq != up.seq {
+		return
+	}
+	pid := up.pid
+	if pid == 0 {
+		pid = m.findNewMaster()
+	}
+	m.log.Error("the new master did not serve in time; killing it and its workers",
+		"new_pid", pid, "workers", len(up.pgids), "elapsed", time.Since(up.started).Round(time.Millisecond).String())
+	up.killed = true
+	for _, g := range up.pgids {
+		_ = m.sys.signal(-g, syscall.SIGKILL)
+	}
+	if pid > 0 {
+		_ = m.sys.signal(pid, syscall.SIGKILL)
+	}
+}
+
+// findNewMaster finds the pid of a new master that never said hello: the
+// one child of this master that is not one of its workers.
+func (m *Master) findNewMaster() int {
+	tasks, _ := filepath.Glob("/proc/self/task/*/children")
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil && m.procs[pid] == nil {
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+// onWINCH stops this master's workers while another generation serves.
+func (m *Master) onWINCH() {
+	up := m.old.up
+	if m.role == roleNew || up == nil || !up.serving || up.failed != nil {
+		m.log.Warn("WINCH refused: no other generation is serving, so stopping these workers would stop the service",
+			"signal", "SIGWINCH", "role", m.role.String())
+		return
+	}
+	if m.old.standby {
+		return
+	}
+	m.old.standby = true
+	m.log.Info("standby: stopping this generation's workers; the new generation serves", "workers", len(m.procs))
+	for _, p := range m.procs {
+		m.stopWorker(p)
+	}
+}
+
+// onHUP respawns the workers of a standby master (the manual rollback
+// step); reload is not built yet.
+func (m *Master) onHUP() {
+	if !m.old.standby {
+		m.log.Warn("HUP ignored: reload is not built yet", "signal", "SIGHUP")
+		return
+	}
+	m.resumeServing()
+}
+
+// onQUIT applies QUIT by role (DESIGN §3).
+func (m *Master) onQUIT() {
+	switch {
+	case m.role == roleNew:
+		m.fail(ExitAborted, "QUIT to the new master before its commit")
+	case m.old.up != nil && m.old.up.serving && m.old.up.failed == nil:
+		m.log.Info("QUIT: asking the new generation to commit; this generation retires then")
+		m.tellChild(upgrade.Msg{Kind: upgrade.KindCommit})
+		m.old.up.quitPending = true
+	case m.old.up != nil:
+		m.old.up.quitPending = true
+		m.log.Info("QUIT waits for the new generation to serve; this generation retires once it commits")
+	case m.old.settling:
+	default:
+		m.old.settling = true
+		m.log.Info("QUIT: graceful shutdown unless a USR2 arrives within the settle window", "settle", quitSettle.String())
+		m.after(quitSettle, timerFired{kind: quitSettled})
+	}
+}
+
+// onQuitSettled drains a master whose QUIT was not followed by a USR2.
+func (m *Master) onQuitSettled() {
+	if !m.old.settling || m.old.up != nil {
+		return
+	}
+	m.old.settling = false
+	m.shutdown(false)
+}
+
+// onFastStop is TERM/INT: stop both generations fast.
+func (m *Master) onFastStop() {
+	if m.role == roleNew && m.new.parent != nil {
+		_ = m.new.parent.Send(upgrade.Msg{Kind: upgrade.KindStop, Pid: os.Getpid()})
+	}
+	if up := m.old.up; up != nil {
+		m.tellChild(upgrade.Msg{Kind: upgrade.KindStop})
+		// If it does not go by itself, kill it and its workers.
+		m.armUpgradeDeadline(killReapTimeout)
+	}
+	m.shutdown(true)
+}

@@ -1,0 +1,149 @@
+package upgrade
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// The G1↔G2 channel (DESIGN §4): a SOCK_SEQPACKET socket pair, one JSON
+// object per packet. The old master G1 holds one end for its whole life;
+// the other end travels to every new master it starts, through tableflip,
+// under channelFile. The same pair serves every attempt, so each message
+// from G1 names the new master it is for (To) and a new master drops
+// messages meant for an earlier attempt that died before reading them.
+//
+// Masters of different versions talk over it: unknown fields are ignored
+// and unknown kinds are for the receiver to log and skip.
+
+// Message kinds sent by a new master (G2) to the old one (G1).
+const (
+	KindHello     = "hello"     // Pid, Version: G2 is up
+	KindWorkers   = "workers"   // Pid, PGIDs: G2's worker process groups, after every change
+	KindProgress  = "progress"  // Pid, Ready, Workers: k of N workers ready
+	KindServing   = "serving"   // Pid: N of N ready; probation begins
+	KindCommitted = "committed" // Pid: G2 called Ready; G1 retires
+	KindFailed    = "failed"    // Pid, Code, Reason: G2 gives up (rollback)
+)
+
+// Message kinds sent by G1 to G2 (To names the G2).
+const (
+	KindConfig  = "config"  // Workers, Gen: how many workers to run, G2's generation
+	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
+	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
+)
+
+// KindStop is sent either way: stop fast (TERM/INT to either master stops
+// both generations).
+const KindStop = "stop"
+
+// maxMessage bounds one packet; a larger one is a protocol error.
+const maxMessage = 4096
+
+// Msg is one message of the channel. Fields unused by a kind are zero.
+type Msg struct {
+	Kind    string `json:"kind"`
+	To      int    `json:"to,omitempty"`
+	Pid     int    `json:"pid,omitempty"`
+	Gen     int    `json:"gen,omitempty"`
+	Version string `json:"version,omitempty"`
+	Workers int    `json:"workers,omitempty"`
+	Ready   int    `json:"ready,omitempty"`
+	PGIDs   []int  `json:"pgids,omitempty"`
+	Code    int    `json:"code,omitempty"`
+	Reason  string `json:"reason,omitempty"`
+}
+
+// ErrMessage is wrapped by every error DecodeMsg returns.
+var ErrMessage = errors.New("upgrade: malformed channel message")
+
+// EncodeMsg returns the packet for m.
+func EncodeMsg(m Msg) ([]byte, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: encode %s message: %w", m.Kind, err)
+	}
+	if len(b) > maxMessage {
+		return nil, fmt.Errorf("upgrade: %s message of %d bytes is larger than %d", m.Kind, len(b), maxMessage)
+	}
+	return b, nil
+}
+
+// DecodeMsg parses one packet. It rejects, wrapping ErrMessage, anything
+// that is not one JSON object with a kind, or that has negative numbers.
+func DecodeMsg(b []byte) (Msg, error) {
+	var m Msg
+	if len(b) > maxMessage {
+		return m, fmt.Errorf("%w: %d bytes", ErrMessage, len(b))
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return Msg{}, fmt.Errorf("%w: %v", ErrMessage, err)
+	}
+	if m.Kind == "" {
+		return Msg{}, fmt.Errorf("%w: no kind", ErrMessage)
+	}
+	if m.To < 0 || m.Pid < 0 || m.Gen < 0 || m.Workers < 0 || m.Ready < 0 || m.Code < 0 {
+		return Msg{}, fmt.Errorf("%w: negative number in %s message", ErrMessage, m.Kind)
+	}
+	for _, p := range m.PGIDs {
+		if p <= 0 {
+			return Msg{}, fmt.Errorf("%w: process group %d", ErrMessage, p)
+		}
+	}
+	return m, nil
+}
+
+// Channel is one end of the G1↔G2 socket pair.
+type Channel struct {
+	f *os.File
+}
+
+// newChannelPair makes the socket pair: (G1's end, the end for children).
+// Both are close-on-exec and non-blocking; tableflip passes the child end
+// to each new master explicitly.
+func newChannelPair() (*Channel, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("upgrade: channel socketpair: %w", err)
+	}
+	return &Channel{f: os.NewFile(uintptr(fds[0]), "molt-channel")}, os.NewFile(uintptr(fds[1]), "molt-channel-child"), nil
+}
+
+// Send writes one message. It does not block beyond the socket buffer;
+// errors wrap the kind.
+func (c *Channel) Send(m Msg) error {
+	b, err := EncodeMsg(m)
+	if err != nil {
+		return err
+	}
+	if _, err := c.f.Write(b); err != nil {
+		return fmt.Errorf("upgrade: send %s: %w", m.Kind, err)
+	}
+	return nil
+}
+
+// Recv blocks for the next message. It returns io.EOF once the other side
+// is gone and every message it sent has been read, os.ErrClosed after
+// Close, and an error wrapping ErrMessage for a packet it cannot parse
+// (the channel stays usable).
+func (c *Channel) Recv() (Msg, error) {
+	buf := make([]byte, maxMessage+1)
+	n, err := c.f.Read(buf)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return Msg{}, io.EOF
+		}
+		return Msg{}, err
+	}
+	if n == 0 {
+		return Msg{}, io.EOF
+	}
+	return DecodeMsg(buf[:n])
+}
+
+// Close closes this end; a blocked Recv returns os.ErrClosed.
+func (c *Channel) Close() error { return c.f.Close() }

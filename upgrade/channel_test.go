@@ -1,0 +1,96 @@
+package upgrade
+
+import (
+	"errors"
+	"io"
+	"os"
+	"strings"
+	"testing"
+)
+
+func TestChannel_RoundTripAndEOF(t *testing.T) {
+	g1, childEnd, err := newChannelPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g1.Close()
+	g2 := &Channel{f: childEnd}
+	want := Msg{Kind: KindWorkers, Pid: 42, PGIDs: []int{43, 44}}
+	if err := g2.Send(want); err != nil {
+		t.Fatal(err)
+	}
+	if err := g2.Send(Msg{Kind: KindServing, Pid: 42}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := g1.Recv()
+	if err != nil || got.Kind != want.Kind || got.Pid != 42 || len(got.PGIDs) != 2 || got.PGIDs[1] != 44 {
+		t.Fatalf("Recv = %+v, %v; want %+v", got, err, want)
+	}
+	g2.Close()
+	// Packets keep their boundaries; what was sent before the close is
+	// read before EOF.
+	if got, err := g1.Recv(); err != nil || got.Kind != KindServing {
+		t.Fatalf("second Recv = %+v, %v", got, err)
+	}
+	if _, err := g1.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("Recv after the peer closed: %v, want EOF", err)
+	}
+}
+
+func TestChannel_CloseWakesRecv(t *testing.T) {
+	g1, childEnd, err := newChannelPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer childEnd.Close()
+	done := make(chan error, 1)
+	go func() {
+		_, err := g1.Recv()
+		done <- err
+	}()
+	g1.Close()
+	if err := <-done; !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Recv after Close: %v, want os.ErrClosed", err)
+	}
+}
+
+func TestDecodeMsg(t *testing.T) {
+	for _, ok := range []string{
+		`{"kind":"hello","pid":7,"version":"v1"}`,
+		`{"kind":"config","to":7,"workers":3,"gen":2,"future_field":true}`, // a newer master's extra field
+		`{"kind":"something-new"}`,                                          // for the receiver to skip
+	} {
+		if _, err := DecodeMsg([]byte(ok)); err != nil {
+			t.Errorf("DecodeMsg(%s): %v", ok, err)
+		}
+	}
+	for _, bad := range []string{``, `{}`, `[]`, `{"kind":1}`, `{"kind":"x","pid":-1}`, `{"kind":"x","pgids":[0]}`, `{"kind":"x"} trailing`, strings.Repeat(" ", maxMessage+1)} {
+		if _, err := DecodeMsg([]byte(bad)); !errors.Is(err, ErrMessage) {
+			t.Errorf("DecodeMsg(%q) = %v, want ErrMessage", bad, err)
+		}
+	}
+	if _, err := EncodeMsg(Msg{Kind: KindFailed, Reason: strings.Repeat("x", maxMessage)}); err == nil {
+		t.Error("an oversized message was encoded")
+	}
+}
+
+func FuzzDecodeMsg(f *testing.F) {
+	for _, s := range []string{`{"kind":"hello","pid":7}`, `{"kind":"workers","pgids":[1,2]}`, `{`, `null`, `{"kind":"failed","code":12,"reason":"x"}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := DecodeMsg(b)
+		if err != nil {
+			if !errors.Is(err, ErrMessage) {
+				t.Fatalf("error %v does not wrap ErrMessage", err)
+			}
+			return
+		}
+		if m.Kind == "" || m.Pid < 0 || m.To < 0 {
+			t.Fatalf("accepted %+v", m)
+		}
+		if _, err := EncodeMsg(m); err != nil && len(b) <= maxMessage/2 {
+			t.Fatalf("re-encoding an accepted message failed: %v", err)
+		}
+	})
+}
