@@ -58,7 +58,7 @@ func TestDecodeMsg(t *testing.T) {
 	for _, ok := range []string{
 		`{"kind":"hello","pid":7,"version":"v1"}`,
 		`{"kind":"config","to":7,"workers":3,"gen":2,"future_field":true}`, // a newer master's extra field
-		`{"kind":"something-new"}`,                                          // for the receiver to skip
+		`{"kind":"something-new"}`,                                         // for the receiver to skip
 	} {
 		if _, err := DecodeMsg([]byte(ok)); err != nil {
 			t.Errorf("DecodeMsg(%s): %v", ok, err)
