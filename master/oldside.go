@@ -27,7 +27,7 @@ const (
 	quitSettle = time.Second
 	// upgradeSlack is added to the new master's deadlines for its own
 	// start-up and for the commit round trip.
-	upgradeSlack = 10 * time.Second
+	upgradeSlack = 5 * time.Second
 )
 
 // oldSide is the old master's state of an upgrade.

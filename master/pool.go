@@ -133,6 +133,11 @@ func (m *Master) onChildExited(ev childExited) {
 	}
 	if s == nil || !m.phase.running() || m.old.standby {
 		log.Info("worker exited")
+		if s == nil && m.phase.running() && (ev.state == nil || !ev.state.Success()) {
+			// Even announced (STOPPING=1), a failing exit is no way to pass
+			// probation.
+			m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+		}
 		m.finishIfIdle()
 		return
 	}

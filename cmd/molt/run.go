@@ -135,16 +135,20 @@ func cmdRun(args []string) int {
 	if err == nil {
 		return exitOK
 	}
+	var exitErr *master.ExitError
+	if errors.As(err, &exitErr) {
+		// A new master that gave up: the old generation serves on and
+		// logs the rollback; this is not the operator's error to see.
+		log.Warn("new master exits; the old generation keeps serving", "code", exitErr.Code, "reason", exitErr.Reason)
+		return exitErr.Code
+	}
 	log.Error("molt run failed", "error", err)
 	if f.logFile != "" { // the operator's terminal sees it too
 		fmt.Fprintln(os.Stderr, "molt run:", err)
 	}
 	var bindErr *master.BindError
 	var lockErr *master.LockedError
-	var exitErr *master.ExitError
 	switch {
-	case errors.As(err, &exitErr):
-		return exitErr.Code
 	case errors.Is(err, master.ErrConfig):
 		return exitUsage
 	case errors.As(err, &bindErr):
