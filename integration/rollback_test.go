@@ -108,7 +108,7 @@ func testRollback(t *testing.T, c rollbackCase) {
 	addr := u.addr()
 	u.waitServing()
 	workers := u.waitWorkers(2)
-	l := startLoad(addr)
+	l := startLoad(t, addr)
 	c.breakIt(t, u, appDir)
 	u.Signal(syscall.SIGUSR2)
 	if c.during != nil {

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,7 +10,6 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/test"
-	"github.com/molt-server/molt/test/load"
 )
 
 // TestSignals_TTINAndTTOUScaleButKeepOneWorker: under keep-alive and
@@ -23,10 +21,7 @@ func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ka := load.Start(ctx, load.Config{Addr: addr, Clients: 8, Rate: 200, KeepAlive: true})
-	pc := load.Start(ctx, load.Config{Addr: addr, Clients: 8, Rate: 200})
+	l := startLoad(t, addr)
 	m.Signal(syscall.SIGTTIN)
 	after := m.waitWorkers(3)
 	for _, p := range before {
@@ -43,13 +38,7 @@ func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	if w := m.workers(); len(w) != 1 {
 		t.Errorf("after a refused TTOU: workers %v, want 1", w)
 	}
-	for name, r := range map[string]*load.Run{"keep-alive": ka, "connection per request": pc} {
-		res := r.Stop()
-		t.Logf("%s load: %v", name, res)
-		if res.Failed() != 0 || res.OK < 100 {
-			t.Errorf("%s load: %v; first failures: %v", name, res, res.Samples)
-		}
-	}
+	l.stop(t)
 	m.stop()
 }
 

@@ -203,6 +203,11 @@ func (m *Master) resumeServing() {
 		m.log.Info("respawning this generation's workers (it was in standby)")
 		m.phase = phaseStarting
 		for _, s := range m.slots {
+			// A worker the standby stopped may not have exited yet: its
+			// slot is refilled now, and its exit is not a failure.
+			if p := m.procs[s.pid]; p != nil && p.state == workerStopping {
+				s.pid = 0
+			}
 			if s.pid == 0 {
 				m.spawn(s)
 			}
@@ -244,14 +249,17 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 	if err := m.pidFile.fromOld(); err != nil {
 		m.log.Error("pid file not restored", "error", err)
 	}
+	if !m.phase.running() {
+		// Both generations are stopping (TERM/INT): the end is expected.
+		m.log.Info("the new master has stopped too", "new_pid", up.pid, "reason", reason)
+		m.finishIfIdle()
+		return
+	}
 	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "new_pid", up.pid, "reason", reason)
-	if up.quitPending && m.phase.running() {
+	if up.quitPending {
 		m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
 	}
-	if m.phase.running() {
-		m.resumeServing()
-	}
-	m.finishIfIdle()
+	m.resumeServing()
 }
 
 // failureReason explains why an attempt failed, from the new master's own

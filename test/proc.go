@@ -84,7 +84,7 @@ func Start(t testing.TB, o Opts) *Proc {
 	defer logf.Close()
 	cmd := exec.Command(o.Path, o.Args...)
 	cmd.Dir = o.Dir
-	cmd.Env = append(os.Environ(), "GOTRACEBACK=all", "GORACE=halt_on_error=1")
+	cmd.Env = append(os.Environ(), "GOTRACEBACK=all", "GORACE=halt_on_error=1 atexit_sleep_ms=0")
 	cmd.Env = append(cmd.Env, o.Env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

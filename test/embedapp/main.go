@@ -3,7 +3,7 @@
 // run it to prove that embedding works end to end. It is the one test
 // program allowed to import package master.
 //
-// Usage: embedapp --listen ADDR --pid-file PATH [--workers N]
+// Usage: embedapp --listen ADDR --pid-file PATH [--workers N] [--probation DUR]
 package main
 
 import (
@@ -31,6 +31,7 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address")
 	pidFile := flag.String("pid-file", "embedapp.pid", "pid file")
 	workers := flag.Int("workers", 2, "workers")
+	probation := flag.Duration("probation", master.DefaultProbation, "probation of an upgrade")
 	flag.Parse()
 	specs, err := master.ParseListeners([]string{*listen})
 	if err != nil {
@@ -42,6 +43,7 @@ func main() {
 		Listeners: specs,
 		Workers:   *workers,
 		PIDFile:   *pidFile,
+		Probation: *probation,
 		Logger:    log,
 		Version:   "embedapp",
 	})

@@ -1,0 +1,335 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// waitNewServing waits until a new master serves alongside old: molt.pid
+// names it, molt.pid.oldbin names old. It returns the new master's pid.
+func (u *upgradable) waitNewServing(t *testing.T, old int) int {
+	t.Helper()
+	var pid int
+	test.WaitFor(t, 60*time.Second, "the new generation serving", func() error {
+		p, err := pidIn(u.pidFile)
+		if err != nil || p == old {
+			return fmt.Errorf("molt.pid: %d %v", p, err)
+		}
+		o, err := pidIn(u.pidFile + ".oldbin")
+		if err != nil || o != old {
+			return fmt.Errorf("molt.pid.oldbin: %d %v", o, err)
+		}
+		pid = p
+		return nil
+	})
+	test.Track(t, pid)
+	return pid
+}
+
+func pidIn(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}
+
+// workersOf returns the live children of master that are not other
+// masters (an old master's children include the new master).
+func workersOf(master int, notMasters ...int) []int {
+	var out []int
+	for _, p := range test.Children(master) {
+		if test.Alive(p) && !containsInt(notMasters, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// servedOnlyBy asserts that n fresh connections are all answered by
+// master pid.
+func servedOnlyBy(t *testing.T, addr string, pid, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		if r := get(t, addr, "/"); r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(pid) {
+			t.Fatalf("answered by master %s, want only %d", r.Header.Get("X-Molt-Master-Pid"), pid)
+		}
+	}
+}
+
+// TestDance_ManualCommit is nginx's flow: USR2, both generations serve;
+// WINCH to the old master stops its workers (standby); QUIT to the old
+// master commits. The pid files are right at every step, and no request
+// fails.
+func TestDance_ManualCommit(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	addr := u.addr()
+	u.waitServing()
+	old := u.Pid
+	l := startLoad(t, addr)
+	u.install(t, bins.molt2, byRename)
+	u.Signal(syscall.SIGUSR2)
+	nw := u.waitNewServing(t, old)
+	test.WaitLog(t, u.log, stepTimeout, 1, "probation over", test.Msg("probation over; waiting for QUIT to the old master to commit"))
+	if len(workersOf(old, nw)) != 2 {
+		t.Fatalf("old master's workers: %v, want 2 still serving before WINCH", workersOf(old, nw))
+	}
+	u.Signal(syscall.SIGWINCH)
+	test.WaitFor(t, stepTimeout, "the old master's workers to stop", func() error {
+		if w := workersOf(old, nw); len(w) != 0 {
+			return fmt.Errorf("still %v", w)
+		}
+		return nil
+	})
+	servedOnlyBy(t, addr, nw, 20)
+	if p, _ := pidIn(u.pidFile + ".oldbin"); p != old {
+		t.Errorf("in standby, molt.pid.oldbin names %d, want %d", p, old)
+	}
+	u.Signal(quit)
+	if got := u.waitTakeover(t, old); got != nw {
+		t.Fatalf("took over: %d, want %d", got, nw)
+	}
+	l.stop(t)
+	u.stop(t)
+}
+
+// TestDance_ManualRollback: USR2, WINCH (old), HUP (old: its workers come
+// back), QUIT (new: it rolls back). molt.pid names the old master again,
+// nothing of the new generation is left, and no request fails.
+func TestDance_ManualRollback(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	addr := u.addr()
+	u.waitServing()
+	old := u.Pid
+	l := startLoad(t, addr)
+	u.Signal(syscall.SIGUSR2)
+	nw := u.waitNewServing(t, old)
+	u.Signal(syscall.SIGWINCH)
+	test.WaitFor(t, stepTimeout, "the old master's workers to stop", func() error {
+		if w := workersOf(old, nw); len(w) != 0 {
+			return fmt.Errorf("still %v", w)
+		}
+		return nil
+	})
+	u.Signal(syscall.SIGHUP)
+	test.WaitFor(t, stepTimeout, "the old master's workers to come back", func() error {
+		if w := workersOf(old, nw); len(w) != 2 {
+			return fmt.Errorf("%v", w)
+		}
+		return nil
+	})
+	test.WaitLog(t, u.log, stepTimeout, 1, "the old generation serving again", test.Msg("serving", "gen", "1"))
+	if err := syscall.Kill(nw, quit); err != nil {
+		t.Fatal(err)
+	}
+	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	test.WaitFor(t, stepTimeout, "the new master to exit", func() error {
+		if test.Alive(nw) {
+			return fmt.Errorf("still running")
+		}
+		return nil
+	})
+	if p, _ := pidIn(u.pidFile); p != old || fileExists(u.pidFile+".oldbin") {
+		t.Errorf("after the rollback molt.pid names %d (want %d), .oldbin exists: %v", p, old, fileExists(u.pidFile+".oldbin"))
+	}
+	servedOnlyBy(t, addr, old, 20)
+	l.stop(t)
+	u.stop(t, rollbackLines...)
+}
+
+// rollbackLines are the error lines a rollback logs by design.
+var rollbackLines = []func(test.Line) bool{
+	test.Msg("upgrade failed; rolled back: this generation keeps serving"),
+	test.Msg("new generation gave up"),
+	test.Msg("new generation gives up; handing back to the old one"),
+}
+
+// TestDance_RefusalsDuringAnUpgrade: a second USR2 to the old master, a
+// USR2 to the new master before its commit, and TTIN to the new master
+// are refused with a log line; the upgrade then commits on QUIT.
+func TestDance_RefusalsDuringAnUpgrade(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	u.addr()
+	u.waitServing()
+	old := u.Pid
+	u.Signal(syscall.SIGUSR2)
+	nw := u.waitNewServing(t, old)
+	u.Signal(syscall.SIGUSR2)
+	test.WaitLog(t, u.log, stepTimeout, 1, "the second USR2 refused", func(l test.Line) bool {
+		return strings.HasPrefix(l.Message, "USR2 refused: an upgrade is already in flight")
+	})
+	syscall.Kill(nw, syscall.SIGUSR2)
+	test.WaitLog(t, u.log, stepTimeout, 1, "USR2 to the new master refused", func(l test.Line) bool {
+		return strings.HasPrefix(l.Message, "USR2 refused: this master's own upgrade is not committed yet")
+	})
+	syscall.Kill(nw, syscall.SIGTTIN)
+	test.WaitLog(t, u.log, stepTimeout, 1, "TTIN to the new master refused", func(l test.Line) bool {
+		return strings.HasPrefix(l.Message, "TTIN refused: during an upgrade send it to the old master")
+	})
+	u.Signal(quit)
+	u.waitTakeover(t, old)
+	u.stop(t)
+}
+
+// TestDance_TTINToTheOldMasterReachesTheNewGeneration: the new generation
+// runs as many workers as the old one runs, TTIN included.
+func TestDance_TTINToTheOldMasterReachesTheNewGeneration(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms")
+	u.addr()
+	u.waitServing()
+	u.Signal(syscall.SIGTTIN)
+	u.waitWorkers(2)
+	nw := u.upgrade(t)
+	test.WaitFor(t, stepTimeout, "two workers in the new generation", func() error {
+		if w := workersOf(nw); len(w) != 2 {
+			return fmt.Errorf("%v", w)
+		}
+		return nil
+	})
+	u.stop(t)
+}
+
+// TestDance_QuitToTheNewMasterRollsBack: QUIT to a new master during its
+// probation aborts the upgrade; the old generation serves throughout.
+func TestDance_QuitToTheNewMasterRollsBack(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s")
+	addr := u.addr()
+	u.waitServing()
+	l := startLoad(t, addr)
+	u.Signal(syscall.SIGUSR2)
+	nw := u.waitNewServing(t, u.Pid)
+	syscall.Kill(nw, quit)
+	lines := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	if !strings.Contains(lines[0].Str("reason"), "QUIT to the new master") {
+		t.Errorf("rollback reason %q", lines[0].Str("reason"))
+	}
+	test.WaitFor(t, stepTimeout, "the new master to exit", func() error {
+		if test.Alive(nw) {
+			return fmt.Errorf("still running")
+		}
+		return nil
+	})
+	if p, _ := pidIn(u.pidFile); p != u.Pid {
+		t.Errorf("molt.pid names %d, want %d", p, u.Pid)
+	}
+	l.stop(t)
+	u.stop(t, rollbackLines...)
+}
+
+// TestDance_USR2AndQUITBackToBack: "kill -USR2; kill -QUIT" to the old
+// master (a total outage with nginx) upgrades and then retires the old
+// generation, in either order, whether the signals arrive as one batch
+// or as two deliveries.
+func TestDance_USR2AndQUITBackToBack(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name string
+		send func(t *testing.T, u *upgradable)
+	}{
+		{"USR2_then_QUIT_together", func(t *testing.T, u *upgradable) {
+			syscall.Kill(u.Pid, syscall.SIGUSR2)
+			syscall.Kill(u.Pid, quit)
+		}},
+		{"QUIT_then_USR2_together", func(t *testing.T, u *upgradable) {
+			syscall.Kill(u.Pid, quit)
+			syscall.Kill(u.Pid, syscall.SIGUSR2)
+		}},
+		{"QUIT_then_USR2_apart", func(t *testing.T, u *upgradable) {
+			syscall.Kill(u.Pid, quit)
+			test.WaitLog(t, u.log, stepTimeout, 1, "the QUIT settle window", test.Msg("QUIT: graceful shutdown unless a USR2 arrives within the settle window"))
+			syscall.Kill(u.Pid, syscall.SIGUSR2)
+		}},
+		{"USR2_then_QUIT_apart", func(t *testing.T, u *upgradable) {
+			syscall.Kill(u.Pid, syscall.SIGUSR2)
+			test.WaitLog(t, u.log, stepTimeout, 1, "the upgrade to start", test.Msg("upgrade started"))
+			syscall.Kill(u.Pid, quit)
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "30s")
+			addr := u.addr()
+			u.waitServing()
+			l := startLoad(t, addr)
+			c.send(t, u)
+			// The probation is long: only the pending QUIT can make the
+			// new generation commit in time.
+			nw := u.waitTakeover(t, u.Pid)
+			servedOnlyBy(t, addr, nw, 10)
+			l.stop(t)
+			u.stop(t)
+		})
+	}
+}
+
+// TestDance_TERMDuringAnUpgradeStopsBothGenerations, sent to either.
+func TestDance_TERMDuringAnUpgradeStopsBothGenerations(t *testing.T) {
+	t.Parallel()
+	for _, to := range []string{"old", "new"} {
+		t.Run("to_"+to, func(t *testing.T) {
+			t.Parallel()
+			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s")
+			u.addr()
+			u.waitServing()
+			old := u.Pid
+			u.Signal(syscall.SIGUSR2)
+			nw := u.waitNewServing(t, old)
+			for _, w := range append(workersOf(old, nw), workersOf(nw)...) {
+				test.Track(t, w)
+			}
+			target := old
+			if to == "new" {
+				target = nw
+			}
+			syscall.Kill(target, syscall.SIGTERM)
+			if code := u.Wait(stepTimeout); code != 0 {
+				t.Errorf("old master exit %d", code)
+			}
+			test.WaitFor(t, stepTimeout, "the new master to exit", func() error {
+				if test.Alive(nw) {
+					return fmt.Errorf("still running")
+				}
+				return nil
+			})
+			test.CheckLogs(t, u.log)
+		})
+	}
+}
+
+// TestDance_QUITWaitingForAFailedUpgradeIsCancelled: USR2 and QUIT with a
+// broken new binary: the upgrade fails, the old master says so loudly and
+// keeps serving; it does not drain into an outage.
+func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2")
+	addr := u.addr()
+	u.waitServing()
+	l := startLoad(t, addr)
+	u.deployFile(t, "#!/bin/sh\nexit 1\n", 0o755)
+	syscall.Kill(u.Pid, syscall.SIGUSR2)
+	syscall.Kill(u.Pid, quit)
+	test.WaitLog(t, u.log, stepTimeout, 1, "the cancelled QUIT", func(l test.Line) bool {
+		return strings.HasPrefix(l.Message, "QUIT cancelled: the upgrade it waited for failed")
+	})
+	// Observation window: a QUIT that was not cancelled would drain now.
+	time.Sleep(2 * time.Second)
+	if len(test.Find(u.log, test.Msg("graceful shutdown"))) != 0 || !test.Alive(u.Pid) {
+		t.Fatal("the old master drained after its upgrade failed")
+	}
+	servedOnlyBy(t, addr, u.Pid, 10)
+	l.stop(t)
+	u.stop(t, append(rollbackLines, func(l test.Line) bool { return strings.HasPrefix(l.Message, "QUIT cancelled") })...)
+}
