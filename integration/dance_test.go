@@ -333,3 +333,43 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	l.stop(t)
 	u.stop(t, append(rollbackLines, func(l test.Line) bool { return strings.HasPrefix(l.Message, "QUIT cancelled") })...)
 }
+
+// TestDance_OldMasterKilledDuringProbation: the old master dies (SIGKILL)
+// while the new generation is in probation: the new master commits by
+// itself, cleans up the dead one's .oldbin, its old workers drain away,
+// no request fails, and the new master can be upgraded in turn.
+func TestDance_OldMasterKilledDuringProbation(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s", "--drain-timeout", "5s")
+	addr := u.addr()
+	u.waitServing()
+	old := u.Pid
+	l := startLoad(t, addr)
+	u.Signal(syscall.SIGUSR2)
+	nw := u.waitNewServing(t, old)
+	oldWorkers := workersOf(old, nw)
+	u.Signal(syscall.SIGKILL)
+	u.Wait(stepTimeout)
+	test.WaitLog(t, u.log, stepTimeout, 1, "the new master to commit alone", test.Msg("the old generation exited before the commit; committing now"))
+	test.WaitFor(t, stepTimeout, "the dead master's workers to drain away and its .oldbin to go", func() error {
+		for _, w := range oldWorkers {
+			if test.Alive(w) {
+				return fmt.Errorf("old worker %d alive", w)
+			}
+		}
+		if fileExists(u.pidFile + ".oldbin") {
+			return fmt.Errorf(".oldbin still there")
+		}
+		return nil
+	})
+	if p, _ := pidIn(u.pidFile); p != nw {
+		t.Errorf("molt.pid names %d, want %d", p, nw)
+	}
+	l.stop(t)
+	// It is primary: it can be upgraded (QUIT with the USR2 skips the
+	// long probation).
+	syscall.Kill(nw, syscall.SIGUSR2)
+	syscall.Kill(nw, quit)
+	u.waitTakeover(t, nw)
+	u.stop(t)
+}

@@ -2,6 +2,7 @@ package master
 
 import (
 	"fmt"
+	"os"
 	"syscall"
 	"time"
 
@@ -69,7 +70,7 @@ func (m *Master) scale(delta int) {
 	}
 	m.log.Info("worker count changed", "workers", len(m.slots))
 	if up := m.old.up; up != nil && up.pid != 0 && !up.serving {
-		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1})
+		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()})
 	}
 }
 

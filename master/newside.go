@@ -25,6 +25,7 @@ const configTimeout = 10 * time.Second
 // newSide is the new master's state before (and around) its commit.
 type newSide struct {
 	parent     *upgrade.Channel
+	parentPid  int // the old master, from its configuration
 	configured bool
 	parentGone bool
 	failing    *ExitError // gave up; waits for the old master's release
@@ -123,7 +124,7 @@ func (m *Master) onConfig(msg upgrade.Msg) {
 	want := max(msg.Workers, 1)
 	if !m.new.configured {
 		m.new.configured = true
-		m.gen = msg.Gen
+		m.gen, m.new.parentPid = msg.Gen, msg.Pid
 		m.log = m.log.With("gen", m.gen)
 		m.log.Info("configuration from the old master", "workers", want, "ready_timeout", m.cfg.ReadyTimeout.String())
 		m.after(m.cfg.ReadyTimeout, timerFired{kind: newReadyDeadline})
@@ -210,6 +211,13 @@ func (m *Master) onParentExited() {
 func (m *Master) becomePrimary() {
 	m.role = rolePrimary
 	m.log.Info("the old generation has exited; this master is primary")
+	// An old master that retired removed its .oldbin itself; one that died
+	// (SIGKILL) could not.
+	if m.new.parentPid > 0 {
+		if err := removePIDFile(m.pidFile.path+oldSuffix, m.new.parentPid); err != nil {
+			m.log.Warn("stale pid file not removed", "path", m.pidFile.path+oldSuffix, "error", err)
+		}
+	}
 	if m.new.deferredUSR2 {
 		m.new.deferredUSR2 = false
 		m.onUSR2(false)

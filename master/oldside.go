@@ -152,9 +152,15 @@ func (m *Master) onChildMsg(ev fromChild) {
 		return // from an attempt that has ended
 	}
 	if msg.Kind == upgrade.KindHello && up.pid == 0 {
+		// A hello still queued from an attempt that died must not be
+		// taken for this one's: the sender must be a child of ours.
+		if parentOf(msg.Pid) != os.Getpid() {
+			m.log.Debug("hello from a process that is no child of this master; ignored", "pid", msg.Pid)
+			return
+		}
 		up.pid = msg.Pid
 		m.log.Info("new master started", "new_pid", msg.Pid, "version", msg.Version)
-		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1})
+		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()})
 		return
 	}
 	if msg.Pid != up.pid {
@@ -402,4 +408,23 @@ func (m *Master) onFastStop() {
 		m.armUpgradeDeadline(killReapTimeout)
 	}
 	m.shutdown(true)
+}
+
+// parentOf returns the parent pid of pid from /proc, or 0.
+func parentOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return ppid
 }

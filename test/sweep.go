@@ -32,8 +32,13 @@ func MainSweep() []string {
 			break
 		}
 		for _, pid := range pids {
-			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-			leaked = append(leaked, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")))
+			// A zombie is an orphan that exited (a killed master's worker
+			// that drained, re-parented to this subreaper): reap it, it
+			// did not leak.
+			if _, state, ok := statFields(pid); ok && state != "Z" {
+				cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+				leaked = append(leaked, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")))
+			}
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 			var ws syscall.WaitStatus
 			_, _ = syscall.Wait4(pid, &ws, 0, nil)

@@ -33,11 +33,17 @@ Examples:
   molt run --ready delay:2s -- python3 app.py     # an app that never notifies
 
 Signals to the master (kill -SIGNAL $(cat molt.pid)):
-  QUIT  graceful stop: workers drain (bounded by --drain-timeout), then exit
-  TERM, INT  fast stop: workers are killed at once
+  USR2  upgrade: start the binary at this path anew; it serves alongside for
+        --probation, then commits, and the old master drains and exits
+        (any failure before the commit rolls back by itself)
+  QUIT  graceful stop (after a 1s window in which a USR2 makes it "upgrade,
+        then retire"); to the old master during an upgrade: commit; to the
+        new master before its commit: roll back
+  WINCH old master during an upgrade: stop its workers (standby)
+  HUP   old master in standby: respawn its workers
+  TERM, INT  fast stop (of both generations during an upgrade)
   TTIN / TTOU  one worker more / fewer
   USR1  reopen --log-file
-  USR2, HUP, WINCH  caught and logged; upgrade and reload are not built yet
 
 Flags:
 `
