@@ -373,3 +373,54 @@ func TestDance_OldMasterKilledDuringProbation(t *testing.T) {
 	u.waitTakeover(t, nw)
 	u.stop(t)
 }
+
+// TestDance_RollbackFromStandbyOpensNoGap: the old master is in standby
+// (WINCH) when the new generation gives up (QUIT to it): the old master
+// respawns its workers by itself, and the new generation keeps serving
+// until they are ready. No request fails.
+func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	addr := u.addr()
+	u.waitServing()
+	old := u.Pid
+	l := startLoad(t, addr)
+	u.Signal(syscall.SIGUSR2)
+	nw := u.waitNewServing(t, old)
+	u.Signal(syscall.SIGWINCH)
+	test.WaitFor(t, stepTimeout, "the old master's workers to stop", func() error {
+		if w := workersOf(old, nw); len(w) != 0 {
+			return fmt.Errorf("still %v", w)
+		}
+		return nil
+	})
+	l.more(t, 32) // the new generation alone serves the load
+	syscall.Kill(nw, quit)
+	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	respawned := test.Find(u.log, test.Msg("respawning this generation's workers (it was in standby)"))
+	if len(respawned) != 1 {
+		t.Fatalf("the old master did not respawn its workers by itself: %v", respawned)
+	}
+	test.WaitFor(t, stepTimeout, "the new master to exit", func() error {
+		if test.Alive(nw) {
+			return fmt.Errorf("still running")
+		}
+		return nil
+	})
+	// The new generation stopped only once the old one served again.
+	var servingAgain, released = -1, -1
+	for i, line := range test.Logs(u.log) {
+		switch {
+		case line.Message == "serving" && line.Str("gen") == "1":
+			servingAgain = i // the last one: after the respawn
+		case line.Message == "the old generation serves again; stopping this one":
+			released = i
+		}
+	}
+	if released < 0 || servingAgain < 0 || released < servingAgain {
+		t.Errorf("the new generation stopped (line %d) before the old one served again (line %d)", released, servingAgain)
+	}
+	servedOnlyBy(t, addr, old, 10)
+	l.stop(t)
+	u.stop(t, rollbackLines...)
+}
