@@ -78,4 +78,3 @@ func (m *Master) onFastStop() {
 	}
 	m.shutdown(true)
 }
-
