@@ -2,6 +2,7 @@ package integration
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -183,3 +184,5 @@ func fileExists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
 }
+
+func netDialUnix(path string) (net.Conn, error) { return net.DialTimeout("unix", path, 5*time.Second) }

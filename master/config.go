@@ -17,6 +17,8 @@ const (
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultPIDFile      = "molt.pid"
 	DefaultProbation    = 10 * time.Second
+	// DefaultControlSocket is the control socket's name, beside the pid file.
+	DefaultControlSocket = "molt.sock"
 )
 
 // ErrConfig is wrapped by every error Run returns for a configuration it
@@ -51,6 +53,9 @@ type Config struct {
 
 	// PIDFile is the master's pid file; its lock file is PIDFile+".lock".
 	PIDFile string
+	// ControlSocket is the path of the control socket; default molt.sock
+	// beside the pid file.
+	ControlSocket string
 	// ReadyTimeout bounds how long a new worker may take to become ready.
 	ReadyTimeout time.Duration
 	// DrainTimeout bounds a worker's graceful stop; then it is killed.
@@ -89,6 +94,9 @@ type Output interface {
 func (c Config) withDefaults() Config {
 	if c.PIDFile == "" {
 		c.PIDFile = DefaultPIDFile
+	}
+	if c.ControlSocket == "" {
+		c.ControlSocket = filepath.Join(filepath.Dir(c.PIDFile), DefaultControlSocket)
 	}
 	if c.ReadyTimeout == 0 {
 		c.ReadyTimeout = DefaultReadyTimeout

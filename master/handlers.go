@@ -27,7 +27,8 @@ func (m *Master) onSignals(ev signalBatch) {
 		case syscall.SIGTERM, syscall.SIGINT:
 			m.onFastStop()
 		case syscall.SIGUSR2:
-			m.onUSR2(false)
+			_ = m.onUSR2(false) // a refusal is logged
+
 		case syscall.SIGHUP:
 			m.onHUP()
 		case syscall.SIGWINCH:

@@ -41,6 +41,10 @@ func (m *Master) start() error {
 			return err
 		}
 	}
+	if m.control, err = openControlSocket(m.cfg.ControlSocket); err != nil {
+		return err
+	}
+	go m.control.serve(m.send, m.done, ctlAllowed(uint32(os.Getuid())))
 	if m.notify, err = openNotifySocket(); err != nil {
 		return err
 	}
@@ -180,6 +184,14 @@ func (m *Master) release() {
 	}
 	if m.notify != nil {
 		_ = m.notify.close()
+	}
+	if m.control != nil {
+		// Each master removes its own control socket, wherever an upgrade
+		// moved it (molt.sock or molt.sock.oldbin); it is never passed on.
+		_ = m.control.close()
+		if err := removeSocket(m.control.path); err != nil {
+			m.log.Warn("control socket not removed", "path", m.control.path, "error", err)
+		}
 	}
 	for _, c := range []*upgrade.Channel{m.old.children, m.new.parent} {
 		if c != nil {

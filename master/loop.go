@@ -31,6 +31,8 @@ type Master struct {
 	parentR, parentW *os.File
 	devNull          *os.File
 	stopSignals      func()
+	control          *controlSocket
+	started          time.Time
 
 	slots []*slot
 	procs map[int]*proc
@@ -84,11 +86,12 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	m := &Master{
-		cfg:    cfg,
-		log:    cfg.Logger.Named("master"),
-		events: make(chan event, eventBufferSize),
-		done:   make(chan struct{}),
-		procs:  map[int]*proc{},
+		cfg:     cfg,
+		log:     cfg.Logger.Named("master"),
+		events:  make(chan event, eventBufferSize),
+		done:    make(chan struct{}),
+		procs:   map[int]*proc{},
+		started: time.Now(),
 	}
 	m.sys = sysOps{start: m.startWorker, watch: m.watch, signal: syscall.Kill, after: m.sendAfter}
 	defer close(m.done)
@@ -149,6 +152,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onParentMsg(ev)
 			case parentExited:
 				m.onParentExited()
+			case ctlEvent:
+				m.onCtl(ev)
 			}
 		case <-ctxDone:
 			ctxDone = nil

@@ -220,7 +220,7 @@ func (m *Master) becomePrimary() {
 	}
 	if m.new.deferredUSR2 {
 		m.new.deferredUSR2 = false
-		m.onUSR2(false)
+		_ = m.onUSR2(false) // a refusal is logged
 	}
 }
 

@@ -37,7 +37,10 @@ type oldSide struct {
 	standby  bool             // WINCH stopped this master's workers
 	settling bool             // a QUIT waits out quitSettle
 	retiring bool             // a new generation committed: drain and exit
-	lastErr  string           // the last upgrade's failure, for logs
+	last     *UpgradeResult   // how the last upgrade ended
+	// watchers are "molt ctl upgrade --wait" connections: they get every
+	// step, and a final reply when the upgrade ends.
+	watchers []chan CtlReply
 }
 
 // attempt is one upgrade in flight.
@@ -46,6 +49,7 @@ type attempt struct {
 	pid         int   // the new master's pid, once known
 	pgids       []int // its workers' process groups, as it reported them
 	serving     bool
+	ready, want int          // its workers ready, of how many
 	failed      *upgrade.Msg // its failure report, if it sent one
 	releaseSent bool
 	quitPending bool // a QUIT waits for the new generation to serve
@@ -53,36 +57,41 @@ type attempt struct {
 	killed      bool
 }
 
-// onUSR2 starts an upgrade if this master may.
-func (m *Master) onUSR2(quitPending bool) {
-	refuse := func(why string) {
+// onUSR2 starts an upgrade if this master may. It returns why not, or
+// nil when the upgrade started (or was deferred).
+func (m *Master) onUSR2(quitPending bool) error {
+	refuse := func(why string) error {
 		m.log.Warn("USR2 refused: "+why, "signal", "SIGUSR2", "role", m.role.String())
+		return errors.New(why)
 	}
 	switch {
 	case m.role == roleNew:
-		refuse("this master's own upgrade is not committed yet; send USR2 once it is primary")
-		return
+		return refuse("this master's own upgrade is not committed yet; send USR2 once it is primary")
 	case m.role == roleCommitted:
 		// tableflip refuses while the parent lives; the parent's drain is
 		// bounded by the drain timeout, so wait for it rather than refuse
 		// an operator whose script sends USR2 right after a takeover.
 		m.new.deferredUSR2 = true
 		m.log.Info("USR2 deferred: the old generation is still draining; the upgrade starts once it has exited")
-		return
+		m.tellWatchers("deferred: the upgrade starts once the old generation has exited")
+		return nil
 	case m.old.up != nil:
-		refuse(fmt.Sprintf("an upgrade is already in flight (new master pid %d)", m.old.up.pid))
-		return
+		return refuse(fmt.Sprintf("an upgrade is already in flight (new master pid %d)", m.old.up.pid))
 	case !m.phase.running():
-		refuse("the master is shutting down")
-		return
+		return refuse("the master is shutting down")
 	}
 	if _, err := m.childChannel(); err != nil {
 		m.log.Error("upgrade not started", "error", err)
-		return
+		return err
 	}
 	if err := m.pidFile.toOld(); err != nil {
 		m.log.Error("upgrade not started: the pid file cannot be renamed", "error", err)
-		return
+		return err
+	}
+	if m.control != nil {
+		if err := m.control.toOld(); err != nil {
+			m.log.Warn("control socket not renamed; the new master's will fail", "error", err)
+		}
 	}
 	if m.old.settling {
 		m.old.settling = false
@@ -92,7 +101,9 @@ func (m *Master) onUSR2(quitPending bool) {
 	m.armUpgradeDeadline(m.cfg.ReadyTimeout + upgradeSlack)
 	m.log.Info("upgrade started", "path", os.Args[0], "quit_pending", quitPending,
 		"pid_file", m.pidFile.path+oldSuffix)
+	m.tellWatchers("upgrade started: " + os.Args[0])
 	go func() { m.send(upgradeDone{m.hand.Upgrade()}) }()
+	return nil
 }
 
 // childChannel returns this master's end of the channel to new masters,
@@ -160,6 +171,7 @@ func (m *Master) onChildMsg(ev fromChild) {
 		}
 		up.pid = msg.Pid
 		m.log.Info("new master started", "new_pid", msg.Pid, "version", msg.Version)
+		m.tellWatchers(fmt.Sprintf("new master started: pid %d, version %s", msg.Pid, msg.Version))
 		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()})
 		return
 	}
@@ -171,16 +183,22 @@ func (m *Master) onChildMsg(ev fromChild) {
 	case upgrade.KindWorkers:
 		up.pgids = msg.PGIDs
 	case upgrade.KindProgress:
+		up.ready, up.want = msg.Ready, msg.Workers
 		log.Info("new generation: workers ready", "ready", msg.Ready, "want", msg.Workers)
+		m.tellWatchers(fmt.Sprintf("new generation: %d of %d workers ready", msg.Ready, msg.Workers))
 	case upgrade.KindServing:
 		up.serving = true
 		if m.cfg.ManualCommit {
 			m.armUpgradeDeadline(0)
 			log.Info("new generation serving; both generations serve until QUIT to the old master (commit) or to the new one (rollback)",
 				"workers", msg.Workers)
+			// A deploy script waits no longer: the commit is the operator's.
+			m.endWatchers(CtlReply{OK: true, Done: true, Message: fmt.Sprintf(
+				"new generation serving (pid %d); manual commit: QUIT to the old master (pid %d) commits, QUIT to the new one rolls back", up.pid, os.Getpid())})
 		} else {
 			m.armUpgradeDeadline(m.cfg.Probation + upgradeSlack)
 			log.Info("new generation serving; probation", "workers", msg.Workers, "probation", m.cfg.Probation.String())
+			m.tellWatchers(fmt.Sprintf("new generation serving; probation %v", m.cfg.Probation))
 		}
 		if up.quitPending {
 			log.Info("QUIT pending: asking the new generation to commit now")
@@ -242,8 +260,10 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 	}
 	if ev.err == nil {
 		m.old.retiring = true
+		m.old.last = &UpgradeResult{Outcome: "committed", NewPID: up.pid, At: time.Now()}
 		m.log.Info("upgrade committed; this generation retires", "new_pid", up.pid,
 			"elapsed", time.Since(up.started).Round(time.Millisecond).String())
+		m.endWatchers(CtlReply{OK: true, Done: true, Message: fmt.Sprintf("committed: the new master (pid %d) serves; this one retires", up.pid)})
 		if m.phase.running() {
 			m.shutdown(false)
 		}
@@ -251,10 +271,16 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 		return
 	}
 	reason := m.failureReason(up, ev.err)
-	m.old.lastErr = reason
+	m.old.last = &UpgradeResult{Outcome: "rolled back", Reason: reason, NewPID: up.pid, At: time.Now()}
 	if err := m.pidFile.fromOld(); err != nil {
 		m.log.Error("pid file not restored", "error", err)
 	}
+	if m.control != nil {
+		if err := m.control.fromOld(); err != nil {
+			m.log.Error("control socket not restored", "error", err)
+		}
+	}
+	m.endWatchers(CtlReply{Done: true, Error: "rolled back: " + reason})
 	if !m.phase.running() {
 		// Both generations are stopping (TERM/INT): the end is expected.
 		m.log.Info("the new master has stopped too", "new_pid", up.pid, "reason", reason)
@@ -357,4 +383,25 @@ func parentOf(pid int) int {
 	}
 	ppid, _ := strconv.Atoi(f[1])
 	return ppid
+}
+
+// tellWatchers sends a progress line to every "upgrade --wait" client.
+func (m *Master) tellWatchers(msg string) {
+	for _, w := range m.old.watchers {
+		select {
+		case w <- CtlReply{OK: true, Message: msg}:
+		default: // a client that does not read loses lines, never the loop
+		}
+	}
+}
+
+// endWatchers sends the final reply to every watcher and forgets them.
+func (m *Master) endWatchers(final CtlReply) {
+	for _, w := range m.old.watchers {
+		select {
+		case w <- final:
+		default:
+		}
+	}
+	m.old.watchers = nil
 }

@@ -15,6 +15,7 @@ program that speaks systemd's socket-activation protocol.
 
 Usage:
   molt run [flags] [-- COMMAND [ARGS...]]   run a master and its workers
+  molt ctl [flags] COMMAND                  talk to a running master (status, upgrade --wait, ...)
   molt version                              print the version
   molt help [COMMAND]                       show help
 
@@ -46,6 +47,8 @@ func dispatch(args []string) int {
 	switch args[0] {
 	case "run":
 		return cmdRun(args[1:])
+	case "ctl":
+		return cmdCtl(args[1:])
 	case "version", "--version", "-version":
 		fmt.Println("molt", version())
 		return exitOK
@@ -53,6 +56,10 @@ func dispatch(args []string) int {
 		if len(args) > 1 && args[1] == "run" {
 			var f runFlags
 			newRunFlagSet(&f, os.Stdout).Usage()
+			return exitOK
+		}
+		if len(args) > 1 && args[1] == "ctl" {
+			fmt.Print(ctlUsage)
 			return exitOK
 		}
 		fmt.Print(usage)

@@ -63,6 +63,7 @@ type runFlags struct {
 	stopSignal   string
 	probation    time.Duration
 	commit       string
+	control      string
 }
 
 // listFlag is a repeatable string flag.
@@ -99,6 +100,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
+	fs.StringVar(&f.control, "control-socket", "", "`PATH` of the control socket for molt ctl (default: molt.sock beside the pid file)")
 	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
 		fmt.Fprint(out, runUsage)
@@ -169,11 +171,12 @@ func cmdRun(args []string) int {
 // error names the flag.
 func (f *runFlags) config(command []string) (master.Config, error) {
 	cfg := master.Config{
-		Workers:      f.workers,
-		PIDFile:      f.pidFile,
-		ReadyTimeout: f.readyTimeout,
-		DrainTimeout: f.drainTimeout,
-		Version:      version(),
+		Workers:       f.workers,
+		PIDFile:       f.pidFile,
+		ControlSocket: f.control,
+		ReadyTimeout:  f.readyTimeout,
+		DrainTimeout:  f.drainTimeout,
+		Version:       version(),
 	}
 	if f.workers < 1 {
 		return cfg, fmt.Errorf("--workers %d: want at least 1", f.workers)

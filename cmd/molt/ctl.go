@@ -1,0 +1,214 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/molt-server/molt/master"
+)
+
+const ctlUsage = `Usage: molt ctl [flags] COMMAND [ARGS]
+
+Talks to a running master over its control socket (molt.sock beside the
+pid file). During an upgrade, --old talks to the old master instead.
+
+Commands:
+  status [--json]           generations, workers, listeners, upgrade state
+  upgrade [--wait]          start an upgrade (like USR2); --wait prints each
+                            step and exits 0 on commit, 1 on rollback
+  scale N                   set the worker count to N
+  stop [--fast]             stop (graceful by default; --fast kills workers)
+  reopen-logs               reopen the log file (like USR1)
+  reload [--wait]           reload (not built yet)
+
+Flags:
+`
+
+// Exit codes of molt ctl.
+const (
+	ctlFailed  = 1 // the master refused or the operation failed (a rollback)
+	ctlNoPeer  = 3 // no master answers on the socket
+	ctlTimeout = 4 // no final answer within --timeout
+)
+
+// cmdCtl is "molt ctl".
+func cmdCtl(args []string) int {
+	fs := flag.NewFlagSet("molt ctl", flag.ContinueOnError)
+	socket := fs.String("socket", "", "control socket `PATH` (default: molt.sock beside --pid-file)")
+	pidFile := fs.String("pid-file", master.DefaultPIDFile, "the master's pid file `PATH`, to find its control socket")
+	old := fs.Bool("old", false, "talk to the old master of an upgrade in flight (molt.sock.oldbin)")
+	timeout := fs.Duration("timeout", 10*time.Minute, "give up waiting for the final answer after `DUR`")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), ctlUsage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	req, human, err := parseCtlCommand(fs.Args())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt ctl:", err)
+		fs.Usage()
+		return exitUsage
+	}
+	path := *socket
+	if path == "" {
+		path = filepath.Join(filepath.Dir(*pidFile), master.DefaultControlSocket)
+	}
+	if *old {
+		path += ".oldbin"
+	}
+	return ctlCall(path, req, human, *timeout, os.Stdout)
+}
+
+// parseCtlCommand turns the command line into a request; human is false
+// for status --json.
+func parseCtlCommand(args []string) (req master.CtlRequest, human bool, err error) {
+	if len(args) == 0 {
+		return req, false, errors.New("no command")
+	}
+	req.Cmd, human = args[0], true
+	rest := args[1:]
+	flagArg := func(name string) bool {
+		for i, a := range rest {
+			if a == name || a == "-"+strings.TrimLeft(name, "-") {
+				rest = append(rest[:i:i], rest[i+1:]...)
+				return true
+			}
+		}
+		return false
+	}
+	switch req.Cmd {
+	case "status":
+		human = !flagArg("--json")
+	case "upgrade", "reload":
+		req.Wait = flagArg("--wait")
+	case "stop":
+		req.Fast = flagArg("--fast")
+		flagArg("--graceful")
+	case "scale":
+		if len(rest) != 1 {
+			return req, false, errors.New("scale needs the worker count: molt ctl scale N")
+		}
+		n, err := strconv.Atoi(rest[0])
+		if err != nil || n < 1 {
+			return req, false, fmt.Errorf("scale %q: want a number of workers, at least 1", rest[0])
+		}
+		req.Workers, rest = n, nil
+	case "reopen-logs":
+	default:
+		return req, false, fmt.Errorf("unknown command %q", req.Cmd)
+	}
+	if len(rest) > 0 {
+		return req, false, fmt.Errorf("%s: unexpected %q", req.Cmd, strings.Join(rest, " "))
+	}
+	return req, human, nil
+}
+
+// ctlCall sends req and prints the replies; it returns the exit code.
+func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Duration, out io.Writer) int {
+	conn, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "molt ctl: no master answers on %s: %v\n(is molt running? use --socket or --pid-file to find it; during an upgrade --old reaches the old master)\n", path, err)
+		return ctlNoPeer
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	// A master that refuses the peer says why and closes at once, maybe
+	// before the request is written: read its reply even then.
+	sendErr := json.NewEncoder(conn).Encode(req)
+	sc := bufio.NewScanner(conn)
+	sc.Buffer(make([]byte, 1<<16), 1<<22)
+	for sc.Scan() {
+		var r master.CtlReply
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			fmt.Fprintln(os.Stderr, "molt ctl: bad reply:", err)
+			return ctlFailed
+		}
+		switch {
+		case r.Status != nil && human:
+			printStatus(out, r.Status)
+		case r.Status != nil:
+			b, _ := json.MarshalIndent(r.Status, "", "  ")
+			fmt.Fprintln(out, string(b))
+		case r.Error != "":
+			fmt.Fprintln(os.Stderr, "molt ctl:", r.Error)
+		case r.Message != "":
+			fmt.Fprintln(out, r.Message)
+		}
+		if r.Done {
+			if r.OK {
+				return exitOK
+			}
+			return ctlFailed
+		}
+	}
+	if sendErr != nil {
+		fmt.Fprintln(os.Stderr, "molt ctl: send:", sendErr)
+		return ctlNoPeer
+	}
+	if err := sc.Err(); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		fmt.Fprintf(os.Stderr, "molt ctl: no final answer within %v\n", timeout)
+		return ctlTimeout
+	}
+	fmt.Fprintln(os.Stderr, "molt ctl: the master closed the connection without a final answer")
+	return ctlFailed
+}
+
+// printStatus prints the human form of "molt ctl status".
+func printStatus(out io.Writer, st *master.Status) {
+	fmt.Fprintf(out, "master   pid %d  gen %d  %s  (%s)  version %s  up %s\n", st.PID, st.Gen, st.State, st.Role, st.Version, st.Uptime)
+	for _, l := range st.Listeners {
+		inh := ""
+		if l.Inherited {
+			inh = "  (inherited)"
+		}
+		fmt.Fprintf(out, "listen   %-8s %-5s %s%s\n", l.Name, l.Network, l.Addr, inh)
+	}
+	if u := st.Upgrade; u != nil {
+		fmt.Fprintf(out, "upgrade  in flight for %s: new master pid %d, %d of %d workers ready, serving %v\n", u.Elapsed, u.NewPID, u.Ready, u.Want, u.Serving)
+	}
+	if r := st.LastResult; r != nil {
+		line := fmt.Sprintf("last upgrade %s at %s (new master pid %d)", r.Outcome, r.At.Format(time.RFC3339), r.NewPID)
+		if r.Reason != "" {
+			line += ": " + r.Reason
+		}
+		fmt.Fprintln(out, line)
+	}
+	fmt.Fprintf(out, "workers  %d of %d running  (master fds %d, goroutines %d)\n", len(st.Procs), st.Workers, st.FDs, st.Goroutines)
+	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  SLOT\tPID\tSTATE\tUPTIME\tRESTARTS\tLAST EXIT\tLAST PING\tSTATUS")
+	for _, w := range st.Procs {
+		slot := strconv.Itoa(w.Slot)
+		if w.Slot < 0 {
+			slot = "-"
+		}
+		ping := "-"
+		if w.LastWatchdog != nil {
+			ping = time.Since(*w.LastWatchdog).Round(time.Second).String() + " ago"
+		}
+		fmt.Fprintf(tw, "  %s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, w.PID, w.State, w.Uptime, w.Restarts, dash(w.LastExit), ping, dash(w.StatusText))
+	}
+	tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

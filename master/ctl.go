@@ -1,0 +1,85 @@
+package master
+
+import (
+	"fmt"
+	"os"
+)
+
+// onCtl answers a control request; replies never block the loop.
+func (m *Master) onCtl(ev ctlEvent) {
+	reply := func(r CtlReply) {
+		select {
+		case ev.replies <- r:
+		default:
+		}
+	}
+	ok := func(msg string) { reply(CtlReply{OK: true, Done: true, Message: msg}) }
+	fail := func(err error) { reply(CtlReply{Done: true, Error: err.Error()}) }
+	m.log.Info("control request", "cmd", ev.req.Cmd)
+	switch ev.req.Cmd {
+	case "status":
+		reply(CtlReply{OK: true, Done: true, Status: m.status()})
+	case "upgrade":
+		if ev.req.Wait {
+			m.old.watchers = append(m.old.watchers, ev.replies)
+		}
+		if err := m.onUSR2(false); err != nil {
+			m.dropWatcher(ev.replies)
+			fail(err)
+			return
+		}
+		if !ev.req.Wait {
+			ok("upgrade started; follow it with molt ctl status, or use --wait")
+		}
+	case "reload":
+		fail(fmt.Errorf("reload is not built yet"))
+	case "scale":
+		if err := m.setWorkers(ev.req.Workers); err != nil {
+			fail(err)
+			return
+		}
+		ok(fmt.Sprintf("workers: %d", len(m.slots)))
+	case "stop":
+		ok(fmt.Sprintf("stopping master %d (%s)", os.Getpid(), map[bool]string{true: "fast", false: "graceful"}[ev.req.Fast]))
+		switch {
+		case ev.req.Fast:
+			m.onFastStop()
+		case m.role == rolePrimary && m.old.up == nil:
+			// Requests come in order: no settle window for a USR2 that
+			// might have been reordered (that is only for signals).
+			m.shutdown(false)
+		default:
+			m.onQUIT()
+		}
+	case "reopen-logs":
+		m.reopenLogs()
+		ok("log file reopened (if any)")
+	}
+}
+
+// dropWatcher forgets a watcher whose upgrade did not start.
+func (m *Master) dropWatcher(c chan CtlReply) {
+	for i, w := range m.old.watchers {
+		if w == c {
+			m.old.watchers = append(m.old.watchers[:i], m.old.watchers[i+1:]...)
+			return
+		}
+	}
+}
+
+// setWorkers sets the worker count exactly (molt ctl scale N).
+func (m *Master) setWorkers(n int) error {
+	if m.role == roleNew {
+		return fmt.Errorf("this master's upgrade is not committed: scale the old master (molt ctl --old scale)")
+	}
+	if !m.phase.running() {
+		return fmt.Errorf("the master is shutting down")
+	}
+	for len(m.slots) < n {
+		m.scale(+1)
+	}
+	for len(m.slots) > n {
+		m.scale(-1)
+	}
+	return nil
+}

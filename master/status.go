@@ -1,0 +1,128 @@
+package master
+
+import (
+	"os"
+	"runtime"
+	"sort"
+	"time"
+)
+
+// Status is what "molt ctl status" shows: one master, as it sees itself.
+// Its JSON form is the schema of "molt ctl status --json" (README).
+type Status struct {
+	PID        int              `json:"pid"`
+	Version    string           `json:"version"`
+	Gen        int              `json:"gen"`
+	Role       string           `json:"role"`  // primary, new, committed
+	State      string           `json:"state"` // starting, serving, upgrading, standby, probation, retiring, draining, stopping
+	Started    time.Time        `json:"started"`
+	Uptime     string           `json:"uptime"`
+	Workers    int              `json:"workers"` // the target count
+	Procs      []WorkerStatus   `json:"procs"`
+	Listeners  []ListenerStatus `json:"listeners"`
+	Upgrade    *UpgradeStatus   `json:"upgrade,omitempty"`      // in flight (old master)
+	LastResult *UpgradeResult   `json:"last_upgrade,omitempty"` // the last one that ended
+	FDs        int              `json:"fds"`
+	Goroutines int              `json:"goroutines"`
+}
+
+// WorkerStatus is one worker process.
+type WorkerStatus struct {
+	Slot         int        `json:"slot"` // -1: retired, draining
+	PID          int        `json:"pid"`
+	State        string     `json:"state"` // starting, ready, stopping
+	Ready        bool       `json:"ready"`
+	Uptime       string     `json:"uptime"`
+	Restarts     int        `json:"restarts"`
+	LastExit     string     `json:"last_exit,omitempty"`
+	LastWatchdog *time.Time `json:"last_watchdog,omitempty"`
+	StatusText   string     `json:"status,omitempty"` // its last STATUS=
+}
+
+// ListenerStatus is one listening socket.
+type ListenerStatus struct {
+	Name      string `json:"name"`
+	Network   string `json:"network"`
+	Addr      string `json:"addr"`
+	Inherited bool   `json:"inherited"`
+}
+
+// UpgradeStatus is an upgrade in flight, as the old master follows it.
+type UpgradeStatus struct {
+	NewPID  int    `json:"new_pid"`
+	Serving bool   `json:"serving"`
+	Ready   int    `json:"ready"`
+	Want    int    `json:"want"`
+	Elapsed string `json:"elapsed"`
+}
+
+// UpgradeResult is how the last upgrade ended.
+type UpgradeResult struct {
+	Outcome string    `json:"outcome"` // committed, rolled back
+	Reason  string    `json:"reason,omitempty"`
+	NewPID  int       `json:"new_pid,omitempty"`
+	At      time.Time `json:"at"`
+}
+
+// status builds the master's Status.
+func (m *Master) status() *Status {
+	st := &Status{
+		PID: os.Getpid(), Version: m.cfg.Version, Gen: m.gen, Role: m.role.String(), State: m.stateName(),
+		Started: m.started, Uptime: time.Since(m.started).Round(time.Second).String(),
+		Workers: len(m.slots), Goroutines: runtime.NumGoroutine(), FDs: countFDs(),
+	}
+	for _, p := range m.procs {
+		w := WorkerStatus{Slot: -1, PID: p.pid, State: p.state.String(), Ready: p.state == workerReady,
+			Uptime: time.Since(p.started).Round(time.Second).String(), StatusText: p.status}
+		if s := m.slotOf(p); s != nil {
+			w.Slot, w.Restarts, w.LastExit = s.n, s.restarts, s.lastExit
+		}
+		if !p.lastPing.IsZero() {
+			t := p.lastPing
+			w.LastWatchdog = &t
+		}
+		st.Procs = append(st.Procs, w)
+	}
+	sort.Slice(st.Procs, func(i, j int) bool {
+		a, b := st.Procs[i], st.Procs[j]
+		if a.Slot != b.Slot {
+			return a.Slot >= 0 && (b.Slot < 0 || a.Slot < b.Slot)
+		}
+		return a.PID < b.PID
+	})
+	for _, l := range m.listeners {
+		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited})
+	}
+	if up := m.old.up; up != nil {
+		st.Upgrade = &UpgradeStatus{NewPID: up.pid, Serving: up.serving, Ready: up.ready, Want: up.want,
+			Elapsed: time.Since(up.started).Round(time.Millisecond).String()}
+	}
+	st.LastResult = m.old.last
+	return st
+}
+
+// stateName is the one-word state of "molt ctl status".
+func (m *Master) stateName() string {
+	switch {
+	case m.phase == phaseDraining && m.old.retiring:
+		return "retiring"
+	case !m.phase.running():
+		return m.phase.String()
+	case m.old.standby:
+		return "standby"
+	case m.old.up != nil:
+		return "upgrading"
+	case m.role == roleNew && m.phase == phaseServing:
+		return "probation"
+	}
+	return m.phase.String()
+}
+
+// countFDs counts the master's open descriptors.
+func countFDs() int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(ents) - 1 // the ReadDir's own
+}
