@@ -82,6 +82,7 @@ var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadli
 type timerFired struct {
 	kind timerKind
 	pid  int
+	s    *slot // respawnDue
 	slot int
 	seq  int
 }

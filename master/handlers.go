@@ -62,7 +62,7 @@ func (m *Master) scale(delta int) {
 	}
 	if delta > 0 {
 		if m.old.standby {
-			m.slots = append(m.slots, &slot{n: len(m.slots)}) // filled when the standby ends
+			m.slots = append(m.slots, &slot{n: len(m.slots), spec: m.spec}) // filled when the standby ends
 		} else {
 			m.addSlot()
 		}
@@ -129,7 +129,7 @@ func (m *Master) onWorkerStopping(p *proc) {
 		return
 	}
 	p.state = workerStopping
-	m.after(m.cfg.DrainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
+	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 	s := m.slotOf(p)
 	if s == nil || !m.phase.running() {
 		return
@@ -145,8 +145,8 @@ func (m *Master) onTimer(ev timerFired) {
 		return
 	}
 	if ev.kind == respawnDue {
-		if ev.slot < len(m.slots) && m.slots[ev.slot].seq == ev.seq && m.slots[ev.slot].pid == 0 && m.phase.running() {
-			m.spawn(m.slots[ev.slot])
+		if s := ev.s; s != nil && s.seq == ev.seq && !s.removed && s.pid == 0 && m.phase.running() {
+			m.spawn(s)
 		}
 		return
 	}
@@ -158,15 +158,15 @@ func (m *Master) onTimer(ev timerFired) {
 	case readyDeadline:
 		if p.state == workerStarting {
 			m.log.Error("worker not ready in time; stopping it",
-				"worker", p.slot, "pid", p.pid, "ready_timeout", m.cfg.ReadyTimeout.String(),
+				"worker", p.slot, "pid", p.pid, "ready_timeout", p.spec.readyTimeout.String(),
 				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
 			m.stopWorker(p)
-			m.fail(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within %v", p.slot, p.pid, m.cfg.ReadyTimeout))
+			m.fail(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within %v", p.slot, p.pid, p.spec.readyTimeout))
 		}
 	case readyDelayOver:
 		m.markReady(p, "delay")
 	case drainDeadline:
-		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", m.cfg.DrainTimeout.String())
+		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", p.spec.drainTimeout.String())
 		m.kill(p)
 	case killDeadline:
 		m.log.Error("worker not reaped after SIGKILL; giving up on it", "worker", p.slot, "pid", p.pid)

@@ -56,6 +56,7 @@ func (m *Master) start() error {
 		return err
 	}
 	m.spawner = newSpawner(m.done)
+	m.spec = newSpec(m.cfg, m.listeners)
 	m.phase = phaseStarting
 	if m.role == roleNew {
 		return m.attachToParent()

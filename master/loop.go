@@ -35,6 +35,7 @@ type Master struct {
 	started          time.Time
 
 	slots []*slot
+	spec  *workerSpec // how new workers of the current slots start
 	procs map[int]*proc
 	seq   int
 	sys   sysOps
@@ -48,8 +49,8 @@ type Master struct {
 // unit tests replace to script exits and readiness without processes or
 // sleeps (STYLE.md principle 8).
 type sysOps struct {
-	// start forks the worker of slot n.
-	start func(n int) (*proc, error)
+	// start forks the worker of slot s.
+	start func(s *slot) (*proc, error)
 	// watch arranges for a childExited event when p has been reaped.
 	watch func(p *proc)
 	// signal is kill(2): a negative pid is a process group.

@@ -45,10 +45,10 @@ func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fa
 		procs:  map[int]*proc{},
 	}
 	m.sys = sysOps{
-		start: func(n int) (*proc, error) {
+		start: func(s *slot) (*proc, error) {
 			f.nextPID++
 			f.started = append(f.started, f.nextPID)
-			return &proc{pid: f.nextPID, slot: n, started: time.Now()}, nil
+			return &proc{pid: f.nextPID, s: s, slot: s.n, spec: s.spec, started: time.Now()}, nil
 		},
 		watch: func(*proc) {},
 		signal: func(pid int, sig syscall.Signal) error {
@@ -58,6 +58,7 @@ func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fa
 		after: func(d time.Duration, ev event) { f.timers = append(f.timers, armedTimer{d, ev.(timerFired)}) },
 	}
 	m.phase = phaseStarting
+	m.spec = newSpec(m.cfg, nil)
 	for i := 0; i < workers; i++ {
 		m.addSlot()
 	}

@@ -2,14 +2,10 @@ package master
 
 import (
 	"fmt"
-	"os"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/molt-server/molt/upgrade"
-	"github.com/molt-server/molt/worker"
 )
 
 // maxWorkers bounds TTIN: a runaway script cannot fork-bomb the host.
@@ -20,9 +16,10 @@ const maxWorkers = 1024
 // the file at its path (DESIGN §4, "A generation pins its executable").
 const selfExe = "/proc/self/exe"
 
-// addSlot adds one place to the pool and fills it.
+// addSlot adds one place to the pool, with the current worker spec, and
+// fills it.
 func (m *Master) addSlot() {
-	s := &slot{n: len(m.slots)}
+	s := &slot{n: len(m.slots), spec: m.spec}
 	m.slots = append(m.slots, s)
 	m.spawn(s)
 }
@@ -31,6 +28,12 @@ func (m *Master) addSlot() {
 func (m *Master) removeSlot() {
 	s := m.slots[len(m.slots)-1]
 	m.slots = m.slots[:len(m.slots)-1]
+	m.retireSlot(s)
+}
+
+// retireSlot takes s out of service: no respawn, and its worker drains.
+func (m *Master) retireSlot(s *slot) {
+	s.removed = true
 	s.seq = m.nextSeq() // voids a pending respawn
 	if p := m.procs[s.pid]; p != nil {
 		m.stopWorker(p) // it no longer owns a slot: its exit is not replaced
@@ -40,7 +43,7 @@ func (m *Master) removeSlot() {
 // spawn starts the worker of slot s. A failure to start counts as a crash
 // of the slot: it is retried with backoff.
 func (m *Master) spawn(s *slot) {
-	p, err := m.sys.start(s.n)
+	p, err := m.sys.start(s)
 	if err != nil {
 		m.log.Error("worker start failed", "worker", s.n, "error", err)
 		s.lastExit = err.Error()
@@ -52,54 +55,10 @@ func (m *Master) spawn(s *slot) {
 	m.sys.watch(p)
 	m.log.Info("worker started", "worker", s.n, "pid", p.pid)
 	m.reportWorkers()
-	m.after(m.cfg.ReadyTimeout, timerFired{kind: readyDeadline, pid: p.pid})
-	if m.cfg.ReadyDelay > 0 {
-		m.after(m.cfg.ReadyDelay, timerFired{kind: readyDelayOver, pid: p.pid})
+	m.after(s.spec.readyTimeout, timerFired{kind: readyDeadline, pid: p.pid})
+	if s.spec.readyDelay > 0 {
+		m.after(s.spec.readyDelay, timerFired{kind: readyDelayOver, pid: p.pid})
 	}
-}
-
-// startWorker forks the worker of slot n with the protocol's fds and
-// environment (DESIGN §2; README "The worker protocol").
-func (m *Master) startWorker(n int) (*proc, error) {
-	stdout, stderr := os.Stdout, os.Stderr
-	if m.cfg.Output != nil {
-		stdout, stderr = m.cfg.Output.Files()
-	}
-	files := []*os.File{m.devNull, stdout, stderr}
-	names := make([]string, len(m.listeners))
-	for i, l := range m.listeners {
-		files = append(files, l.file)
-		names[i] = l.spec.Name
-	}
-	files = append(files, m.parentR)
-	env := []string{
-		worker.EnvListenFDs + "=" + strconv.Itoa(len(m.listeners)),
-		worker.EnvListenFDNames + "=" + strings.Join(names, ":"),
-		worker.EnvNotifySocket + "=" + m.notify.addr,
-		worker.EnvMasterPID + "=" + strconv.Itoa(os.Getpid()),
-		worker.EnvWorker + "=" + strconv.Itoa(n),
-		worker.EnvStopSignal + "=" + signalName(m.cfg.StopSignal),
-		worker.EnvDrainTimeout + "=" + m.cfg.DrainTimeout.String(),
-		worker.EnvParentFD + "=" + strconv.Itoa(len(files)-1),
-	}
-	argv := m.cfg.WorkerArgs
-	if len(argv) == 0 {
-		argv = os.Args
-	}
-	if len(m.cfg.Command) > 0 {
-		argv = m.cfg.Command
-		env = append(env, envRole+"="+roleExec, envExecPath+"="+m.cfg.execPath())
-	} else {
-		env = append(env, envRole+"="+roleWorker)
-	}
-	env = workerEnv(os.Environ(), append(m.cfg.Env, env...)...)
-	p, err := m.spawner.start(spawnRequest{
-		path: selfExe, argv: argv, env: env, files: files, pdeathsig: m.cfg.StopSignal,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return &proc{pid: p.Pid, p: p, slot: n, started: time.Now()}, nil
 }
 
 // watch reaps p in a goroutine of its own and reports its exit.
@@ -152,11 +111,11 @@ func (m *Master) onChildExited(ev childExited) {
 	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 }
 
-// slotOf returns the slot p fills, or nil if p was retired (TTOU, or it
-// announced STOPPING=1) and its slot removed or refilled.
+// slotOf returns the slot p fills, or nil if p was retired (TTOU, a
+// reload, or it announced STOPPING=1) and its slot removed or refilled.
 func (m *Master) slotOf(p *proc) *slot {
-	if p.slot < len(m.slots) && m.slots[p.slot].pid == p.pid {
-		return m.slots[p.slot]
+	if s := p.s; s != nil && !s.removed && s.pid == p.pid {
+		return s
 	}
 	return nil
 }
@@ -168,7 +127,7 @@ func (m *Master) respawnLater(s *slot, delay time.Duration) {
 		return
 	}
 	s.seq = m.nextSeq()
-	m.after(delay, timerFired{kind: respawnDue, slot: s.n, seq: s.seq})
+	m.after(delay, timerFired{kind: respawnDue, s: s, slot: s.n, seq: s.seq})
 }
 
 // markReady records that p is ready and enters the serving phase once
@@ -225,8 +184,8 @@ func (m *Master) stopWorker(p *proc) {
 		return
 	}
 	p.state = workerStopping
-	m.signalGroup(p, m.cfg.StopSignal)
-	m.after(m.cfg.DrainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
+	m.signalGroup(p, p.spec.stopSignal)
+	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 }
 
 // kill sends SIGKILL to p's process group and arms a deadline for the reap.

@@ -45,7 +45,9 @@ func (s workerState) String() string { return workerStateNames[s] }
 type proc struct {
 	pid  int
 	p    *os.Process
-	slot int // its slot number; see Master.slotOf for whether it still owns it
+	s    *slot       // its slot; see Master.slotOf for whether it still owns it
+	slot int         // the slot's number, for logs
+	spec *workerSpec // how it was started
 	// state and its times.
 	state            workerState
 	started, readyAt time.Time
@@ -61,7 +63,9 @@ type proc struct {
 // slot keeps the count of restarts and the crash-loop backoff.
 type slot struct {
 	n        int
-	pid      int // its live worker, 0 while none
+	spec     *workerSpec // how its workers start
+	removed  bool        // out of service (TTOU, reload): never respawned
+	pid      int         // its live worker, 0 while none
 	seq      int // changes whenever a respawn timer is armed or voided
 	backoff  backoff
 	restarts int

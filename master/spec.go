@@ -1,0 +1,84 @@
+package master
+
+import (
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/molt-server/molt/worker"
+)
+
+// workerSpec is how a set of workers starts: the listeners they get and
+// the settings of the configuration they were started under. A reload
+// starts new workers with a new spec while the old ones finish with theirs.
+type workerSpec struct {
+	listeners    []*listener
+	command      []string // exec workers' argv; empty: this binary
+	execPath     string
+	workerArgs   []string // self-executed workers' argv
+	env          []string
+	stopSignal   syscall.Signal
+	drainTimeout time.Duration
+	readyTimeout time.Duration
+	readyDelay   time.Duration
+}
+
+// newSpec takes the worker settings of cfg, with listeners ls.
+func newSpec(cfg Config, ls []*listener) *workerSpec {
+	sp := &workerSpec{
+		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs, env: cfg.Env,
+		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
+		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay,
+	}
+	if len(cfg.Command) > 0 {
+		sp.execPath = cfg.execPath()
+	}
+	return sp
+}
+
+// startWorker forks the worker of slot s with the protocol's fds and
+// environment (DESIGN §2; README "The worker protocol").
+func (m *Master) startWorker(s *slot) (*proc, error) {
+	sp := s.spec
+	stdout, stderr := os.Stdout, os.Stderr
+	if m.cfg.Output != nil {
+		stdout, stderr = m.cfg.Output.Files()
+	}
+	files := []*os.File{m.devNull, stdout, stderr}
+	names := make([]string, len(sp.listeners))
+	for i, l := range sp.listeners {
+		files = append(files, l.file)
+		names[i] = l.spec.Name
+	}
+	files = append(files, m.parentR)
+	env := []string{
+		worker.EnvListenFDs + "=" + strconv.Itoa(len(sp.listeners)),
+		worker.EnvListenFDNames + "=" + strings.Join(names, ":"),
+		worker.EnvNotifySocket + "=" + m.notify.addr,
+		worker.EnvMasterPID + "=" + strconv.Itoa(os.Getpid()),
+		worker.EnvWorker + "=" + strconv.Itoa(s.n),
+		worker.EnvStopSignal + "=" + signalName(sp.stopSignal),
+		worker.EnvDrainTimeout + "=" + sp.drainTimeout.String(),
+		worker.EnvParentFD + "=" + strconv.Itoa(len(files)-1),
+	}
+	argv := sp.workerArgs
+	if len(argv) == 0 {
+		argv = os.Args
+	}
+	if len(sp.command) > 0 {
+		argv = sp.command
+		env = append(env, envRole+"="+roleExec, envExecPath+"="+sp.execPath)
+	} else {
+		env = append(env, envRole+"="+roleWorker)
+	}
+	env = workerEnv(os.Environ(), append(sp.env, env...)...)
+	p, err := m.spawner.start(spawnRequest{
+		path: selfExe, argv: argv, env: env, files: files, pdeathsig: sp.stopSignal,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now()}, nil
+}
