@@ -66,7 +66,7 @@ type slot struct {
 	spec     *workerSpec // how its workers start
 	removed  bool        // out of service (TTOU, reload): never respawned
 	pid      int         // its live worker, 0 while none
-	seq      int // changes whenever a respawn timer is armed or voided
+	seq      int         // changes whenever a respawn timer is armed or voided
 	backoff  backoff
 	restarts int
 	lastExit string
