@@ -80,6 +80,12 @@ type Config struct {
 	Output Output
 	// Version is reported in logs and to workers.
 	Version string
+	// Reload returns the configuration a reload (HUP, molt ctl reload)
+	// applies: read anew, e.g. from a config file, with COMMAND resolved
+	// afresh. Nil reloads the running configuration, which restarts the
+	// workers. PIDFile, ControlSocket, Logger, Output and Version are not
+	// reloadable: the running master's stay.
+	Reload func() (Config, error)
 }
 
 // Output is where workers write and what USR1 reopens.

@@ -32,7 +32,17 @@ func (m *Master) onCtl(ev ctlEvent) {
 			ok("upgrade started; follow it with molt ctl status, or use --wait")
 		}
 	case "reload":
-		fail(fmt.Errorf("reload is not built yet"))
+		var w chan CtlReply
+		if ev.req.Wait {
+			w = ev.replies
+		}
+		if err := m.onReload(w); err != nil {
+			fail(err)
+			return
+		}
+		if !ev.req.Wait || m.rl == nil { // a standby's respawn has no wait
+			ok("reload started")
+		}
 	case "scale":
 		if err := m.setWorkers(ev.req.Workers); err != nil {
 			fail(err)

@@ -27,14 +27,10 @@ func (m *Master) onWINCH() {
 	}
 }
 
-// onHUP respawns the workers of a standby master (the manual rollback
-// step); reload is not built yet.
+// onHUP reloads; to a standby old master it respawns the workers (the
+// manual rollback step).
 func (m *Master) onHUP() {
-	if !m.old.standby {
-		m.log.Warn("HUP ignored: reload is not built yet", "signal", "SIGHUP")
-		return
-	}
-	m.resumeServing()
+	_ = m.onReload(nil) // a refusal is logged
 }
 
 // onQUIT applies QUIT by role (DESIGN §3).

@@ -71,10 +71,12 @@ const (
 	// releaseDeadline (new master): a new master that gave up waits this
 	// long for the old one to serve again before it stops anyway.
 	releaseDeadline
+	// reloadDeadline: a reload's new workers must all be ready by now.
+	reloadDeadline
 )
 
 var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due",
-	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline"}
+	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline"}
 
 // timerFired is a timer's event. Handlers check that the pid or slot and
 // its sequence number still match: a timer can fire after what it was for

@@ -53,6 +53,9 @@ func (m *Master) scale(delta int) {
 	case m.role == roleNew:
 		m.log.Warn(name + " refused: during an upgrade send it to the old master; the new one follows its count")
 		return
+	case m.rl != nil:
+		m.log.Warn(name + " refused: a reload is in flight; retry once it has ended")
+		return
 	case delta > 0 && len(m.slots) >= maxWorkers:
 		m.log.Warn(name+" refused: at the maximum", "workers", len(m.slots), "max", maxWorkers)
 		return
@@ -156,6 +159,10 @@ func (m *Master) onTimer(ev timerFired) {
 	}
 	switch ev.kind {
 	case readyDeadline:
+		if s := m.slotOf(p); p.state == workerStarting && s != nil && s.pending {
+			m.failReload(fmt.Sprintf("new worker %d (pid %d) not ready within %v", p.slot, p.pid, p.spec.readyTimeout))
+			return
+		}
 		if p.state == workerStarting {
 			m.log.Error("worker not ready in time; stopping it",
 				"worker", p.slot, "pid", p.pid, "ready_timeout", p.spec.readyTimeout.String(),
@@ -192,6 +199,16 @@ func (m *Master) onUpgradeTimer(ev timerFired) bool {
 		m.onProbationOver()
 	case releaseDeadline:
 		m.onReleaseDeadline()
+	case reloadDeadline:
+		if r := m.rl; r != nil && r.seq == ev.seq {
+			ready := 0
+			for _, s := range r.slots {
+				if p := m.procs[s.pid]; p != nil && p.state == workerReady {
+					ready++
+				}
+			}
+			m.failReload(fmt.Sprintf("%d of %d new workers ready within %v", ready, len(r.slots), r.spec.readyTimeout))
+		}
 	default:
 		return false
 	}

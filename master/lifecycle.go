@@ -98,22 +98,32 @@ func (m *Master) lockPIDFile() error {
 	return m.hand.PassFile(lockFileName, pf.lock)
 }
 
-// openListener binds (or inherits) one listener.
+// openListener binds (or inherits) one listener of the configuration.
 func (m *Master) openListener(spec ListenSpec) error {
-	f, inherited, err := m.hand.Listener(spec.Name, func() (*os.File, error) {
-		return bind(spec, m.cfg.SocketMode)
-	})
+	l, err := m.newListener(spec, m.cfg.SocketMode)
 	if err != nil {
 		return err
+	}
+	m.listeners = append(m.listeners, l)
+	return nil
+}
+
+// newListener binds (or inherits) the listener of spec and registers it
+// for the next upgrade.
+func (m *Master) newListener(spec ListenSpec, mode os.FileMode) (*listener, error) {
+	f, inherited, err := m.hand.Listener(spec.Name, func() (*os.File, error) {
+		return bind(spec, mode)
+	})
+	if err != nil {
+		return nil, err
 	}
 	addr, err := localAddr(f)
 	if err != nil {
 		_ = f.Close()
-		return &BindError{Spec: spec, Err: err}
+		return nil, &BindError{Spec: spec, Err: err}
 	}
-	m.listeners = append(m.listeners, &listener{spec: spec, file: f, addr: addr, inherited: inherited})
 	m.log.Info("listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited)
-	return nil
+	return &listener{spec: spec, file: f, addr: addr, inherited: inherited}, nil
 }
 
 // readNotify turns datagrams into events until the socket is closed.
@@ -142,6 +152,13 @@ func (m *Master) shutdown(fast bool) {
 		return
 	}
 	m.old.settling = false
+	if r := m.rl; r != nil {
+		m.rl = nil
+		for _, l := range r.added {
+			m.closeListener(l)
+		}
+		reloadReply(r, CtlReply{Done: true, Error: "reload abandoned: the master is stopping"})
+	}
 	if fast {
 		m.phase = phaseStopping
 		m.log.Info("fast shutdown", "workers", len(m.procs))

@@ -40,6 +40,7 @@ type Master struct {
 	seq   int
 	sys   sysOps
 
+	rl      *reload // a reload in flight
 	old     oldSide // this master as the old generation of an upgrade
 	new     newSide // this master as the new generation, before its commit
 	exitErr error   // what Run returns once stopped

@@ -270,3 +270,83 @@ func TestLoop_WorkerStoppingOnItsOwnIsReplacedAtOnce(t *testing.T) {
 		t.Fatalf("the announced exit counted as a crash: starts=%d slot=%+v", len(f.started), m.slots[0])
 	}
 }
+
+// newReloadMaster is a test master with one (fake) listener whose
+// configuration can be reloaded.
+func newReloadMaster(t *testing.T, workers int) (*Master, *fakeSys) {
+	spec := ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}
+	m, f := newTestMaster(t, workers, func(c *Config) { c.Listeners = []ListenSpec{spec} })
+	m.listeners = []*listener{{spec: spec}}
+	for _, pid := range f.started {
+		m.onNotify(ready(pid))
+	}
+	return m, f
+}
+
+func TestLoop_ReloadSwapsWorkersOnlyWhenTheNewOnesAreReady(t *testing.T) {
+	m, f := newReloadMaster(t, 2)
+	old := append([]int(nil), f.started...)
+	if err := m.onReload(nil); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.started) != 4 || len(f.signals) != 0 {
+		t.Fatalf("reload: %d starts, signals %v: want 2 new workers and the old ones untouched", len(f.started), f.signals)
+	}
+	if err := m.onReload(nil); err == nil {
+		t.Error("a second reload in flight was accepted")
+	}
+	m.onNotify(ready(f.started[2]))
+	if len(f.signals) != 0 {
+		t.Fatal("old workers stopped before every new one was ready")
+	}
+	m.onNotify(ready(f.started[3]))
+	if len(f.signals) != 2 || f.signals[0].pid != -old[0] && f.signals[0].pid != -old[1] {
+		t.Fatalf("after the new workers were ready: signals %v, want the 2 old workers stopped", f.signals)
+	}
+	if m.rl != nil || m.slots[0].pid != f.started[2] || m.slots[1].pid != f.started[3] {
+		t.Fatalf("slots %+v %+v after the reload", m.slots[0], m.slots[1])
+	}
+	m.onChildExited(exited(old[0]))
+	m.onChildExited(exited(old[1]))
+	if len(f.started) != 4 {
+		t.Fatal("a drained old worker was replaced")
+	}
+}
+
+func TestLoop_ReloadKeepsTheOldWorkersWhenANewOneFails(t *testing.T) {
+	m, f := newReloadMaster(t, 2)
+	if err := m.onReload(nil); err != nil {
+		t.Fatal(err)
+	}
+	m.onNotify(ready(f.started[2]))
+	m.onChildExited(exited(f.started[3])) // the other new worker crashes
+	if m.rl != nil || m.slots[0].pid != f.started[0] || m.slots[1].pid != f.started[1] {
+		t.Fatalf("after a failed reload: slots %+v %+v, want the old workers", m.slots[0], m.slots[1])
+	}
+	if len(f.signals) != 1 || f.signals[0].pid != -f.started[2] {
+		t.Fatalf("signals %v: want only the surviving new worker stopped", f.signals)
+	}
+	if len(f.started) != 4 {
+		t.Fatal("a failed reload respawned something")
+	}
+}
+
+func TestLoop_ReloadDeadline(t *testing.T) {
+	m, f := newReloadMaster(t, 1)
+	if err := m.onReload(nil); err != nil {
+		t.Fatal(err)
+	}
+	dl := f.lastTimer(t, reloadDeadline)
+	m.onTimer(dl.ev)
+	if m.rl != nil || m.slots[0].pid != f.started[0] {
+		t.Fatal("the reload deadline did not restore the old worker")
+	}
+}
+
+func TestLoop_InvalidReloadChangesNothing(t *testing.T) {
+	m, f := newReloadMaster(t, 1)
+	m.cfg.Reload = func() (Config, error) { return Config{}, errors.New("bad config, line 3") }
+	if err := m.onReload(nil); err == nil || m.rl != nil || len(f.started) != 1 {
+		t.Fatalf("an invalid configuration: err %v, reload %v, starts %d", err, m.rl, len(f.started))
+	}
+}

@@ -77,6 +77,8 @@ func (m *Master) onUSR2(quitPending bool) error {
 		return nil
 	case m.old.up != nil:
 		return refuse(fmt.Sprintf("an upgrade is already in flight (new master pid %d)", m.old.up.pid))
+	case m.rl != nil:
+		return refuse("a reload is in flight; upgrade once it has ended")
 	case !m.phase.running():
 		return refuse("the master is shutting down")
 	}

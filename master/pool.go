@@ -100,6 +100,11 @@ func (m *Master) onChildExited(ev childExited) {
 		m.finishIfIdle()
 		return
 	}
+	if s.pending {
+		s.pid = 0
+		m.failReload(fmt.Sprintf("new worker %d (pid %d) exited: %s", p.slot, p.pid, how))
+		return
+	}
 	if p.state == workerReady && time.Since(p.readyAt) >= healthyAfter {
 		s.backoff.reset()
 	}
@@ -138,6 +143,10 @@ func (m *Master) markReady(p *proc, how string) {
 	}
 	p.state, p.readyAt = workerReady, time.Now()
 	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond).String())
+	if s := m.slotOf(p); s != nil && s.pending {
+		m.onReloadWorkerReady()
+		return
+	}
 	if m.role == roleNew {
 		m.tellParent(upgrade.Msg{Kind: upgrade.KindProgress, Ready: m.readyCount(), Workers: len(m.slots)})
 	}

@@ -65,6 +65,7 @@ type slot struct {
 	n        int
 	spec     *workerSpec // how its workers start
 	removed  bool        // out of service (TTOU, reload): never respawned
+	pending  bool        // started by a reload in flight
 	pid      int         // its live worker, 0 while none
 	seq      int         // changes whenever a respawn timer is armed or voided
 	backoff  backoff

@@ -14,7 +14,7 @@ type Status struct {
 	Version    string           `json:"version"`
 	Gen        int              `json:"gen"`
 	Role       string           `json:"role"`  // primary, new, committed
-	State      string           `json:"state"` // starting, serving, upgrading, standby, probation, retiring, draining, stopping
+	State      string           `json:"state"` // starting, serving, reloading, upgrading, standby, probation, retiring, draining, stopping
 	Started    time.Time        `json:"started"`
 	Uptime     string           `json:"uptime"`
 	Workers    int              `json:"workers"` // the target count
@@ -112,6 +112,8 @@ func (m *Master) stateName() string {
 		return "standby"
 	case m.old.up != nil:
 		return "upgrading"
+	case m.rl != nil:
+		return "reloading"
 	case m.role == roleNew && m.phase == phaseServing:
 		return "probation"
 	}

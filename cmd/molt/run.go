@@ -139,6 +139,16 @@ func cmdRun(args []string) int {
 		return exitUsage
 	}
 	cfg.Logger = log
+	// A reload reads the flags again (a config file, when there is one, is
+	// read anew) and resolves COMMAND afresh.
+	cfg.Reload = func() (master.Config, error) {
+		var f2 runFlags
+		fs2 := newRunFlagSet(&f2, io.Discard)
+		if err := fs2.Parse(args); err != nil {
+			return master.Config{}, err
+		}
+		return f2.config(fs2.Args())
+	}
 	err = master.Run(context.Background(), cfg)
 	if err == nil {
 		return exitOK
