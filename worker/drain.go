@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -89,19 +90,45 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 	if err := Ready(); err != nil {
 		serveErr = err
 	} else {
-		select {
-		case <-sigC:
-		case <-ctx.Done():
-		case <-gone:
-		case err := <-served:
-			serveErr = fmt.Errorf("worker: serve: %w", err)
-			served <- nil // counted as returned by drain
-		}
+		serveErr = waitForStop(ctx, sigC, gone, served, len(lns))
 	}
 	if err := d.drain(lns, served, timeout); err != nil {
 		return errors.Join(serveErr, err)
 	}
 	return serveErr
+}
+
+// waitForStop returns when the worker must drain: its stop signal, ctx
+// done, the master gone, or a Serve call failing (the error). A listener
+// the master shut down (a reload dropped it: accept fails with EINVAL
+// once the socket no longer listens) ends quietly and the others serve
+// on; when none is left, the worker drains. Every Serve result it takes
+// is put back for drain to count.
+func waitForStop(ctx context.Context, sigC <-chan os.Signal, gone <-chan struct{}, served chan error, n int) error {
+	ended := 0
+	defer func() {
+		for range ended {
+			served <- nil
+		}
+	}()
+	for {
+		select {
+		case <-sigC:
+			return nil
+		case <-ctx.Done():
+			return nil
+		case <-gone:
+			return nil
+		case err := <-served:
+			ended++
+			if !errors.Is(err, syscall.EINVAL) {
+				return fmt.Errorf("worker: serve: %w", err)
+			}
+			if ended == n {
+				return nil
+			}
+		}
+	}
 }
 
 // Draining returns a channel that is closed when the drain of the

@@ -283,3 +283,60 @@ func TestServeHTTP_NoListener(t *testing.T) {
 		t.Errorf("ServeHTTP without listeners: %v", err)
 	}
 }
+
+// TestServeHTTP_AListenerShutDownByTheMasterEndsQuietly: a reload drops a
+// listener by shutting the shared socket down (DESIGN §4); the worker's
+// Serve on it ends, the worker goes on serving its other listener, and a
+// later stop drains it with no error.
+func TestServeHTTP_AListenerShutDownByTheMasterEndsQuietly(t *testing.T) {
+	t.Setenv(EnvNotifySocket, "")
+	t.Setenv(EnvDrainTimeout, "20s")
+	kept, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kept.Close()
+	dropped, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dropped.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	srv := serverNamed("A", nil)
+	go func() {
+		served <- serveHTTP(ctx, srv, nil, []net.Listener{dupListener(t, kept), dupListener(t, dropped)})
+	}()
+	c := newKAClient(dropped.Addr().String())
+	if _, err := c.do("/", false); err != nil {
+		t.Fatalf("request on the listener to be dropped: %v", err)
+	}
+	c.conn.Close()
+	// What the master does to a dropped listener: shutdown, then close.
+	if err := syscall.Shutdown(int(rawFDOf(t, dropped.(syscall.Conn))), syscall.SHUT_RDWR); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		k := newKAClient(kept.Addr().String())
+		if _, err := k.do("/", false); err != nil {
+			t.Fatalf("request %d on the kept listener after the other was shut down: %v", i, err)
+		}
+		k.conn.Close()
+		select {
+		case err := <-served:
+			t.Fatalf("ServeHTTP returned after a listener was shut down: %v", err)
+		default:
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("ServeHTTP after the stop: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("ServeHTTP did not return after its context was cancelled")
+	}
+}
