@@ -318,7 +318,7 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
-	u.deployFile(t, "#!/bin/sh\nexit 1\n", 0o755)
+	u.deployFile(t, passesPreflight+"exit 1\n", 0o755)
 	syscall.Kill(u.Pid, syscall.SIGUSR2)
 	syscall.Kill(u.Pid, quit)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the cancelled QUIT", func(l test.Line) bool {

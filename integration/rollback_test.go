@@ -34,6 +34,11 @@ func repoint(t *testing.T, link, target string) {
 	}
 }
 
+// passesPreflight begins a shell script that answers the master's
+// pre-flight run ("version") as a good binary does; what follows runs
+// when it is started for real.
+const passesPreflight = "#!/bin/sh\nif [ \"$1\" = version ]; then echo molt test; exit 0; fi\n"
+
 // rollbackCase is one way an upgrade fails.
 type rollbackCase struct {
 	name string
@@ -58,21 +63,33 @@ type rollbackCase struct {
 func TestRollback_EveryFailureBeforeCommit(t *testing.T) {
 	t.Parallel()
 	cases := []rollbackCase{
+		// Each broken binary answers the pre-flight run ("version") and
+		// fails only when it is started as a master: the rollback path.
+		// The first three sabotage themselves during the pre-flight, as a
+		// deploy racing the upgrade would.
 		{name: "binary missing", reason: "no such file or directory",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { os.Remove(u.path) }},
+			breakIt: func(t *testing.T, u *upgradable, _ string) {
+				u.deployFile(t, "#!/bin/sh\nrm -f \"$0\"\necho molt test\n", 0o755)
+			}},
 		{name: "binary not executable", reason: "permission denied",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "#!/bin/sh\nexit 0\n", 0o644) }},
+			breakIt: func(t *testing.T, u *upgradable, _ string) {
+				u.deployFile(t, "#!/bin/sh\nchmod 644 \"$0\"\necho molt test\n", 0o755)
+			}},
 		{name: "not an ELF for this machine", reason: "exec format error",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "\x7fELF garbage, not a program", 0o755) }},
+			breakIt: func(t *testing.T, u *upgradable, _ string) {
+				u.deployFile(t, "#!/bin/sh\nprintf '\\177ELF garbage' > \"$0.x\" && chmod 755 \"$0.x\" && mv \"$0.x\" \"$0\"\necho molt test\n", 0o755)
+			}},
 		{name: "crashes at start", reason: "killed by signal: segmentation fault",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "#!/bin/sh\nkill -SEGV $$\n", 0o755) }},
+			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, passesPreflight+"kill -SEGV $$\n", 0o755) }},
 		{name: "exits 0 at start", reason: "exited with status 0",
 			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "#!/bin/sh\nexit 0\n", 0o755) }},
 		{name: "refuses its flags", reason: "refused its flags or configuration (exit status 2)",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "#!/bin/sh\nexit 2\n", 0o755) }},
+			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, passesPreflight+"exit 2\n", 0o755) }},
 		{name: "hangs before serving", reason: "did not serve in time and was killed",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "#!/bin/sh\nexec sleep 3600\n", 0o755) }},
-		{name: "workers never ready", app: true, reason: "workers ready after the ready timeout",
+			breakIt: func(t *testing.T, u *upgradable, _ string) {
+				u.deployFile(t, passesPreflight+"exec sleep 3600\n", 0o755)
+			}},
+		{name: "workers never ready", app: true, reason: "ready within the ready timeout",
 			breakIt: func(t *testing.T, u *upgradable, dir string) {
 				repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "hang.sh"))
 			}},

@@ -22,6 +22,7 @@ import (
 const (
 	envRole     = "MOLT_ROLE"
 	envExecPath = "MOLT_EXEC_PATH"
+	envUmask    = "MOLT_UMASK"
 	roleWorker  = "worker"
 	roleExec    = "exec"
 )
@@ -55,6 +56,12 @@ func RunChild() (isWorker bool, err error) {
 	if os.Getenv(worker.EnvListenFDs) != "" {
 		_ = os.Setenv(worker.EnvListenPID, strconv.Itoa(os.Getpid()))
 	}
+	if v, ok := os.LookupEnv(envUmask); ok {
+		_ = os.Unsetenv(envUmask)
+		if mask, err := strconv.ParseUint(v, 8, 32); err == nil {
+			unix.Umask(int(mask))
+		}
+	}
 	switch role {
 	case roleWorker:
 		return true, nil
@@ -86,7 +93,7 @@ func workerEnv(base []string, extra ...string) []string {
 		worker.EnvNotifySocket: true, worker.EnvWatchdogUSec: true, worker.EnvWatchdogPID: true,
 		worker.EnvMasterPID: true, worker.EnvWorker: true, worker.EnvStopSignal: true,
 		worker.EnvDrainTimeout: true, worker.EnvParentFD: true,
-		envRole: true, envExecPath: true, upgrade.ParentEnv: true,
+		envRole: true, envExecPath: true, envUmask: true, upgrade.ParentEnv: true,
 	}
 	env := make([]string, 0, len(base)+len(extra))
 	for _, kv := range base {

@@ -50,6 +50,16 @@ type Config struct {
 	WorkerArgs []string
 	// Env is added to every worker's environment (KEY=VALUE).
 	Env []string
+	// Credential, if not nil, is the user and groups workers run as (the
+	// master keeps its own: it binds the sockets, Apache's model). Needs root.
+	Credential *syscall.Credential
+	// WorkerDir, if not empty, is the workers' working directory. The
+	// master never changes its own (tableflip re-executes relative to it).
+	WorkerDir string
+	// Umask, if not nil, is the workers' umask.
+	Umask *int
+	// Backlog, if not zero, is the listen backlog of every listener.
+	Backlog int
 
 	// PIDFile is the master's pid file; its lock file is PIDFile+".lock".
 	PIDFile string
@@ -80,6 +90,10 @@ type Config struct {
 	Output Output
 	// Version is reported in logs and to workers.
 	Version string
+	// Preflight, if not empty, is run as "NEW-BINARY Preflight..." (bounded)
+	// before every upgrade; if it fails, the upgrade is refused and nothing
+	// changes. molt run uses "version".
+	Preflight []string
 	// Reload returns the configuration a reload (HUP, molt ctl reload)
 	// applies: read anew, e.g. from a config file, with COMMAND resolved
 	// afresh. Nil reloads the running configuration, which restarts the
@@ -145,6 +159,20 @@ func (c Config) validate() error {
 		if err := checkExecutable(c.execPath()); err != nil {
 			return bad("%v", err)
 		}
+	}
+	if c.Credential != nil && os.Geteuid() != 0 {
+		return bad("running workers as another user needs root; molt runs as uid %d", os.Geteuid())
+	}
+	if c.WorkerDir != "" {
+		if fi, err := os.Stat(c.WorkerDir); err != nil || !fi.IsDir() {
+			return bad("workers' directory %s does not exist", c.WorkerDir)
+		}
+	}
+	if c.Umask != nil && (*c.Umask < 0 || *c.Umask > 0o777) {
+		return bad("umask %#o out of range", *c.Umask)
+	}
+	if c.Backlog < 0 {
+		return bad("backlog must not be negative")
 	}
 	dir := filepath.Dir(c.PIDFile)
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {

@@ -119,3 +119,11 @@ func (e fromParent) String() string { return "from old master: " + e.msg.Kind }
 type parentExited struct{}
 
 func (parentExited) String() string { return "parent exited" }
+
+// preflightDone is the result of a new binary's pre-flight run.
+type preflightDone struct {
+	out string
+	err error
+}
+
+func (e preflightDone) String() string { return fmt.Sprintf("pre-flight done: %v", e.err) }

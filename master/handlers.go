@@ -168,7 +168,7 @@ func (m *Master) onTimer(ev timerFired) {
 				"worker", p.slot, "pid", p.pid, "ready_timeout", p.spec.readyTimeout.String(),
 				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
 			m.stopWorker(p)
-			m.fail(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within %v", p.slot, p.pid, p.spec.readyTimeout))
+			m.fail(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within the ready timeout (%v)", p.slot, p.pid, p.spec.readyTimeout))
 		}
 	case readyDelayOver:
 		m.markReady(p, "delay")

@@ -100,7 +100,7 @@ func (m *Master) lockPIDFile() error {
 
 // openListener binds (or inherits) one listener of the configuration.
 func (m *Master) openListener(spec ListenSpec) error {
-	l, err := m.newListener(spec, m.cfg.SocketMode)
+	l, err := m.newListener(spec, m.cfg.SocketMode, m.cfg.Backlog)
 	if err != nil {
 		return err
 	}
@@ -110,7 +110,7 @@ func (m *Master) openListener(spec ListenSpec) error {
 
 // newListener binds (or inherits) the listener of spec and registers it
 // for the next upgrade.
-func (m *Master) newListener(spec ListenSpec, mode os.FileMode) (*listener, error) {
+func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*listener, error) {
 	f, inherited, err := m.hand.Listener(spec.Name, func() (*os.File, error) {
 		return bind(spec, mode)
 	})
@@ -118,6 +118,9 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode) (*listener, erro
 		return nil, err
 	}
 	addr, err := localAddr(f)
+	if err == nil && backlog > 0 {
+		err = setBacklog(f, backlog)
+	}
 	if err != nil {
 		_ = f.Close()
 		return nil, &BindError{Spec: spec, Err: err}

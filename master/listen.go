@@ -133,7 +133,13 @@ func bind(spec ListenSpec, socketMode os.FileMode) (*os.File, error) {
 	case "unix":
 		ln, err = bindUnix(spec.Address, socketMode)
 	default:
-		ln, err = (&net.ListenConfig{}).Listen(context.Background(), "tcp", spec.Address)
+		// An IPv6 host ([::]:80, [::1]:80) listens on IPv6 only, so that
+		// 0.0.0.0:80 can be another listener; :80 is dual-stack.
+		network := "tcp"
+		if host, _, _ := net.SplitHostPort(spec.Address); strings.Contains(host, ":") {
+			network = "tcp6"
+		}
+		ln, err = (&net.ListenConfig{}).Listen(context.Background(), network, spec.Address)
 	}
 	if err != nil {
 		return nil, &BindError{Spec: spec, Err: err}
@@ -239,4 +245,17 @@ func localAddr(f *os.File) (string, error) {
 		return a.Name, nil
 	}
 	return "", fmt.Errorf("getsockname: unexpected address %T", sa)
+}
+
+// setBacklog sets the listen backlog of the socket in f: listen(2) on a
+// listening socket only updates its backlog, in every process holding it.
+func setBacklog(f *os.File, backlog int) error {
+	fd, err := rawFD(f)
+	if err != nil {
+		return err
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		return fmt.Errorf("set backlog %d: %w", backlog, err)
+	}
+	return nil
 }

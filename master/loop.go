@@ -156,6 +156,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onParentExited()
 			case ctlEvent:
 				m.onCtl(ev)
+			case preflightDone:
+				m.onPreflightDone(ev)
 			}
 		case <-ctxDone:
 			ctxDone = nil

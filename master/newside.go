@@ -278,6 +278,6 @@ func (m *Master) onNewReadyDeadline() {
 				ready++
 			}
 		}
-		m.fail(ExitNotReady, fmt.Sprintf("%d of %d workers ready after the ready timeout (%v)", ready, len(m.slots), m.cfg.ReadyTimeout))
+		m.fail(ExitNotReady, fmt.Sprintf("%d of %d workers ready within the ready timeout (%v)", ready, len(m.slots), m.cfg.ReadyTimeout))
 	}
 }

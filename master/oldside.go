@@ -1,9 +1,11 @@
 package master
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -53,6 +55,7 @@ type attempt struct {
 	failed      *upgrade.Msg // its failure report, if it sent one
 	releaseSent bool
 	quitPending bool // a QUIT waits for the new generation to serve
+	preflight   bool // the new binary's pre-flight run is under way
 	seq         int  // of the current deadline
 	killed      bool
 }
@@ -82,30 +85,112 @@ func (m *Master) onUSR2(quitPending bool) error {
 	case !m.phase.running():
 		return refuse("the master is shutting down")
 	}
+	if m.old.settling {
+		m.old.settling = false
+		quitPending = true
+	}
+	m.old.up = &attempt{started: time.Now(), quitPending: quitPending, preflight: len(m.cfg.Preflight) > 0}
+	if !m.old.up.preflight {
+		m.startUpgrade()
+		return nil
+	}
+	// The cheapest rollback is the one never needed: run the new binary
+	// once, bounded, before anything changes.
+	path, args := os.Args[0], m.cfg.Preflight
+	m.log.Info("upgrade: pre-flight check of the new binary", "path", path, "args", strings.Join(args, " "))
+	m.tellWatchers("pre-flight: " + path + " " + strings.Join(args, " "))
+	go func() {
+		out, err := runPreflight(path, args)
+		m.send(preflightDone{out: out, err: err})
+	}()
+	return nil
+}
+
+// preflightTimeout bounds the pre-flight run of a new binary.
+const preflightTimeout = 10 * time.Second
+
+// runPreflight runs the binary at path (resolved now, as tableflip will)
+// with args and returns its trimmed output; an error says what failed.
+func runPreflight(path string, args []string) (string, error) {
+	resolved, err := exec.LookPath(path)
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), preflightTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, resolved, args...)
+	// Its own process group, killed whole at the timeout: a script that
+	// left a child behind must not hold the output pipe open forever.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
+	out, err := cmd.CombinedOutput()
+	text := strings.TrimSpace(string(out))
+	if len(text) > 300 {
+		text = text[:300] + "..."
+	}
+	if ctx.Err() != nil {
+		return text, fmt.Errorf("%s %s did not finish within %v", path, strings.Join(args, " "), preflightTimeout)
+	}
+	if err != nil {
+		return text, fmt.Errorf("%s %s: %v: %s", path, strings.Join(args, " "), err, text)
+	}
+	return text, nil
+}
+
+// onPreflightDone starts the upgrade whose pre-flight passed, or refuses it.
+func (m *Master) onPreflightDone(ev preflightDone) {
+	up := m.old.up
+	if up == nil || !up.preflight {
+		return
+	}
+	up.preflight = false
+	if ev.err != nil || !m.phase.running() {
+		m.old.up = nil
+		reason := "the master is stopping"
+		if ev.err != nil {
+			reason = "the new binary failed its pre-flight check: " + ev.err.Error()
+		}
+		m.old.last = &UpgradeResult{Outcome: "refused", Reason: reason, At: time.Now()}
+		m.log.Error("upgrade refused; nothing changed: this generation keeps serving", "reason", reason)
+		m.endWatchers(CtlReply{Done: true, Error: "upgrade refused: " + reason})
+		if up.quitPending && m.phase.running() {
+			m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
+		}
+		m.finishIfIdle()
+		return
+	}
+	m.log.Info("pre-flight passed", "output", ev.out)
+	m.startUpgrade()
+}
+
+// startUpgrade moves the pid file and control socket aside and starts the
+// new master through tableflip.
+func (m *Master) startUpgrade() {
+	up := m.old.up
+	abort := func(what string, err error) {
+		m.old.up = nil
+		m.log.Error("upgrade not started: "+what, "error", err)
+		m.endWatchers(CtlReply{Done: true, Error: "upgrade not started: " + what + ": " + err.Error()})
+	}
 	if _, err := m.childChannel(); err != nil {
-		m.log.Error("upgrade not started", "error", err)
-		return err
+		abort("no channel to the new master", err)
+		return
 	}
 	if err := m.pidFile.toOld(); err != nil {
-		m.log.Error("upgrade not started: the pid file cannot be renamed", "error", err)
-		return err
+		abort("the pid file cannot be renamed", err)
+		return
 	}
 	if m.control != nil {
 		if err := m.control.toOld(); err != nil {
 			m.log.Warn("control socket not renamed; the new master's will fail", "error", err)
 		}
 	}
-	if m.old.settling {
-		m.old.settling = false
-		quitPending = true
-	}
-	m.old.up = &attempt{started: time.Now(), quitPending: quitPending}
 	m.armUpgradeDeadline(m.cfg.ReadyTimeout + upgradeSlack)
-	m.log.Info("upgrade started", "path", os.Args[0], "quit_pending", quitPending,
+	m.log.Info("upgrade started", "path", os.Args[0], "quit_pending", up.quitPending,
 		"pid_file", m.pidFile.path+oldSuffix)
 	m.tellWatchers("upgrade started: " + os.Args[0])
 	go func() { m.send(upgradeDone{m.hand.Upgrade()}) }()
-	return nil
 }
 
 // childChannel returns this master's end of the channel to new masters,

@@ -101,9 +101,14 @@ func (m *Master) planListeners(r *reload) error {
 		if l := m.listenerFor(spec); l != nil {
 			keep[l] = true
 			r.listeners = append(r.listeners, l)
+			if r.cfg.Backlog > 0 && r.cfg.Backlog != m.cfg.Backlog {
+				if err := setBacklog(l.file, r.cfg.Backlog); err != nil {
+					m.log.Warn("backlog not changed", "listener", spec.Name, "error", err)
+				}
+			}
 			continue
 		}
-		l, err := m.newListener(spec, r.cfg.SocketMode)
+		l, err := m.newListener(spec, r.cfg.SocketMode, r.cfg.Backlog)
 		if err != nil {
 			for _, a := range r.added {
 				m.closeListener(a)

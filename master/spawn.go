@@ -26,7 +26,13 @@ type spawnRequest struct {
 	// pdeathsig reaches the child when the spawner thread ends: when the
 	// master dies or its Run returns.
 	pdeathsig syscall.Signal
-	reply     chan spawnResult
+	// dir, if not empty, is the child's working directory.
+	dir string
+	// credential, if not nil, is the user the child runs as. The kernel
+	// keeps the parent-death signal across this setuid (Go sets it after
+	// the credentials) and across the exec of a non-setuid binary.
+	credential *syscall.Credential
+	reply      chan spawnResult
 }
 
 type spawnResult struct {
@@ -91,13 +97,15 @@ func startProcess(r spawnRequest) spawnResult {
 		fds[i] = uintptr(fd)
 	}
 	attr := &syscall.ProcAttr{
+		Dir:   r.dir,
 		Env:   r.env,
 		Files: fds,
 		Sys: &syscall.SysProcAttr{
 			// One process group per worker: signalled as a group, and a
 			// terminal's Ctrl-C reaches only the master (DESIGN §2).
-			Setpgid:   true,
-			Pdeathsig: r.pdeathsig,
+			Setpgid:    true,
+			Pdeathsig:  r.pdeathsig,
+			Credential: r.credential,
 		},
 	}
 	pid, _, err := syscall.StartProcess(r.path, r.argv, attr)

@@ -23,6 +23,9 @@ type workerSpec struct {
 	drainTimeout time.Duration
 	readyTimeout time.Duration
 	readyDelay   time.Duration
+	credential   *syscall.Credential
+	dir          string
+	umask        *int
 }
 
 // newSpec takes the worker settings of cfg, with listeners ls.
@@ -31,6 +34,7 @@ func newSpec(cfg Config, ls []*listener) *workerSpec {
 		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs, env: cfg.Env,
 		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
 		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay,
+		credential: cfg.Credential, dir: cfg.WorkerDir, umask: cfg.Umask,
 	}
 	if len(cfg.Command) > 0 {
 		sp.execPath = cfg.execPath()
@@ -73,9 +77,13 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 	} else {
 		env = append(env, envRole+"="+roleWorker)
 	}
+	if sp.umask != nil {
+		env = append(env, envUmask+"="+strconv.FormatInt(int64(*sp.umask), 8))
+	}
 	env = workerEnv(os.Environ(), append(sp.env, env...)...)
 	p, err := m.spawner.start(spawnRequest{
 		path: selfExe, argv: argv, env: env, files: files, pdeathsig: sp.stopSignal,
+		dir: sp.dir, credential: sp.credential,
 	})
 	if err != nil {
 		return nil, err

@@ -64,6 +64,12 @@ type runFlags struct {
 	probation    time.Duration
 	commit       string
 	control      string
+	configFile   string
+	user, group  string
+	chdir        string
+	env          []string
+	umask        string
+	backlog      int
 }
 
 // listFlag is a repeatable string flag.
@@ -100,6 +106,13 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
+	fs.StringVar(&f.configFile, "config", "", "read settings from the HCL file `FILE` (flags given here override it);\nre-read by every reload and every new master")
+	fs.StringVar(&f.user, "user", "", "run workers as `USER` (name or uid; needs root); the master keeps its own")
+	fs.StringVar(&f.group, "group", "", "run workers with `GROUP` (default: the user's primary group)")
+	fs.StringVar(&f.chdir, "chdir", "", "workers' working `DIR` (the master never changes its own)")
+	fs.Var(listFlag{&f.env}, "env", "`KEY=VALUE` added to the workers' environment, repeatable")
+	fs.StringVar(&f.umask, "umask", "", "workers' umask, in octal (e.g. `0027`)")
+	fs.IntVar(&f.backlog, "backlog", 0, "listen backlog `N` of every listener (default: the kernel's somaxconn)")
 	fs.StringVar(&f.control, "control-socket", "", "`PATH` of the control socket for molt ctl (default: molt.sock beside the pid file)")
 	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
@@ -119,7 +132,7 @@ func cmdRun(args []string) int {
 		}
 		return exitUsage
 	}
-	cfg, err := f.config(fs.Args())
+	cfg, err := loadRunConfig(&f, fs)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "molt run:", err)
 		return exitUsage
@@ -147,7 +160,7 @@ func cmdRun(args []string) int {
 		if err := fs2.Parse(args); err != nil {
 			return master.Config{}, err
 		}
-		return f2.config(fs2.Args())
+		return loadRunConfig(&f2, fs2)
 	}
 	err = master.Run(context.Background(), cfg)
 	if err == nil {
@@ -177,6 +190,22 @@ func cmdRun(args []string) int {
 	return exitFailure
 }
 
+// loadRunConfig applies the config file, if any, under the parsed flags
+// and returns the master's configuration.
+func loadRunConfig(f *runFlags, fs *flag.FlagSet) (master.Config, error) {
+	command := fs.Args()
+	if f.configFile != "" {
+		fileCommand, err := applyConfigFile(f.configFile, fs)
+		if err != nil {
+			return master.Config{}, err
+		}
+		if len(command) == 0 {
+			command = fileCommand
+		}
+	}
+	return f.config(command)
+}
+
 // config turns the flags and the COMMAND into a master.Config; every
 // error names the flag.
 func (f *runFlags) config(command []string) (master.Config, error) {
@@ -184,6 +213,7 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		Workers:       f.workers,
 		PIDFile:       f.pidFile,
 		ControlSocket: f.control,
+		Preflight:     []string{"version"},
 		ReadyTimeout:  f.readyTimeout,
 		DrainTimeout:  f.drainTimeout,
 		Version:       version(),
@@ -212,9 +242,9 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 	}
 	cfg.Listeners = specs
 	if f.socketMode != "" {
-		mode, err := strconv.ParseUint(f.socketMode, 8, 32)
-		if err != nil || mode > 0o777 {
-			return cfg, fmt.Errorf("--socket-mode %q: want an octal permission such as 0660", f.socketMode)
+		mode, err := parseOctalMode(f.socketMode)
+		if err != nil {
+			return cfg, fmt.Errorf("--socket-mode: %w", err)
 		}
 		cfg.SocketMode = os.FileMode(mode)
 	}
@@ -236,9 +266,40 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 	} else {
 		cfg.WorkerArgs = []string{os.Args[0], "worker", "demo"}
 	}
+	for _, kv := range f.env {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || !validEnvName(k) {
+			return cfg, fmt.Errorf("--env %q: want KEY=VALUE with a valid variable name", kv)
+		}
+		cfg.Env = append(cfg.Env, kv)
+	}
 	if f.logJSON {
 		cfg.Env = append(cfg.Env, envDemoLogJSON+"=1")
 	}
+	if f.user != "" || f.group != "" {
+		if cfg.Credential, err = lookupCredential(f.user, f.group); err != nil {
+			return cfg, err
+		}
+	}
+	if f.chdir != "" {
+		if !isDir(f.chdir) {
+			return cfg, fmt.Errorf("--chdir %s: not a directory", f.chdir)
+		}
+		if cfg.WorkerDir, err = filepath.Abs(f.chdir); err != nil {
+			return cfg, fmt.Errorf("--chdir: %w", err)
+		}
+	}
+	if f.umask != "" {
+		mask, err := parseOctalMode(f.umask)
+		if err != nil {
+			return cfg, fmt.Errorf("--umask: %w", err)
+		}
+		cfg.Umask = &mask
+	}
+	if f.backlog < 0 {
+		return cfg, fmt.Errorf("--backlog %d: want at least 1", f.backlog)
+	}
+	cfg.Backlog = f.backlog
 	return cfg, nil
 }
 
@@ -303,4 +364,36 @@ func resolveCommand(name string) (string, error) {
 func isDir(path string) bool {
 	fi, err := os.Stat(path)
 	return err == nil && fi.IsDir()
+}
+
+// parseOctalMode parses a permission or umask such as 0660.
+func parseOctalMode(v string) (int, error) {
+	mode, err := strconv.ParseUint(v, 8, 32)
+	if err != nil || mode > 0o777 {
+		return 0, fmt.Errorf("%q: want an octal permission such as 0660", v)
+	}
+	return int(mode), nil
+}
+
+// parseDurationPositive parses a duration that must be above zero.
+func parseDurationPositive(v string) (time.Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%q is not a positive duration", v)
+	}
+	return d, nil
+}
+
+// validEnvName accepts environment variable names: letters, digits and
+// '_', not starting with a digit.
+func validEnvName(k string) bool {
+	if k == "" {
+		return false
+	}
+	for i, c := range k {
+		if !(c == '_' || c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || i > 0 && c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
 }

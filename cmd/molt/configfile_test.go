@@ -1,0 +1,165 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// writeConfig writes an HCL file and returns its path.
+func writeConfig(t testing.TB, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "molt.hcl")
+	if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// parseWith parses command-line args and the config file as molt run does.
+func parseWith(t *testing.T, args []string) (runFlags, []string, error) {
+	t.Helper()
+	var f runFlags
+	fs := newRunFlagSet(&f, io.Discard)
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	cmd := fs.Args()
+	if f.configFile != "" {
+		fc, err := applyConfigFile(f.configFile, fs)
+		if err != nil {
+			return f, nil, err
+		}
+		if len(cmd) == 0 {
+			cmd = fc
+		}
+	}
+	return f, cmd, nil
+}
+
+func TestConfigFile_EveryKeyAndFlagsOverride(t *testing.T) {
+	path := writeConfig(t, `
+listen             = ["web=127.0.0.1:0", "unix:/tmp/molt-test.sock"]
+socket_mode        = "0660"
+workers            = 3
+pid_file           = "/tmp/m.pid"
+control_socket     = "/tmp/m.sock"
+log_file           = "/tmp/m.log"
+log_level          = "debug"
+log_json           = true
+ready              = "delay:2s"
+ready_timeout      = "20s"
+drain_timeout      = "15s"
+worker_stop_signal = "QUIT"
+probation          = "5s"
+commit             = "manual"
+chdir              = "/tmp"
+env                = { APP_ENV = "production", B = "2" }
+umask              = "0027"
+backlog            = 512
+command            = ["/bin/true", "--flag"]
+`)
+	f, cmd, err := parseWith(t, []string{"--config", path, "--workers", "7"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.workers != 7 {
+		t.Errorf("workers %d: the command line must override the file", f.workers)
+	}
+	if strings.Join(f.listen, ",") != "web=127.0.0.1:0,unix:/tmp/molt-test.sock" || f.socketMode != "0660" || f.pidFile != "/tmp/m.pid" ||
+		f.control != "/tmp/m.sock" || f.logFile != "/tmp/m.log" || f.logLevel != "debug" || !f.logJSON || f.ready != "delay:2s" ||
+		f.readyTimeout != 20*time.Second || f.drainTimeout != 15*time.Second || f.stopSignal != "QUIT" || f.probation != 5*time.Second ||
+		f.commit != "manual" || f.chdir != "/tmp" || strings.Join(f.env, ",") != "APP_ENV=production,B=2" || f.umask != "0027" || f.backlog != 512 {
+		t.Errorf("settings from the file: %+v", f)
+	}
+	if strings.Join(cmd, " ") != "/bin/true --flag" {
+		t.Errorf("command %v", cmd)
+	}
+	// A COMMAND on the command line overrides the file's.
+	_, cmd, err = parseWith(t, []string{"--config", path, "--", "/bin/false"})
+	if err != nil || strings.Join(cmd, " ") != "/bin/false" {
+		t.Errorf("command %v, %v", cmd, err)
+	}
+	// So does a --listen: the file's list is not merged in.
+	f, _, _ = parseWith(t, []string{"--config", path, "--listen", "127.0.0.1:9"})
+	if strings.Join(f.listen, ",") != "127.0.0.1:9" {
+		t.Errorf("listen %v", f.listen)
+	}
+}
+
+func TestConfigFile_ErrorsNameFileLineAndKey(t *testing.T) {
+	tests := []struct {
+		body string
+		want []string
+	}{
+		{"workerz = 2\n", []string{":1:1: Unsupported argument", `Did you mean "workers"?`}},
+		{"workers = \"four\"\n", []string{":1:11: workers: want a number"}},
+		{"workers = 1.5\n", []string{":1:11: workers: want a whole number"}},
+		{"\nworkers = 0\n", []string{":2:11: workers: workers must be at least 1, not 0"}},
+		{"ready_timeout = \"soon\"\n", []string{":1:17: ready_timeout:"}},
+		{"drain_timeout = \"-1s\"\n", []string{":1:17: drain_timeout:", "positive duration"}},
+		{"ready = \"eventually\"\n", []string{":1:9: ready:", "want notify or delay:DUR"}},
+		{"worker_stop_signal = \"KILL\"\n", []string{":1:22: worker_stop_signal:", "cannot be caught"}},
+		{"commit = \"maybe\"\n", []string{":1:10: commit:", "want auto or manual"}},
+		{"listen = [\"127.0.0.1\"]\n", []string{":1:10: listen:", "want host:port"}},
+		{"listen = [1, 2]\n", []string{":1:10: listen: want a list of strings"}},
+		{"socket_mode = \"999\"\n", []string{":1:15: socket_mode:", "octal"}},
+		{"env = { \"1BAD\" = \"x\" }\n", []string{":1:7: env:", "not a valid environment variable name"}},
+		{"env = [\"A=B\"]\n", []string{":1:7: env: want an object of strings"}},
+		{"log_json = \"yes\"\n", []string{":1:12: log_json: want true or false"}},
+		{"log_level = \"loud\"\n", []string{":1:13: log_level:"}},
+		{"workers = 2\nworkers = 3\n", []string{":2:1: Attribute redefined"}},
+		{"workers = var.n\n", []string{":1:11: workers: must be a constant value"}},
+		{"listen {\n}\n", []string{"Unsupported block type"}},
+		{"workers = \n", []string{":1:"}},
+		// several problems are reported together
+		{"workers = 0\ncommit = \"x\"\nbogus = 1\n", []string{":1:11: workers", ":2:10: commit", ":3:1: Unsupported argument"}},
+	}
+	for _, tt := range tests {
+		path := writeConfig(t, tt.body)
+		_, _, err := parseWith(t, []string{"--config", path})
+		var ce *configError
+		if !errors.As(err, &ce) {
+			t.Errorf("%q: error %v, want a configError", tt.body, err)
+			continue
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%q: error\n%v\ndoes not contain %q", tt.body, err, w)
+			}
+		}
+		if !strings.HasPrefix(err.Error(), path) && !strings.Contains(tt.body, "listen {") {
+			t.Errorf("%q: error does not start with the file name: %v", tt.body, err)
+		}
+	}
+}
+
+func TestConfigFile_MissingOrDirectory(t *testing.T) {
+	for _, path := range []string{filepath.Join(t.TempDir(), "none.hcl"), t.TempDir()} {
+		var f runFlags
+		fs := newRunFlagSet(&f, io.Discard)
+		_, err := applyConfigFile(path, fs)
+		if err == nil || !strings.Contains(err.Error(), path) {
+			t.Errorf("%s: %v, want an error naming it", path, err)
+		}
+	}
+}
+
+func FuzzConfigFile(f *testing.F) {
+	for _, s := range []string{"workers = 2\n", "listen = [\"a=:1\"]\nenv = { A = \"b\" }\n", "command = [\"/x\"]\n", "x {\n", "\"\n"} {
+		f.Add(s)
+	}
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, body string) {
+		path := filepath.Join(dir, "fuzz.hcl")
+		if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		var rf runFlags
+		_, _ = applyConfigFile(path, newRunFlagSet(&rf, io.Discard)) // must not panic
+	})
+}
