@@ -35,6 +35,11 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "integration:", err)
 		os.Exit(1)
 	}
+	// Workers dropped to another user (--user) run binaries from here.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		os.Exit(1)
+	}
 	bins.dir = dir
 	bins.molt = filepath.Join(dir, "molt")
 	bins.fakeapp = filepath.Join(dir, "fakeapp")

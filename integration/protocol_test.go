@@ -23,7 +23,12 @@ type fakeReport struct {
 		NonBlock bool
 		CloExec  bool
 	}
-	Env []string
+	Env    []string
+	Cwd    string
+	Umask  string
+	Uid    int
+	Gid    int
+	Groups []int
 }
 
 func (r fakeReport) env(k string) (string, bool) {

@@ -27,6 +27,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,9 +96,14 @@ type fdInfo struct {
 
 // report is what --report writes.
 type report struct {
-	Pid int
-	FDs []fdInfo
-	Env []string
+	Pid    int
+	FDs    []fdInfo
+	Env    []string
+	Cwd    string
+	Umask  string // as /proc/self/status shows it, e.g. "0027"
+	Uid    int
+	Gid    int
+	Groups []int
 }
 
 func writeReport(dir string) error {
@@ -124,6 +130,16 @@ func writeReport(dir string) error {
 		r.FDs = append(r.FDs, fdInfo{FD: fd, Target: target, NonBlock: fl&unix.O_NONBLOCK != 0, CloExec: fdfl&unix.FD_CLOEXEC != 0})
 	}
 	r.Env = os.Environ()
+	r.Cwd, _ = os.Getwd()
+	r.Uid, r.Gid = os.Getuid(), os.Getgid()
+	r.Groups, _ = os.Getgroups()
+	if st, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, line := range strings.Split(string(st), "\n") {
+			if v, ok := strings.CutPrefix(line, "Umask:"); ok {
+				r.Umask = strings.TrimSpace(v)
+			}
+		}
+	}
 	b, err := json.Marshal(r)
 	if err != nil {
 		return err

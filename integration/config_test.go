@@ -1,0 +1,184 @@
+package integration
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// writeConfig writes an HCL config file atomically (a reload must never
+// read half a file).
+func writeConfig(t *testing.T, path, body string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// oneReport waits for n fakeapp reports in dir and returns one of them.
+func waitReports(t *testing.T, dir string, n int) map[int]fakeReport {
+	t.Helper()
+	var reps map[int]fakeReport
+	test.WaitFor(t, startTimeout, fmt.Sprintf("%d worker reports", n), func() error {
+		if reps = readReports(t, dir); len(reps) < n {
+			return fmt.Errorf("%d reports", len(reps))
+		}
+		return nil
+	})
+	return reps
+}
+
+// TestConfig_FileSetsEverythingAndFlagsOverride: the config file sets the
+// listeners, the worker settings (env, chdir, umask) and the command; a
+// flag on the command line overrides the file's workers. The workers see
+// exactly that.
+func TestConfig_FileSetsEverythingAndFlagsOverride(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	reports := filepath.Join(dir, "reports")
+	workDir := filepath.Join(dir, "work")
+	for _, d := range []string{reports, workDir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conf := filepath.Join(dir, "molt.hcl")
+	writeConfig(t, conf, fmt.Sprintf(`
+# a comment
+listen  = ["web=127.0.0.1:0"]
+workers = 1
+env     = { APP_ENV = "production", EMPTY = "" }
+chdir   = %q
+umask   = "0027"
+command = [%q, "serve", "--report", %q]
+`, workDir, bins.fakeapp, reports))
+	m := startMoltIn(t, dir, "--config", conf, "--workers", "2")
+	addr := m.addrs(1)["web"]
+	if addr == "" {
+		t.Fatal("no listener called web")
+	}
+	m.waitServing()
+	m.waitWorkers(2)
+	for pid, r := range waitReports(t, reports, 2) {
+		if v, _ := r.env("APP_ENV"); v != "production" {
+			t.Errorf("worker %d: APP_ENV=%q", pid, v)
+		}
+		if v, ok := r.env("EMPTY"); !ok || v != "" {
+			t.Errorf("worker %d: EMPTY=%q (set: %v)", pid, v, ok)
+		}
+		if r.Cwd != workDir {
+			t.Errorf("worker %d: working directory %q, want %q", pid, r.Cwd, workDir)
+		}
+		if r.Umask != "0027" {
+			t.Errorf("worker %d: umask %q, want 0027", pid, r.Umask)
+		}
+	}
+	if wd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", m.Pid)); err != nil || wd != dir {
+		t.Errorf("the master's working directory is %q (%v), want its own %q", wd, err, dir)
+	}
+	if r := get(t, addr, "/"); r.Status != 200 {
+		t.Errorf("GET: %d", r.Status)
+	}
+	m.stop()
+}
+
+// TestConfig_HUPWithABrokenFileKeepsServing: a reload of a config file
+// with errors is refused with every error at its file:line; the workers,
+// listeners and settings stay as they were, under load, and a fixed file
+// then reloads.
+func TestConfig_HUPWithABrokenFileKeepsServing(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "molt.hcl")
+	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n")
+	m := startMoltIn(t, dir, "--config", conf)
+	addr := m.addr()
+	m.waitServing()
+	before := m.waitWorkers(2)
+	l := startLoad(t, addr)
+	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = \"three\"\nfrobnicate = 1\n")
+	m.Signal(syscall.SIGHUP)
+	lines := test.WaitLog(t, m.log, stepTimeout, 1, "the refused reload",
+		test.Msg("reload refused: the configuration is invalid; the running one stays"))
+	e := lines[0].Str("error")
+	for _, want := range []string{conf + ":2:11: workers: want a number", conf + ":3:1:", "frobnicate"} {
+		if !strings.Contains(e, want) {
+			t.Errorf("reload error %q lacks %q", e, want)
+		}
+	}
+	code, out := ctl(t, m.pidFile, "reload", "--wait")
+	if code == 0 || !strings.Contains(out, conf+":2:11") {
+		t.Errorf("ctl reload of a broken file: exit %d:\n%s", code, out)
+	}
+	if now := m.waitWorkers(2); fmt.Sprint(now) != fmt.Sprint(before) {
+		t.Errorf("workers changed from %v to %v after a refused reload", before, now)
+	}
+	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 3\n")
+	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code != 0 || !strings.Contains(out, "reloaded: 3 new workers serve") {
+		t.Fatalf("reload of the fixed file: exit %d:\n%s", code, out)
+	}
+	m.waitWorkers(3)
+	l.stop(t)
+	m.stop(test.Msg("reload refused: the configuration is invalid; the running one stays"))
+}
+
+// TestConfig_ReloadAddsAndDropsListenersUnderLoad: a reload whose file
+// adds a listener and drops another binds the new one before any worker
+// changes, serves it, stops the dropped one listening everywhere (its
+// unix path removed), and the kept listener never fails a request.
+func TestConfig_ReloadAddsAndDropsListenersUnderLoad(t *testing.T) {
+	t.Parallel()
+	dir := test.ShortTempDir(t)
+	conf := filepath.Join(dir, "molt.hcl")
+	oldSock := filepath.Join(dir, "old.sock")
+	writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\n", oldSock))
+	m := startMoltIn(t, dir, "--config", conf)
+	addrs := m.addrs(3)
+	m.waitServing()
+	m.waitWorkers(2)
+	l := startLoad(t, addrs["web"])
+	writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\", \"admin=127.0.0.1:0\"]\nworkers = 2\n")
+	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code != 0 {
+		t.Fatalf("reload: exit %d:\n%s", code, out)
+	}
+	admin := m.addrs(4)["admin"]
+	if admin == "" {
+		t.Fatal("no listener admin after the reload")
+	}
+	if r := get(t, admin, "/"); r.Status != 200 {
+		t.Errorf("GET on the added listener: %d", r.Status)
+	}
+	if fileExists(oldSock) {
+		t.Errorf("the dropped listener's path %s is still there", oldSock)
+	}
+	// Stopped listening in every process: a connect is refused, not
+	// queued behind a listener nobody accepts on.
+	if c, err := net.DialTimeout("tcp", addrs["oldtcp"], 5*time.Second); err == nil {
+		c.Close()
+		t.Errorf("the dropped listener %s still accepts connections", addrs["oldtcp"])
+	} else if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("dial the dropped listener: %v, want connection refused", err)
+	}
+	st := statusOf(t, m.pidFile)
+	var names []string
+	for _, ln := range st.Listeners {
+		names = append(names, ln.Name)
+	}
+	if strings.Join(names, ",") != "web,admin" {
+		t.Errorf("listeners after the reload: %v, want web,admin", names)
+	}
+	l.stop(t)
+	m.stop()
+}
