@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -181,4 +182,45 @@ func TestConfig_ReloadAddsAndDropsListenersUnderLoad(t *testing.T) {
 	}
 	l.stop(t)
 	m.stop()
+}
+
+// TestConfig_CheckValidatesWithoutStarting: molt check (nginx -t) accepts
+// a good file with exit 0 and a summary, and rejects a bad one with exit
+// 2 and every problem at its file:line; it starts nothing either way.
+func TestConfig_CheckValidatesWithoutStarting(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "molt.hcl")
+	check := func(args ...string) (int, string) {
+		cmd := exec.Command(bins.molt, append([]string{"check"}, args...)...)
+		cmd.Dir = dir
+		out, err := cmd.CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode(), string(out)
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return 0, string(out)
+	}
+	writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\"]\nworkers = 3\ncommand = [%q, \"serve\"]\n", bins.fakeapp))
+	if code, out := check("--config", conf); code != 0 || !strings.Contains(out, "configuration OK") || !strings.Contains(out, "web=127.0.0.1:0") || !strings.Contains(out, "workers:   3") {
+		t.Errorf("check of a good file: exit %d:\n%s", code, out)
+	}
+	writeConfig(t, conf, "listen = [\"127.0.0.1\"]\nwokers = 3\n")
+	code, out := check("--config", conf)
+	if code != 2 {
+		t.Errorf("check of a bad file: exit %d, want 2:\n%s", code, out)
+	}
+	for _, want := range []string{conf + ":1:10: listen:", conf + ":2:1:", "wokers", "Did you mean \"workers\"?"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check output lacks %q:\n%s", want, out)
+		}
+	}
+	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\ncommand = [\"/no/such/app\"]\n")
+	if code, out := check("--config", conf); code != 2 || !strings.Contains(out, "/no/such/app") {
+		t.Errorf("check of a missing command: exit %d:\n%s", code, out)
+	}
+	if fileExists(filepath.Join(dir, "molt.pid")) || fileExists(filepath.Join(dir, "molt.sock")) {
+		t.Error("molt check started something")
+	}
 }

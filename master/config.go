@@ -136,6 +136,10 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// Check validates c as Run would before starting anything (defaults
+// applied): nothing is bound or started. Errors wrap ErrConfig.
+func (c Config) Check() error { return c.withDefaults().validate() }
+
 // validate checks everything that can be checked before starting: each
 // error says which setting is wrong and wraps ErrConfig.
 func (c Config) validate() error {

@@ -16,6 +16,7 @@ program that speaks systemd's socket-activation protocol.
 Usage:
   molt run [flags] [-- COMMAND [ARGS...]]   run a master and its workers
   molt ctl [flags] COMMAND                  talk to a running master (status, upgrade --wait, ...)
+  molt check [run flags] [-- COMMAND ...]   validate a configuration without starting anything
   molt version                              print the version
   molt help [COMMAND]                       show help
 
@@ -49,6 +50,8 @@ func dispatch(args []string) int {
 		return cmdRun(args[1:])
 	case "ctl":
 		return cmdCtl(args[1:])
+	case "check":
+		return cmdCheck(args[1:])
 	case "version", "--version", "-version":
 		fmt.Println("molt", version())
 		return exitOK
@@ -56,6 +59,10 @@ func dispatch(args []string) int {
 		if len(args) > 1 && args[1] == "run" {
 			var f runFlags
 			newRunFlagSet(&f, os.Stdout).Usage()
+			return exitOK
+		}
+		if len(args) > 1 && args[1] == "check" {
+			fmt.Print(checkUsage)
 			return exitOK
 		}
 		if len(args) > 1 && args[1] == "ctl" {
