@@ -224,3 +224,49 @@ func TestConfig_CheckValidatesWithoutStarting(t *testing.T) {
 		t.Error("molt check started something")
 	}
 }
+
+// TestConfig_UpgradeReadsTheFileAnew: a new master reads the config file
+// at start, so an upgrade adds and drops listeners too: the kept one is
+// inherited and never fails a request, the added one serves once the new
+// generation does, and after the commit the dropped unix listener's path
+// is gone and nothing listens there.
+func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
+	t.Parallel()
+	u := startUpgradableWith(t, func(dir string) []string {
+		conf := filepath.Join(dir, "molt.hcl")
+		writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\"]\nworkers = 2\nprobation = \"300ms\"\n", filepath.Join(dir, "old.sock")))
+		return []string{"--config", conf}
+	})
+	conf := filepath.Join(u.dir, "molt.hcl")
+	oldSock := filepath.Join(u.dir, "old.sock")
+	web := u.addrs(2)["web"]
+	u.waitServing()
+	l := startLoad(t, web)
+	writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\", \"admin=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n")
+	u.install(t, bins.molt2, byRename)
+	nw := u.upgrade(t)
+	var admin string
+	for _, line := range test.Find(u.log, test.Msg("listening")) {
+		if line.Str("listener") == "admin" {
+			admin = line.Str("addr")
+		}
+	}
+	if admin == "" {
+		t.Fatal("the new master did not listen on admin")
+	}
+	if r := get(t, admin, "/"); r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != fmt.Sprint(nw) {
+		t.Errorf("GET on the added listener: %d from master %s, want %d", r.Status, r.Header.Get("X-Molt-Master-Pid"), nw)
+	}
+	test.WaitFor(t, stepTimeout, "the dropped unix listener's path to go", func() error {
+		if fileExists(oldSock) {
+			return fmt.Errorf("%s still there", oldSock)
+		}
+		return nil
+	})
+	if c, err := net.DialTimeout("unix", oldSock, 5*time.Second); err == nil {
+		c.Close()
+		t.Error("something still listens on the dropped unix socket")
+	}
+	l.stop(t)
+	u.stop(t)
+}

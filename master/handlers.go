@@ -2,11 +2,8 @@ package master
 
 import (
 	"fmt"
-	"os"
 	"syscall"
 	"time"
-
-	"github.com/molt-server/molt/upgrade"
 )
 
 // onSignals applies a batch in the table's order (signals.go), each by
@@ -74,7 +71,7 @@ func (m *Master) scale(delta int) {
 	}
 	m.log.Info("worker count changed", "workers", len(m.slots))
 	if up := m.old.up; up != nil && up.pid != 0 && !up.serving {
-		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()})
+		m.tellChild(m.configMsg())
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"time"
 
@@ -32,6 +33,8 @@ type newSide struct {
 	// deferredUSR2: a USR2 arrived after the commit while the old master
 	// still drained; the upgrade starts once it has exited.
 	deferredUSR2 bool
+	// parentUnix: the old master's unix-socket paths (its configuration).
+	parentUnix []string
 }
 
 // attachToParent says hello to the old master and waits (in the loop) for
@@ -124,7 +127,7 @@ func (m *Master) onConfig(msg upgrade.Msg) {
 	want := max(msg.Workers, 1)
 	if !m.new.configured {
 		m.new.configured = true
-		m.gen, m.new.parentPid = msg.Gen, msg.Pid
+		m.gen, m.new.parentPid, m.new.parentUnix = msg.Gen, msg.Pid, msg.Unix
 		m.log = m.log.With("gen", m.gen)
 		m.log.Info("configuration from the old master", "workers", want, "ready_timeout", m.cfg.ReadyTimeout.String())
 		m.after(m.cfg.ReadyTimeout, timerFired{kind: newReadyDeadline})
@@ -182,8 +185,34 @@ func (m *Master) commit() {
 	m.role = roleCommitted
 	m.tellParent(upgrade.Msg{Kind: upgrade.KindCommitted})
 	m.log.Info("upgrade committed")
+	m.unlinkDroppedPaths()
 	if m.new.parentGone {
 		m.becomePrimary()
+	}
+}
+
+// unlinkDroppedPaths removes, at the commit, the paths of the old
+// master's unix-socket listeners that this configuration dropped: no
+// generation uses them from now on (the old one drains and its workers
+// have closed their copies), and a client must get "no such file" rather
+// than a connection nobody will accept. Paths this master listens on are
+// never touched, nor is anything that is not a socket.
+func (m *Master) unlinkDroppedPaths() {
+	mine := map[string]bool{}
+	for _, l := range m.listeners {
+		if p, err := filepath.Abs(l.spec.Address); err == nil && l.spec.Network == "unix" {
+			mine[p] = true
+		}
+	}
+	for _, p := range m.new.parentUnix {
+		if mine[p] {
+			continue
+		}
+		if err := removeSocket(p); err != nil {
+			m.log.Warn("dropped unix listener's path not removed", "path", p, "error", err)
+			continue
+		}
+		m.log.Info("dropped unix listener's path removed", "path", p)
 	}
 }
 

@@ -193,6 +193,19 @@ func (m *Master) startUpgrade() {
 	go func() { m.send(upgradeDone{m.hand.Upgrade()}) }()
 }
 
+// configMsg is the configuration a new master gets from this one.
+func (m *Master) configMsg() upgrade.Msg {
+	msg := upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()}
+	for _, l := range m.listeners {
+		if l.spec.Network == "unix" {
+			if p, err := filepath.Abs(l.spec.Address); err == nil {
+				msg.Unix = append(msg.Unix, p)
+			}
+		}
+	}
+	return msg
+}
+
 // childChannel returns this master's end of the channel to new masters,
 // with its reader running.
 func (m *Master) childChannel() (*upgrade.Channel, error) {
@@ -259,7 +272,7 @@ func (m *Master) onChildMsg(ev fromChild) {
 		up.pid = msg.Pid
 		m.log.Info("new master started", "new_pid", msg.Pid, "version", msg.Version)
 		m.tellWatchers(fmt.Sprintf("new master started: pid %d, version %s", msg.Pid, msg.Version))
-		m.tellChild(upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()})
+		m.tellChild(m.configMsg())
 		return
 	}
 	if msg.Pid != up.pid {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -32,7 +33,7 @@ const (
 
 // Message kinds sent by G1 to G2 (To names the G2).
 const (
-	KindConfig  = "config"  // Workers, Gen: how many workers to run, G2's generation
+	KindConfig  = "config"  // Workers, Gen, Pid, Unix: how many workers to run, G2's generation, G1's pid and unix-socket paths
 	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
 	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
 )
@@ -41,8 +42,9 @@ const (
 // both generations).
 const KindStop = "stop"
 
-// maxMessage bounds one packet; a larger one is a protocol error.
-const maxMessage = 4096
+// maxMessage bounds one packet; a larger one is a protocol error. It
+// holds a config message with a hundred unix-socket paths of full length.
+const maxMessage = 16 << 10
 
 // Msg is one message of the channel. Fields unused by a kind are zero.
 type Msg struct {
@@ -56,6 +58,9 @@ type Msg struct {
 	PGIDs   []int  `json:"pgids,omitempty"`
 	Code    int    `json:"code,omitempty"`
 	Reason  string `json:"reason,omitempty"`
+	// Unix lists the paths of the sender's unix-socket listeners (config):
+	// the new master unlinks, at its commit, those it does not use.
+	Unix []string `json:"unix,omitempty"`
 }
 
 // ErrMessage is wrapped by every error DecodeMsg returns.
@@ -92,6 +97,11 @@ func DecodeMsg(b []byte) (Msg, error) {
 	for _, p := range m.PGIDs {
 		if p <= 0 {
 			return Msg{}, fmt.Errorf("%w: process group %d", ErrMessage, p)
+		}
+	}
+	for _, p := range m.Unix {
+		if !filepath.IsAbs(p) {
+			return Msg{}, fmt.Errorf("%w: unix-socket path %q is not absolute", ErrMessage, p)
 		}
 	}
 	return m, nil
