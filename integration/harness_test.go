@@ -47,6 +47,12 @@ func startMoltIn(t *testing.T, dir string, args ...string) *master {
 // re-executes) in dir.
 func startMoltAt(t *testing.T, dir, path string, args ...string) *master {
 	t.Helper()
+	return startMoltEnv(t, dir, path, nil, args...)
+}
+
+// startMoltEnv is startMoltAt with env added to molt's environment.
+func startMoltEnv(t *testing.T, dir, path string, env []string, args ...string) *master {
+	t.Helper()
 	// A second master in the same directory (same pid file) gets a log of
 	// its own, so that waits never match the first one's lines.
 	log := filepath.Join(dir, "molt.log")
@@ -54,8 +60,13 @@ func startMoltAt(t *testing.T, dir, path string, args ...string) *master {
 		log = filepath.Join(dir, fmt.Sprintf("molt-%d.log", i))
 	}
 	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: log}
-	full := append([]string{"run", "--pid-file", m.pidFile, "--log-file", m.log, "--log-json", "--log-level", "debug"}, args...)
-	m.Proc = test.Start(t, test.Opts{Path: path, Args: full, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
+	// The master itself, unless the test asks for the keeper (keeper_test.go).
+	pre := []string{"run", "--no-keeper"}
+	if len(args) > 0 && args[0] == withKeeper {
+		pre, args = []string{"run"}, args[1:]
+	}
+	full := append(append(pre, "--pid-file", m.pidFile, "--log-file", m.log, "--log-json", "--log-level", "debug"), args...)
+	m.Proc = test.Start(t, test.Opts{Path: path, Args: full, Env: env, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return
@@ -65,6 +76,10 @@ func startMoltAt(t *testing.T, dir, path string, args ...string) *master {
 	})
 	return m
 }
+
+// withKeeper, as the first argument of startMolt*, runs molt with its
+// keeper: the process started (m.Proc) is then the keeper.
+const withKeeper = "\x00keeper"
 
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")

@@ -155,6 +155,9 @@ func (m *Master) shutdown(fast bool) {
 		return
 	}
 	m.old.settling = false
+	if (m.role == rolePrimary && !m.old.retiring) || m.role == roleCommitted {
+		m.tellSupervisor("STOPPING=1", m.supervisorStatus("stopping"))
+	}
 	if r := m.rl; r != nil {
 		m.rl = nil
 		for _, l := range r.added {

@@ -33,6 +33,7 @@ type Master struct {
 	stopSignals      func()
 	control          *controlSocket
 	started          time.Time
+	supervisor       *supervisor // NOTIFY_SOCKET: the keeper or systemd; nil if none
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start
@@ -88,12 +89,13 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	m := &Master{
-		cfg:     cfg,
-		log:     cfg.Logger.Named("master"),
-		events:  make(chan event, eventBufferSize),
-		done:    make(chan struct{}),
-		procs:   map[int]*proc{},
-		started: time.Now(),
+		cfg:        cfg,
+		log:        cfg.Logger.Named("master"),
+		events:     make(chan event, eventBufferSize),
+		done:       make(chan struct{}),
+		procs:      map[int]*proc{},
+		started:    time.Now(),
+		supervisor: newSupervisor(),
 	}
 	m.sys = sysOps{start: m.startWorker, watch: m.watch, signal: syscall.Kill, after: m.sendAfter}
 	defer close(m.done)
@@ -104,6 +106,7 @@ func Run(ctx context.Context, cfg Config) error {
 		m.release()
 		return err
 	}
+	m.watchKeeper()
 	return m.loop(ctx)
 }
 
@@ -158,6 +161,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onCtl(ev)
 			case preflightDone:
 				m.onPreflightDone(ev)
+			case keeperExited:
+				m.log.Warn("the keeper has exited; this master serves on without it", "keeper_pid", ev.pid)
 			}
 		case <-ctxDone:
 			ctxDone = nil

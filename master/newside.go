@@ -179,6 +179,9 @@ func (m *Master) commit() {
 	if m.role != roleNew {
 		return
 	}
+	// The supervisor learns the new main pid before the old master can
+	// learn of the commit (and exit).
+	m.supervisorReady("serving, %d workers; upgraded", len(m.slots))
 	if err := m.hand.Ready(); err != nil && !m.new.parentGone {
 		m.log.Warn("commit: the old master did not take the news; it may be gone", "error", err)
 	}

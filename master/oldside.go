@@ -186,6 +186,7 @@ func (m *Master) startUpgrade() {
 			m.log.Warn("control socket not renamed; the new master's will fail", "error", err)
 		}
 	}
+	m.supervisorReloading("upgrading: starting " + os.Args[0])
 	m.armUpgradeDeadline(m.cfg.ReadyTimeout + upgradeSlack)
 	m.log.Info("upgrade started", "path", os.Args[0], "quit_pending", up.quitPending,
 		"pid_file", m.pidFile.path+oldSuffix)
@@ -388,6 +389,7 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 		return
 	}
 	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "new_pid", up.pid, "reason", reason)
+	m.supervisorReady("serving, %d workers; upgrade rolled back: %s", len(m.slots), reason)
 	if up.quitPending {
 		m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
 	}

@@ -156,6 +156,7 @@ func (m *Master) markReady(p *proc, how string) {
 		if m.role == roleNew {
 			m.onNewServing()
 		} else {
+			m.supervisorReady("serving, %d workers", len(m.slots))
 			m.releaseIfServing()
 		}
 	}

@@ -66,6 +66,7 @@ func (m *Master) onReload(watcher chan CtlReply) error {
 		n = cfg.Workers // ...unless the configuration changed the count
 	}
 	m.rl = r
+	m.supervisorReloading("reloading")
 	m.log.Info("reload started", "workers", n, "listeners_added", len(r.added), "listeners_dropped", len(r.dropped))
 	for i := 0; i < n; i++ {
 		s := &slot{n: i, spec: r.spec, pending: true}
@@ -159,6 +160,7 @@ func (m *Master) onReloadWorkerReady() {
 	for _, l := range r.dropped {
 		m.closeListener(l)
 	}
+	m.supervisorReady("serving, %d workers; reloaded", len(m.slots))
 	m.log.Info("reload done: new workers serve, the old ones drain", "workers", len(m.slots),
 		"elapsed", time.Since(r.started).Round(time.Millisecond).String())
 	reloadReply(r, CtlReply{OK: true, Done: true, Message: fmt.Sprintf("reloaded: %d new workers serve", len(m.slots))})
@@ -178,6 +180,7 @@ func (m *Master) failReload(reason string) {
 		m.closeListener(l)
 	}
 	m.log.Error("reload failed; the old workers keep serving under the old configuration", "reason", reason)
+	m.supervisorReady("serving, %d workers; reload failed: %s", len(m.slots), reason)
 	reloadReply(r, CtlReply{Done: true, Error: "reload failed: " + reason})
 }
 

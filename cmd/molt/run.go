@@ -15,7 +15,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master"
+	"github.com/molt-server/molt/master/keeper"
 	"golang.org/x/sys/unix"
 )
 
@@ -70,6 +72,7 @@ type runFlags struct {
 	env          []string
 	umask        string
 	backlog      int
+	noKeeper     bool
 }
 
 // listFlag is a repeatable string flag.
@@ -113,6 +116,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.Var(listFlag{&f.env}, "env", "`KEY=VALUE` added to the workers' environment, repeatable")
 	fs.StringVar(&f.umask, "umask", "", "workers' umask, in octal (e.g. `0027`)")
 	fs.IntVar(&f.backlog, "backlog", 0, "listen backlog `N` of every listener (default: the kernel's somaxconn)")
+	fs.BoolVar(&f.noKeeper, "no-keeper", false, "no keeper process: the master is the process started (nginx's tree;\nits pid changes at every upgrade)")
 	fs.StringVar(&f.control, "control-socket", "", "`PATH` of the control socket for molt ctl (default: molt.sock beside the pid file)")
 	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
@@ -138,8 +142,9 @@ func cmdRun(args []string) int {
 		return exitUsage
 	}
 	var out io.Writer = os.Stderr
+	var lf *logFile
 	if f.logFile != "" {
-		lf, err := openLogFile(f.logFile)
+		lf, err = openLogFile(f.logFile)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "molt run:", err)
 			return exitUsage
@@ -152,6 +157,9 @@ func cmdRun(args []string) int {
 		return exitUsage
 	}
 	cfg.Logger = log
+	if !f.noKeeper && os.Getenv(keeper.EnvKeeperPID) == "" {
+		return runKeeper(log, lf)
+	}
 	// A reload reads the flags again (a config file, when there is one, is
 	// read anew) and resolves COMMAND afresh.
 	cfg.Reload = func() (master.Config, error) {
@@ -396,4 +404,40 @@ func validEnvName(k string) bool {
 		}
 	}
 	return true
+}
+
+// runKeeper makes this process the keeper, which starts the master as
+// this same command line (argv[0] made absolute, symlinks kept).
+func runKeeper(log hclog.Logger, lf *logFile) int {
+	path, err := masterPath(os.Args[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt run:", err)
+		return exitUsage
+	}
+	notify := os.Getenv("NOTIFY_SOCKET")
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "NOTIFY_SOCKET=") {
+			env = append(env, kv)
+		}
+	}
+	cfg := keeper.Config{Path: path, Args: os.Args[1:], Env: env, Notify: notify, Logger: log}
+	if lf != nil {
+		cfg.Reopen = lf.Reopen
+		cfg.Stdout, cfg.Stderr = lf.Files()
+	}
+	return keeper.Run(cfg)
+}
+
+// masterPath is argv[0] as an absolute path, not resolved: a USR2 must
+// find whatever a deploy put at that path (DESIGN §4).
+func masterPath(arg0 string) (string, error) {
+	if !strings.Contains(arg0, "/") {
+		p, err := exec.LookPath(arg0)
+		if err != nil {
+			return "", fmt.Errorf("cannot find %s to start the master: %w", arg0, err)
+		}
+		arg0 = p
+	}
+	return filepath.Abs(arg0)
 }

@@ -1,0 +1,134 @@
+package master
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The supervisor is whoever listens on the master's own NOTIFY_SOCKET:
+// molt's keeper, or systemd when molt runs with --no-keeper
+// (NotifyAccess=all). Each master tells it, in systemd's notify protocol,
+// which master is primary and what the service is doing:
+//
+//	a lone master serving             MAINPID=<self> READY=1 STATUS=...
+//	USR2 (after the pre-flight)       RELOADING=1 MONOTONIC_USEC=... STATUS=...
+//	the new master's commit           MAINPID=<self> READY=1 STATUS=...   (before tableflip's Ready)
+//	a rollback                        READY=1 STATUS=...                  (the old master)
+//	a reload starting / ending        RELOADING=1 ... / READY=1 STATUS=...
+//	the primary stopping              STOPPING=1 STATUS=...
+//
+// An old master retiring after a commit and a new master giving up say
+// nothing: they are not the service. The variable stays in the master's
+// environment, so that the masters of later upgrades find it too; workers
+// never see it (workerEnv).
+
+// EnvKeeperPID names the keeper a master runs under; set by the keeper.
+const EnvKeeperPID = "MOLT_KEEPER_PID"
+
+// supervisor sends notify messages to NOTIFY_SOCKET; nil when unset.
+type supervisor struct {
+	addr *net.UnixAddr
+}
+
+func newSupervisor() *supervisor {
+	path := os.Getenv("NOTIFY_SOCKET")
+	if path == "" {
+		return nil
+	}
+	if path[0] == '@' { // abstract namespace, as systemd passes it
+		path = "\x00" + path[1:]
+	}
+	return &supervisor{addr: &net.UnixAddr{Name: path, Net: "unixgram"}}
+}
+
+// monotonicUsec is CLOCK_MONOTONIC in microseconds, for MONOTONIC_USEC=
+// (systemd matches RELOADING=1 with it).
+func monotonicUsec() string {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return "0"
+	}
+	return strconv.FormatInt(ts.Nano()/1000, 10)
+}
+
+// tellSupervisor sends one message made of lines; failures are logged
+// (the supervisor may be gone: the master serves on).
+func (m *Master) tellSupervisor(lines ...string) {
+	s := m.supervisor
+	if s == nil {
+		return
+	}
+	c, err := net.DialUnix("unixgram", nil, s.addr)
+	if err == nil {
+		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
+		_, err = c.Write([]byte(strings.Join(lines, "\n") + "\n"))
+		_ = c.Close()
+	}
+	if err != nil {
+		m.log.Warn("notify socket: message not sent", "error", err, "message", strings.Join(lines, " "))
+		return
+	}
+	m.log.Debug("notify socket: sent", "message", strings.Join(lines, " "))
+}
+
+// supervisorStatus is a STATUS= line a human reads in systemctl status.
+func (m *Master) supervisorStatus(format string, a ...any) string {
+	return fmt.Sprintf("STATUS=gen %d, pid %d, version %s: %s", m.gen, os.Getpid(), m.cfg.Version, fmt.Sprintf(format, a...))
+}
+
+// supervisorReady: this master is the primary and serves.
+func (m *Master) supervisorReady(format string, a ...any) {
+	m.tellSupervisor("MAINPID="+strconv.Itoa(os.Getpid()), "READY=1", m.supervisorStatus(format, a...))
+}
+
+// supervisorReloading: an upgrade or a reload begins.
+func (m *Master) supervisorReloading(what string) {
+	m.tellSupervisor("RELOADING=1", "MONOTONIC_USEC="+monotonicUsec(), m.supervisorStatus("%s", what))
+}
+
+// watchKeeper logs once the keeper (MOLT_KEEPER_PID) has exited: the
+// master serves on, unsupervised.
+func (m *Master) watchKeeper() {
+	v := os.Getenv(EnvKeeperPID)
+	if v == "" {
+		return
+	}
+	pid, err := strconv.Atoi(v)
+	if err != nil || pid <= 0 {
+		m.log.Warn("ignoring a bad "+EnvKeeperPID, "value", v)
+		return
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		m.log.Warn("the keeper is gone; this master serves on without it", "keeper_pid", pid, "error", err)
+		return
+	}
+	go func() {
+		defer unix.Close(fd)
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			n, err := unix.Poll(fds, 1000)
+			if err == unix.EINTR || (err == nil && n == 0) {
+				select {
+				case <-m.done:
+					return
+				default:
+					continue
+				}
+			}
+			break
+		}
+		m.send(keeperExited{pid: pid})
+	}()
+}
+
+// keeperExited reports that the keeper has exited.
+type keeperExited struct{ pid int }
+
+func (e keeperExited) String() string { return fmt.Sprintf("keeper %d exited", e.pid) }
