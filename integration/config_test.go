@@ -270,3 +270,35 @@ func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 	l.stop(t)
 	u.stop(t)
 }
+
+// TestConfig_UpgradeMovesAListener: a name whose address the config file
+// changes is bound anew by the new master (not inherited with the old
+// address); after the commit the old address no longer listens.
+func TestConfig_UpgradeMovesAListener(t *testing.T) {
+	t.Parallel()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := free.Addr().String()
+	free.Close()
+	u := startUpgradableWith(t, func(dir string) []string {
+		conf := filepath.Join(dir, "molt.hcl")
+		writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n")
+		return []string{"--config", conf}
+	})
+	before := u.addrs(1)["web"]
+	u.waitServing()
+	writeConfig(t, filepath.Join(u.dir, "molt.hcl"), fmt.Sprintf("listen = [\"web=%s\"]\nworkers = 1\nprobation = \"300ms\"\n", target))
+	u.install(t, bins.molt2, byRename)
+	nw := u.upgrade(t)
+	if r := get(t, target, "/"); r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != fmt.Sprint(nw) {
+		t.Errorf("GET on the moved listener %s: %d from %s, want master %d", target, r.Status, r.Header.Get("X-Molt-Master-Pid"), nw)
+	}
+	if c, err := net.DialTimeout("tcp", before, 5*time.Second); err == nil {
+		c.Close()
+		t.Errorf("the old address %s still accepts after the commit", before)
+	}
+	test.WaitLog(t, u.log, stepTimeout, 1, "the move", test.Msg("listener moved; binding the new address"))
+	u.stop(t)
+}

@@ -118,6 +118,28 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 		return nil, err
 	}
 	addr, err := localAddr(f)
+	if err == nil && inherited && !specMatches(spec, addr) {
+		// The configuration moved this name to another address: the old
+		// socket stays with the old generation, this one binds anew.
+		m.log.Info("listener moved; binding the new address", "listener", spec.Name, "inherited_addr", addr, "addr", spec.Address)
+		nf, berr := bind(spec, mode)
+		if berr != nil {
+			_ = f.Close()
+			return nil, berr
+		}
+		if rerr := m.hand.Replace(spec.Name, nf); rerr != nil {
+			_ = nf.Close()
+			_ = f.Close()
+			return nil, rerr
+		}
+		if m.role == roleNew {
+			m.new.moved = append(m.new.moved, f) // shut down at the commit
+		} else {
+			_ = f.Close()
+		}
+		f, inherited = nf, false
+		addr, err = localAddr(f)
+	}
 	if err == nil && backlog > 0 {
 		err = setBacklog(f, backlog)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -258,4 +259,33 @@ func setBacklog(f *os.File, backlog int) error {
 		return fmt.Errorf("set backlog %d: %w", backlog, err)
 	}
 	return nil
+}
+
+// specMatches reports whether a socket bound at addr (its getsockname)
+// can serve spec: the same unix path; for TCP, the same port unless spec
+// asks for any (0), and the same IP when spec names a literal one (":80"
+// matches only the unspecified address). A host name is not resolved
+// again: it matches.
+func specMatches(spec ListenSpec, addr string) bool {
+	if spec.Network == "unix" {
+		a, err1 := filepath.Abs(spec.Address)
+		b, err2 := filepath.Abs(addr)
+		return err1 == nil && err2 == nil && a == b
+	}
+	host, port, err := net.SplitHostPort(spec.Address)
+	ahost, aport, err2 := net.SplitHostPort(addr)
+	if err != nil || err2 != nil {
+		return true
+	}
+	if _, perr := strconv.Atoi(port); perr == nil && port != "0" && port != aport {
+		return false // a service name ("http") is not judged
+	}
+	got := net.ParseIP(ahost)
+	if host == "" {
+		return got != nil && got.IsUnspecified()
+	}
+	if want := net.ParseIP(host); want != nil {
+		return got != nil && want.Equal(got)
+	}
+	return true
 }

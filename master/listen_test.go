@@ -183,3 +183,27 @@ func FuzzParseListen(f *testing.F) {
 		}
 	})
 }
+
+func TestSpecMatches(t *testing.T) {
+	for _, c := range []struct {
+		network, spec, addr string
+		want                bool
+	}{
+		{"tcp", "127.0.0.1:0", "127.0.0.1:41000", true},
+		{"tcp", "127.0.0.1:8080", "127.0.0.1:8080", true},
+		{"tcp", "127.0.0.1:8081", "127.0.0.1:8080", false},
+		{"tcp", "127.0.0.2:8080", "127.0.0.1:8080", false},
+		{"tcp", ":8080", "[::]:8080", true},
+		{"tcp", ":8080", "0.0.0.0:8080", true},
+		{"tcp", ":8080", "127.0.0.1:8080", false},
+		{"tcp", "[::1]:8080", "[::1]:8080", true},
+		{"tcp", "localhost:8080", "127.0.0.1:8080", true},
+		{"tcp", "127.0.0.1:http", "127.0.0.1:80", true},
+		{"unix", "/run/a.sock", "/run/a.sock", true},
+		{"unix", "/run/b.sock", "/run/a.sock", false},
+	} {
+		if got := specMatches(ListenSpec{Name: "x", Network: c.network, Address: c.spec}, c.addr); got != c.want {
+			t.Errorf("specMatches(%s %s, %s) = %v, want %v", c.network, c.spec, c.addr, got, c.want)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"syscall"
 	"time"
 
 	"github.com/molt-server/molt/upgrade"
@@ -35,6 +36,11 @@ type newSide struct {
 	deferredUSR2 bool
 	// parentUnix: the old master's unix-socket paths (its configuration).
 	parentUnix []string
+	// parentNames: the old master's listener names (its configuration).
+	parentNames []string
+	// moved: inherited sockets whose name this configuration moved to
+	// another address; shut down at the commit.
+	moved []*os.File
 }
 
 // attachToParent says hello to the old master and waits (in the loop) for
@@ -127,7 +133,7 @@ func (m *Master) onConfig(msg upgrade.Msg) {
 	want := max(msg.Workers, 1)
 	if !m.new.configured {
 		m.new.configured = true
-		m.gen, m.new.parentPid, m.new.parentUnix = msg.Gen, msg.Pid, msg.Unix
+		m.gen, m.new.parentPid, m.new.parentUnix, m.new.parentNames = msg.Gen, msg.Pid, msg.Unix, msg.Names
 		m.log = m.log.With("gen", m.gen)
 		m.log.Info("configuration from the old master", "workers", want, "ready_timeout", m.cfg.ReadyTimeout.String())
 		m.after(m.cfg.ReadyTimeout, timerFired{kind: newReadyDeadline})
@@ -182,6 +188,7 @@ func (m *Master) commit() {
 	// The supervisor learns the new main pid before the old master can
 	// learn of the commit (and exit).
 	m.supervisorReady("serving, %d workers; upgraded", len(m.slots))
+	m.shutDownDropped()
 	if err := m.hand.Ready(); err != nil && !m.new.parentGone {
 		m.log.Warn("commit: the old master did not take the news; it may be gone", "error", err)
 	}
@@ -191,6 +198,37 @@ func (m *Master) commit() {
 	m.unlinkDroppedPaths()
 	if m.new.parentGone {
 		m.becomePrimary()
+	}
+}
+
+// shutDownDropped stops, at the commit, the old generation's listeners
+// this configuration dropped or moved, in every process that holds them
+// (DESIGN §4): from now on only this generation serves, and a client must
+// be refused rather than queued where nobody accepts any more.
+func (m *Master) shutDownDropped() {
+	mine := map[string]bool{}
+	for _, l := range m.listeners {
+		mine[l.spec.Name] = true
+	}
+	files := m.new.moved
+	m.new.moved = nil
+	for _, name := range m.new.parentNames {
+		if mine[name] {
+			continue
+		}
+		f, err := m.hand.InheritedListener(name)
+		if err != nil || f == nil {
+			continue
+		}
+		files = append(files, f)
+	}
+	for _, f := range files {
+		addr, _ := localAddr(f)
+		if fd, err := rawFD(f); err == nil {
+			_ = syscall.Shutdown(fd, syscall.SHUT_RDWR)
+		}
+		_ = f.Close()
+		m.log.Info("the old generation's dropped listener stops listening", "addr", addr)
 	}
 }
 

@@ -61,6 +61,8 @@ type Msg struct {
 	// Unix lists the paths of the sender's unix-socket listeners (config):
 	// the new master unlinks, at its commit, those it does not use.
 	Unix []string `json:"unix,omitempty"`
+	// Names lists the names of the sender's listeners (config).
+	Names []string `json:"names,omitempty"`
 }
 
 // ErrMessage is wrapped by every error DecodeMsg returns.

@@ -86,6 +86,26 @@ func (h *Handover) Listener(name string, bind func() (*os.File, error)) (f *os.F
 	return f, false, nil
 }
 
+// InheritedListener returns the listener the parent passed under name, or
+// nil. Call it before Ready (which closes what was not taken).
+func (h *Handover) InheritedListener(name string) (*os.File, error) {
+	f, err := h.upg.File(listenerPrefix + name)
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: inherit listener %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// Replace registers f under name in place of the listener inherited
+// there (whose address the configuration changed); the caller closes the
+// inherited one.
+func (h *Handover) Replace(name string, f *os.File) error {
+	if err := h.upg.AddFile(listenerPrefix+name, f); err != nil {
+		return fmt.Errorf("upgrade: register listener %s: %w", name, err)
+	}
+	return nil
+}
+
 // Ready tells tableflip this process serves. For a master with no parent it
 // only enables Upgrade; for a new master it is the commit: the parent's
 // Upgrade returns nil and the parent retires. Safe to call more than once.
