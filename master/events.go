@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/upgrade"
 )
 
@@ -38,9 +39,9 @@ type childExited struct {
 func (e childExited) String() string { return fmt.Sprintf("child %d exited", e.pid) }
 
 // notified carries one datagram from the notify socket.
-type notified struct{ notifyMsg }
+type notified struct{ notify.Msg }
 
-func (e notified) String() string { return fmt.Sprintf("notify from pid %d", e.pid) }
+func (e notified) String() string { return fmt.Sprintf("notify from pid %d", e.Pid) }
 
 // timerKind names what a timer event is for.
 type timerKind int

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"syscall"
 	"time"
+
+	"github.com/molt-server/molt/master/internal/notify"
 )
 
 // onSignals applies a batch in the table's order (signals.go), each by
@@ -92,17 +94,17 @@ func (m *Master) reopenLogs() {
 // unit); everything else is logged and dropped. Passed fds are closed
 // after the message is applied: a BARRIER=1 sender waits for exactly that.
 func (m *Master) onNotify(ev notified) {
-	defer closeFDs(ev.fds)
-	if ev.err != nil {
-		m.log.Warn("notify message rejected", "pid", ev.pid, "error", ev.err)
+	defer notify.CloseFDs(ev.FDs)
+	if ev.Err != nil {
+		m.log.Warn("notify message rejected", "pid", ev.Pid, "error", ev.Err)
 		return
 	}
-	p := m.procs[ev.pgid]
-	if p == nil || ev.pgid <= 0 {
-		m.log.Warn("notify message from a process that is no worker of this master; ignored", "pid", ev.pid, "pgid", ev.pgid)
+	p := m.procs[ev.Pgid]
+	if p == nil || ev.Pgid <= 0 {
+		m.log.Warn("notify message from a process that is no worker of this master; ignored", "pid", ev.Pid, "pgid", ev.Pgid)
 		return
 	}
-	msg := ev.msg
+	msg := ev.Fields
 	if msg.Is("READY", "1") {
 		m.markReady(p, "notify")
 	}
@@ -116,8 +118,8 @@ func (m *Master) onNotify(ev notified) {
 	if msg.Is("STOPPING", "1") {
 		m.onWorkerStopping(p)
 	}
-	if len(ev.fds) > 0 && !msg.Is("BARRIER", "1") {
-		m.log.Debug("fds passed with a notify message closed: molt keeps no fd store", "pid", ev.pid, "fds", len(ev.fds))
+	if len(ev.FDs) > 0 && !msg.Is("BARRIER", "1") {
+		m.log.Debug("fds passed with a notify message closed: molt keeps no fd store", "pid", ev.Pid, "fds", len(ev.FDs))
 	}
 }
 

@@ -4,8 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"syscall"
 
+	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/upgrade"
 )
 
@@ -45,7 +45,7 @@ func (m *Master) start() error {
 		return err
 	}
 	go m.control.serve(m.send, m.done, ctlAllowed(uint32(os.Getuid())))
-	if m.notify, err = openNotifySocket(); err != nil {
+	if m.notify, err = notify.Open(); err != nil {
 		return err
 	}
 	go m.readNotify(m.notify)
@@ -152,9 +152,9 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 }
 
 // readNotify turns datagrams into events until the socket is closed.
-func (m *Master) readNotify(s *notifySocket) {
+func (m *Master) readNotify(s *notify.Socket) {
 	for {
-		msg, err := s.read()
+		msg, err := s.Read()
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
 				m.log.Error("notify socket failed; workers can no longer report readiness", "error", err)
@@ -162,7 +162,7 @@ func (m *Master) readNotify(s *notifySocket) {
 			return
 		}
 		if !m.send(notified{msg}) {
-			closeFDs(msg.fds)
+			notify.CloseFDs(msg.FDs)
 			return
 		}
 	}
@@ -229,7 +229,7 @@ func (m *Master) release() {
 		m.stopSignals()
 	}
 	if m.notify != nil {
-		_ = m.notify.close()
+		_ = m.notify.Close()
 	}
 	if m.control != nil {
 		// Each master removes its own control socket, wherever an upgrade
@@ -281,11 +281,4 @@ func removeSocket(path string) error {
 		return fmt.Errorf("%s is no longer a socket", path)
 	}
 	return os.Remove(path)
-}
-
-// closeFDs closes descriptors received with a notify message.
-func closeFDs(fds []int) {
-	for _, fd := range fds {
-		_ = syscall.Close(fd)
-	}
 }

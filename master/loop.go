@@ -7,7 +7,9 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/upgrade"
+	"github.com/molt-server/molt/worker"
 )
 
 // Master is one generation's supervisor. Its fields belong to the loop
@@ -24,7 +26,7 @@ type Master struct {
 	hand      *upgrade.Handover
 	pidFile   *pidFile
 	listeners []*listener
-	notify    *notifySocket
+	notify    *notify.Socket
 	spawner   *spawner
 	// parentR is passed to every worker; parentW is held by the master
 	// alone, so its close (the master's death) is EOF for every worker.
@@ -33,7 +35,7 @@ type Master struct {
 	stopSignals      func()
 	control          *controlSocket
 	started          time.Time
-	supervisor       *supervisor // NOTIFY_SOCKET: the keeper or systemd; nil if none
+	supervisor       string // NOTIFY_SOCKET: the keeper or systemd; "" if none
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start
@@ -95,7 +97,7 @@ func Run(ctx context.Context, cfg Config) error {
 		done:       make(chan struct{}),
 		procs:      map[int]*proc{},
 		started:    time.Now(),
-		supervisor: newSupervisor(),
+		supervisor: os.Getenv(worker.EnvNotifySocket),
 	}
 	m.sys = sysOps{start: m.startWorker, watch: m.watch, signal: syscall.Kill, after: m.sendAfter}
 	defer close(m.done)

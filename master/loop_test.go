@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/worker"
 )
 
@@ -67,7 +68,7 @@ func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fa
 
 func ready(pid int) notified {
 	n, _ := worker.ParseNotify([]byte(worker.NotifyReady))
-	return notified{notifyMsg{pid: pid, pgid: pid, msg: n}}
+	return notified{notify.Msg{Pid: pid, Pgid: pid, Fields: n}}
 }
 
 func exited(pid int) childExited {
@@ -104,7 +105,7 @@ func TestLoop_NotifyFromAStrangerChangesNothing(t *testing.T) {
 	m.onNotify(stranger)
 	// A child of the worker (same process group) may speak for it.
 	child := ready(f.started[0] + 500)
-	child.pgid = f.started[0]
+	child.Pgid = f.started[0]
 	if p := m.procs[f.started[0]]; p.state != workerStarting {
 		t.Fatalf("a stranger's READY=1 made worker %d %v", p.pid, p.state)
 	}
@@ -261,7 +262,7 @@ func TestLoop_WorkerStoppingOnItsOwnIsReplacedAtOnce(t *testing.T) {
 	pid := f.started[0]
 	m.onNotify(ready(pid))
 	n, _ := worker.ParseNotify([]byte(worker.NotifyStopping))
-	m.onNotify(notified{notifyMsg{pid: pid, pgid: pid, msg: n}})
+	m.onNotify(notified{notify.Msg{Pid: pid, Pgid: pid, Fields: n}})
 	if len(f.started) != 2 || m.slots[0].pid != f.started[1] {
 		t.Fatalf("STOPPING=1: starts=%d, slot=%+v: want a replacement at once", len(f.started), m.slots[0])
 	}

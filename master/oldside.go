@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/molt-server/molt/master/internal/procfs"
 	"github.com/molt-server/molt/upgrade"
 )
 
@@ -267,7 +268,7 @@ func (m *Master) onChildMsg(ev fromChild) {
 	if msg.Kind == upgrade.KindHello && up.pid == 0 {
 		// A hello still queued from an attempt that died must not be
 		// taken for this one's: the sender must be a child of ours.
-		if parentOf(msg.Pid) != os.Getpid() {
+		if ppid, _, _ := procfs.Parent(msg.Pid); ppid != os.Getpid() {
 			m.log.Debug("hello from a process that is no child of this master; ignored", "pid", msg.Pid)
 			return
 		}
@@ -467,25 +468,6 @@ func (m *Master) findNewMaster() int {
 		}
 	}
 	return 0
-}
-
-// parentOf returns the parent pid of pid from /proc, or 0.
-func parentOf(pid int) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 2 {
-		return 0
-	}
-	ppid, _ := strconv.Atoi(f[1])
-	return ppid
 }
 
 // tellWatchers sends a progress line to every "upgrade --wait" client.

@@ -2,7 +2,6 @@ package master
 
 import (
 	"errors"
-	"os"
 	"strings"
 	"testing"
 
@@ -32,14 +31,5 @@ func TestFailureReason(t *testing.T) {
 		if got := m.failureReason(&up, errors.New(tt.err)); !strings.Contains(got, tt.want) {
 			t.Errorf("failureReason(%q) = %q, want it to contain %q", tt.err, got, tt.want)
 		}
-	}
-}
-
-func TestParentOf(t *testing.T) {
-	if got := parentOf(os.Getpid()); got != os.Getppid() {
-		t.Errorf("parentOf(self) = %d, want %d", got, os.Getppid())
-	}
-	if got := parentOf(1 << 30); got != 0 {
-		t.Errorf("parentOf(no such pid) = %d", got)
 	}
 }

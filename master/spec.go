@@ -60,7 +60,7 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 	env := []string{
 		worker.EnvListenFDs + "=" + strconv.Itoa(len(sp.listeners)),
 		worker.EnvListenFDNames + "=" + strings.Join(names, ":"),
-		worker.EnvNotifySocket + "=" + m.notify.addr,
+		worker.EnvNotifySocket + "=" + m.notify.Addr,
 		worker.EnvMasterPID + "=" + strconv.Itoa(os.Getpid()),
 		worker.EnvWorker + "=" + strconv.Itoa(s.n),
 		worker.EnvStopSignal + "=" + signalName(sp.stopSignal),

@@ -2,12 +2,12 @@ package master
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"strconv"
 	"strings"
-	"time"
 
+	"github.com/molt-server/molt/master/keeper"
+	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,25 +28,6 @@ import (
 // environment, so that the masters of later upgrades find it too; workers
 // never see it (workerEnv).
 
-// EnvKeeperPID names the keeper a master runs under; set by the keeper.
-const EnvKeeperPID = "MOLT_KEEPER_PID"
-
-// supervisor sends notify messages to NOTIFY_SOCKET; nil when unset.
-type supervisor struct {
-	addr *net.UnixAddr
-}
-
-func newSupervisor() *supervisor {
-	path := os.Getenv("NOTIFY_SOCKET")
-	if path == "" {
-		return nil
-	}
-	if path[0] == '@' { // abstract namespace, as systemd passes it
-		path = "\x00" + path[1:]
-	}
-	return &supervisor{addr: &net.UnixAddr{Name: path, Net: "unixgram"}}
-}
-
 // monotonicUsec is CLOCK_MONOTONIC in microseconds, for MONOTONIC_USEC=
 // (systemd matches RELOADING=1 with it).
 func monotonicUsec() string {
@@ -57,20 +38,13 @@ func monotonicUsec() string {
 	return strconv.FormatInt(ts.Nano()/1000, 10)
 }
 
-// tellSupervisor sends one message made of lines; failures are logged
-// (the supervisor may be gone: the master serves on).
+// tellSupervisor sends one message made of lines, without waiting on the
+// supervisor; failures are logged (it may be gone: the master serves on).
 func (m *Master) tellSupervisor(lines ...string) {
-	s := m.supervisor
-	if s == nil {
+	if m.supervisor == "" {
 		return
 	}
-	c, err := net.DialUnix("unixgram", nil, s.addr)
-	if err == nil {
-		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
-		_, err = c.Write([]byte(strings.Join(lines, "\n") + "\n"))
-		_ = c.Close()
-	}
-	if err != nil {
+	if err := worker.NotifyTo(m.supervisor, strings.Join(lines, "\n")); err != nil {
 		m.log.Warn("notify socket: message not sent", "error", err, "message", strings.Join(lines, " "))
 		return
 	}
@@ -95,13 +69,13 @@ func (m *Master) supervisorReloading(what string) {
 // watchKeeper logs once the keeper (MOLT_KEEPER_PID) has exited: the
 // master serves on, unsupervised.
 func (m *Master) watchKeeper() {
-	v := os.Getenv(EnvKeeperPID)
+	v := os.Getenv(keeper.EnvKeeperPID)
 	if v == "" {
 		return
 	}
 	pid, err := strconv.Atoi(v)
 	if err != nil || pid <= 0 {
-		m.log.Warn("ignoring a bad "+EnvKeeperPID, "value", v)
+		m.log.Warn("ignoring a bad "+keeper.EnvKeeperPID, "value", v)
 		return
 	}
 	fd, err := unix.PidfdOpen(pid, 0)
@@ -111,20 +85,20 @@ func (m *Master) watchKeeper() {
 	}
 	go func() {
 		defer unix.Close(fd)
+		// A pidfd polls readable once its process has exited; the timeout
+		// only lets this goroutine end with the master.
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 		for {
-			n, err := unix.Poll(fds, 1000)
-			if err == unix.EINTR || (err == nil && n == 0) {
-				select {
-				case <-m.done:
-					return
-				default:
-					continue
-				}
+			if n, err := unix.Poll(fds, 1000); n > 0 || (err != nil && err != unix.EINTR) {
+				m.send(keeperExited{pid: pid})
+				return
 			}
-			break
+			select {
+			case <-m.done:
+				return
+			default:
+			}
 		}
-		m.send(keeperExited{pid: pid})
 	}()
 }
 

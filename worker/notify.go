@@ -18,10 +18,18 @@ func Notify(state string) error {
 	if addr == "" {
 		return nil
 	}
-	return notifyTo(addr, state)
+	return notifyTo(addr, state, 0)
 }
 
-func notifyTo(addr, state string) error {
+// NotifyTo sends state as one datagram to addr (a path, or @name in the
+// abstract namespace), as Notify does to NOTIFY_SOCKET, but never waits:
+// if the receiver's queue is full it fails with EAGAIN. For a process that
+// must not block on its manager (molt's master and keeper).
+func NotifyTo(addr, state string) error {
+	return notifyTo(addr, state, unix.MSG_DONTWAIT)
+}
+
+func notifyTo(addr, state string, flags int) error {
 	name := addr
 	switch {
 	case strings.HasPrefix(addr, "@"):
@@ -35,7 +43,7 @@ func notifyTo(addr, state string) error {
 	}
 	defer unix.Close(fd)
 	for {
-		err = unix.Sendmsg(fd, []byte(state), nil, &unix.SockaddrUnix{Name: name}, 0)
+		err = unix.Sendmsg(fd, []byte(state), nil, &unix.SockaddrUnix{Name: name}, flags)
 		if err != unix.EINTR { // the Go runtime's preemption signal can interrupt a send
 			break
 		}

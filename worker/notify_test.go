@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -92,6 +93,26 @@ func TestNotify_UnsetIsANoOpAndBadAddressAnError(t *testing.T) {
 	t.Setenv(EnvNotifySocket, filepath.Join(t.TempDir(), "absent"))
 	if err := Ready(); err == nil {
 		t.Error("sending to a missing socket reported success")
+	}
+}
+
+// TestNotifyTo_NeverWaits: NotifyTo delivers like Notify, and on a
+// receiver whose queue is full it fails with EAGAIN instead of blocking
+// (a master or keeper must not hang on its supervisor).
+func TestNotifyTo_NeverWaits(t *testing.T) {
+	fd, addr := listenNotify(t, true)
+	if err := NotifyTo(addr, "READY=1"); err != nil {
+		t.Fatal(err)
+	}
+	if msg, pid := recvNotify(t, fd); msg != "READY=1" || pid != os.Getpid() {
+		t.Errorf("got %q from %d", msg, pid)
+	}
+	var err error
+	for i := 0; i < 100000 && err == nil; i++ { // fills the queue: bounded
+		err = NotifyTo(addr, "STATUS=filling")
+	}
+	if !errors.Is(err, unix.EAGAIN) {
+		t.Errorf("NotifyTo on a full queue: %v, want EAGAIN", err)
 	}
 }
 

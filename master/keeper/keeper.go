@@ -15,26 +15,22 @@
 package keeper
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
-	"fmt"
-	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/master/internal/procfs"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
 
 // EnvKeeperPID tells a master which keeper it runs under (and that it must
-// not become a keeper itself). It matches master.EnvKeeperPID.
+// not become a keeper itself).
 const EnvKeeperPID = "MOLT_KEEPER_PID"
 
 // Config is what the keeper runs.
@@ -69,52 +65,48 @@ var stops = []os.Signal{syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGINT}
 type keeper struct {
 	cfg      Config
 	log      hclog.Logger
-	upstream *net.UnixAddr // systemd's NOTIFY_SOCKET, or nil
-	primary  int           // the master the operator's signals go to
-	masters  map[int]bool  // live masters it knows of
-	ready    bool          // READY=1 sent upstream once
-	stopping os.Signal     // the stop signal received, if any
-	quitSent map[int]bool  // masters sent QUIT by a graceful stop
-	stopSent bool          // STOPPING=1 sent upstream
-	status   int           // exit code of the last master reaped
-}
-
-// notice is one datagram on the keeper's socket.
-type notice struct {
-	pid int
-	msg worker.Notification
-	err error
+	primary  int          // the master the operator's signals go to
+	masters  map[int]bool // live masters it knows of
+	ready    bool         // READY=1 sent upstream once
+	stopping os.Signal    // the stop signal received, if any
+	quitSent map[int]bool // masters sent QUIT by a graceful stop
+	stopSent bool         // STOPPING=1 sent upstream
+	status   int          // exit code of the last master reaped
 }
 
 // Run starts the first master and keeps it, and every master after it,
 // until none is left. It returns the exit code for the keeper's process.
 func Run(cfg Config) int {
 	k := &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), masters: map[int]bool{}, quitSent: map[int]bool{}}
-	if cfg.Notify != "" {
-		name := cfg.Notify
-		if name[0] == '@' {
-			name = "\x00" + name[1:]
-		}
-		k.upstream = &net.UnixAddr{Name: name, Net: "unixgram"}
-	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		k.log.Error("cannot become a child subreaper", "error", err)
 		return 1
 	}
-	conn, addr, err := listenNotify()
+	sock, err := notify.Open()
 	if err != nil {
-		k.log.Error("notify socket", "error", err)
+		k.log.Error("cannot open the keeper's notify socket", "error", err)
 		return 1
 	}
-	defer conn.Close()
-	notices := make(chan notice, 64)
-	go readNotices(conn, notices)
+	defer sock.Close()
+	notices := make(chan notify.Msg, 64)
+	go func() {
+		for {
+			n, err := sock.Read()
+			if err != nil {
+				if !errors.Is(err, os.ErrClosed) {
+					k.log.Error("notify socket failed; masters can no longer report", "error", err)
+				}
+				return
+			}
+			notices <- n
+		}
+	}()
 
 	sigC := make(chan os.Signal, 16)
 	signal.Notify(sigC, append(append([]os.Signal{syscall.SIGCHLD}, forwarded...), stops...)...)
 	defer signal.Stop(sigC)
 
-	env := append(append([]string{}, cfg.Env...), "NOTIFY_SOCKET="+addr, EnvKeeperPID+"="+strconv.Itoa(os.Getpid()))
+	env := append(append([]string{}, cfg.Env...), "NOTIFY_SOCKET="+sock.Addr, EnvKeeperPID+"="+strconv.Itoa(os.Getpid()))
 	p, err := os.StartProcess(cfg.Path, append([]string{cfg.Path}, cfg.Args...), &os.ProcAttr{
 		Env:   env,
 		Files: []*os.File{os.Stdin, orStd(cfg.Stdout, os.Stdout), orStd(cfg.Stderr, os.Stderr)},
@@ -145,73 +137,6 @@ func Run(cfg Config) int {
 			k.onNotice(n)
 		}
 	}
-}
-
-// listenNotify opens the keeper's NOTIFY_SOCKET: abstract (nothing to
-// clean up), with SO_PASSCRED so each datagram carries its sender's pid.
-func listenNotify() (*net.UnixConn, string, error) {
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	addr := fmt.Sprintf("@molt-keeper/%d/%s", os.Getpid(), hex.EncodeToString(b[:]))
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: addr, Net: "unixgram"})
-	if err != nil {
-		return nil, "", err
-	}
-	rc, err := conn.SyscallConn()
-	if err == nil {
-		var serr error
-		err = rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
-		if err == nil {
-			err = serr
-		}
-	}
-	if err != nil {
-		conn.Close()
-		return nil, "", fmt.Errorf("SO_PASSCRED: %w", err)
-	}
-	return conn, addr, nil
-}
-
-// readNotices reads datagrams until the socket is closed.
-func readNotices(conn *net.UnixConn, out chan<- notice) {
-	buf := make([]byte, worker.MaxNotifySize+1)
-	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*253))
-	for {
-		n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
-		if errors.Is(err, net.ErrClosed) {
-			return
-		}
-		if err != nil {
-			out <- notice{err: err}
-			time.Sleep(10 * time.Millisecond) // a persistent error must not spin
-			continue
-		}
-		out <- parseNotice(buf[:n], oob[:oobn])
-	}
-}
-
-// parseNotice reads the sender's pid and the message; passed fds are
-// closed (the keeper keeps none).
-func parseNotice(data, oob []byte) notice {
-	var nt notice
-	cmsgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return notice{err: fmt.Errorf("control message: %w", err)}
-	}
-	for _, c := range cmsgs {
-		if cred, err := unix.ParseUnixCredentials(&c); err == nil {
-			nt.pid = int(cred.Pid)
-		} else if fds, err := unix.ParseUnixRights(&c); err == nil {
-			for _, fd := range fds {
-				_ = unix.Close(fd)
-			}
-		}
-	}
-	if nt.pid <= 0 {
-		return notice{err: errors.New("datagram without credentials")}
-	}
-	nt.msg, nt.err = worker.ParseNotify(data)
-	return nt
 }
 
 // reap waits for every child that has exited, and reports whether none is
@@ -346,48 +271,29 @@ func (k *keeper) uncommittedChild() int {
 		if err != nil {
 			continue
 		}
-		if ppid, pg, ok := procParent(pid); ok && ppid == k.primary && pg == pgrp {
+		if ppid, pg, ok := procfs.Parent(pid); ok && ppid == k.primary && pg == pgrp {
 			return pid
 		}
 	}
 	return 0
 }
 
-// procParent reads a process's parent pid and process group.
-func procParent(pid int) (ppid, pgrp int, ok bool) {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return 0, 0, false
-	}
-	// pid (comm) state ppid pgrp ...: comm may hold spaces and parens.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, 0, false
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 3 {
-		return 0, 0, false
-	}
-	ppid, err1 := strconv.Atoi(f[1])
-	pgrp, err2 := strconv.Atoi(f[2])
-	return ppid, pgrp, err1 == nil && err2 == nil
-}
-
 // onNotice takes a master's message. Only the keeper's descendants count.
-func (k *keeper) onNotice(n notice) {
-	if n.err != nil {
-		k.log.Warn("bad notify message; ignored", "pid", n.pid, "error", n.err)
+func (k *keeper) onNotice(n notify.Msg) {
+	defer notify.CloseFDs(n.FDs) // the keeper keeps none
+	if n.Err != nil {
+		k.log.Warn("bad notify message; ignored", "pid", n.Pid, "error", n.Err)
 		return
 	}
-	if !k.isDescendant(n.pid) {
-		k.log.Warn("notify message from a process outside the keeper's tree; ignored", "pid", n.pid)
+	if !k.isDescendant(n.Pid) {
+		k.log.Warn("notify message from a process outside the keeper's tree; ignored", "pid", n.Pid)
 		return
 	}
-	if v, ok := n.msg.Get("MAINPID"); ok {
+	msg := n.Fields
+	if v, ok := msg.Get("MAINPID"); ok {
 		pid, err := strconv.Atoi(v)
-		if err != nil || pid <= 0 || (pid != n.pid && !k.masters[pid]) {
-			k.log.Warn("bad MAINPID; ignored", "pid", n.pid, "mainpid", v)
+		if err != nil || pid <= 0 || (pid != n.Pid && !k.masters[pid]) {
+			k.log.Warn("bad MAINPID; ignored", "pid", n.Pid, "mainpid", v)
 		} else {
 			if pid != k.primary {
 				k.log.Info("primary master", "pid", pid, "previous", k.primary)
@@ -396,26 +302,28 @@ func (k *keeper) onNotice(n notice) {
 			k.continueStop(false)
 		}
 	}
-	if n.pid != k.primary {
+	if n.Pid != k.primary {
 		return // an old master retiring, a new one not committed: not the service
 	}
 	var up []string
-	if n.msg.Is("RELOADING", "1") {
-		up = append(up, "RELOADING=1", "MONOTONIC_USEC="+monotonicUsec())
+	if msg.Is("RELOADING", "1") {
+		// CLOCK_MONOTONIC is the machine's: the master's stamp holds.
+		mono, _ := msg.Get("MONOTONIC_USEC")
+		up = append(up, "RELOADING=1", "MONOTONIC_USEC="+mono)
 	}
-	if n.msg.Is("READY", "1") {
+	if msg.Is("READY", "1") {
 		k.continueStop(true)
 		up = append(up, "READY=1")
 		if !k.ready {
 			k.ready = true
-			k.log.Info("the service is ready", "master_pid", n.pid)
+			k.log.Info("the service is ready", "master_pid", n.Pid)
 		}
 	}
-	if n.msg.Is("STOPPING", "1") && !k.stopSent {
+	if msg.Is("STOPPING", "1") && !k.stopSent {
 		k.stopSent = true
 		up = append(up, "STOPPING=1")
 	}
-	if v, ok := n.msg.Get("STATUS"); ok {
+	if v, ok := msg.Get("STATUS"); ok {
 		up = append(up, "STATUS="+v)
 	}
 	if len(up) > 0 {
@@ -426,11 +334,8 @@ func (k *keeper) onNotice(n notice) {
 // isDescendant reports whether pid is in the keeper's process tree.
 func (k *keeper) isDescendant(pid int) bool {
 	self := os.Getpid()
-	for i := 0; i < 64 && pid > 1; i++ {
-		if pid == self {
-			return true
-		}
-		ppid, _, ok := procParent(pid)
+	for i := 0; i < 64 && pid > 1 && pid != self; i++ {
+		ppid, _, ok := procfs.Parent(pid)
 		if !ok {
 			return false
 		}
@@ -449,28 +354,15 @@ func (k *keeper) upstreamStopping(status string) {
 	k.upstreamSend("STOPPING=1", "STATUS="+status)
 }
 
-// upstreamSend relays a message to systemd, if the keeper runs under it.
+// upstreamSend relays a message to systemd, if the keeper runs under it,
+// without waiting on it.
 func (k *keeper) upstreamSend(lines ...string) {
-	if k.upstream == nil {
+	if k.cfg.Notify == "" {
 		return
 	}
-	c, err := net.DialUnix("unixgram", nil, k.upstream)
-	if err == nil {
-		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
-		_, err = c.Write([]byte(strings.Join(lines, "\n") + "\n"))
-		_ = c.Close()
-	}
-	if err != nil {
+	if err := worker.NotifyTo(k.cfg.Notify, strings.Join(lines, "\n")); err != nil {
 		k.log.Warn("systemd notify socket: message not sent", "error", err)
 	}
-}
-
-func monotonicUsec() string {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return "0"
-	}
-	return strconv.FormatInt(ts.Nano()/1000, 10)
 }
 
 func orStd(f, std *os.File) *os.File {

@@ -1,4 +1,8 @@
-package master
+// Package notify is the receiving end of systemd's notify protocol, as
+// molt's master (for its workers) and keeper (for its masters) run it: a
+// unix datagram socket in the abstract namespace with SO_PASSCRED, and a
+// parser of its datagrams that no sender can make panic.
+package notify
 
 import (
 	"crypto/rand"
@@ -12,34 +16,36 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// notifySocket is the master's NOTIFY_SOCKET: a unix datagram socket in the
-// abstract namespace (no file to clean up after a crash; workers that drop
+// Socket is a NOTIFY_SOCKET: a unix datagram socket in the abstract
+// namespace (no file to clean up after a crash; workers that drop
 // privileges can still reach it) with SO_PASSCRED, so every datagram
 // carries the sender's pid as the kernel saw it (sd_notify(3)).
-type notifySocket struct {
+type Socket struct {
 	// f wraps the non-blocking socket so that reads go through the Go
 	// poller: close then wakes a blocked reader safely, with no window in
 	// which the fd number could be reused under it.
-	f    *os.File
-	addr string // as workers see it: "@molt/..."
+	f *os.File
+	// Addr is the address as senders see it: "@molt/...".
+	Addr string
 }
 
-// notifyMsg is one datagram as the reader saw it. pgid is looked up the
-// moment the datagram is read, while its sender most likely still lives:
+// Msg is one datagram as the reader saw it. Pgid is looked up the moment
+// the datagram is read, while its sender most likely still lives:
 // systemd-notify exits right after sending (its BARRIER=1 makes it wait
-// for us to close the fd it passes, which the loop does after handling the
-// message).
-type notifyMsg struct {
-	pid, pgid int
-	msg       worker.Notification
-	err       error // malformed datagram or missing credentials
-	fds       []int // passed with the datagram; closed by the loop
+// for the receiver to close the fd it passes, which the receiver does
+// after handling the message).
+type Msg struct {
+	Pid, Pgid int
+	Fields    worker.Notification
+	Err       error // malformed datagram or missing credentials
+	FDs       []int // passed with the datagram; the receiver closes them (CloseFDs)
 }
 
 // maxNotifyFDs is how many descriptors one datagram may carry (SCM_MAX_FD).
 const maxNotifyFDs = 253
 
-func openNotifySocket() (*notifySocket, error) {
+// Open binds a new socket at a fresh abstract address.
+func Open() (*Socket, error) {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	name := fmt.Sprintf("molt/%d/%s", os.Getpid(), hex.EncodeToString(b[:]))
@@ -57,17 +63,18 @@ func openNotifySocket() (*notifySocket, error) {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("notify socket: bind @%s: %w", name, err)
 	}
-	return &notifySocket{f: os.NewFile(uintptr(fd), "notify"), addr: "@" + name}, nil
+	return &Socket{f: os.NewFile(uintptr(fd), "notify"), Addr: "@" + name}, nil
 }
 
-// read blocks for the next datagram. It returns an error only when the
-// socket is closed or broken; a bad datagram is a notifyMsg with err set.
-func (s *notifySocket) read() (notifyMsg, error) {
+// Read blocks for the next datagram. It returns an error only when the
+// socket is closed (wrapping os.ErrClosed) or broken; a bad datagram is a
+// Msg with Err set.
+func (s *Socket) Read() (Msg, error) {
 	buf := make([]byte, worker.MaxNotifySize+1)
 	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxNotifyFDs))
 	rc, err := s.f.SyscallConn()
 	if err != nil {
-		return notifyMsg{}, err
+		return Msg{}, err
 	}
 	var (
 		n, oobn, flags int
@@ -87,20 +94,20 @@ func (s *notifySocket) read() (notifyMsg, error) {
 	if err != nil {
 		// RawRead fails only once the file is closed (poll's "use of
 		// closed file" is not os.ErrClosed; callers test for the latter).
-		return notifyMsg{}, fmt.Errorf("notify socket: %w (%v)", os.ErrClosed, err)
+		return Msg{}, fmt.Errorf("notify socket: %w (%v)", os.ErrClosed, err)
 	}
 	if rerr != nil {
-		return notifyMsg{}, fmt.Errorf("notify socket: recvmsg: %w", rerr)
+		return Msg{}, fmt.Errorf("notify socket: recvmsg: %w", rerr)
 	}
-	return parseDatagram(buf[:n], oob[:oobn], flags), nil
+	return ParseDatagram(buf[:n], oob[:oobn], flags), nil
 }
 
-// parseDatagram interprets one datagram and its control messages.
-func parseDatagram(data, oob []byte, flags int) notifyMsg {
-	var m notifyMsg
+// ParseDatagram interprets one datagram and its control messages.
+func ParseDatagram(data, oob []byte, flags int) Msg {
+	var m Msg
 	cmsgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
-		m.err = fmt.Errorf("control message: %w", err)
+		m.Err = fmt.Errorf("control message: %w", err)
 		return m
 	}
 	for _, c := range cmsgs {
@@ -114,29 +121,36 @@ func parseDatagram(data, oob []byte, flags int) notifyMsg {
 		switch c.Header.Type {
 		case unix.SCM_RIGHTS:
 			for i := 0; i+4 <= len(c.Data); i += 4 {
-				m.fds = append(m.fds, int(int32(binary.NativeEndian.Uint32(c.Data[i:]))))
+				m.FDs = append(m.FDs, int(int32(binary.NativeEndian.Uint32(c.Data[i:]))))
 			}
 		case unix.SCM_CREDENTIALS:
 			if len(c.Data) >= unix.SizeofUcred { // struct ucred: pid, uid, gid
-				m.pid = int(int32(binary.NativeEndian.Uint32(c.Data)))
+				m.Pid = int(int32(binary.NativeEndian.Uint32(c.Data)))
 			}
 		}
 	}
 	switch {
 	case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || len(data) > worker.MaxNotifySize:
-		m.err = fmt.Errorf("%w: larger than %d bytes or too many fds", worker.ErrNotifyMessage, worker.MaxNotifySize)
-	case m.pid <= 0:
-		m.err = errors.New("no sender credentials")
+		m.Err = fmt.Errorf("%w: larger than %d bytes or too many fds", worker.ErrNotifyMessage, worker.MaxNotifySize)
+	case m.Pid <= 0:
+		m.Err = errors.New("no sender credentials")
 	default:
-		m.msg, m.err = worker.ParseNotify(data)
+		m.Fields, m.Err = worker.ParseNotify(data)
 	}
-	if m.pid > 0 {
-		if pgid, err := unix.Getpgid(m.pid); err == nil {
-			m.pgid = pgid
+	if m.Pid > 0 {
+		if pgid, err := unix.Getpgid(m.Pid); err == nil {
+			m.Pgid = pgid
 		}
 	}
 	return m
 }
 
-// close closes the socket; a blocked read returns an error.
-func (s *notifySocket) close() error { return s.f.Close() }
+// Close closes the socket; a blocked Read returns an error.
+func (s *Socket) Close() error { return s.f.Close() }
+
+// CloseFDs closes descriptors received with a datagram.
+func CloseFDs(fds []int) {
+	for _, fd := range fds {
+		_ = unix.Close(fd)
+	}
+}
