@@ -44,6 +44,11 @@ func TestBadInput_RefusedBeforeAnythingStarts(t *testing.T) {
 		{"bad socket mode", []string{"--listen", "unix:/tmp/x.sock", "--socket-mode", "999"}, 2, "want an octal permission"},
 		{"duplicate listener name", []string{"--listen", "a=127.0.0.1:0", "--listen", "a=127.0.0.1:0"}, 2, "used twice"},
 		{"log-file directory missing", []string{"--listen", "127.0.0.1:0", "--log-file", "/nonexistent/dir/molt.log"}, 2, "log file"},
+		{"negative backlog", []string{"--listen", "127.0.0.1:0", "--backlog", "-1"}, 2, "--backlog -1"},
+		{"bad umask", []string{"--listen", "127.0.0.1:0", "--umask", "0999"}, 2, "--umask"},
+		{"bad env name", []string{"--listen", "127.0.0.1:0", "--env", "1BAD=x"}, 2, "--env \"1BAD=x\""},
+		{"chdir missing", []string{"--listen", "127.0.0.1:0", "--chdir", "/nonexistent/dir"}, 2, "--chdir /nonexistent/dir: not a directory"},
+		{"config file missing", []string{"--config", "/nonexistent/molt.hcl"}, 2, "config file: stat /nonexistent/molt.hcl"},
 	}
 	for _, c := range cases {
 		t.Run(strings.ReplaceAll(c.name, " ", "_"), func(t *testing.T) {

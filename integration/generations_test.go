@@ -35,23 +35,25 @@ type upgradable struct {
 // symlink to a release directory) and starts "molt run" from that path.
 func startUpgradable(t *testing.T, how deploy, args ...string) *upgradable {
 	t.Helper()
-	return startUpgradableIn(t, how, func(string) []string { return args })
+	return startUpgradableIn(t, how, nil, func(string) []string { return args })
 }
 
 // startUpgradableWith is startUpgradable (byRename) with the arguments
 // made by args in the master's directory (e.g. a config file there).
 func startUpgradableWith(t *testing.T, args func(dir string) []string) *upgradable {
 	t.Helper()
-	return startUpgradableIn(t, byRename, args)
+	return startUpgradableIn(t, byRename, nil, args)
 }
 
-func startUpgradableIn(t *testing.T, how deploy, args func(dir string) []string) *upgradable {
+// startUpgradableIn is the general form: env is added to molt's
+// environment, args made in the master's directory.
+func startUpgradableIn(t *testing.T, how deploy, env []string, args func(dir string) []string) *upgradable {
 	t.Helper()
 	dir := t.TempDir()
 	u := &upgradable{path: filepath.Join(dir, "molt")}
 	u.master = &master{t: t, dir: dir}
 	u.install(t, bins.molt, how)
-	u.master = startMoltAt(t, dir, u.path, args(dir)...)
+	u.master = startMoltEnv(t, dir, u.path, env, args(dir)...)
 	t.Cleanup(u.stopGenerations)
 	return u
 }

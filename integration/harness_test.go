@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -80,6 +82,34 @@ func startMoltEnv(t *testing.T, dir, path string, env []string, args ...string) 
 // withKeeper, as the first argument of startMolt*, runs molt with its
 // keeper: the process started (m.Proc) is then the keeper.
 const withKeeper = "\x00keeper"
+
+// runToEnd runs path with args in dir until it exits (bounded by
+// stepTimeout) and returns its exit code and output.
+func runToEnd(t *testing.T, dir, path string, args ...string) (int, string) {
+	t.Helper()
+	out, err := os.CreateTemp(dir, "run-*.out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.Close()
+	p := test.Start(t, test.Opts{Path: path, Args: args, Dir: dir, Log: out.Name()})
+	code := p.Wait(stepTimeout)
+	return code, p.Log()
+}
+
+// refused asserts that nothing listens at addr any more: a dial is
+// refused (ECONNREFUSED), or for a unix path finds no socket (ENOENT).
+func refused(t *testing.T, network, addr string) {
+	t.Helper()
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
+	switch {
+	case err == nil:
+		c.Close()
+		t.Errorf("%s %s still accepts connections", network, addr)
+	case !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, syscall.ENOENT):
+		t.Errorf("dial %s %s: %v, want connection refused or no such file", network, addr, err)
+	}
+}
 
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")

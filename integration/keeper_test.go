@@ -1,11 +1,9 @@
 package integration
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -60,8 +58,14 @@ func startFakeSystemd(t *testing.T) *fakeSystemd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc, _ := conn.SyscallConn()
-	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
+	var serr error
+	rc, err := conn.SyscallConn()
+	if err == nil {
+		err = rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
+	}
+	if err != nil || serr != nil {
+		t.Fatalf("SO_PASSCRED: %v %v", err, serr)
+	}
 	f.conn = conn
 	t.Cleanup(func() { conn.Close() })
 	go func() {
@@ -114,16 +118,11 @@ func (f *fakeSystemd) waitFor(t *testing.T, what string, n int, ok func(notifyRe
 	return all
 }
 
-// keptMaster is molt run with its keeper: k.Pid is the keeper's pid.
+// startKept is startUpgradable with the keeper: u.Pid is the keeper's
+// pid, the pid file names the master.
 func startKept(t *testing.T, env []string, args ...string) *upgradable {
 	t.Helper()
-	dir := t.TempDir()
-	u := &upgradable{path: filepath.Join(dir, "molt")}
-	u.master = &master{t: t, dir: dir}
-	u.install(t, bins.molt, byRename)
-	u.master = startMoltEnv(t, dir, u.path, env, append([]string{withKeeper}, args...)...)
-	t.Cleanup(u.stopGenerations)
-	return u
+	return startUpgradableIn(t, byRename, env, func(string) []string { return append([]string{withKeeper}, args...) })
 }
 
 // masterPid waits for the pid file and returns the master it names.
@@ -163,7 +162,7 @@ func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 	if masters[0] == keeper {
 		t.Fatal("the keeper is the master")
 	}
-	if ppid, _, _ := procStat(masters[0]); ppid != keeper {
+	if ppid, _, _ := test.ProcStat(masters[0]); ppid != keeper {
 		t.Errorf("the first master's parent is %d, want the keeper %d", ppid, keeper)
 	}
 	l := startLoad(t, addr)
@@ -181,7 +180,7 @@ func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 		masters = append(masters, nw)
 		// Re-parented once the old master's last thread has exited.
 		test.WaitFor(t, stepTimeout, "the new master re-parented to the keeper", func() error {
-			if ppid, _, _ := procStat(nw); ppid != keeper {
+			if ppid, _, _ := test.ProcStat(nw); ppid != keeper {
 				return fmt.Errorf("upgrade %d: master %d's parent is %d, want the keeper %d (subreaper)", i+1, nw, ppid, keeper)
 			}
 			return nil
@@ -203,20 +202,6 @@ func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 		}
 	}
 	t.Logf("keeper %d kept masters %v", keeper, masters)
-}
-
-// procStat returns a process's parent pid, its state letter and whether
-// it was found.
-func procStat(pid int) (ppid int, state string, ok bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, "", false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	f := strings.Fields(s[i+1:])
-	ppid, _ = strconv.Atoi(f[1])
-	return ppid, f[0], true
 }
 
 // TestKeeper_UnderFakeSystemd: with NOTIFY_SOCKET set, the keeper is the
@@ -287,12 +272,9 @@ func TestKeeper_UnderFakeSystemd(t *testing.T) {
 func TestKeeper_NoKeeperSendsMAINPID(t *testing.T) {
 	t.Parallel()
 	sd := startFakeSystemd(t)
-	dir := t.TempDir()
-	u := &upgradable{path: filepath.Join(dir, "molt")}
-	u.master = &master{t: t, dir: dir}
-	u.install(t, bins.molt, byRename)
-	u.master = startMoltEnv(t, dir, u.path, []string{"NOTIFY_SOCKET=" + sd.path}, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms")
-	t.Cleanup(u.stopGenerations)
+	u := startUpgradableIn(t, byRename, []string{"NOTIFY_SOCKET=" + sd.path}, func(string) []string {
+		return []string{"--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms"}
+	})
 	u.addr()
 	u.waitServing()
 	first := u.Pid
@@ -381,8 +363,8 @@ func TestKeeper_PID1OfAPidNamespace(t *testing.T) {
 	t.Parallel()
 	test.Require(t, "root", os.Getuid() == 0, "a new pid namespace needs root")
 	unshare := test.RequireCommand(t, "unshare")
-	if out, err := runCmd(unshare, "--pid", "--fork", "--mount-proc", "true"); err != nil {
-		test.Require(t, "pid namespaces", false, fmt.Sprintf("unshare --pid: %v: %s", err, out))
+	if code, out := runToEnd(t, t.TempDir(), unshare, "--pid", "--fork", "--mount-proc", "true"); code != 0 {
+		test.Require(t, "pid namespaces", false, fmt.Sprintf("unshare --pid: exit %d: %s", code, out))
 	}
 	dir := test.ShortTempDir(t)
 	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log")}
@@ -401,10 +383,11 @@ func TestKeeper_PID1OfAPidNamespace(t *testing.T) {
 	// The keeper is the child of unshare; everything else descends from it.
 	var keeper int
 	test.WaitFor(t, stepTimeout, "the namespace's PID 1", func() error {
-		keeper = childOf(m.Pid)
-		if keeper == 0 {
-			return errors.New("unshare has no child")
+		kids := test.Children(m.Pid)
+		if len(kids) != 1 {
+			return fmt.Errorf("unshare has children %v, want one", kids)
 		}
+		keeper = kids[0]
 		return nil
 	})
 	if z := zombiesUnder(keeper); len(z) > 0 {
@@ -421,26 +404,6 @@ func TestKeeper_PID1OfAPidNamespace(t *testing.T) {
 	}
 }
 
-func runCmd(path string, args ...string) (string, error) {
-	out, err := exec.Command(path, args...).CombinedOutput()
-	return string(out), err
-}
-
-// childOf returns a child of pid, or 0.
-func childOf(pid int) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppid, _, ok := procStat(p); ok && ppid == pid {
-			return p
-		}
-	}
-	return 0
-}
-
 // zombiesUnder lists zombie processes in root's tree, after a moment for
 // the reaper (a zombie that lasts is a bug; one being reaped is not).
 func zombiesUnder(root int) []int {
@@ -455,7 +418,7 @@ func zombiesUnder(root int) []int {
 			if err != nil {
 				continue
 			}
-			if ppid, st, ok := procStat(p); ok {
+			if ppid, st, ok := test.ProcStat(p); ok {
 				parents[p], states[p] = ppid, st
 			}
 		}

@@ -3,7 +3,6 @@ package integration
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -79,13 +78,10 @@ func TestPrivilege_RefusedWithoutRoot(t *testing.T) {
 	if b, err := os.ReadFile(bins.molt); err != nil || os.WriteFile(bin, b, 0o755) != nil {
 		t.Fatal("copy molt")
 	}
-	cmd := exec.Command(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+	code, out := runToEnd(t, pub, setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
 		bin, "run", "--listen", "127.0.0.1:0", "--user", "root", "--pid-file", filepath.Join(pub, "molt.pid"))
-	cmd.Dir = pub
-	out, err := cmd.CombinedOutput()
-	ee, ok := err.(*exec.ExitError)
-	if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "needs root; molt runs as uid 65534") {
-		t.Errorf("--user as nobody: %v\n%s", err, out)
+	if code != 2 || !strings.Contains(out, "needs root; molt runs as uid 65534") {
+		t.Errorf("--user as nobody: exit %d\n%s", code, out)
 	}
 	if fileExists(filepath.Join(pub, "molt.pid")) {
 		t.Error("a refused master wrote a pid file")

@@ -251,6 +251,17 @@ func statFields(pid int) (f []string, state string, ok bool) {
 	return f, f[0], true
 }
 
+// ProcStat returns pid's parent pid and state letter ("Z" for a zombie)
+// from /proc; ok is false once it is gone.
+func ProcStat(pid int) (ppid int, state string, ok bool) {
+	f, state, ok := statFields(pid)
+	if !ok || len(f) < 2 {
+		return 0, "", false
+	}
+	ppid, _ = strconv.Atoi(f[1])
+	return ppid, state, true
+}
+
 // Alive reports whether pid runs (and is not a zombie).
 func Alive(pid int) bool {
 	_, state, ok := statFields(pid)
