@@ -212,29 +212,25 @@ func TestConfig_CheckValidatesWithoutStarting(t *testing.T) {
 // TestConfig_UpgradeReadsTheFileAnew: a new master reads the config file
 // at start, so an upgrade adds and drops listeners too: the kept one is
 // inherited and never fails a request, the added one serves once the new
-// generation does, and after the commit the dropped unix listener's path
-// is gone and nothing listens there.
+// generation does, and after the commit the dropped listeners (TCP and
+// unix) no longer listen and the unix path is gone.
 func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 	t.Parallel()
 	u := startUpgradableWith(t, func(dir string) []string {
 		conf := filepath.Join(dir, "molt.hcl")
-		writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\"]\nworkers = 2\nprobation = \"300ms\"\n", filepath.Join(dir, "old.sock")))
+		writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n", filepath.Join(dir, "old.sock")))
 		return []string{"--config", conf}
 	})
 	conf := filepath.Join(u.dir, "molt.hcl")
 	oldSock := filepath.Join(u.dir, "old.sock")
-	web := u.addrs(2)["web"]
+	before := u.addrs(3)
 	u.waitServing()
-	l := startLoad(t, web)
+	l := startLoad(t, before["web"])
 	writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\", \"admin=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n")
 	u.install(t, bins.molt2, byRename)
 	nw := u.upgrade(t)
-	var admin string
-	for _, line := range test.Find(u.log, test.Msg("listening")) {
-		if line.Str("listener") == "admin" {
-			admin = line.Str("addr")
-		}
-	}
+	// gen 1: web, old, oldtcp; gen 2: web (inherited), admin.
+	admin := u.addrs(5)["admin"]
 	if admin == "" {
 		t.Fatal("the new master did not listen on admin")
 	}
@@ -248,6 +244,7 @@ func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 		return nil
 	})
 	refused(t, "unix", oldSock)
+	refused(t, "tcp", before["oldtcp"])
 	l.stop(t)
 	u.stop(t)
 }

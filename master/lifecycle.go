@@ -133,7 +133,7 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 			return nil, rerr
 		}
 		if m.role == roleNew {
-			m.new.moved = append(m.new.moved, f) // shut down at the commit
+			m.new.moved = append(m.new.moved, inheritedListener(spec.Name, f)) // closed at the commit
 		} else {
 			_ = f.Close()
 		}

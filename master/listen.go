@@ -248,6 +248,22 @@ func localAddr(f *os.File) (string, error) {
 	return "", fmt.Errorf("getsockname: unexpected address %T", sa)
 }
 
+// inheritedListener describes an inherited socket this master does not
+// serve, from the socket itself, so that closeListener can close it.
+func inheritedListener(name string, f *os.File) *listener {
+	l := &listener{spec: ListenSpec{Name: name, Network: "tcp"}, file: f, inherited: true}
+	l.addr, _ = localAddr(f)
+	if fd, err := rawFD(f); err == nil {
+		if sa, err := unix.Getsockname(fd); err == nil {
+			if _, ok := sa.(*unix.SockaddrUnix); ok {
+				l.spec.Network = "unix"
+			}
+		}
+	}
+	l.spec.Address = l.addr
+	return l
+}
+
 // setBacklog sets the listen backlog of the socket in f: listen(2) on a
 // listening socket only updates its backlog, in every process holding it.
 func setBacklog(f *os.File, backlog int) error {

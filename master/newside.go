@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"sort"
-	"syscall"
 	"time"
 
 	"github.com/molt-server/molt/upgrade"
@@ -34,13 +32,11 @@ type newSide struct {
 	// deferredUSR2: a USR2 arrived after the commit while the old master
 	// still drained; the upgrade starts once it has exited.
 	deferredUSR2 bool
-	// parentUnix: the old master's unix-socket paths (its configuration).
-	parentUnix []string
 	// parentNames: the old master's listener names (its configuration).
 	parentNames []string
-	// moved: inherited sockets whose name this configuration moved to
-	// another address; shut down at the commit.
-	moved []*os.File
+	// moved: inherited listeners whose name this configuration moved to
+	// another address; closed at the commit.
+	moved []*listener
 }
 
 // attachToParent says hello to the old master and waits (in the loop) for
@@ -133,7 +129,7 @@ func (m *Master) onConfig(msg upgrade.Msg) {
 	want := max(msg.Workers, 1)
 	if !m.new.configured {
 		m.new.configured = true
-		m.gen, m.new.parentPid, m.new.parentUnix, m.new.parentNames = msg.Gen, msg.Pid, msg.Unix, msg.Names
+		m.gen, m.new.parentPid, m.new.parentNames = msg.Gen, msg.Pid, msg.Names
 		m.log = m.log.With("gen", m.gen)
 		m.log.Info("configuration from the old master", "workers", want, "ready_timeout", m.cfg.ReadyTimeout.String())
 		m.after(m.cfg.ReadyTimeout, timerFired{kind: newReadyDeadline})
@@ -195,65 +191,33 @@ func (m *Master) commit() {
 	m.role = roleCommitted
 	m.tellParent(upgrade.Msg{Kind: upgrade.KindCommitted})
 	m.log.Info("upgrade committed")
-	m.unlinkDroppedPaths()
 	if m.new.parentGone {
 		m.becomePrimary()
 	}
 }
 
-// shutDownDropped stops, at the commit, the old generation's listeners
-// this configuration dropped or moved, in every process that holds them
-// (DESIGN §4): from now on only this generation serves, and a client must
-// be refused rather than queued where nobody accepts any more.
+// shutDownDropped closes, at the commit, the old generation's listeners
+// this configuration dropped or moved (closeListener: they stop listening
+// in every process, unix paths are removed): from now on only this
+// generation serves, and a client must be refused rather than queued
+// where nobody accepts any more.
 func (m *Master) shutDownDropped() {
 	mine := map[string]bool{}
 	for _, l := range m.listeners {
 		mine[l.spec.Name] = true
 	}
-	files := m.new.moved
+	old := m.new.moved
 	m.new.moved = nil
 	for _, name := range m.new.parentNames {
 		if mine[name] {
 			continue
 		}
-		f, err := m.hand.InheritedListener(name)
-		if err != nil || f == nil {
-			continue
-		}
-		files = append(files, f)
-	}
-	for _, f := range files {
-		addr, _ := localAddr(f)
-		if fd, err := rawFD(f); err == nil {
-			_ = syscall.Shutdown(fd, syscall.SHUT_RDWR)
-		}
-		_ = f.Close()
-		m.log.Info("the old generation's dropped listener stops listening", "addr", addr)
-	}
-}
-
-// unlinkDroppedPaths removes, at the commit, the paths of the old
-// master's unix-socket listeners that this configuration dropped: no
-// generation uses them from now on (the old one drains and its workers
-// have closed their copies), and a client must get "no such file" rather
-// than a connection nobody will accept. Paths this master listens on are
-// never touched, nor is anything that is not a socket.
-func (m *Master) unlinkDroppedPaths() {
-	mine := map[string]bool{}
-	for _, l := range m.listeners {
-		if p, err := filepath.Abs(l.spec.Address); err == nil && l.spec.Network == "unix" {
-			mine[p] = true
+		if f, err := m.hand.InheritedListener(name); err == nil && f != nil {
+			old = append(old, inheritedListener(name, f))
 		}
 	}
-	for _, p := range m.new.parentUnix {
-		if mine[p] {
-			continue
-		}
-		if err := removeSocket(p); err != nil {
-			m.log.Warn("dropped unix listener's path not removed", "path", p, "error", err)
-			continue
-		}
-		m.log.Info("dropped unix listener's path removed", "path", p)
+	for _, l := range old {
+		m.closeListener(l)
 	}
 }
 

@@ -200,11 +200,6 @@ func (m *Master) configMsg() upgrade.Msg {
 	msg := upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()}
 	for _, l := range m.listeners {
 		msg.Names = append(msg.Names, l.spec.Name)
-		if l.spec.Network == "unix" {
-			if p, err := filepath.Abs(l.spec.Address); err == nil {
-				msg.Unix = append(msg.Unix, p)
-			}
-		}
 	}
 	return msg
 }

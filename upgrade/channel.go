@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -33,7 +32,7 @@ const (
 
 // Message kinds sent by G1 to G2 (To names the G2).
 const (
-	KindConfig  = "config"  // Workers, Gen, Pid, Unix: how many workers to run, G2's generation, G1's pid and unix-socket paths
+	KindConfig  = "config"  // Workers, Gen, Pid, Names: how many workers to run, G2's generation, G1's pid and listener names
 	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
 	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
 )
@@ -43,7 +42,7 @@ const (
 const KindStop = "stop"
 
 // maxMessage bounds one packet; a larger one is a protocol error. It
-// holds a config message with a hundred unix-socket paths of full length.
+// holds a config message with hundreds of listener names.
 const maxMessage = 16 << 10
 
 // Msg is one message of the channel. Fields unused by a kind are zero.
@@ -58,10 +57,8 @@ type Msg struct {
 	PGIDs   []int  `json:"pgids,omitempty"`
 	Code    int    `json:"code,omitempty"`
 	Reason  string `json:"reason,omitempty"`
-	// Unix lists the paths of the sender's unix-socket listeners (config):
-	// the new master unlinks, at its commit, those it does not use.
-	Unix []string `json:"unix,omitempty"`
-	// Names lists the names of the sender's listeners (config).
+	// Names lists the names of the sender's listeners (config): at its
+	// commit, the new master stops those its configuration dropped.
 	Names []string `json:"names,omitempty"`
 }
 
@@ -99,11 +96,6 @@ func DecodeMsg(b []byte) (Msg, error) {
 	for _, p := range m.PGIDs {
 		if p <= 0 {
 			return Msg{}, fmt.Errorf("%w: process group %d", ErrMessage, p)
-		}
-	}
-	for _, p := range m.Unix {
-		if !filepath.IsAbs(p) {
-			return Msg{}, fmt.Errorf("%w: unix-socket path %q is not absolute", ErrMessage, p)
 		}
 	}
 	return m, nil

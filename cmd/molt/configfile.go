@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclparse"
@@ -239,7 +240,7 @@ func checkValue(name, v string) error {
 			return fmt.Errorf("%s must be at least 1, not %s", name, v)
 		}
 	case "ready-timeout", "drain-timeout", "probation":
-		if d, err := parseDurationPositive(v); err != nil || d <= 0 {
+		if d, err := time.ParseDuration(v); err != nil || d <= 0 {
 			return fmt.Errorf("%q is not a positive duration such as \"30s\"", v)
 		}
 	case "ready":

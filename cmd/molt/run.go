@@ -383,15 +383,6 @@ func parseOctalMode(v string) (int, error) {
 	return int(mode), nil
 }
 
-// parseDurationPositive parses a duration that must be above zero.
-func parseDurationPositive(v string) (time.Duration, error) {
-	d, err := time.ParseDuration(v)
-	if err != nil || d <= 0 {
-		return 0, fmt.Errorf("%q is not a positive duration", v)
-	}
-	return d, nil
-}
-
 // validEnvName accepts environment variable names: letters, digits and
 // '_', not starting with a digit.
 func validEnvName(k string) bool {
