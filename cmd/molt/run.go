@@ -305,7 +305,7 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		cfg.Umask = &mask
 	}
 	if f.backlog < 0 {
-		return cfg, fmt.Errorf("--backlog %d: want at least 1", f.backlog)
+		return cfg, fmt.Errorf("--backlog %d: want a positive number (0: the kernel's default)", f.backlog)
 	}
 	cfg.Backlog = f.backlog
 	return cfg, nil
