@@ -46,6 +46,7 @@ type ctlStatus struct {
 	} `json:"procs"`
 	Listeners []struct {
 		Name, Network, Addr string
+		Activated           bool
 	} `json:"listeners"`
 	Upgrade *struct {
 		NewPID  int  `json:"new_pid"`

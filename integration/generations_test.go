@@ -49,11 +49,17 @@ func startUpgradableWith(t *testing.T, args func(dir string) []string) *upgradab
 // environment, args made in the master's directory.
 func startUpgradableIn(t *testing.T, how deploy, env []string, args func(dir string) []string) *upgradable {
 	t.Helper()
-	dir := t.TempDir()
+	return startUpgradableVia(t, how, nil, env, args)
+}
+
+// startUpgradableVia is startUpgradableIn through launcher (startMoltVia).
+func startUpgradableVia(t *testing.T, how deploy, launcher, env []string, args func(dir string) []string) *upgradable {
+	t.Helper()
+	dir := test.ShortTempDir(t)
 	u := &upgradable{path: filepath.Join(dir, "molt")}
 	u.master = &master{t: t, dir: dir}
 	u.install(t, bins.molt, how)
-	u.master = startMoltEnv(t, dir, u.path, env, args(dir)...)
+	u.master = startMoltVia(t, dir, launcher, u.path, env, args(dir)...)
 	t.Cleanup(u.stopGenerations)
 	return u
 }

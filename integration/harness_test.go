@@ -55,6 +55,14 @@ func startMoltAt(t *testing.T, dir, path string, args ...string) *master {
 // startMoltEnv is startMoltAt with env added to molt's environment.
 func startMoltEnv(t *testing.T, dir, path string, env []string, args ...string) *master {
 	t.Helper()
+	return startMoltVia(t, dir, nil, path, env, args...)
+}
+
+// startMoltVia is startMoltEnv through launcher, a command line that
+// ends by executing molt's (e.g. systemd-socket-activate -l ADDR); the
+// process started is the launcher's.
+func startMoltVia(t *testing.T, dir string, launcher []string, path string, env []string, args ...string) *master {
+	t.Helper()
 	// A second master in the same directory (same pid file) gets a log of
 	// its own, so that waits never match the first one's lines.
 	log := filepath.Join(dir, "molt.log")
@@ -68,6 +76,10 @@ func startMoltEnv(t *testing.T, dir, path string, env []string, args ...string) 
 		pre, args = []string{"run"}, args[1:]
 	}
 	full := append(append(pre, "--pid-file", m.pidFile, "--log-file", m.log, "--log-json", "--log-level", "debug"), args...)
+	if len(launcher) > 0 {
+		full = append(append(append([]string{}, launcher[1:]...), path), full...)
+		path = launcher[0]
+	}
 	m.Proc = test.Start(t, test.Opts{Path: path, Args: full, Env: env, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
 	t.Cleanup(func() {
 		if !t.Failed() {

@@ -6,6 +6,7 @@ import "fmt"
 // "Upgrade failures"). The old master reads them from the new one's exit
 // status when no reason came over the channel first.
 const (
+	exitConfig       = 2  // as the CLI's: the configuration is refused
 	ExitNotReady     = 10 // its workers were not all ready within the ready timeout
 	ExitWorkerDied   = 11 // one of its workers exited before the commit
 	ExitAborted      = 12 // told to give up: QUIT to the new master

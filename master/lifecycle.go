@@ -36,6 +36,18 @@ func (m *Master) start() error {
 	if err := m.lockPIDFile(); err != nil {
 		return err
 	}
+	if m.role == rolePrimary {
+		socks, err := takeActivation()
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrConfig, err)
+		}
+		if m.adopt, err = matchActivated(m.cfg.Listeners, socks); err != nil {
+			for _, s := range socks {
+				_ = s.file.Close()
+			}
+			return err
+		}
+	}
 	for _, spec := range m.cfg.Listeners {
 		if err := m.openListener(spec); err != nil {
 			return err
@@ -111,9 +123,13 @@ func (m *Master) openListener(spec ListenSpec) error {
 // newListener binds (or inherits) the listener of spec and registers it
 // for the next upgrade.
 func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*listener, error) {
-	f, inherited, err := m.hand.Listener(spec.Name, func() (*os.File, error) {
-		return bind(spec, mode)
-	})
+	open := func() (*os.File, error) { return bind(spec, mode) }
+	activated := false
+	if s := m.adopt[spec.Name]; s != nil {
+		delete(m.adopt, spec.Name)
+		open, activated = func() (*os.File, error) { return s.file, nil }, true
+	}
+	f, inherited, err := m.hand.Listener(spec.Name, open)
 	if err != nil {
 		return nil, err
 	}
@@ -147,8 +163,8 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 		_ = f.Close()
 		return nil, &BindError{Spec: spec, Err: err}
 	}
-	m.log.Info("listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited)
-	return &listener{spec: spec, file: f, addr: addr, inherited: inherited}, nil
+	m.log.Info("listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited, "activated", activated)
+	return &listener{spec: spec, file: f, addr: addr, inherited: inherited, activated: activated}, nil
 }
 
 // readNotify turns datagrams into events until the socket is closed.
@@ -244,8 +260,12 @@ func (m *Master) release() {
 			_ = c.Close()
 		}
 	}
+	for _, s := range m.adopt {
+		_ = s.file.Close() // passed by socket activation, never used
+	}
+	m.adopt = nil
 	for _, l := range m.listeners {
-		if l.spec.Network == "unix" && m.ownsFiles() {
+		if l.spec.Network == "unix" && m.ownsFiles() && !l.activated {
 			if err := removeSocket(l.spec.Address); err != nil {
 				m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
 			}

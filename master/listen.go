@@ -233,31 +233,35 @@ func localAddr(f *os.File) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	_, addr, err := sockName(fd)
+	return addr, err
+}
+
+// sockName returns the network ("tcp" or "unix") and the bound address of
+// the socket fd, as localAddr formats it.
+func sockName(fd int) (network, addr string, err error) {
 	sa, err := unix.Getsockname(fd)
 	if err != nil {
-		return "", fmt.Errorf("getsockname: %w", err)
+		return "", "", fmt.Errorf("getsockname: %w", err)
 	}
 	switch a := sa.(type) {
 	case *unix.SockaddrInet4:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), nil
+		return "tcp", net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), nil
 	case *unix.SockaddrInet6:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), nil
+		return "tcp", net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), nil
 	case *unix.SockaddrUnix:
-		return a.Name, nil
+		return "unix", a.Name, nil
 	}
-	return "", fmt.Errorf("getsockname: unexpected address %T", sa)
+	return "", "", fmt.Errorf("not a TCP or unix socket (%T)", sa)
 }
 
 // inheritedListener describes an inherited socket this master does not
 // serve, from the socket itself, so that closeListener can close it.
 func inheritedListener(name string, f *os.File) *listener {
 	l := &listener{spec: ListenSpec{Name: name, Network: "tcp"}, file: f, inherited: true}
-	l.addr, _ = localAddr(f)
 	if fd, err := rawFD(f); err == nil {
-		if sa, err := unix.Getsockname(fd); err == nil {
-			if _, ok := sa.(*unix.SockaddrUnix); ok {
-				l.spec.Network = "unix"
-			}
+		if network, addr, err := sockName(fd); err == nil {
+			l.spec.Network, l.addr = network, addr
 		}
 	}
 	l.spec.Address = l.addr

@@ -26,8 +26,11 @@ type Master struct {
 	hand      *upgrade.Handover
 	pidFile   *pidFile
 	listeners []*listener
-	notify    *notify.Socket
-	spawner   *spawner
+	// adopt: sockets passed by socket activation, by the listener they
+	// serve, until start has opened that listener.
+	adopt   map[string]*activatedSocket
+	notify  *notify.Socket
+	spawner *spawner
 	// parentR is passed to every worker; parentW is held by the master
 	// alone, so its close (the master's death) is EOF for every worker.
 	parentR, parentW *os.File
@@ -69,7 +72,10 @@ type listener struct {
 	spec      ListenSpec
 	file      *os.File
 	addr      string
-	inherited bool
+	inherited bool // from the old master, by tableflip
+	// activated: passed by socket activation, to this master or to the
+	// first of its generations; its owner (systemd) keeps the address.
+	activated bool
 }
 
 // eventBufferSize bounds how many events can wait for the loop; senders

@@ -133,6 +133,10 @@ func (m *Master) onConfig(msg upgrade.Msg) {
 		m.log = m.log.With("gen", m.gen)
 		m.log.Info("configuration from the old master", "workers", want, "ready_timeout", m.cfg.ReadyTimeout.String())
 		m.after(m.cfg.ReadyTimeout, timerFired{kind: newReadyDeadline})
+		if err := m.keepActivated(msg.Activated); err != nil {
+			m.fail(exitConfig, err.Error())
+			return
+		}
 	}
 	if !m.phase.running() {
 		return
@@ -143,6 +147,29 @@ func (m *Master) onConfig(msg upgrade.Msg) {
 	for len(m.slots) > want {
 		m.removeSlot()
 	}
+}
+
+// keepActivated marks the inherited listeners that came from socket
+// activation, and refuses a configuration that dropped or moved one.
+func (m *Master) keepActivated(names []string) error {
+	for _, name := range names {
+		var kept *listener
+		for _, l := range m.listeners {
+			if l.spec.Name == name {
+				kept = l
+			}
+		}
+		if kept == nil || !kept.inherited {
+			l := &listener{spec: ListenSpec{Name: name}, addr: "its old address"}
+			if f, err := m.hand.InheritedListener(name); err == nil && f != nil {
+				l = inheritedListener(name, f)
+				_ = f.Close()
+			}
+			return activatedDropped(l)
+		}
+		kept.activated = true
+	}
+	return nil
 }
 
 // onNewServing: every worker of the new generation is ready.

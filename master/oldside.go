@@ -200,6 +200,9 @@ func (m *Master) configMsg() upgrade.Msg {
 	msg := upgrade.Msg{Kind: upgrade.KindConfig, Workers: len(m.slots), Gen: m.gen + 1, Pid: os.Getpid()}
 	for _, l := range m.listeners {
 		msg.Names = append(msg.Names, l.spec.Name)
+		if l.activated {
+			msg.Activated = append(msg.Activated, l.spec.Name)
+		}
 	}
 	return msg
 }

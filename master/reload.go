@@ -54,7 +54,7 @@ func (m *Master) onReload(watcher chan CtlReply) error {
 	}
 	r := &reload{cfg: cfg, started: time.Now(), seq: m.nextSeq()}
 	if err := m.planListeners(r); err != nil {
-		m.log.Error("reload refused: a new listener cannot be bound; nothing changed", "error", err)
+		m.log.Error("reload refused: the listeners cannot change so; nothing changed", "error", err)
 		return err
 	}
 	if watcher != nil {
@@ -124,7 +124,22 @@ func (m *Master) planListeners(r *reload) error {
 			r.dropped = append(r.dropped, l)
 		}
 	}
+	for _, l := range r.dropped {
+		if l.activated {
+			for _, a := range r.added {
+				m.closeListener(a)
+			}
+			return activatedDropped(l)
+		}
+	}
 	return nil
+}
+
+// activatedDropped is the refusal of a reload or upgrade whose
+// configuration drops or moves a socket passed by socket activation: its
+// owner (systemd's socket unit) would go on queueing connections on it.
+func activatedDropped(l *listener) error {
+	return fmt.Errorf("listener %s (%s) came from socket activation; a reload or upgrade cannot drop or move it: change the socket unit and restart the service, or keep the listener", l.spec.Name, l.addr)
 }
 
 // listenerFor returns the open listener with spec's name and address.
@@ -203,7 +218,7 @@ func (m *Master) closeListener(l *listener) {
 		_ = syscall.Shutdown(fd, syscall.SHUT_RDWR)
 	}
 	_ = l.file.Close()
-	if l.spec.Network == "unix" {
+	if l.spec.Network == "unix" && !l.activated {
 		if err := removeSocket(l.spec.Address); err != nil {
 			m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
 		}

@@ -45,6 +45,8 @@ type ListenerStatus struct {
 	Network   string `json:"network"`
 	Addr      string `json:"addr"`
 	Inherited bool   `json:"inherited"`
+	// Activated: the socket was passed by socket activation (systemd).
+	Activated bool `json:"activated"`
 }
 
 // UpgradeStatus is an upgrade in flight, as the old master follows it.
@@ -91,7 +93,7 @@ func (m *Master) status() *Status {
 		return a.PID < b.PID
 	})
 	for _, l := range m.listeners {
-		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited})
+		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated})
 	}
 	if up := m.old.up; up != nil {
 		st.Upgrade = &UpgradeStatus{NewPID: up.pid, Serving: up.serving, Ready: up.ready, Want: up.want,

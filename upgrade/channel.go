@@ -32,7 +32,7 @@ const (
 
 // Message kinds sent by G1 to G2 (To names the G2).
 const (
-	KindConfig  = "config"  // Workers, Gen, Pid, Names: how many workers to run, G2's generation, G1's pid and listener names
+	KindConfig  = "config"  // Workers, Gen, Pid, Names, Activated: how many workers to run, G2's generation, G1's pid and listener names
 	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
 	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
 )
@@ -60,6 +60,9 @@ type Msg struct {
 	// Names lists the names of the sender's listeners (config): at its
 	// commit, the new master stops those its configuration dropped.
 	Names []string `json:"names,omitempty"`
+	// Activated lists those of Names that came from socket activation
+	// (config): the new master must keep them at the same address.
+	Activated []string `json:"activated,omitempty"`
 }
 
 // ErrMessage is wrapped by every error DecodeMsg returns.

@@ -173,9 +173,16 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 func printStatus(out io.Writer, st *master.Status) {
 	fmt.Fprintf(out, "master   pid %d  gen %d  %s  (%s)  version %s  up %s\n", st.PID, st.Gen, st.State, st.Role, st.Version, st.Uptime)
 	for _, l := range st.Listeners {
-		inh := ""
+		var marks []string
 		if l.Inherited {
-			inh = "  (inherited)"
+			marks = append(marks, "inherited")
+		}
+		if l.Activated {
+			marks = append(marks, "socket activation")
+		}
+		inh := ""
+		if len(marks) > 0 {
+			inh = "  (" + strings.Join(marks, ", ") + ")"
 		}
 		fmt.Fprintf(out, "listen   %-8s %-5s %s%s\n", l.Name, l.Network, l.Addr, inh)
 	}

@@ -28,6 +28,9 @@ worker processes that accept on them. Without COMMAND the workers run
 molt's built-in demo HTTP app; with COMMAND they run that program, which
 gets the sockets the way systemd passes them (fds 3.., LISTEN_FDS,
 LISTEN_FDNAMES, LISTEN_PID) and reports readiness on NOTIFY_SOCKET.
+Started with socket activation itself (a systemd .socket unit, or
+systemd-socket-activate), molt adopts the passed sockets for the --listen
+listeners they match by name or address instead of binding those.
 
 Examples:
   molt run --listen 127.0.0.1:8080 --workers 2
@@ -405,19 +408,40 @@ func runKeeper(log hclog.Logger, lf *logFile) int {
 		fmt.Fprintln(os.Stderr, "molt run:", err)
 		return exitUsage
 	}
+	// Sockets passed by socket activation go on to the first master with
+	// the LISTEN_ variables (LISTEN_PID stays the keeper's: the master
+	// accepts its keeper's); variables meant for another process do not.
+	activated, err := master.ActivatedFDs()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt run:", err)
+		return exitUsage
+	}
+	drop := []string{"NOTIFY_SOCKET="}
+	if activated == nil {
+		drop = append(drop, "LISTEN_PID=", "LISTEN_FDS=", "LISTEN_FDNAMES=")
+	}
 	notify := os.Getenv("NOTIFY_SOCKET")
 	var env []string
 	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "NOTIFY_SOCKET=") {
+		if !hasAnyPrefix(kv, drop) {
 			env = append(env, kv)
 		}
 	}
-	cfg := keeper.Config{Path: path, Args: os.Args[1:], Env: env, Notify: notify, Logger: log}
+	cfg := keeper.Config{Path: path, Args: os.Args[1:], Env: env, Notify: notify, Logger: log, Activated: activated}
 	if lf != nil {
 		cfg.Reopen = lf.Reopen
 		cfg.Stdout, cfg.Stderr = lf.Files()
 	}
 	return keeper.Run(cfg)
+}
+
+func hasAnyPrefix(s string, prefixes []string) bool {
+	for _, p := range prefixes {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // masterPath is argv[0] as an absolute path, not resolved: a USR2 must

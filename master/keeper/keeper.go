@@ -16,8 +16,10 @@ package keeper
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -51,6 +53,11 @@ type Config struct {
 	Reopen func() error
 	// Stdout and Stderr are the master's (default: the keeper's).
 	Stdout, Stderr *os.File
+	// Activated are the descriptors socket activation passed to the
+	// keeper (3, 4, ...). The first master gets them at the same numbers,
+	// with LISTEN_PID (the keeper's pid), LISTEN_FDS and LISTEN_FDNAMES
+	// left in Env; the keeper then closes its copies.
+	Activated []int
 }
 
 // forwarded are the signals the keeper passes on to the primary master.
@@ -107,16 +114,11 @@ func Run(cfg Config) int {
 	defer signal.Stop(sigC)
 
 	env := append(append([]string{}, cfg.Env...), "NOTIFY_SOCKET="+sock.Addr, EnvKeeperPID+"="+strconv.Itoa(os.Getpid()))
-	p, err := os.StartProcess(cfg.Path, append([]string{cfg.Path}, cfg.Args...), &os.ProcAttr{
-		Env:   env,
-		Files: []*os.File{os.Stdin, orStd(cfg.Stdout, os.Stdout), orStd(cfg.Stderr, os.Stderr)},
-	})
+	pid, err := startMaster(cfg, env)
 	if err != nil {
 		k.log.Error("cannot start the master", "path", cfg.Path, "error", err)
 		return 1
 	}
-	pid := p.Pid
-	_ = p.Release() // reaped below with wait4, as every other child
 	k.primary, k.masters[pid] = pid, true
 	k.log.Info("keeper started the master", "keeper_pid", os.Getpid(), "master_pid", pid)
 	k.upstreamSend("STATUS=starting")
@@ -128,6 +130,11 @@ func Run(cfg Config) int {
 				if k.reap() {
 					k.log.Info("no master left; the keeper exits", "status", k.status)
 					k.upstreamStopping("stopped")
+					if !k.ready && k.status != 0 && cfg.Stderr != nil {
+						// The master's own error went to the log file; the
+						// operator's terminal must learn that it failed.
+						fmt.Fprintf(os.Stderr, "molt run: the master exited with status %d before it served; its error is in the log file\n", k.status)
+					}
 					return k.status
 				}
 				continue
@@ -370,4 +377,26 @@ func orStd(f, std *os.File) *os.File {
 		return f
 	}
 	return std
+}
+
+// startMaster starts the first master with raw descriptors (DESIGN §4:
+// an *os.File's Fd would switch a passed socket to blocking mode): stdin,
+// stdout, stderr, then the activated sockets at their own numbers, which
+// the keeper closes once the master holds them. The master is reaped with
+// wait4 in reap, as every other child.
+func startMaster(cfg Config, env []string) (int, error) {
+	fds := []uintptr{os.Stdin.Fd(), orStd(cfg.Stdout, os.Stdout).Fd(), orStd(cfg.Stderr, os.Stderr).Fd()}
+	for i, fd := range cfg.Activated {
+		if fd != worker.ListenFDsStart+i {
+			return 0, fmt.Errorf("activated descriptor %d is not at position %d", fd, worker.ListenFDsStart+i)
+		}
+		fds = append(fds, uintptr(fd))
+	}
+	pid, _, err := syscall.StartProcess(cfg.Path, append([]string{cfg.Path}, cfg.Args...), &syscall.ProcAttr{Env: env, Files: fds})
+	runtime.KeepAlive(cfg.Stdout)
+	runtime.KeepAlive(cfg.Stderr)
+	for _, fd := range cfg.Activated {
+		_ = unix.Close(fd)
+	}
+	return pid, err
 }

@@ -1,0 +1,201 @@
+package master
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/molt-server/molt/master/keeper"
+	"github.com/molt-server/molt/worker"
+	"golang.org/x/sys/unix"
+)
+
+// Socket activation in (sd_listen_fds(3)): a master started by systemd,
+// systemd-socket-activate or the keeper with LISTEN_FDS adopts those
+// sockets for the configured listeners instead of binding. An adopted
+// socket then travels to every new master like a bound one; it is marked
+// activated, because its address and unix path belong to whoever created
+// it: molt never unlinks its path, and a reload or an upgrade that would
+// drop or move it is refused.
+
+// activatedSocket is one listening socket passed by socket activation.
+type activatedSocket struct {
+	fd      int
+	name    string // from LISTEN_FDNAMES; "unknown" when unnamed
+	network string // "tcp" or "unix"
+	addr    string // its getsockname, as localAddr formats it
+	file    *os.File
+	taken   bool
+}
+
+func (s *activatedSocket) String() string {
+	return fmt.Sprintf("fd %d (name %q, %s %s)", s.fd, s.name, s.network, s.addr)
+}
+
+// ActivatedFDs returns the descriptors socket activation passed to this
+// very process (LISTEN_PID is its pid): 3, 4, ..., each checked to be a
+// listening stream socket and set close-on-exec. A keeper passes them on
+// to its first master at the same numbers, as raw descriptors (an
+// *os.File could switch the shared socket's blocking mode; DESIGN §4). It
+// returns nil, nil when the process was not activated.
+func ActivatedFDs() ([]int, error) {
+	socks, err := activation(func(pid int) bool { return pid == os.Getpid() })
+	if err != nil {
+		return nil, err
+	}
+	fds := make([]int, len(socks))
+	for i, s := range socks {
+		fds[i] = s.fd
+	}
+	return fds, nil
+}
+
+// takeActivation returns the sockets passed to this master: LISTEN_PID is
+// its own pid (systemd, systemd-socket-activate, --no-keeper), or that of
+// the keeper that started it (MOLT_KEEPER_PID, its parent), which passed
+// them on unchanged. The LISTEN_ variables are removed from the
+// environment either way, so that no later child (a new master) takes
+// them for its own.
+func takeActivation() ([]*activatedSocket, error) {
+	defer func() {
+		for _, k := range []string{worker.EnvListenPID, worker.EnvListenFDs, worker.EnvListenFDNames} {
+			_ = os.Unsetenv(k)
+		}
+	}()
+	keeperPID, _ := strconv.Atoi(os.Getenv(keeper.EnvKeeperPID))
+	socks, err := activation(func(pid int) bool {
+		return pid == os.Getpid() || keeperPID > 0 && pid == keeperPID && pid == os.Getppid()
+	})
+	if err != nil {
+		return nil, err
+	}
+	return socks, adopt(socks)
+}
+
+// activation reads LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES; mine says
+// whether LISTEN_PID names a process the sockets are meant for.
+func activation(mine func(pid int) bool) ([]*activatedSocket, error) {
+	pidStr, ok := os.LookupEnv(worker.EnvListenPID)
+	if !ok {
+		return nil, nil
+	}
+	pid, err := strconv.Atoi(pidStr)
+	if err != nil {
+		return nil, fmt.Errorf("socket activation: %s=%q is not a pid", worker.EnvListenPID, pidStr)
+	}
+	if !mine(pid) {
+		return nil, nil // inherited variables, meant for another process
+	}
+	nStr := os.Getenv(worker.EnvListenFDs)
+	n, err := strconv.Atoi(nStr)
+	if err != nil || n < 0 || n > 1024 {
+		return nil, fmt.Errorf("socket activation: %s=%q is not a count of descriptors", worker.EnvListenFDs, nStr)
+	}
+	names, err := worker.ParseFDNames(os.Getenv(worker.EnvListenFDNames), n)
+	if err != nil {
+		return nil, fmt.Errorf("socket activation: %w", err)
+	}
+	socks := make([]*activatedSocket, n)
+	for i := range n {
+		fd := worker.ListenFDsStart + i
+		if socks[i], err = checkFD(fd, names[i]); err != nil {
+			return nil, fmt.Errorf("socket activation (%s=%d): fd %d (name %q): %w", worker.EnvListenFDs, n, fd, names[i], err)
+		}
+	}
+	return socks, nil
+}
+
+// adopt takes the checked sockets as files, in non-blocking mode like
+// the sockets molt binds itself (systemd may pass them blocking; the mode
+// is shared by every process holding the socket, DESIGN §4).
+func adopt(socks []*activatedSocket) error {
+	for _, s := range socks {
+		if err := unix.SetNonblock(s.fd, true); err != nil {
+			return fmt.Errorf("socket activation: fd %d: set non-blocking: %w", s.fd, err)
+		}
+	}
+	for _, s := range socks {
+		s.file = os.NewFile(uintptr(s.fd), s.name)
+	}
+	return nil
+}
+
+// checkFD checks that fd is a listening TCP or unix stream socket and sets
+// it close-on-exec.
+func checkFD(fd int, name string) (*activatedSocket, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("not open: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("not a socket")
+	}
+	if typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_STREAM {
+		return nil, fmt.Errorf("not a stream socket (datagram and seqpacket sockets cannot serve workers)")
+	}
+	if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc != 1 {
+		return nil, fmt.Errorf("not a listening socket")
+	}
+	network, addr, err := sockName(fd)
+	if err != nil {
+		return nil, err
+	}
+	unix.CloseOnExec(fd)
+	return &activatedSocket{fd: fd, name: name, network: network, addr: addr}, nil
+}
+
+// matchActivated pairs each passed socket with a configured listener:
+// first by name (a socket named as a listener must be at its address),
+// then, for sockets no name claimed, by address, in fd order. A socket
+// that pairs with no listener is an error: nobody would ever accept the
+// connections queued on it. Listeners left without a socket are bound as
+// usual. The result maps listener names to their sockets.
+func matchActivated(specs []ListenSpec, socks []*activatedSocket) (map[string]*activatedSocket, error) {
+	out := map[string]*activatedSocket{}
+	fits := func(spec ListenSpec, s *activatedSocket) bool {
+		return spec.Network == s.network && specMatches(spec, s.addr)
+	}
+	for _, spec := range specs {
+		var named []*activatedSocket
+		for _, s := range socks {
+			if !s.taken && s.name == spec.Name {
+				named = append(named, s)
+			}
+		}
+		if len(named) == 0 {
+			continue
+		}
+		found := false
+		for _, s := range named {
+			if fits(spec, s) {
+				s.taken, out[spec.Name], found = true, s, true
+				break
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("%w: socket activation passed %s, but listener %s has another address; make them agree", ErrConfig, named[0], spec)
+		}
+	}
+	for _, s := range socks {
+		if s.taken {
+			continue
+		}
+		for _, spec := range specs {
+			if out[spec.Name] == nil && fits(spec, s) {
+				s.taken, out[spec.Name] = true, s
+				break
+			}
+		}
+	}
+	var left []string
+	for _, s := range socks {
+		if !s.taken {
+			left = append(left, s.String())
+		}
+	}
+	if len(left) > 0 {
+		return nil, fmt.Errorf("%w: socket activation passed %s, which matches no listener by name or address; add a --listen NAME=ADDR for it, or remove it from the socket unit", ErrConfig, strings.Join(left, ", "))
+	}
+	return out, nil
+}

@@ -1,0 +1,167 @@
+package master
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestMatchActivated(t *testing.T) {
+	sock := func(fd int, name, network, addr string) *activatedSocket {
+		return &activatedSocket{fd: fd, name: name, network: network, addr: addr}
+	}
+	spec := func(v string, i int) ListenSpec {
+		s, err := ParseListen(v, i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	tests := []struct {
+		name    string
+		specs   []ListenSpec
+		socks   []*activatedSocket
+		want    map[string]int // listener name -> fd
+		wantErr string
+	}{
+		{
+			name:  "by name, whatever the order",
+			specs: []ListenSpec{spec("web=127.0.0.1:8080", 0), spec("admin=unix:/run/a.sock", 1)},
+			socks: []*activatedSocket{sock(3, "admin", "unix", "/run/a.sock"), sock(4, "web", "tcp", "127.0.0.1:8080")},
+			want:  map[string]int{"web": 4, "admin": 3},
+		},
+		{
+			name:  "unnamed, by address",
+			specs: []ListenSpec{spec("127.0.0.1:8080", 0), spec("127.0.0.1:9090", 1)},
+			socks: []*activatedSocket{sock(3, "unknown", "tcp", "127.0.0.1:9090")},
+			want:  map[string]int{"l1": 3}, // l0 is bound as usual
+		},
+		{
+			name:  ":port takes the unspecified address only",
+			specs: []ListenSpec{spec(":8080", 0)},
+			socks: []*activatedSocket{sock(3, "unknown", "tcp", "0.0.0.0:8080")},
+			want:  map[string]int{"l0": 3},
+		},
+		{
+			name:  "port 0 takes any port of that host",
+			specs: []ListenSpec{spec("127.0.0.1:0", 0)},
+			socks: []*activatedSocket{sock(3, "unknown", "tcp", "127.0.0.1:40001")},
+			want:  map[string]int{"l0": 3},
+		},
+		{
+			name:  "systemd's default name (the unit's) for several sockets falls back to addresses",
+			specs: []ListenSpec{spec("a=127.0.0.1:1", 0), spec("b=127.0.0.1:2", 1)},
+			socks: []*activatedSocket{sock(3, "molt.socket", "tcp", "127.0.0.1:2"), sock(4, "molt.socket", "tcp", "127.0.0.1:1")},
+			want:  map[string]int{"a": 4, "b": 3},
+		},
+		{
+			name:    "a named socket at another address",
+			specs:   []ListenSpec{spec("web=127.0.0.1:8080", 0)},
+			socks:   []*activatedSocket{sock(3, "web", "tcp", "127.0.0.1:9090")},
+			wantErr: `passed fd 3 (name "web", tcp 127.0.0.1:9090), but listener web=127.0.0.1:8080 has another address`,
+		},
+		{
+			name:    "a socket no listener wants",
+			specs:   []ListenSpec{spec("web=127.0.0.1:8080", 0)},
+			socks:   []*activatedSocket{sock(3, "web", "tcp", "127.0.0.1:8080"), sock(4, "unknown", "unix", "/run/x.sock")},
+			wantErr: `passed fd 4 (name "unknown", unix /run/x.sock), which matches no listener`,
+		},
+		{
+			name:    "a unix socket does not serve a TCP listener",
+			specs:   []ListenSpec{spec("web=127.0.0.1:0", 0)},
+			socks:   []*activatedSocket{sock(3, "unknown", "unix", "/run/x.sock")},
+			wantErr: "matches no listener",
+		},
+		{
+			name:    "two sockets, one listener",
+			specs:   []ListenSpec{spec("127.0.0.1:0", 0)},
+			socks:   []*activatedSocket{sock(3, "unknown", "tcp", "127.0.0.1:1"), sock(4, "unknown", "tcp", "127.0.0.1:2")},
+			wantErr: `fd 4 (name "unknown", tcp 127.0.0.1:2), which matches no listener`,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := matchActivated(tt.specs, tt.socks)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !errors.Is(err, ErrConfig) {
+					t.Fatalf("error %v, want a config error containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != len(tt.want) {
+				t.Fatalf("matched %d listeners, want %d: %v", len(got), len(tt.want), got)
+			}
+			for name, fd := range tt.want {
+				if got[name] == nil || got[name].fd != fd {
+					t.Errorf("listener %s got %v, want fd %d", name, got[name], fd)
+				}
+			}
+		})
+	}
+}
+
+// TestCheckFD feeds checkFD every kind of descriptor a launcher could
+// pass by mistake.
+func TestCheckFD(t *testing.T) {
+	socket := func(typ int, listen bool) int {
+		fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fd) })
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+			t.Fatal(err)
+		}
+		if listen {
+			if err := unix.Listen(fd, 8); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return fd
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	unixFD, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(unixFD)
+	path := t.TempDir() + "/s.sock"
+	if err := unix.Bind(unixFD, &unix.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(unixFD, 8); err != nil {
+		t.Fatal(err)
+	}
+
+	if s, err := checkFD(socket(unix.SOCK_STREAM, true), "web"); err != nil || s.network != "tcp" || !strings.HasPrefix(s.addr, "127.0.0.1:") {
+		t.Errorf("listening TCP socket: %+v, %v", s, err)
+	}
+	if s, err := checkFD(unixFD, "adm"); err != nil || s.network != "unix" || s.addr != path {
+		t.Errorf("listening unix socket: %+v, %v", s, err)
+	}
+	for _, c := range []struct {
+		name string
+		fd   int
+		want string
+	}{
+		{"datagram", socket(unix.SOCK_DGRAM, false), "not a stream socket"},
+		{"not listening", socket(unix.SOCK_STREAM, false), "not a listening socket"},
+		{"pipe", int(r.Fd()), "not a socket"},
+		{"closed", 1000, "not open"},
+	} {
+		if _, err := checkFD(c.fd, c.name); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: error %v, want %q", c.name, err, c.want)
+		}
+	}
+}
