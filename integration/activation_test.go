@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/molt-server/molt/test"
 )
@@ -232,4 +233,109 @@ func TestActivation_UnclaimedSocketIsAnError(t *testing.T) {
 	if fileExists(filepath.Join(dir, "w.sock")) {
 		t.Error("molt bound its own listener although it refused to start")
 	}
+}
+
+// readmeUnit returns the settings of the README's ini block that starts
+// with the comment "# PATH" (a systemd unit), by key.
+func readmeUnit(t *testing.T, path string) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(b), "```ini\n# "+path+"\n")
+	if !ok {
+		t.Fatalf("README has no ini block for %s", path)
+	}
+	block, _, _ = strings.Cut(block, "```")
+	keys := map[string]string{}
+	for _, line := range strings.Split(block, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(line, "#") {
+			keys[k] = v
+		}
+	}
+	return keys
+}
+
+// TestActivation_TheREADMEUnitsAsSystemdWouldRunThem runs the README's
+// app.service and app.socket the way systemd would, as far as that can be
+// done without systemd as PID 1: the socket unit's socket is passed with
+// its FileDescriptorName by systemd-socket-activate, ExecStart runs with a
+// NOTIFY_SOCKET (a fake systemd) and must say READY=1 from its own pid
+// (Type=notify), ExecReload must succeed and be followed by READY=1, the
+// README's upgrade command must commit, and the stop (KillSignal to the
+// main pid only: KillMode=mixed) must end everything with exit 0 well
+// within TimeoutStopSec, which must leave room for the drain timeout.
+// Paths are moved into the test's directory.
+func TestActivation_TheREADMEUnitsAsSystemdWouldRunThem(t *testing.T) {
+	t.Parallel()
+	svc := readmeUnit(t, "/etc/systemd/system/app.service")
+	sockUnit := readmeUnit(t, "/etc/systemd/system/app.socket")
+	if svc["Type"] != "notify" || svc["KillMode"] != "mixed" || svc["KillSignal"] != "SIGQUIT" {
+		t.Fatalf("app.service: Type=%s KillMode=%s KillSignal=%s, want notify, mixed, SIGQUIT", svc["Type"], svc["KillMode"], svc["KillSignal"])
+	}
+	stopTimeout, err := time.ParseDuration(svc["TimeoutStopSec"])
+	if err != nil || stopTimeout < 30*time.Second+time.Second+5*time.Second {
+		t.Fatalf("TimeoutStopSec=%q leaves no room for the 30s drain and the 1s QUIT settle window", svc["TimeoutStopSec"])
+	}
+	if sockUnit["ListenStream"] == "" || sockUnit["FileDescriptorName"] == "" {
+		t.Fatalf("app.socket: %v", sockUnit)
+	}
+
+	sd := startFakeSystemd(t)
+	dir := test.ShortTempDir(t)
+	tcp := "127.0.0.1:" + freePort(t) // ListenStream, on loopback only
+	conf := filepath.Join(dir, "app.hcl")
+	writeConfig(t, conf, fmt.Sprintf("listen = [%q]\nworkers = 2\nprobation = \"300ms\"\nlog_file = %q\nlog_json = true\n",
+		sockUnit["FileDescriptorName"]+"="+tcp, filepath.Join(dir, "molt.log")))
+	u := &upgradable{path: filepath.Join(dir, "molt")}
+	u.master = &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log")}
+	u.install(t, bins.molt, byRename)
+	t.Cleanup(u.stopGenerations)
+	localize := func(cmdline string) []string {
+		r := strings.NewReplacer("/srv/app/molt", u.path, "/etc/molt/app.hcl", conf, "/run/app/", dir+"/")
+		return strings.Fields(r.Replace(cmdline))
+	}
+	start := localize(svc["ExecStart"])
+	// systemd-socket-activate passes on only the variables -E names.
+	launcher := append(activate(t, sockUnit["FileDescriptorName"], tcp), "-E", "NOTIFY_SOCKET="+sd.path)
+	u.Proc = test.Start(t, test.Opts{Path: launcher[0], Args: append(launcher[1:], start...), Dir: dir,
+		Log: filepath.Join(dir, "molt.out")})
+	firstGet(t, u.master, 1, tcp)
+	main := u.Pid // Type=notify: the process systemd started is the main pid
+	sd.waitFor(t, "READY=1 from the main pid", 1, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
+	if got := activatedListeners(statusOf(t, u.pidFile)); got != sockUnit["FileDescriptorName"] {
+		t.Errorf("activated listeners %q, want %s", got, sockUnit["FileDescriptorName"])
+	}
+
+	l := startLoad(t, tcp)
+	reload := localize(svc["ExecReload"])
+	if code, out := runToEnd(t, dir, reload[0], reload[1:]...); code != 0 {
+		t.Fatalf("ExecReload: exit %d:\n%s", code, out)
+	}
+	sd.waitFor(t, "READY=1 after the reload", 2, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
+	old := u.current(t)
+	u.install(t, bins.molt2, byRename) // the README's upgrade procedure
+	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
+		t.Fatalf("upgrade: exit %d:\n%s", code, out)
+	}
+	u.waitTakeover(t, old)
+	sd.waitFor(t, "READY=1 after the upgrade", 3, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
+	l.stop(t)
+
+	began := time.Now()
+	if err := syscall.Kill(main, syscall.SIGQUIT); err != nil { // KillMode=mixed: the main pid only
+		t.Fatal(err)
+	}
+	if code := u.Wait(stopTimeout); code != 0 {
+		t.Errorf("the main pid exited %d after SIGQUIT", code)
+	}
+	t.Logf("stopped in %v (TimeoutStopSec=%v)", time.Since(began).Round(time.Millisecond), stopTimeout)
+	sd.waitFor(t, "STOPPING=1", 1, func(r notifyRecord) bool { return r.pid == main && r.has("STOPPING=1") })
+	for _, r := range sd.records() {
+		if r.pid != main {
+			t.Errorf("a message from pid %d, not the main pid %d (NotifyAccess=main would drop it): %v", r.pid, main, r)
+		}
+	}
+	test.CheckLogs(t, u.log)
 }
