@@ -16,7 +16,7 @@ import (
 // Hidden roles: a master starts every worker as its own binary
 // (/proc/self/exe, so a generation keeps the executable it started with
 // even after a deploy replaced the file; DESIGN §4) with envRole set. The
-// child fixes LISTEN_PID to its own pid, which no parent can know before
+// child fixes LISTEN_PID (and WATCHDOG_PID) to its own pid, which no parent can know before
 // fork, and then either becomes the app (roleExec) or returns to its main
 // as a worker of the same program (roleWorker).
 const (
@@ -55,6 +55,9 @@ func RunChild() (isWorker bool, err error) {
 	}
 	if os.Getenv(worker.EnvListenFDs) != "" {
 		_ = os.Setenv(worker.EnvListenPID, strconv.Itoa(os.Getpid()))
+	}
+	if os.Getenv(worker.EnvWatchdogUSec) != "" {
+		_ = os.Setenv(worker.EnvWatchdogPID, strconv.Itoa(os.Getpid()))
 	}
 	if v, ok := os.LookupEnv(envUmask); ok {
 		_ = os.Unsetenv(envUmask)

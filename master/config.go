@@ -82,6 +82,10 @@ type Config struct {
 	// ReadyDelay, if not zero, makes a worker that never sends READY=1
 	// count as ready this long after it started (--ready=delay:DUR).
 	ReadyDelay time.Duration
+	// Watchdog, if not zero, is passed to workers as WATCHDOG_USEC: a ready
+	// worker that sends no WATCHDOG=1 for this long is killed (SIGKILL)
+	// and replaced (--watchdog).
+	Watchdog time.Duration
 
 	// Logger receives the master's log; nil discards it.
 	Logger hclog.Logger
@@ -101,6 +105,11 @@ type Config struct {
 	// reloadable: the running master's stay.
 	Reload func() (Config, error)
 }
+
+// minWatchdog is the shortest watchdog: a process on a loaded machine must
+// be able to ping at half of it without being killed for a scheduling
+// hiccup.
+const minWatchdog = 100 * time.Millisecond
 
 // Output is where workers write and what USR1 reopens.
 type Output interface {
@@ -152,8 +161,11 @@ func (c Config) validate() error {
 	if c.Workers < 1 {
 		return bad("workers must be at least 1, not %d", c.Workers)
 	}
-	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 {
+	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.Watchdog < 0 {
 		return bad("timeouts must not be negative")
+	}
+	if c.Watchdog > 0 && c.Watchdog < minWatchdog {
+		return bad("watchdog %v is too short: at least %v (workers ping at half of it)", c.Watchdog, minWatchdog)
 	}
 	switch c.StopSignal {
 	case syscall.SIGKILL, syscall.SIGSTOP:

@@ -74,10 +74,13 @@ const (
 	releaseDeadline
 	// reloadDeadline: a reload's new workers must all be ready by now.
 	reloadDeadline
+	// watchdogCheck: a ready worker must have pinged (WATCHDOG=1) within
+	// the watchdog interval by now; else it is killed.
+	watchdogCheck
 )
 
 var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due",
-	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline"}
+	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline", "watchdog check"}
 
 // timerFired is a timer's event. Handlers check that the pid or slot and
 // its sequence number still match: a timer can fire after what it was for

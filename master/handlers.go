@@ -174,11 +174,38 @@ func (m *Master) onTimer(ev timerFired) {
 	case drainDeadline:
 		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", p.spec.drainTimeout.String())
 		m.kill(p)
+	case watchdogCheck:
+		m.checkWatchdog(p)
 	case killDeadline:
 		m.log.Error("worker not reaped after SIGKILL; giving up on it", "worker", p.slot, "pid", p.pid)
 		delete(m.procs, p.pid)
 		m.finishIfIdle()
 	}
+}
+
+// checkWatchdog kills a ready worker that has not pinged within its
+// watchdog interval (counted from its READY=1 until the first ping), as
+// systemd's WatchdogSec does; else it checks again when the interval
+// since the last ping ends. The kill is a failure of the slot: it is
+// replaced, with the crash-loop backoff.
+func (m *Master) checkWatchdog(p *proc) {
+	if p.state != workerReady || p.killed {
+		return // stopping: the drain timeout bounds it now
+	}
+	last := p.readyAt
+	if p.lastPing.After(last) {
+		last = p.lastPing
+	}
+	due := last.Add(p.spec.watchdog)
+	if wait := time.Until(due); wait > 0 {
+		m.after(wait, timerFired{kind: watchdogCheck, pid: p.pid})
+		return
+	}
+	m.log.Error("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)",
+		"worker", p.slot, "pid", p.pid, "watchdog", p.spec.watchdog.String(),
+		"since_last_ping", time.Since(last).Round(time.Millisecond).String())
+	p.watchdogKilled = true
+	m.kill(p)
 }
 
 // onUpgradeTimer applies the timers of the upgrade's two sides.

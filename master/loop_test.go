@@ -351,3 +351,54 @@ func TestLoop_InvalidReloadChangesNothing(t *testing.T) {
 		t.Fatalf("an invalid configuration: err %v, reload %v, starts %d", err, m.rl, len(f.started))
 	}
 }
+
+func TestLoop_WatchdogKillsAWorkerThatStopsPinging(t *testing.T) {
+	m, f := newTestMaster(t, 1, func(c *Config) { c.Watchdog = time.Second })
+	pid := f.started[0]
+	m.onNotify(ready(pid))
+	tm := f.lastTimer(t, watchdogCheck)
+	if tm.d != time.Second || tm.ev.pid != pid {
+		t.Fatalf("watchdog check armed for %v, pid %d", tm.d, tm.ev.pid)
+	}
+	// A ping in time: the check re-arms for the rest of the interval
+	// after that ping instead of killing.
+	p := m.procs[pid]
+	p.lastPing = time.Now()
+	m.onTimer(tm.ev)
+	if len(f.signals) != 0 {
+		t.Fatalf("a worker that pinged was signalled: %v", f.signals)
+	}
+	again := f.lastTimer(t, watchdogCheck)
+	if again.d <= 0 || again.d > time.Second {
+		t.Fatalf("re-armed for %v, want within the interval", again.d)
+	}
+	// No ping for a whole interval: SIGKILL to the group, then a replacement.
+	p.lastPing = time.Now().Add(-2 * time.Second)
+	p.readyAt = p.lastPing
+	m.onTimer(again.ev)
+	if len(f.signals) != 1 || f.signals[0] != (sentSignal{-pid, syscall.SIGKILL}) {
+		t.Fatalf("signals %v, want SIGKILL to group %d", f.signals, pid)
+	}
+	m.onChildExited(exited(pid))
+	if len(f.started) != 2 {
+		t.Fatal("the killed worker was not replaced")
+	}
+	if got := m.slots[0].lastExit; got != "killed by the watchdog (exit status 1)" {
+		t.Errorf("last exit %q", got)
+	}
+}
+
+func TestLoop_WatchdogLeavesStoppingWorkersToTheDrainTimeout(t *testing.T) {
+	m, f := newTestMaster(t, 1, func(c *Config) { c.Watchdog = time.Second })
+	pid := f.started[0]
+	m.onNotify(ready(pid))
+	tm := f.lastTimer(t, watchdogCheck)
+	m.procs[pid].readyAt = time.Now().Add(-time.Hour)
+	m.stopWorker(m.procs[pid])
+	m.onTimer(tm.ev)
+	for _, s := range f.signals {
+		if s.sig == syscall.SIGKILL {
+			t.Fatalf("a draining worker was killed by the watchdog: %v", f.signals)
+		}
+	}
+}

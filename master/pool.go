@@ -85,6 +85,9 @@ func (m *Master) onChildExited(ev childExited) {
 	} else if ev.err != nil {
 		how = ev.err.Error()
 	}
+	if p.watchdogKilled {
+		how = "killed by the watchdog (" + how + ")"
+	}
 	log := m.log.With("worker", p.slot, "pid", p.pid, "status", how, "uptime", time.Since(p.started).Round(time.Millisecond).String())
 	s := m.slotOf(p)
 	if s != nil {
@@ -143,6 +146,9 @@ func (m *Master) markReady(p *proc, how string) {
 	}
 	p.state, p.readyAt = workerReady, time.Now()
 	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond).String())
+	if p.spec.watchdog > 0 {
+		m.after(p.spec.watchdog, timerFired{kind: watchdogCheck, pid: p.pid})
+	}
 	if s := m.slotOf(p); s != nil && s.pending {
 		m.onReloadWorkerReady()
 		return

@@ -23,6 +23,7 @@ type workerSpec struct {
 	drainTimeout time.Duration
 	readyTimeout time.Duration
 	readyDelay   time.Duration
+	watchdog     time.Duration
 	credential   *syscall.Credential
 	dir          string
 	umask        *int
@@ -33,7 +34,7 @@ func newSpec(cfg Config, ls []*listener) *workerSpec {
 	sp := &workerSpec{
 		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs, env: cfg.Env,
 		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
-		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay,
+		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay, watchdog: cfg.Watchdog,
 		credential: cfg.Credential, dir: cfg.WorkerDir, umask: cfg.Umask,
 	}
 	if len(cfg.Command) > 0 {
@@ -76,6 +77,10 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		env = append(env, envRole+"="+roleExec, envExecPath+"="+sp.execPath)
 	} else {
 		env = append(env, envRole+"="+roleWorker)
+	}
+	if sp.watchdog > 0 {
+		// WATCHDOG_PID is set by the child itself (RunChild), as LISTEN_PID.
+		env = append(env, worker.EnvWatchdogUSec+"="+strconv.FormatInt(sp.watchdog.Microseconds(), 10))
 	}
 	if sp.umask != nil {
 		env = append(env, envUmask+"="+strconv.FormatInt(int64(*sp.umask), 8))

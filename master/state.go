@@ -55,8 +55,9 @@ type proc struct {
 	status string
 	// lastPing is the time of its last WATCHDOG=1.
 	lastPing time.Time
-	// killed is set once SIGKILL was sent to its group.
-	killed bool
+	// killed is set once SIGKILL was sent to its group;
+	// watchdogKilled if the watchdog did it.
+	killed, watchdogKilled bool
 }
 
 // slot is one place in the worker pool. Its worker may come and go; the

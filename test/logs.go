@@ -16,6 +16,7 @@ type Line struct {
 	Level   string
 	Message string
 	Module  string
+	Time    time.Time // @timestamp
 	Fields  map[string]any
 	Raw     string
 }
@@ -60,6 +61,9 @@ func Logs(path string) []Line {
 		l.Level, _ = m["@level"].(string)
 		l.Message, _ = m["@message"].(string)
 		l.Module, _ = m["@module"].(string)
+		if ts, ok := m["@timestamp"].(string); ok {
+			l.Time, _ = time.Parse(time.RFC3339Nano, ts)
+		}
 		out = append(out, l)
 	}
 	return out

@@ -76,6 +76,7 @@ type runFlags struct {
 	umask        string
 	backlog      int
 	noKeeper     bool
+	watchdog     time.Duration
 }
 
 // listFlag is a repeatable string flag.
@@ -110,6 +111,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&f.ready, "ready", "notify", "when a worker counts as ready: `notify` (it sends READY=1) or delay:DUR\n(READY=1, or DUR after it started, whichever comes first)")
 	fs.DurationVar(&f.readyTimeout, "ready-timeout", master.DefaultReadyTimeout, "a worker not ready within `DUR` is stopped and replaced")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
+	fs.DurationVar(&f.watchdog, "watchdog", 0, "a ready worker that sends no WATCHDOG=1 for `DUR` is killed and replaced;\nworkers get WATCHDOG_USEC (molt's worker package pings by itself) (default: off)")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
 	fs.StringVar(&f.configFile, "config", "", "read settings from the HCL file `FILE` (flags given here override it);\nre-read by every reload and every new master")
@@ -236,6 +238,10 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		return cfg, errors.New("--ready-timeout, --drain-timeout and --probation must be positive")
 	}
 	cfg.Probation = f.probation
+	if f.watchdog < 0 || f.watchdog > 0 && f.watchdog < 100*time.Millisecond {
+		return cfg, fmt.Errorf("--watchdog %v: want at least 100ms (workers ping at half of it), or 0 for off", f.watchdog)
+	}
+	cfg.Watchdog = f.watchdog
 	switch f.commit {
 	case "auto":
 	case "manual":

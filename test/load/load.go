@@ -65,9 +65,27 @@ type Result struct {
 	ByMaster, ByWorker map[int]int
 	// Samples describes the first failures.
 	Samples []string
+	// Fails lists the failures (up to maxFails), each with what a test
+	// needs to attribute it: when it was in flight and which worker had
+	// answered last on its connection.
+	Fails []Failure
 }
 
-const maxSamples = 20
+// Failure is one failed request.
+type Failure struct {
+	Class      Class
+	Start, End time.Time
+	// LastWorker is the X-Molt-Worker-Pid of the last answer on the same
+	// keep-alive connection, 0 on a connection that had no answer yet (a
+	// new connection, and every request without keep-alive).
+	LastWorker int
+	Err        string
+}
+
+const (
+	maxSamples = 20
+	maxFails   = 10000
+)
 
 // Failed returns the number of failed requests.
 func (r Result) Failed() int {
@@ -104,6 +122,11 @@ func (r *Result) add(o Result) {
 	for _, s := range o.Samples {
 		if len(r.Samples) < maxSamples {
 			r.Samples = append(r.Samples, s)
+		}
+	}
+	for _, f := range o.Fails {
+		if len(r.Fails) < maxFails {
+			r.Fails = append(r.Fails, f)
 		}
 	}
 }
@@ -178,6 +201,7 @@ type client struct {
 	mu   *sync.Mutex
 	conn net.Conn
 	br   *bufio.Reader
+	last int // the worker pid of the last answer on conn
 }
 
 func (c *client) run(ctx context.Context, interval time.Duration) {
@@ -190,6 +214,10 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 		}
+		start, last := time.Now(), c.last
+		if c.conn == nil {
+			last = 0
+		}
 		resp, err := c.do()
 		c.mu.Lock()
 		c.res.Requests++
@@ -199,6 +227,9 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 			if len(c.res.Samples) < maxSamples {
 				c.res.Samples = append(c.res.Samples, fmt.Sprintf("%s: %v", cls, err))
 			}
+			if len(c.res.Fails) < maxFails {
+				c.res.Fails = append(c.res.Fails, Failure{Class: cls, Start: start, End: time.Now(), LastWorker: last, Err: err.Error()})
+			}
 		} else {
 			c.res.OK++
 			if m, err := strconv.Atoi(resp.Header.Get("X-Molt-Master-Pid")); err == nil {
@@ -206,6 +237,7 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 			}
 			if w, err := strconv.Atoi(resp.Header.Get("X-Molt-Worker-Pid")); err == nil {
 				c.res.ByWorker[w]++
+				c.last = w
 			}
 		}
 		c.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -80,5 +81,39 @@ func TestLoad_ConnectionCloseIsNoFailure(t *testing.T) {
 	waitRequests(t, r, 20)
 	if res := r.Stop(); res.Failed() != 0 {
 		t.Errorf("%v %v", res, res.Samples)
+	}
+}
+
+func TestLoad_AttributesFailuresToTheLastWorkerOfTheirConnection(t *testing.T) {
+	var mu sync.Mutex
+	n := 0
+	addr := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		n++
+		fail := n%5 == 0
+		mu.Unlock()
+		if fail {
+			c, _, _ := w.(http.Hijacker).Hijack()
+			c.Close()
+			return
+		}
+		w.Header().Set("X-Molt-Worker-Pid", "8")
+	})
+	for _, ka := range []bool{true, false} {
+		r := Start(context.Background(), Config{Addr: addr, Clients: 1, Rate: 400, KeepAlive: ka})
+		waitRequests(t, r, 30)
+		res := r.Stop()
+		if len(res.Fails) == 0 || len(res.Fails) != res.Failed() {
+			t.Fatalf("keepalive=%v: %d failures recorded of %d", ka, len(res.Fails), res.Failed())
+		}
+		for _, f := range res.Fails {
+			want := 0
+			if ka {
+				want = 8 // four answers by 8 came before each failure on that connection
+			}
+			if f.LastWorker != want || f.End.Before(f.Start) || f.Class != EOF {
+				t.Errorf("keepalive=%v: failure %+v, want last worker %d", ka, f, want)
+			}
+		}
 	}
 }

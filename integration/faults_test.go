@@ -1,0 +1,197 @@
+package integration
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+	"github.com/molt-server/molt/test/load"
+)
+
+// Fault injection (issue 6): each test breaks something on purpose under
+// the standard load and checks what must hold. A request may fail only if
+// it was on a worker the test killed: on a keep-alive connection, the
+// worker of its last answer was killed after the request began; on a new
+// connection (no answer yet to say whose it is), a kill happened while it
+// was in flight. Anything else is a failure molt caused.
+
+// kills records which worker pids a test killed, and when.
+type kills struct {
+	mu sync.Mutex
+	at map[int]time.Time
+}
+
+func newKills() *kills { return &kills{at: map[int]time.Time{}} }
+
+// kill sends SIGKILL to pid and records it.
+func (k *kills) kill(t *testing.T, pid int) {
+	t.Helper()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Logf("kill %d: %v", pid, err)
+		return
+	}
+	k.at[pid] = time.Now()
+}
+
+// record notes that pid was killed now by someone else (the watchdog).
+func (k *kills) record(pid int, at time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.at[pid] = at
+}
+
+// explains reports whether a kill explains failure f.
+func (k *kills) explains(f load.Failure) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	const slack = 50 * time.Millisecond // clocks read in two goroutines
+	if f.LastWorker != 0 {
+		at, ok := k.at[f.LastWorker]
+		return ok && !at.After(f.End.Add(slack))
+	}
+	for _, at := range k.at {
+		if !at.Before(f.Start.Add(-slack)) && !at.After(f.End.Add(slack)) {
+			return true
+		}
+	}
+	return false
+}
+
+// stopAttributed ends the load and fails the test on every failed
+// request that no kill explains; it returns both results.
+func (l *loadPair) stopAttributed(t *testing.T, k *kills) (ka, pc load.Result) {
+	t.Helper()
+	defer l.cancel()
+	l.more(t, 32)
+	ka, pc = l.ka.Stop(), l.pc.Stop()
+	for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
+		explained := 0
+		for _, f := range res.Fails {
+			if k.explains(f) {
+				explained++
+				continue
+			}
+			t.Errorf("%s load: a failure no kill explains: %s after %v (last worker %d): %s",
+				name, f.Class, f.End.Sub(f.Start).Round(time.Millisecond), f.LastWorker, f.Err)
+		}
+		if len(res.Fails) != res.Failed() {
+			t.Errorf("%s load: %d failures, %d recorded", name, res.Failed(), len(res.Fails))
+		}
+		t.Logf("%s load: %v; %d failures, each on a killed worker", name, res, explained)
+		if res.OK == 0 {
+			t.Errorf("%s load: no request answered", name)
+		}
+	}
+	return ka, pc
+}
+
+// baseline is the master's own fd and goroutine counts (molt ctl status).
+type baseline struct{ fds, goroutines int }
+
+func (m *master) baseline(t *testing.T) baseline {
+	t.Helper()
+	st := statusOf(t, m.pidFile)
+	return baseline{st.FDs, st.Goroutines}
+}
+
+// backToBaseline waits until the master's counts equal b again, with n
+// ready workers.
+func (m *master) backToBaseline(t *testing.T, b baseline, n int) {
+	t.Helper()
+	var got baseline
+	test.WaitFor(t, 60*time.Second, "the master's fds and goroutines back to their baseline", func() error {
+		st := statusOf(t, m.pidFile)
+		got = baseline{st.FDs, st.Goroutines}
+		ready := 0
+		for _, p := range st.Procs {
+			if p.Ready && p.Slot >= 0 {
+				ready++
+			}
+		}
+		if len(st.Procs) != n || ready != n || got != b {
+			return fmt.Errorf("%d procs, %d ready, counts %+v, baseline %+v", len(st.Procs), ready, got, b)
+		}
+		return nil
+	})
+}
+
+// TestFaults_KillRandomWorkersEvery200ms: SIGKILL of a random worker
+// every 200 ms for 10 s under load. Every failed request was on a killed
+// worker; afterwards the pool is back to 4 ready workers and the master's
+// fd and goroutine counts are back to what they were.
+func TestFaults_KillRandomWorkersEvery200ms(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "4")
+	addr := m.addr()
+	m.waitServing()
+	m.waitWorkers(4)
+	base := m.baseline(t)
+	l := startLoad(t, addr)
+	k := newKills()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); {
+		<-tick.C
+		if ws := m.workers(); len(ws) > 0 {
+			k.kill(t, ws[rand.IntN(len(ws))])
+		}
+	}
+	t.Logf("killed %d workers", len(k.at))
+	m.backToBaseline(t, base, 4)
+	l.stopAttributed(t, k)
+	if !test.Alive(m.Pid) {
+		t.Fatal("the master died")
+	}
+	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+}
+
+// TestFaults_WatchdogKillsAStoppedWorker: with --watchdog 1s, a worker
+// frozen with SIGSTOP stops pinging; the master kills it (a log line names
+// it), replaces it, and every failed request was on it.
+func TestFaults_WatchdogKillsAStoppedWorker(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--watchdog", "1s")
+	addr := m.addr()
+	m.waitServing()
+	ws := m.waitWorkers(2)
+	base := m.baseline(t)
+	l := startLoad(t, addr)
+	victim := ws[0]
+	if err := syscall.Kill(victim, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	line := test.WaitLog(t, m.log, stepTimeout, 1, "the watchdog kill",
+		test.Msg("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)", "pid", strconv.Itoa(victim)))
+	k := newKills()
+	k.record(victim, line[0].Time)
+	if line[0].Time.Sub(stopped) < 500*time.Millisecond {
+		t.Errorf("killed %v after SIGSTOP, before a whole interval without pings could pass", line[0].Time.Sub(stopped))
+	}
+	exits := test.WaitLog(t, m.log, stepTimeout, 1, "the stopped worker's exit", test.Msg("worker exited unexpectedly; replacing it", "pid", strconv.Itoa(victim)))
+	if got := exits[0].Str("status"); got != "killed by the watchdog (signal: killed)" {
+		t.Errorf("exit status %q", got)
+	}
+	m.backToBaseline(t, base, 2)
+	for _, w := range m.workers() {
+		if w == victim {
+			t.Error("the stopped worker is still there")
+		}
+	}
+	st := statusOf(t, m.pidFile)
+	for _, p := range st.Procs {
+		if p.Ready && p.Slot < 0 {
+			t.Errorf("worker %+v has no slot", p)
+		}
+	}
+	l.stopAttributed(t, k)
+	m.stop(test.Msg("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)"),
+		test.Msg("worker exited unexpectedly; replacing it"))
+}
