@@ -195,3 +195,64 @@ func TestFaults_WatchdogKillsAStoppedWorker(t *testing.T) {
 	m.stop(test.Msg("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)"),
 		test.Msg("worker exited unexpectedly; replacing it"))
 }
+
+// TestFaults_RecyclingUnderLoadNeverDropsCapacity: workers recycled by
+// lifetime (--max-worker-lifetime) and by request count (the worker
+// package's RecycleAfter, in the demo) under load: not one request fails
+// in either mode, and at every look the pool has its two ready workers.
+func TestFaults_RecyclingUnderLoadNeverDropsCapacity(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"lifetime", []string{"--max-worker-lifetime", "1s"}},
+		{"requests", []string{"--env", "MOLT_DEMO_MAX_REQUESTS=150"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			m := startMolt(t, append([]string{"--listen", "127.0.0.1:0", "--workers", "2"}, c.args...)...)
+			addr := m.addr()
+			m.waitServing()
+			m.waitWorkers(2)
+			base := m.baseline(t)
+			l := startLoad(t, addr)
+			least := 2
+			var recycled []test.Line
+			for end := time.Now().Add(30 * time.Second); time.Now().Before(end); {
+				st := statusOf(t, m.pidFile)
+				ready := 0
+				for _, p := range st.Procs {
+					if p.Ready && p.Slot >= 0 {
+						ready++
+					}
+				}
+				least = min(least, ready)
+				if recycled = test.Find(m.log, test.Msg("worker recycled: its replacement is ready; it drains")); len(recycled) >= 6 {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if len(recycled) < 6 {
+				t.Fatalf("%d workers recycled in 30s, want 6", len(recycled))
+			}
+			l.stop(t)
+			if least < 2 {
+				t.Errorf("the pool once had %d ready workers, want 2 throughout", least)
+			}
+			for _, r := range recycled {
+				want := "lifetime"
+				if c.name == "requests" {
+					want = "requested by the worker"
+				}
+				if r.Str("reason") != want {
+					t.Errorf("recycled for %q, want %q", r.Str("reason"), want)
+				}
+			}
+			if n := len(test.Find(m.log, test.Msg("worker exited unexpectedly; replacing it"))); n != 0 {
+				t.Errorf("%d unexpected worker exits", n)
+			}
+			m.backToBaseline(t, base, 2)
+			m.stop()
+		})
+	}
+}

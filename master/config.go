@@ -86,6 +86,10 @@ type Config struct {
 	// worker that sends no WATCHDOG=1 for this long is killed (SIGKILL)
 	// and replaced (--watchdog).
 	Watchdog time.Duration
+	// MaxWorkerLifetime, if not zero, recycles every worker this long
+	// (less up to a tenth, at random) after it became ready: a
+	// replacement starts, and once it is ready the worker drains.
+	MaxWorkerLifetime time.Duration
 
 	// Logger receives the master's log; nil discards it.
 	Logger hclog.Logger
@@ -161,7 +165,7 @@ func (c Config) validate() error {
 	if c.Workers < 1 {
 		return bad("workers must be at least 1, not %d", c.Workers)
 	}
-	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.Watchdog < 0 {
+	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.Watchdog < 0 || c.MaxWorkerLifetime < 0 {
 		return bad("timeouts must not be negative")
 	}
 	if c.Watchdog > 0 && c.Watchdog < minWatchdog {

@@ -77,10 +77,13 @@ const (
 	// watchdogCheck: a ready worker must have pinged (WATCHDOG=1) within
 	// the watchdog interval by now; else it is killed.
 	watchdogCheck
+	// recycleDue: a ready worker has reached its lifetime
+	// (--max-worker-lifetime); it is replaced.
+	recycleDue
 )
 
 var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due",
-	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline", "watchdog check"}
+	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline", "watchdog check", "recycle due"}
 
 // timerFired is a timer's event. Handlers check that the pid or slot and
 // its sequence number still match: a timer can fire after what it was for

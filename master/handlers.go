@@ -118,6 +118,9 @@ func (m *Master) onNotify(ev notified) {
 	if msg.Is("STOPPING", "1") {
 		m.onWorkerStopping(p)
 	}
+	if msg.Is("MOLT_RECYCLE", "1") {
+		m.recycle(p, "requested by the worker")
+	}
 	if len(ev.FDs) > 0 && !msg.Is("BARRIER", "1") {
 		m.log.Debug("fds passed with a notify message closed: molt keeps no fd store", "pid", ev.Pid, "fds", len(ev.FDs))
 	}
@@ -134,6 +137,11 @@ func (m *Master) onWorkerStopping(p *proc) {
 	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 	s := m.slotOf(p)
 	if s == nil || !m.phase.running() {
+		return
+	}
+	if s.successor != 0 { // being recycled: the replacement is already starting
+		m.log.Info("worker is stopping on its own; its replacement is already starting", "worker", p.slot, "pid", p.pid)
+		s.pid, s.successor = s.successor, 0
 		return
 	}
 	m.log.Info("worker is stopping on its own; starting its replacement", "worker", p.slot, "pid", p.pid)
@@ -176,6 +184,8 @@ func (m *Master) onTimer(ev timerFired) {
 		m.kill(p)
 	case watchdogCheck:
 		m.checkWatchdog(p)
+	case recycleDue:
+		m.recycle(p, p.recycleWhy)
 	case killDeadline:
 		m.log.Error("worker not reaped after SIGKILL; giving up on it", "worker", p.slot, "pid", p.pid)
 		delete(m.procs, p.pid)

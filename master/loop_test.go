@@ -402,3 +402,87 @@ func TestLoop_WatchdogLeavesStoppingWorkersToTheDrainTimeout(t *testing.T) {
 		}
 	}
 }
+
+func notifyOf(pid int, text string) notified {
+	n, err := worker.ParseNotify([]byte(text))
+	if err != nil {
+		panic(err)
+	}
+	return notified{notify.Msg{Pid: pid, Pgid: pid, Fields: n}}
+}
+
+// TestLoop_RecyclingKeepsCapacity: a worker due for recycling keeps its
+// slot until its successor is ready; only then is it asked to stop, and
+// its exit is not a failure.
+func TestLoop_RecyclingKeepsCapacity(t *testing.T) {
+	m, f := newTestMaster(t, 1, func(c *Config) { c.MaxWorkerLifetime = time.Minute })
+	old := f.started[0]
+	m.onNotify(ready(old))
+	tm := f.lastTimer(t, recycleDue)
+	if tm.d > time.Minute || tm.d < 54*time.Second || tm.ev.pid != old {
+		t.Fatalf("recycle due in %v for pid %d, want 54s-60s for %d", tm.d, tm.ev.pid, old)
+	}
+	m.onTimer(tm.ev)
+	if len(f.started) != 2 || len(f.signals) != 0 || m.slots[0].pid != old {
+		t.Fatalf("after the lifetime: starts %v, signals %v, slot pid %d", f.started, f.signals, m.slots[0].pid)
+	}
+	succ := f.started[1]
+	if st := m.status(); len(st.Procs) != 2 || st.Procs[1].Replacing != old || st.Procs[1].Slot != 0 {
+		t.Errorf("status during the recycling: %+v", st.Procs)
+	}
+	m.onTimer(tm.ev) // a second request while one is in progress does nothing
+	m.onNotify(notifyOf(old, worker.NotifyRecycle))
+	if len(f.started) != 2 {
+		t.Fatal("a second successor was started")
+	}
+	m.onNotify(ready(succ))
+	if m.slots[0].pid != succ || len(f.signals) != 1 || f.signals[0] != (sentSignal{-old, syscall.SIGTERM}) {
+		t.Fatalf("after the successor is ready: slot pid %d, signals %v", m.slots[0].pid, f.signals)
+	}
+	m.onChildExited(childExited{pid: old})
+	if len(f.started) != 2 || m.slots[0].restarts != 0 {
+		t.Fatalf("the recycled worker's exit: starts %v, restarts %d", f.started, m.slots[0].restarts)
+	}
+}
+
+func TestLoop_RecyclingSurvivesEitherSideDying(t *testing.T) {
+	// The successor dies before it is ready: the old worker serves on and
+	// the recycling is tried again later.
+	m, f := newTestMaster(t, 1, nil)
+	old := f.started[0]
+	m.onNotify(ready(old))
+	m.onNotify(notifyOf(old, worker.NotifyRecycle))
+	succ := f.started[1]
+	m.onChildExited(exited(succ))
+	if m.slots[0].pid != old || m.slots[0].successor != 0 || len(f.started) != 2 {
+		t.Fatalf("successor died: slot %+v, starts %v", m.slots[0], f.started)
+	}
+	retry := f.lastTimer(t, recycleDue)
+	if retry.d != recycleRetry || retry.ev.pid != old {
+		t.Fatalf("retry %v for %d", retry.d, retry.ev.pid)
+	}
+	m.onTimer(retry.ev)
+	if len(f.started) != 3 {
+		t.Fatal("the recycling was not tried again")
+	}
+	// The old worker dies while the successor starts: the successor takes
+	// the slot, and no third worker is started.
+	m.onChildExited(exited(old))
+	if m.slots[0].pid != f.started[2] || m.slots[0].successor != 0 || len(f.started) != 3 || m.slots[0].restarts != 1 {
+		t.Fatalf("old worker died: slot %+v, starts %v", m.slots[0], f.started)
+	}
+}
+
+func TestLoop_RecyclingWaitsForAReload(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	old := f.started[0]
+	m.onNotify(ready(old))
+	m.rl = &reload{}
+	m.onNotify(notifyOf(old, worker.NotifyRecycle))
+	if len(f.started) != 1 {
+		t.Fatal("a recycling started during a reload")
+	}
+	if tm := f.lastTimer(t, recycleDue); tm.ev.pid != old || m.procs[old].recycleWhy != "requested by the worker" {
+		t.Fatalf("no retry armed: %+v", tm)
+	}
+}

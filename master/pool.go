@@ -38,12 +38,16 @@ func (m *Master) retireSlot(s *slot) {
 	if p := m.procs[s.pid]; p != nil {
 		m.stopWorker(p) // it no longer owns a slot: its exit is not replaced
 	}
+	if q := m.procs[s.successor]; q != nil {
+		m.stopWorker(q) // a recycling in progress ends with the slot
+	}
+	s.successor = 0
 }
 
 // spawn starts the worker of slot s. A failure to start counts as a crash
 // of the slot: it is retried with backoff.
 func (m *Master) spawn(s *slot) {
-	p, err := m.sys.start(s)
+	p, err := m.launch(s)
 	if err != nil {
 		m.log.Error("worker start failed", "worker", s.n, "error", err)
 		s.lastExit = err.Error()
@@ -51,14 +55,24 @@ func (m *Master) spawn(s *slot) {
 		return
 	}
 	s.pid = p.pid
+	m.log.Info("worker started", "worker", s.n, "pid", p.pid)
+}
+
+// launch starts a worker for slot s and watches it; the caller makes it
+// the slot's worker (spawn) or its successor (recycle).
+func (m *Master) launch(s *slot) (*proc, error) {
+	p, err := m.sys.start(s)
+	if err != nil {
+		return nil, err
+	}
 	m.procs[p.pid] = p
 	m.sys.watch(p)
-	m.log.Info("worker started", "worker", s.n, "pid", p.pid)
 	m.reportWorkers()
 	m.after(s.spec.readyTimeout, timerFired{kind: readyDeadline, pid: p.pid})
 	if s.spec.readyDelay > 0 {
 		m.after(s.spec.readyDelay, timerFired{kind: readyDelayOver, pid: p.pid})
 	}
+	return p, nil
 }
 
 // watch reaps p in a goroutine of its own and reports its exit.
@@ -89,6 +103,9 @@ func (m *Master) onChildExited(ev childExited) {
 		how = "killed by the watchdog (" + how + ")"
 	}
 	log := m.log.With("worker", p.slot, "pid", p.pid, "status", how, "uptime", time.Since(p.started).Round(time.Millisecond).String())
+	if m.recycleExited(p, ev.state == nil || !ev.state.Success(), how, log) {
+		return
+	}
 	s := m.slotOf(p)
 	if s != nil {
 		s.pid, s.lastExit = 0, how
@@ -149,6 +166,10 @@ func (m *Master) markReady(p *proc, how string) {
 	if p.spec.watchdog > 0 {
 		m.after(p.spec.watchdog, timerFired{kind: watchdogCheck, pid: p.pid})
 	}
+	if p.spec.lifetime > 0 {
+		m.after(jitterDown(p.spec.lifetime), timerFired{kind: recycleDue, pid: p.pid})
+	}
+	m.takeOver(p)
 	if s := m.slotOf(p); s != nil && s.pending {
 		m.onReloadWorkerReady()
 		return

@@ -24,6 +24,7 @@ type workerSpec struct {
 	readyTimeout time.Duration
 	readyDelay   time.Duration
 	watchdog     time.Duration
+	lifetime     time.Duration
 	credential   *syscall.Credential
 	dir          string
 	umask        *int
@@ -34,7 +35,7 @@ func newSpec(cfg Config, ls []*listener) *workerSpec {
 	sp := &workerSpec{
 		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs, env: cfg.Env,
 		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
-		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay, watchdog: cfg.Watchdog,
+		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay, watchdog: cfg.Watchdog, lifetime: cfg.MaxWorkerLifetime,
 		credential: cfg.Credential, dir: cfg.WorkerDir, umask: cfg.Umask,
 	}
 	if len(cfg.Command) > 0 {

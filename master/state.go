@@ -58,20 +58,26 @@ type proc struct {
 	// killed is set once SIGKILL was sent to its group;
 	// watchdogKilled if the watchdog did it.
 	killed, watchdogKilled bool
+	// recycleWhy is why its recycling was asked for ("lifetime", ...),
+	// kept while it waits for a better moment.
+	recycleWhy string
 }
 
 // slot is one place in the worker pool. Its worker may come and go; the
 // slot keeps the count of restarts and the crash-loop backoff.
 type slot struct {
-	n        int
-	spec     *workerSpec // how its workers start
-	removed  bool        // out of service (TTOU, reload): never respawned
-	pending  bool        // started by a reload in flight
-	pid      int         // its live worker, 0 while none
-	seq      int         // changes whenever a respawn timer is armed or voided
-	backoff  backoff
-	restarts int
-	lastExit string
+	n       int
+	spec    *workerSpec // how its workers start
+	removed bool        // out of service (TTOU, reload): never respawned
+	pending bool        // started by a reload in flight
+	pid     int         // its live worker, 0 while none
+	// successor is the worker that replaces pid when it is ready (a
+	// recycling in progress), 0 if none.
+	successor int
+	seq       int // changes whenever a respawn timer is armed or voided
+	backoff   backoff
+	restarts  int
+	lastExit  string
 }
 
 // role is this master's place among the generations (DESIGN §3's columns).

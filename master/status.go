@@ -37,6 +37,9 @@ type WorkerStatus struct {
 	LastExit     string     `json:"last_exit,omitempty"`
 	LastWatchdog *time.Time `json:"last_watchdog,omitempty"`
 	StatusText   string     `json:"status,omitempty"` // its last STATUS=
+	// Replacing is the pid of the worker a recycling's successor replaces
+	// once it is ready.
+	Replacing int `json:"replacing,omitempty"`
 }
 
 // ListenerStatus is one listening socket.
@@ -78,6 +81,8 @@ func (m *Master) status() *Status {
 			Uptime: time.Since(p.started).Round(time.Second).String(), StatusText: p.status}
 		if s := m.slotOf(p); s != nil {
 			w.Slot, w.Restarts, w.LastExit = s.n, s.restarts, s.lastExit
+		} else if s := p.s; s != nil && !s.removed && s.successor == p.pid {
+			w.Slot, w.Replacing = s.n, s.pid // a recycling's successor
 		}
 		if !p.lastPing.IsZero() {
 			t := p.lastPing

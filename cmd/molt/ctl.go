@@ -208,7 +208,11 @@ func printStatus(out io.Writer, st *master.Status) {
 		if w.LastWatchdog != nil {
 			ping = time.Since(*w.LastWatchdog).Round(time.Second).String() + " ago"
 		}
-		fmt.Fprintf(tw, "  %s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, w.PID, w.State, w.Uptime, w.Restarts, dash(w.LastExit), ping, dash(w.StatusText))
+		state := w.State
+		if w.Replacing != 0 {
+			state += " (replaces " + strconv.Itoa(w.Replacing) + ")"
+		}
+		fmt.Fprintf(tw, "  %s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, w.PID, state, w.Uptime, w.Restarts, dash(w.LastExit), ping, dash(w.StatusText))
 	}
 	tw.Flush()
 }

@@ -15,6 +15,10 @@ import (
 // envDemoLogJSON tells the demo app to log JSON lines like its master.
 const envDemoLogJSON = "MOLT_DEMO_LOG_JSON"
 
+// envDemoMaxRequests makes each demo worker ask to be recycled after that
+// many requests (worker.RecycleAfter); set it with --env.
+const envDemoMaxRequests = "MOLT_DEMO_MAX_REQUESTS"
+
 // maxDemoSleep bounds GET /sleep?ms=N.
 const maxDemoSleep = time.Minute
 
@@ -26,7 +30,16 @@ func runDemo() int {
 		Output:     os.Stderr,
 		JSONFormat: os.Getenv(envDemoLogJSON) == "1",
 	})
-	srv := &http.Server{Handler: demoHandler(), ReadHeaderTimeout: 10 * time.Second}
+	h := demoHandler()
+	if v := os.Getenv(envDemoMaxRequests); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			log.Error("bad "+envDemoMaxRequests+"; want a positive number", "value", v)
+			return exitUsage
+		}
+		h = worker.RecycleAfter(n, h)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	if err := worker.ServeHTTP(context.Background(), srv); err != nil {
 		log.Error("demo app stopped", "pid", os.Getpid(), "error", err)
 		return exitFailure

@@ -77,6 +77,7 @@ type runFlags struct {
 	backlog      int
 	noKeeper     bool
 	watchdog     time.Duration
+	lifetime     time.Duration
 }
 
 // listFlag is a repeatable string flag.
@@ -112,6 +113,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.readyTimeout, "ready-timeout", master.DefaultReadyTimeout, "a worker not ready within `DUR` is stopped and replaced")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
 	fs.DurationVar(&f.watchdog, "watchdog", 0, "a ready worker that sends no WATCHDOG=1 for `DUR` is killed and replaced;\nworkers get WATCHDOG_USEC (molt's worker package pings by itself) (default: off)")
+	fs.DurationVar(&f.lifetime, "max-worker-lifetime", 0, "recycle each worker `DUR` (less up to 10% at random) after it became ready:\na replacement starts, and the worker drains once it is ready (default: never)")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
 	fs.StringVar(&f.configFile, "config", "", "read settings from the HCL file `FILE` (flags given here override it);\nre-read by every reload and every new master")
@@ -242,6 +244,10 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		return cfg, fmt.Errorf("--watchdog %v: want at least 100ms (workers ping at half of it), or 0 for off", f.watchdog)
 	}
 	cfg.Watchdog = f.watchdog
+	if f.lifetime < 0 || f.lifetime > 0 && f.lifetime < time.Second {
+		return cfg, fmt.Errorf("--max-worker-lifetime %v: want at least 1s, or 0 for never", f.lifetime)
+	}
+	cfg.MaxWorkerLifetime = f.lifetime
 	switch f.commit {
 	case "auto":
 	case "manual":
