@@ -39,10 +39,12 @@ type ctlStatus struct {
 	Version string `json:"version"`
 	Workers int    `json:"workers"`
 	Procs   []struct {
-		Slot  int    `json:"slot"`
-		PID   int    `json:"pid"`
-		State string `json:"state"`
-		Ready bool   `json:"ready"`
+		Slot      int    `json:"slot"`
+		PID       int    `json:"pid"`
+		State     string `json:"state"`
+		Ready     bool   `json:"ready"`
+		Failures  int    `json:"failures"`
+		RestartIn string `json:"restart_in"`
 	} `json:"procs"`
 	Listeners []struct {
 		Name, Network, Addr string

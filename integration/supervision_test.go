@@ -75,6 +75,19 @@ func TestSupervision_CrashLoopBacksOff(t *testing.T) {
 	if !test.Alive(m.Pid) {
 		t.Fatal("a crash loop of workers took the master down")
 	}
+	// molt ctl status shows the slot waiting out its backoff.
+	test.WaitFor(t, stepTimeout, "status to show the slot restarting", func() error {
+		st := statusOf(t, m.pidFile)
+		for _, p := range st.Procs {
+			if p.State == "restarting" && p.PID == 0 && p.Failures >= 5 && p.RestartIn != "" {
+				return nil
+			}
+		}
+		return fmt.Errorf("procs %+v", st.Procs)
+	})
+	if code, out := ctl(t, m.pidFile, "status"); code != 0 || !strings.Contains(out, "failures in a row)") {
+		t.Errorf("status: exit %d:\n%s", code, out)
+	}
 	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
 }
 

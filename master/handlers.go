@@ -156,6 +156,7 @@ func (m *Master) onTimer(ev timerFired) {
 	}
 	if ev.kind == respawnDue {
 		if s := ev.s; s != nil && s.seq == ev.seq && !s.removed && s.pid == 0 && m.phase.running() {
+			s.restartAt = time.Time{}
 			m.spawn(s)
 		}
 		return

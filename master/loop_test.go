@@ -486,3 +486,35 @@ func TestLoop_RecyclingWaitsForAReload(t *testing.T) {
 		t.Fatalf("no retry armed: %+v", tm)
 	}
 }
+
+// TestLoop_AHealthyRunResetsTheBackoff: after a run of crashes, a worker
+// that was ready for healthyAfter and then dies is replaced at once.
+func TestLoop_AHealthyRunResetsTheBackoff(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	for range 4 {
+		m.onChildExited(exited(f.started[len(f.started)-1]))
+		if m.slots[0].pid == 0 {
+			m.onTimer(f.lastTimer(t, respawnDue).ev)
+		}
+	}
+	if m.slots[0].backoff.failures != 4 {
+		t.Fatalf("failures %d, want 4", m.slots[0].backoff.failures)
+	}
+	if st := m.status(); len(st.Procs) != 1 || st.Procs[0].Failures != 4 {
+		t.Errorf("status: %+v", st.Procs)
+	}
+	pid := f.started[len(f.started)-1]
+	m.onNotify(ready(pid))
+	m.procs[pid].readyAt = time.Now().Add(-healthyAfter)
+	n := len(f.started)
+	m.onChildExited(exited(pid))
+	if len(f.started) != n+1 || m.slots[0].backoff.failures != 1 {
+		t.Fatalf("after a healthy run: starts %d (want %d), failures %d (want 1)", len(f.started), n+1, m.slots[0].backoff.failures)
+	}
+	// And a crash right after a short run backs off again, visibly.
+	m.onChildExited(exited(f.started[len(f.started)-1]))
+	st := m.status()
+	if len(st.Procs) != 1 || st.Procs[0].State != "restarting" || st.Procs[0].RestartIn == "" || st.Procs[0].Failures != 2 {
+		t.Errorf("status during the backoff: %+v", st.Procs)
+	}
+}

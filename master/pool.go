@@ -148,9 +148,11 @@ func (m *Master) slotOf(p *proc) *slot {
 // respawnLater refills s after delay (at once if zero).
 func (m *Master) respawnLater(s *slot, delay time.Duration) {
 	if delay <= 0 {
+		s.restartAt = time.Time{}
 		m.spawn(s)
 		return
 	}
+	s.restartAt = time.Now().Add(delay)
 	s.seq = m.nextSeq()
 	m.after(delay, timerFired{kind: respawnDue, s: s, slot: s.n, seq: s.seq})
 }

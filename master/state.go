@@ -78,6 +78,9 @@ type slot struct {
 	backoff   backoff
 	restarts  int
 	lastExit  string
+	// restartAt is when a respawn delayed by the backoff is due (zero when
+	// none is).
+	restartAt time.Time
 }
 
 // role is this master's place among the generations (DESIGN §3's columns).

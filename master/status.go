@@ -40,6 +40,11 @@ type WorkerStatus struct {
 	// Replacing is the pid of the worker a recycling's successor replaces
 	// once it is ready.
 	Replacing int `json:"replacing,omitempty"`
+	// Failures counts the slot's consecutive failures (the crash-loop
+	// backoff); RestartIn is set for a slot with no process (pid 0, state
+	// "restarting") whose respawn waits for its backoff.
+	Failures  int    `json:"failures,omitempty"`
+	RestartIn string `json:"restart_in,omitempty"`
 }
 
 // ListenerStatus is one listening socket.
@@ -80,7 +85,7 @@ func (m *Master) status() *Status {
 		w := WorkerStatus{Slot: -1, PID: p.pid, State: p.state.String(), Ready: p.state == workerReady,
 			Uptime: time.Since(p.started).Round(time.Second).String(), StatusText: p.status}
 		if s := m.slotOf(p); s != nil {
-			w.Slot, w.Restarts, w.LastExit = s.n, s.restarts, s.lastExit
+			w.Slot, w.Restarts, w.LastExit, w.Failures = s.n, s.restarts, s.lastExit, s.backoff.failures
 		} else if s := p.s; s != nil && !s.removed && s.successor == p.pid {
 			w.Slot, w.Replacing = s.n, s.pid // a recycling's successor
 		}
@@ -89,6 +94,13 @@ func (m *Master) status() *Status {
 			w.LastWatchdog = &t
 		}
 		st.Procs = append(st.Procs, w)
+	}
+	for _, s := range m.slots {
+		if s.pid == 0 && !s.restartAt.IsZero() {
+			st.Procs = append(st.Procs, WorkerStatus{Slot: s.n, State: "restarting", Restarts: s.restarts,
+				LastExit: s.lastExit, Failures: s.backoff.failures,
+				RestartIn: time.Until(s.restartAt).Round(time.Millisecond).String()})
+		}
 	}
 	sort.Slice(st.Procs, func(i, j int) bool {
 		a, b := st.Procs[i], st.Procs[j]

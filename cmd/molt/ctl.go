@@ -212,7 +212,14 @@ func printStatus(out io.Writer, st *master.Status) {
 		if w.Replacing != 0 {
 			state += " (replaces " + strconv.Itoa(w.Replacing) + ")"
 		}
-		fmt.Fprintf(tw, "  %s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, w.PID, state, w.Uptime, w.Restarts, dash(w.LastExit), ping, dash(w.StatusText))
+		if w.RestartIn != "" {
+			state += fmt.Sprintf(" in %s (%d failures in a row)", w.RestartIn, w.Failures)
+		}
+		pid := "-"
+		if w.PID != 0 {
+			pid = strconv.Itoa(w.PID)
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, pid, state, w.Uptime, w.Restarts, dash(w.LastExit), ping, dash(w.StatusText))
 	}
 	tw.Flush()
 }
