@@ -1,7 +1,11 @@
 package integration
 
 import (
+	"bufio"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -148,11 +152,25 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 	for name, app := range cases {
 		t.Run(strings.ReplaceAll(name, " ", "_"), func(t *testing.T) {
 			m := startMolt(t, append([]string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "3s"}, app...)...)
-			m.addr()
+			addr := m.addr()
 			m.waitServing()
 			workers := m.waitWorkers(2)
+			// A request on a connection a worker holds when the master dies
+			// is answered: the workers drain, they do not drop what they
+			// hold. (The first answer proves a worker accepted it.)
+			var held *keepAlive
+			if app == nil {
+				held = dialKeepAlive(t, addr)
+				held.get(t, "/")
+				held.send(t, "/sleep?ms=1000")
+			}
 			m.Signal(syscall.SIGKILL)
 			m.Wait(stepTimeout)
+			if held != nil {
+				if status := held.read(t); status != 200 {
+					t.Errorf("the request in flight when the master died: status %d", status)
+				}
+			}
 			test.WaitFor(t, stepTimeout, "workers to exit after their master died", func() error {
 				for _, w := range workers {
 					if test.Alive(w) {
@@ -163,9 +181,11 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 			})
 			// A new master can start on the same pid file: the lock died
 			// with the old one, and the stale pid file is replaced.
-			n := startMoltIn(t, m.dir, append([]string{"--listen", "127.0.0.1:0", "--workers", "1"}, app...)...)
+			// ... and on the same address.
+			n := startMoltIn(t, m.dir, append([]string{"--listen", addr, "--workers", "1"}, app...)...)
 			n.addr()
 			n.waitServing()
+			get(t, addr, "/")
 			if got := readPID(t, n.pidFile); got != n.Pid {
 				t.Errorf("pid file %d, want the new master %d", got, n.Pid)
 			}
@@ -186,4 +206,49 @@ func pyApp(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// keepAlive is one raw HTTP/1.1 keep-alive connection, for tests that
+// must know which connection a request is on.
+type keepAlive struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialKeepAlive(t *testing.T, addr string) *keepAlive {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, reqTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &keepAlive{c: c, br: bufio.NewReader(c)}
+}
+
+func (k *keepAlive) send(t *testing.T, path string) {
+	t.Helper()
+	k.c.SetDeadline(time.Now().Add(stepTimeout))
+	if _, err := fmt.Fprintf(k.c, "GET %s HTTP/1.1\r\nHost: molt-test\r\n\r\n", path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// read reads one response and returns its status.
+func (k *keepAlive) read(t *testing.T) int {
+	t.Helper()
+	r, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	io.Copy(io.Discard, r.Body)
+	r.Body.Close()
+	return r.StatusCode
+}
+
+func (k *keepAlive) get(t *testing.T, path string) {
+	t.Helper()
+	k.send(t, path)
+	if s := k.read(t); s != 200 {
+		t.Fatalf("GET %s: status %d", path, s)
+	}
 }
