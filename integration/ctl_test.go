@@ -65,15 +65,26 @@ type ctlStatus struct {
 
 func statusOf(t *testing.T, pidFile string, extra ...string) ctlStatus {
 	t.Helper()
+	st, err := tryStatus(t, pidFile, extra...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// tryStatus is statusOf for a wait: no master answering is an error to
+// retry (an upgrade moves the control socket), not the test's end.
+func tryStatus(t *testing.T, pidFile string, extra ...string) (ctlStatus, error) {
+	t.Helper()
+	var st ctlStatus
 	code, out := ctl(t, pidFile, append(extra, "status", "--json")...)
 	if code != 0 {
-		t.Fatalf("molt ctl status: exit %d: %s", code, out)
+		return st, fmt.Errorf("molt ctl status: exit %d: %s", code, out)
 	}
-	var st ctlStatus
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}
-	return st
+	return st, nil
 }
 
 // TestCtl_StatusAndScale: the operator's view and an exact worker count,

@@ -256,3 +256,86 @@ func TestFaults_RecyclingUnderLoadNeverDropsCapacity(t *testing.T) {
 		})
 	}
 }
+
+// TestFaults_SignalStorm: 50 signals of mixed kinds (USR2, HUP, TTIN,
+// TTOU, WINCH) sent to the master in a burst leave a consistent master:
+// never more than one upgrade in flight, and once things settle one
+// master serves with as many ready workers as its status says it wants,
+// a number the TTINs and TTOUs sent allow (repeats of a signal merge), no
+// other master or worker left, and no failed request of the load.
+func TestFaults_SignalStorm(t *testing.T) {
+	t.Parallel()
+	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	addr := u.addr()
+	u.waitServing()
+	u.waitWorkers(2)
+	l := startLoad(t, addr)
+	seed := time.Now().UnixNano()
+	rng := rand.New(rand.NewPCG(uint64(seed), 0))
+	kinds := []syscall.Signal{syscall.SIGUSR2, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGWINCH}
+	sent := map[syscall.Signal]int{}
+	for range 50 {
+		s := kinds[rng.IntN(len(kinds))]
+		if err := syscall.Kill(u.Pid, s); err != nil {
+			break // the first master retired: an upgrade committed mid-storm
+		}
+		sent[s]++
+	}
+	t.Logf("seed %d: sent %v", seed, sent)
+
+	// Settle: whatever the storm left (a standby, an upgrade in probation),
+	// it ends with one master serving.
+	var st ctlStatus
+	test.WaitFor(t, 90*time.Second, "one master serving, settled", func() error {
+		if fileExists(u.pidFile + ".oldbin") {
+			return fmt.Errorf("an upgrade is still in flight (.oldbin)")
+		}
+		var err error
+		if st, err = tryStatus(t, u.pidFile); err != nil {
+			return err
+		}
+		ready := 0
+		for _, p := range st.Procs {
+			if p.Ready && p.Slot >= 0 {
+				ready++
+			}
+		}
+		if st.State != "serving" || st.Upgrade != nil || ready != st.Workers || len(st.Procs) != st.Workers {
+			return fmt.Errorf("state %s, upgrade %v, %d of %d ready, %d procs", st.State, st.Upgrade, ready, st.Workers, len(st.Procs))
+		}
+		return nil
+	})
+	if low, high := max(1, 2-sent[syscall.SIGTTOU]), 2+sent[syscall.SIGTTIN]; st.Workers < low || st.Workers > high {
+		t.Errorf("%d workers wanted, outside what %d TTIN and %d TTOU allow [%d, %d]", st.Workers, sent[syscall.SIGTTIN], sent[syscall.SIGTTOU], low, high)
+	}
+	if st.PID != u.Pid && test.Alive(u.Pid) {
+		t.Errorf("the first master %d still runs beside master %d", u.Pid, st.PID)
+	}
+	var kids []int
+	for _, p := range test.Children(st.PID) {
+		if test.Alive(p) {
+			kids = append(kids, p)
+		}
+	}
+	if len(kids) != st.Workers {
+		t.Errorf("master %d has %d children %v, want its %d workers", st.PID, len(kids), kids, st.Workers)
+	}
+	// Never two upgrades in flight: every start is followed by its end
+	// before the next start.
+	inFlight := 0
+	for _, line := range test.Logs(u.log) {
+		switch line.Message {
+		case "upgrade started":
+			if inFlight++; inFlight > 1 {
+				t.Errorf("a second upgrade started while one was in flight: %s", line.Raw)
+			}
+		case "upgrade committed; this generation retires", "upgrade failed; rolled back: this generation keeps serving":
+			inFlight--
+		}
+	}
+	l.stop(t)
+	u.stop(t, test.Msg("upgrade refused; nothing changed: this generation keeps serving"),
+		test.Msg("upgrade failed; rolled back: this generation keeps serving"),
+		test.Msg("new generation gives up; handing back to the old one"),
+		test.Msg("new generation gave up"))
+}
