@@ -2,8 +2,13 @@ package integration
 
 import (
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -11,6 +16,7 @@ import (
 
 	"github.com/molt-server/molt/test"
 	"github.com/molt-server/molt/test/load"
+	"golang.org/x/sys/unix"
 )
 
 // Fault injection (issue 6): each test breaks something on purpose under
@@ -338,4 +344,135 @@ func TestFaults_SignalStorm(t *testing.T) {
 		test.Msg("upgrade failed; rolled back: this generation keeps serving"),
 		test.Msg("new generation gives up; handing back to the old one"),
 		test.Msg("new generation gave up"))
+}
+
+// notifyAddrOf reads the NOTIFY_SOCKET a worker was given.
+func notifyAddrOf(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range strings.Split(string(b), "\x00") {
+		if v, ok := strings.CutPrefix(kv, "NOTIFY_SOCKET="); ok {
+			return v
+		}
+	}
+	t.Fatalf("worker %d has no NOTIFY_SOCKET", pid)
+	return ""
+}
+
+// TestFaults_RoguePeers: a process that is no worker writes to the
+// master's notify socket (READY, STOPPING, MOLT_RECYCLE, WATCHDOG, garbage,
+// an oversized datagram, one carrying a descriptor), and to its control
+// socket (oversized, malformed, unknown, silent and cut-short requests),
+// under load. Nothing changes: the same workers serve, no request fails,
+// every bad control request gets an error, and the master's fd and
+// goroutine counts return to their baseline.
+func TestFaults_RoguePeers(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
+	addr := m.addr()
+	m.waitServing()
+	before := m.waitWorkers(2)
+	base := m.baseline(t)
+	l := startLoad(t, addr)
+
+	sock := notifyAddrOf(t, before[0])
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	to := &unix.SockaddrUnix{Name: "\x00" + strings.TrimPrefix(sock, "@")}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	for _, d := range []struct {
+		data []byte
+		oob  []byte
+	}{
+		{data: []byte("READY=1")},
+		{data: []byte("STOPPING=1")},
+		{data: []byte("MOLT_RECYCLE=1")},
+		{data: []byte("WATCHDOG=1\nSTATUS=owned")},
+		{data: []byte("\x00\xff\xfe garbage")},
+		{data: []byte(strings.Repeat("STATUS=x\n", 8000))},
+		{data: []byte("READY=1"), oob: unix.UnixRights(int(r.Fd()), int(w.Fd()))},
+	} {
+		if err := unix.Sendmsg(fd, d.data, d.oob, to, 0); err != nil {
+			t.Fatalf("send %d bytes: %v", len(d.data), err)
+		}
+	}
+	test.WaitLog(t, m.log, stepTimeout, 4, "the stranger's messages ignored", test.Msg("notify message from a process that is no worker of this master; ignored"))
+	test.WaitLog(t, m.log, stepTimeout, 2, "the bad datagrams rejected", test.Msg("notify message rejected"))
+
+	ctlPath := filepath.Join(m.dir, "molt.sock")
+	for _, c := range []struct{ send, want string }{
+		{strings.Repeat("x", 10000) + "\n", "larger than"},
+		{"{\"cmd\":\"status\"\n", "bad control request"},
+		{"{\"cmd\":\"format-disk\"}\n", "unknown cmd"},
+		{"{\"cmd\":\"scale\",\"workers\":100000}\n", "want 1 to"},
+		{"{\"cmd\":\"stop\",\"extra\":1}\n", "unknown field"},
+		{"{\"cmd\":\"st", "bad control request"}, // cut short
+		{"", "read request"},                     // nothing at all
+	} {
+		conn, err := net.DialTimeout("unix", ctlPath, reqTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(stepTimeout))
+		io.WriteString(conn, c.send)
+		conn.(*net.UnixConn).CloseWrite()
+		reply, _ := io.ReadAll(conn)
+		conn.Close()
+		if !strings.Contains(string(reply), c.want) || !strings.Contains(string(reply), `"done":true`) {
+			t.Errorf("control request %.40q: reply %q, want an error containing %q", c.send, reply, c.want)
+		}
+	}
+
+	l.stop(t)
+	if after := m.workers(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Errorf("workers changed from %v to %v", before, after)
+	}
+	m.backToBaseline(t, base, 2)
+	st := statusOf(t, m.pidFile)
+	for _, p := range st.Procs {
+		if p.Slot < 0 || !p.Ready {
+			t.Errorf("worker %+v", p)
+		}
+	}
+	m.stop()
+}
+
+// TestFaults_HundredWorkerRestartsLeaveTheMasterFlat: over a hundred
+// workers started and stopped (scaling 2 → 10 → 2 under load) leave the
+// master with the fds and goroutines it had, and no request fails.
+func TestFaults_HundredWorkerRestartsLeaveTheMasterFlat(t *testing.T) {
+	t.Parallel()
+	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
+	addr := m.addr()
+	m.waitServing()
+	m.waitWorkers(2)
+	base := m.baseline(t)
+	l := startLoad(t, addr)
+	exited := func() int { return len(test.Find(m.log, test.Msg("worker exited"))) }
+	for cycle := 1; exited() < 100; cycle++ {
+		if cycle > 20 {
+			t.Fatalf("only %d workers exited in 20 cycles", exited())
+		}
+		for _, n := range []int{10, 2} {
+			if code, out := ctl(t, m.pidFile, "scale", strconv.Itoa(n)); code != 0 {
+				t.Fatalf("scale %d: exit %d: %s", n, code, out)
+			}
+			m.waitWorkers(n)
+		}
+	}
+	t.Logf("%d workers started and stopped", exited())
+	m.backToBaseline(t, base, 2)
+	l.stop(t)
+	m.stop()
 }
