@@ -12,6 +12,7 @@ const (
 	ExitAborted      = 12 // told to give up: QUIT to the new master
 	ExitNoParent     = 13 // no configuration from the old master over the channel
 	ExitStoppedByOld = 14 // TERM/INT to the old master stopped both generations
+	ExitPIDFile      = 15 // it could not write the pid file (a full disk, a read-only directory)
 )
 
 // exitReasons explains every exit status an old master may see from a new
@@ -26,6 +27,7 @@ var exitReasons = map[int]string{
 	ExitAborted:      "the new master was told to abort (QUIT)",
 	ExitNoParent:     "the new master got no configuration from the old one",
 	ExitStoppedByOld: "the new master was stopped with the old one",
+	ExitPIDFile:      "the new master could not write the pid file",
 }
 
 // ExitError is what Run returns for a new master that gave up: the

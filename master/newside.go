@@ -175,7 +175,14 @@ func (m *Master) keepActivated(names []string) error {
 // onNewServing: every worker of the new generation is ready.
 func (m *Master) onNewServing() {
 	if err := m.pidFile.write(os.Getpid()); err != nil {
-		m.log.Error("pid file not written", "error", err)
+		// Committing would leave no pid file naming the master that
+		// serves (the old one removes its .oldbin): roll back instead,
+		// and the old master renames its pid file back.
+		if !m.new.parentGone {
+			m.fail(ExitPIDFile, "the new master could not write the pid file: "+err.Error())
+			return
+		}
+		m.log.Error("pid file not written; this master serves on, the only generation left", "error", err)
 	}
 	m.tellParent(upgrade.Msg{Kind: upgrade.KindServing, Workers: len(m.slots)})
 	switch {

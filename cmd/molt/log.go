@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 // newLogger builds molt's root logger. Everything in molt logs through
@@ -28,17 +29,42 @@ func newLogger(out io.Writer, level string, json bool) (hclog.Logger, error) {
 // stderr, the output of workers started while it is open. USR1 reopens it
 // at its path, after a rotation moved it away.
 type logFile struct {
-	path string
-	mu   sync.Mutex
-	f    *os.File
+	path    string
+	mu      sync.Mutex
+	f       *os.File
+	failing bool      // the last write failed
+	warn    io.Writer // told when writes start and stop failing
 }
 
+// openLogFile opens path for appending. A file on a full filesystem is an
+// error at start: every line would be lost.
 func openLogFile(path string) (*logFile, error) {
 	f, err := openAppend(path)
 	if err != nil {
 		return nil, err
 	}
-	return &logFile{path: path, f: f}, nil
+	if err := checkSpace(f); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("log file %s: %w", path, err)
+	}
+	return &logFile{path: path, f: f, warn: os.Stderr}, nil
+}
+
+// checkSpace fails if the filesystem of f has no free block for this
+// process (root may use the blocks reserved for it).
+func checkSpace(f *os.File) error {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
+		return nil // cannot tell; writes will say
+	}
+	free := st.Bavail
+	if os.Geteuid() == 0 {
+		free = st.Bfree
+	}
+	if free == 0 && st.Blocks > 0 {
+		return fmt.Errorf("no space left on its filesystem: %w", unix.ENOSPC)
+	}
+	return nil
 }
 
 func openAppend(path string) (*os.File, error) {
@@ -49,11 +75,22 @@ func openAppend(path string) (*os.File, error) {
 	return f, nil
 }
 
-// Write appends p to the current file.
+// Write appends p to the current file. The first failure of a run of
+// failed writes (a full disk) and the first success after it are told on
+// stderr: the lines in between are lost, and the log cannot say so.
 func (l *logFile) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.f.Write(p)
+	n, err := l.f.Write(p)
+	switch {
+	case err != nil && !l.failing:
+		l.failing = true
+		fmt.Fprintf(l.warn, "molt: cannot write the log file %s (%v); log lines are lost until it works again\n", l.path, err)
+	case err == nil && l.failing:
+		l.failing = false
+		fmt.Fprintf(l.warn, "molt: the log file %s is written again\n", l.path)
+	}
+	return n, err
 }
 
 // Files returns the current file as a worker's stdout and stderr.
