@@ -6,7 +6,7 @@ LDFLAGS  := -X main.buildVersion=$(VERSION)
 # parallelism keeps race-built masters from starving each other.
 TESTFLAGS ?= -race -count=1 -timeout 20m -parallel 2
 
-.PHONY: build run test lint fmt clean
+.PHONY: build run test lint fmt clean fuzz soak
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/molt ./cmd/molt
@@ -27,3 +27,29 @@ fmt:
 
 clean:
 	rm -rf bin
+
+# Fuzz every parser of outside input for FUZZTIME each (not in make test).
+FUZZTIME ?= 30s
+FUZZ_TARGETS := \
+	./master/internal/notify:FuzzParseDatagram \
+	./worker:FuzzParseNotify \
+	./worker:FuzzParseFDNames \
+	./master:FuzzParseCtlRequest \
+	./master:FuzzParseListen \
+	./upgrade:FuzzDecodeMsg \
+	./cmd/molt:FuzzConfigFile
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "== $$fn ($$pkg, $(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
+
+# The long versions of the repeated tests (not in make test): 1,000
+# upgrades and 10,000 worker restarts under load, without -race.
+SOAK_UPGRADES ?= 1000
+SOAK_RESTARTS ?= 10000
+soak:
+	MOLT_TEST_VERSION=$(VERSION) MOLT_SOAK_UPGRADES=$(SOAK_UPGRADES) MOLT_SOAK_RESTARTS=$(SOAK_RESTARTS) \
+		$(GO) test -count=1 -timeout 180m -v -run '^(TestUpgrade_RepeatedUpgradesUnderLoad|TestFaults_WorkerRestartsLeaveTheMasterFlat)$$' ./integration

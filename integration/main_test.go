@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/molt-server/molt/test"
@@ -72,3 +73,19 @@ func TestMain(m *testing.M) {
 
 // nextVersion is the version of bins.molt2.
 func nextVersion() string { return version + "-next" }
+
+// soakCount is how many times a repeated test repeats: def in make test,
+// or the number in the environment variable name (make soak sets them).
+func soakCount(t *testing.T, name string, def int) int {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		t.Fatalf("%s=%q: want a positive count", name, v)
+	}
+	t.Logf("%s=%d", name, n)
+	return n
+}

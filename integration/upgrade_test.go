@@ -77,13 +77,13 @@ func (l *loadPair) stop(t *testing.T) (masters map[int]int) {
 	return masters
 }
 
-// TestUpgrade_TenAutomaticUpgradesUnderLoad: USR2 is a whole deploy. Ten
-// upgrades in a row alternate two versions and the two ways to deploy: a
+// TestUpgrade_RepeatedUpgradesUnderLoad: USR2 is a whole deploy. Ten
+// upgrades in a row (MOLT_SOAK_UPGRADES, 1,000 in make soak) alternate two versions and the two ways to deploy: a
 // new file renamed over the path, and a symlink at the path re-pointed to
 // a new release. Each new master takes over and serves its version, each
 // old one is gone, not one request fails in either connection mode, and
 // the masters' fd and goroutine counts stay flat.
-func TestUpgrade_TenAutomaticUpgradesUnderLoad(t *testing.T) {
+func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 	t.Parallel()
 	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "500ms")
 	addr := u.addr()
@@ -91,7 +91,8 @@ func TestUpgrade_TenAutomaticUpgradesUnderLoad(t *testing.T) {
 	l := startLoad(t, addr)
 	pids := []int{u.Pid}
 	var base baseline
-	for i := 1; i <= 10; i++ {
+	n := soakCount(t, "MOLT_SOAK_UPGRADES", 10)
+	for i := 1; i <= n; i++ {
 		bin, want := bins.molt2, nextVersion()
 		if i%2 == 0 {
 			bin, want = bins.molt, version
