@@ -478,3 +478,51 @@ func TestFaults_WorkerRestartsLeaveTheMasterFlat(t *testing.T) {
 	l.stop(t)
 	m.stop()
 }
+
+// TestFaults_AWorkerMisusesTheListener: a worker shuts the shared
+// listening socket down (shutdown(2) stops it for every process), or
+// switches it to blocking mode (no Close could interrupt an accept). The
+// master notices within a second: it listens again on the same socket and
+// recycles the workers, whose servers ended, or switches non-blocking
+// mode back. Requests are answered again without a restart.
+func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
+	t.Parallel()
+	for kind, line := range map[string]string{
+		"shutdown": "a process shut the listener down; it listens again, and the workers are recycled",
+		"blocking": "a process switched the listener to blocking mode; switched back",
+	} {
+		t.Run(kind, func(t *testing.T) {
+			once := filepath.Join(t.TempDir(), "done")
+			// A worker thread that entered accept(2) while the socket was
+			// blocking stays in it until a connection comes: its drain may
+			// need the drain timeout.
+			m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "2s", "--", bins.fakeapp, "serve", "--misuse", kind+":"+once)
+			addr := m.addr()
+			m.waitServing()
+			test.WaitLog(t, m.log, stepTimeout, 1, "the repair", test.Msg(line))
+			test.WaitFor(t, stepTimeout, "the misuse to end", func() error {
+				if b, _ := os.ReadFile(once); string(b) != "done" {
+					return fmt.Errorf("%s: %q", once, b)
+				}
+				return nil
+			})
+			test.WaitFor(t, stepTimeout, "requests answered again", func() error {
+				_, err := test.Get(addr, "/", reqTimeout)
+				return err
+			})
+			l := startLoad(t, addr)
+			l.stop(t)
+			// The last misuse is repaired by the check after it, within a
+			// second.
+			test.WaitFor(t, stepTimeout, "the last repair to be a while ago", func() error {
+				repairs := test.Find(m.log, test.Msg(line))
+				if last := repairs[len(repairs)-1].Time; time.Since(last) < 1500*time.Millisecond {
+					return fmt.Errorf("repaired at %v", last)
+				}
+				return nil
+			})
+			checkMasterSocketsNonBlocking(t, m.Pid)
+			m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+		})
+	}
+}

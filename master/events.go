@@ -80,10 +80,13 @@ const (
 	// recycleDue: a ready worker has reached its lifetime
 	// (--max-worker-lifetime); it is replaced.
 	recycleDue
+	// listenerCheck: time to check that the listeners still listen, in
+	// non-blocking mode (heal.go).
+	listenerCheck
 )
 
 var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due",
-	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline", "watchdog check", "recycle due"}
+	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline", "watchdog check", "recycle due", "listener check"}
 
 // timerFired is a timer's event. Handlers check that the pid or slot and
 // its sequence number still match: a timer can fire after what it was for

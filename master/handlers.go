@@ -127,12 +127,16 @@ func (m *Master) onNotify(ev notified) {
 }
 
 // onWorkerStopping handles a worker that announced STOPPING=1 without
-// being asked: it leaves its slot, which is refilled at once without
-// counting a failure, and it has the drain timeout to exit.
+// being asked: it leaves its slot, which is refilled at once, and it has
+// the drain timeout to exit. Its exit is no crash; but a worker that
+// stops itself before it was healthy counts towards the slot's backoff,
+// or an app that quits right after starting would be restarted in a
+// tight loop (the first such stop is still replaced at once).
 func (m *Master) onWorkerStopping(p *proc) {
 	if p.state == workerStopping {
 		return
 	}
+	healthy := p.state == workerReady && time.Since(p.readyAt) >= healthyAfter
 	p.state = workerStopping
 	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 	s := m.slotOf(p)
@@ -144,14 +148,22 @@ func (m *Master) onWorkerStopping(p *proc) {
 		s.pid, s.successor = s.successor, 0
 		return
 	}
-	m.log.Info("worker is stopping on its own; starting its replacement", "worker", p.slot, "pid", p.pid)
+	if healthy {
+		s.backoff.reset()
+	}
+	delay := s.backoff.fail()
+	m.log.Info("worker is stopping on its own; starting its replacement", "worker", p.slot, "pid", p.pid, "restart_in", delay.String())
 	s.pid = 0
-	m.spawn(s)
+	m.respawnLater(s, delay)
 }
 
 // onTimer applies a timer if what it was armed for still holds.
 func (m *Master) onTimer(ev timerFired) {
 	if m.onUpgradeTimer(ev) {
+		return
+	}
+	if ev.kind == listenerCheck {
+		m.checkListeners()
 		return
 	}
 	if ev.kind == respawnDue {

@@ -70,6 +70,7 @@ func (m *Master) start() error {
 	m.spawner = newSpawner(m.done)
 	m.spec = newSpec(m.cfg, m.listeners)
 	m.phase = phaseStarting
+	m.after(listenerCheckEvery, timerFired{kind: listenerCheck})
 	if m.role == roleNew {
 		return m.attachToParent()
 	}

@@ -2,6 +2,7 @@ package master
 
 import (
 	"errors"
+	"net"
 	"os"
 	"syscall"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/worker"
+	"golang.org/x/sys/unix"
 )
 
 // fakeSys scripts the master's process operations: no processes, no
@@ -516,5 +518,88 @@ func TestLoop_AHealthyRunResetsTheBackoff(t *testing.T) {
 	st := m.status()
 	if len(st.Procs) != 1 || st.Procs[0].State != "restarting" || st.Procs[0].RestartIn == "" || st.Procs[0].Failures != 2 {
 		t.Errorf("status during the backoff: %+v", st.Procs)
+	}
+}
+
+// TestLoop_ListenersAreHealed: a listener a worker shut down or switched
+// to blocking mode listens again, at the same address and non-blocking,
+// at the next check, and the workers (whose servers ended) are recycled.
+// Both a port the kernel picked and a port given explicitly.
+func TestLoop_ListenersAreHealed(t *testing.T) {
+	picked := ListenSpec{Name: "web", Network: "tcp", Address: "127.0.0.1:0"}
+	f, err := bind(picked, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	free, _ := localAddr(f)
+	f.Close()
+	for _, spec := range []ListenSpec{picked, {Name: "web", Network: "tcp", Address: free}} {
+		m, f := newTestMaster(t, 1, nil)
+		file, err := bind(spec, 0)
+		if err != nil {
+			t.Fatalf("bind %s: %v", spec, err)
+		}
+		defer file.Close()
+		addr, _ := localAddr(file)
+		m.listeners = append(m.listeners, &listener{spec: spec, file: file, addr: addr})
+		pid := f.started[0]
+		m.onNotify(ready(pid))
+		fd, err := rawFD(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Shutdown(fd, unix.SHUT_RD); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.SetNonblock(fd, false); err != nil {
+			t.Fatal(err)
+		}
+		m.checkListeners()
+		if acc, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); acc != 1 {
+			t.Errorf("%s: the listener does not listen again", spec)
+		}
+		if now, _ := localAddr(file); now != addr {
+			t.Errorf("%s: the listener listens again at %s, want %s", spec, now, addr)
+		}
+		if c, err := net.DialTimeout("tcp", addr, 5*time.Second); err != nil {
+			t.Errorf("%s: dial after the repair: %v", spec, err)
+		} else {
+			c.Close()
+		}
+		if fl, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); fl&unix.O_NONBLOCK == 0 {
+			t.Errorf("%s: the listener is still in blocking mode", spec)
+		}
+		if len(f.started) != 2 || m.slots[0].successor != f.started[1] {
+			t.Errorf("%s: the worker was not recycled: starts %v, slot %+v", spec, f.started, m.slots[0])
+		}
+		if tm := f.lastTimer(t, listenerCheck); tm.d != listenerCheckEvery {
+			t.Errorf("next check in %v", tm.d)
+		}
+		// A check with nothing wrong changes nothing.
+		m.checkListeners()
+		if len(f.started) != 2 {
+			t.Errorf("%s: a healthy check started workers", spec)
+		}
+	}
+}
+
+// TestLoop_WorkersStoppingRightAfterStartBackOff: an app that says
+// STOPPING=1 as soon as it starts is not restarted in a tight loop.
+func TestLoop_WorkersStoppingRightAfterStartBackOff(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	stopping, _ := worker.ParseNotify([]byte(worker.NotifyStopping))
+	for i := range 3 {
+		pid := f.started[len(f.started)-1]
+		m.onNotify(notified{notify.Msg{Pid: pid, Pgid: pid, Fields: stopping}})
+		if i == 0 && len(f.started) != 2 {
+			t.Fatal("the first self-stop was not replaced at once")
+		}
+		if i > 0 {
+			tm := f.lastTimer(t, respawnDue)
+			if tm.d <= 0 {
+				t.Fatalf("self-stop %d: respawn in %v, want a backoff", i+1, tm.d)
+			}
+			m.onTimer(tm.ev)
+		}
 	}
 }

@@ -6,6 +6,7 @@
 //
 //	fakeapp serve [--report DIR] [--no-notify] [--ignore-stop]
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
+//	              [--misuse shutdown:PATH|blocking:PATH]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -13,7 +14,10 @@
 // X-Fakeapp-Listener; GET /sleep?ms=N answers after N ms. --report writes
 // DIR/<pid>.json (fds, their flags, environment) before anything else;
 // --ready-file appends the pid to PATH once ready; --hit-file appends
-// "<pid> <path>" when a /sleep request starts.
+// "<pid> <path>" when a /sleep request starts; --misuse makes the first
+// worker to create PATH, once it serves, shut the shared listening sockets
+// down, or switch them to blocking mode every 100 ms for 3 s (other Go
+// workers starting would switch it back), and then write "done" to PATH.
 package main
 
 import (
@@ -47,6 +51,7 @@ func main() {
 	readyFile := fs.String("ready-file", "", "append the pid to PATH when ready")
 	hitFile := fs.String("hit-file", "", "append '<pid> <path>' to PATH when /sleep starts")
 	exitAfter := fs.Duration("exit-after", 0, "drain and exit 1 after DUR (a worker that dies on its own, without dropping a request)")
+	misuse := fs.String("misuse", "", "shutdown:PATH or blocking:PATH: the first worker to create PATH does that to the listeners")
 	fs.Parse(os.Args[2:])
 	if *report != "" {
 		// Before anything else opens an fd: the report is the fd set the
@@ -58,7 +63,7 @@ func main() {
 	}
 	switch mode {
 	case "serve":
-		os.Exit(serve(*noNotify, *ignoreStop, *readyFile, *hitFile, *exitAfter))
+		os.Exit(serve(*noNotify, *ignoreStop, *readyFile, *hitFile, *misuse, *exitAfter))
 	case "crash", "exit0", "hang":
 		closeListeners()
 		switch mode {
@@ -164,7 +169,7 @@ func appendLine(path, line string) {
 	f.WriteString(line + "\n")
 }
 
-func serve(noNotify, ignoreStop bool, readyFile, hitFile string, exitAfter time.Duration) int {
+func serve(noNotify, ignoreStop bool, readyFile, hitFile, misuse string, exitAfter time.Duration) int {
 	all, err := worker.Listeners()
 	if err != nil || len(all) == 0 {
 		fmt.Fprintln(os.Stderr, "fakeapp: no listeners:", err)
@@ -229,6 +234,9 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile string, exitAfter time.
 		}(lns)
 	}
 	markReady(readyFile, pid)
+	if misuse != "" {
+		go misuseListeners(misuse)
+	}
 	wg.Wait()
 	close(errs)
 	for err := range errs {
@@ -242,6 +250,43 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile string, exitAfter time.
 		return 1
 	}
 	return 0
+}
+
+// misuseListeners does KIND (shutdown, blocking) to the shared listening
+// sockets, if this is the first worker to create PATH (spec KIND:PATH).
+func misuseListeners(spec string) {
+	kind, path, _ := strings.Cut(spec, ":")
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return // another worker did, or will
+	}
+	defer f.Close()
+	fs, _ := worker.Files()
+	do := func() {
+		for _, lf := range fs {
+			raw, err := lf.SyscallConn()
+			if err != nil {
+				continue
+			}
+			raw.Control(func(fd uintptr) {
+				switch kind {
+				case "shutdown":
+					unix.Shutdown(int(fd), unix.SHUT_RD)
+				case "blocking":
+					unix.SetNonblock(int(fd), false)
+				}
+			})
+		}
+	}
+	do()
+	if kind == "blocking" {
+		for range 30 {
+			time.Sleep(100 * time.Millisecond)
+			do()
+		}
+	}
+	fmt.Fprintf(os.Stderr, "fakeapp: did %s to the listeners, on purpose\n", kind)
+	f.WriteString("done")
 }
 
 func markReady(readyFile, pid string) {
