@@ -2,14 +2,19 @@ package main
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/worker"
+	"golang.org/x/sys/unix"
 )
 
 // envDemoLogJSON tells the demo app to log JSON lines like its master.
@@ -24,7 +29,7 @@ const maxDemoSleep = time.Minute
 
 // runDemo is the built-in demo app: what workers run when "molt run" has
 // no COMMAND. It serves through the worker package, as any Go app would.
-func runDemo() int {
+func runDemo(lns ...net.Listener) int {
 	log := hclog.New(&hclog.LoggerOptions{
 		Name:       fmt.Sprintf("demo.%s", os.Getenv(worker.EnvWorker)),
 		Output:     os.Stderr,
@@ -40,11 +45,57 @@ func runDemo() int {
 		h = worker.RecycleAfter(n, h)
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	if err := worker.ServeHTTP(context.Background(), srv); err != nil {
+	if err := worker.ServeHTTP(context.Background(), srv, lns...); err != nil {
 		log.Error("demo app stopped", "pid", os.Getpid(), "error", err)
 		return exitFailure
 	}
 	return exitOK
+}
+
+const demoUsage = `Usage: molt demo --listen ADDR [--reuseport]
+
+Runs the built-in demo app (what workers run without COMMAND) alone, in
+this process, without a master: to compare with the same app under molt
+(make bench does). Several "molt demo --reuseport" on one address share it
+through SO_REUSEPORT. TERM, INT or QUIT drain it and end it.
+
+Flags:
+`
+
+// cmdDemo is "molt demo": the demo app on a listener of its own.
+func cmdDemo(args []string) int {
+	fs := flag.NewFlagSet("molt demo", flag.ContinueOnError)
+	addr := fs.String("listen", defaultListen, "`ADDR` to listen on (host:port)")
+	reuse := fs.Bool("reuseport", false, "set SO_REUSEPORT, so that several processes listen on one address")
+	fs.Usage = func() {
+		fmt.Fprint(os.Stderr, demoUsage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	lc := net.ListenConfig{}
+	if *reuse {
+		lc.Control = func(network, address string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", *addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "molt demo:", err)
+		return exitBind
+	}
+	fmt.Fprintf(os.Stderr, "molt demo: pid %d listening on %s\n", os.Getpid(), ln.Addr())
+	return runDemo(ln)
 }
 
 // demoHandler answers GET / with the worker's identity and GET

@@ -17,6 +17,8 @@ Usage:
   molt run [flags] [-- COMMAND [ARGS...]]   run a master and its workers
   molt ctl [flags] COMMAND                  talk to a running master (status, upgrade --wait, ...)
   molt check [run flags] [-- COMMAND ...]   validate a configuration without starting anything
+  molt drill [flags] TARGET                 load a server, upgrade it, report what clients saw
+  molt demo --listen ADDR [--reuseport]     the built-in demo app alone, without a master
   molt version                              print the version
   molt help [COMMAND]                       show help
 
@@ -52,6 +54,10 @@ func dispatch(args []string) int {
 		return cmdCtl(args[1:])
 	case "check":
 		return cmdCheck(args[1:])
+	case "drill":
+		return cmdDrill(args[1:])
+	case "demo":
+		return cmdDemo(args[1:])
 	case "version", "--version", "-version":
 		fmt.Println("molt", version())
 		return exitOK
@@ -64,6 +70,9 @@ func dispatch(args []string) int {
 		if len(args) > 1 && args[1] == "check" {
 			fmt.Print(checkUsage)
 			return exitOK
+		}
+		if len(args) > 1 && args[1] == "drill" {
+			return cmdDrill([]string{"-h"})
 		}
 		if len(args) > 1 && args[1] == "ctl" {
 			fmt.Print(ctlUsage)

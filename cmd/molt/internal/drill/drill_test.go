@@ -1,0 +1,121 @@
+package drill
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// swapTrigger stands for an upgrade: each Fire makes the server answer as
+// the next generation.
+type swapTrigger struct{ gen *atomic.Int64 }
+
+func (s swapTrigger) Fire(context.Context) error { s.gen.Add(1); return nil }
+func (s swapTrigger) String() string             { return "swap" }
+
+func serve(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + l.Addr().String() + "/"
+}
+
+func TestRun_SeesEachUpgradeAndEveryAnswer(t *testing.T) {
+	var gen atomic.Int64
+	gen.Store(1)
+	target := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Molt-Master-Pid", strconv.FormatInt(gen.Load(), 10))
+		w.Header().Set("X-Molt-Worker-Pid", "7")
+	})
+	rep, err := Run(context.Background(), Config{
+		Target: target, Clients: 2, Rate: 400, Duration: 1500 * time.Millisecond, Upgrades: 2, Interval: 400 * time.Millisecond,
+		Trigger: swapTrigger{&gen}, Header: "X-Molt-Master-Pid", WorkerHeader: "X-Molt-Worker-Pid", IdleConns: 3,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Failed != 0 || rep.OK != rep.Requests || rep.OK < 100 {
+		t.Fatalf("requests %d, ok %d, failed %d %v", rep.Requests, rep.OK, rep.Failed, rep.Failures)
+	}
+	if len(rep.Upgrades) != 2 {
+		t.Fatalf("upgrades %+v", rep.Upgrades)
+	}
+	for _, u := range rep.Upgrades {
+		// The swap is instant: the new generation answers within a few
+		// requests, and nothing answers as the old one after it.
+		if u.NewServingMs < 0 || u.NewServingMs > 300 || u.OldGoneMs > 300 || u.Error != "" {
+			t.Errorf("upgrade %+v", u)
+		}
+	}
+	if rep.ByServed["1"] == 0 || rep.ByServed["2"] == 0 || rep.ByServed["3"] == 0 || rep.ByWorker["7"] != rep.OK {
+		t.Errorf("by generation %v, by worker %v", rep.ByServed, rep.ByWorker)
+	}
+	var gens []string
+	for _, s := range rep.Timeline {
+		gens = append(gens, strings.Join(s.Served, "+"))
+	}
+	if g := strings.Join(gens, " "); !strings.HasPrefix(g, "1") || !strings.HasSuffix(g, "3") {
+		t.Errorf("timeline %s", g)
+	}
+	if rep.ByMode["keep-alive"].OK == 0 || rep.ByMode["close"].OK == 0 {
+		t.Errorf("by mode %+v", rep.ByMode)
+	}
+	if rep.IdleConns != 3 || rep.Latency.N != rep.OK || rep.Steady.N+rep.InUpgrade.N != rep.OK || rep.Latency.P50 > rep.Latency.Max {
+		t.Errorf("idle %d, latency %+v steady %+v in %+v", rep.IdleConns, rep.Latency, rep.Steady, rep.InUpgrade)
+	}
+	var out strings.Builder
+	rep.Print(&out)
+	for _, want := range []string{"failed 0", "upgrade 1 at", "new generation answered after", "generations 0-", "idle connections: 3 opened"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+func TestRun_ClassifiesFailures(t *testing.T) {
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	refused := "http://" + l.Addr().String() + "/"
+	l.Close()
+	bad := serve(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) })
+	eof := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		c, _, _ := w.(http.Hijacker).Hijack()
+		c.Close()
+	})
+	for target, want := range map[string]Class{refused: Refused, bad: Status, eof: EOF} {
+		rep, err := Run(context.Background(), Config{Target: target, Clients: 1, Rate: 100, Duration: 200 * time.Millisecond, Modes: []Mode{KeepAlive}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.Failed == 0 || rep.Failures[want] != rep.Failed {
+			t.Errorf("%s: failures %v, want all %s", target, rep.Failures, want)
+		}
+	}
+}
+
+func TestParseTarget(t *testing.T) {
+	for in, want := range map[string]string{
+		"http://127.0.0.1:8080/x?y=1": "tcp 127.0.0.1:8080 127.0.0.1:8080 /x?y=1",
+		"http://localhost/":           "tcp localhost:80 localhost /",
+		"unix:/run/app.sock":          "unix /run/app.sock localhost /",
+	} {
+		n, a, h, p, err := parseTarget(in, "")
+		if got := strings.Join([]string{n, a, h, p}, " "); err != nil || got != want {
+			t.Errorf("%s: %q %v, want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"https://x/", "127.0.0.1:80", "http://"} {
+		if _, _, _, _, err := parseTarget(bad, ""); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+}
