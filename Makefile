@@ -6,7 +6,7 @@ LDFLAGS  := -X main.buildVersion=$(VERSION)
 # parallelism keeps race-built masters from starving each other.
 TESTFLAGS ?= -race -count=1 -timeout 20m -parallel 2
 
-.PHONY: build run test lint fmt clean fuzz soak
+.PHONY: build run test lint fmt clean fuzz soak bench
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/molt ./cmd/molt
@@ -53,3 +53,8 @@ SOAK_RESTARTS ?= 10000
 soak:
 	MOLT_TEST_VERSION=$(VERSION) MOLT_SOAK_UPGRADES=$(SOAK_UPGRADES) MOLT_SOAK_RESTARTS=$(SOAK_RESTARTS) \
 		$(GO) test -count=1 -timeout 180m -v -run '^(TestUpgrade_RepeatedUpgradesUnderLoad|TestFaults_WorkerRestartsLeaveTheMasterFlat)$$' ./integration
+
+# Measure molt with molt drill and write test/bench/RESULTS.md (about 5
+# minutes on 2 cores; not in make test).
+bench: build
+	$(GO) run ./test/bench -molt bin/molt -out test/bench/RESULTS.md

@@ -1,0 +1,555 @@
+// Command bench is "make bench": it measures molt serving its demo app
+// with molt drill (the same engine operators use) and writes
+// test/bench/RESULTS.md: zero downtime across upgrades, the overhead
+// against the same app run bare, memory, balance across workers, and
+// upgrades at scale. It runs on the machine it is given and says which.
+// Numbers are what they are: a target missed is reported as missed.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	moltBin := flag.String("molt", "bin/molt", "the molt binary to measure")
+	out := flag.String("out", "test/bench/RESULTS.md", "where to write the results")
+	upgrades := flag.Int("upgrades", 20, "upgrades per zero-downtime run")
+	repeats := flag.Int("repeats", 3, "alternating repeats of each overhead measurement")
+	flag.Parse()
+	abs, err := filepath.Abs(*moltBin)
+	if err != nil {
+		fail(err)
+	}
+	raiseFileLimit()
+	b := &bench{molt: abs, upgrades: *upgrades, repeats: *repeats, started: time.Now()}
+	b.run()
+	if err := os.WriteFile(*out, []byte(b.markdown()), 0o644); err != nil {
+		fail(err)
+	}
+	fmt.Printf("bench: wrote %s in %v\n", *out, time.Since(b.started).Round(time.Second))
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "bench:", err)
+	os.Exit(1)
+}
+
+// raiseFileLimit lifts the open-file limit to its hard maximum, for the
+// run with thousands of idle connections (children inherit it).
+func raiseFileLimit() {
+	var l syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l) == nil && l.Cur < l.Max {
+		l.Cur = l.Max
+		_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
+	}
+}
+
+// report is the part of "molt drill --json" the bench reads.
+type report struct {
+	Requests, OK, Failed int
+	Failures             map[string]int
+	ByMode               map[string]struct {
+		OK     int     `json:"ok"`
+		PerSec float64 `json:"per_sec"`
+	} `json:"by_mode"`
+	Steady    percentiles `json:"latency_steady"`
+	InUpgrade percentiles `json:"latency_in_upgrades"`
+	Latency   percentiles `json:"latency"`
+	Upgrades  []struct {
+		TriggerMs    float64 `json:"trigger_ms"`
+		NewServingMs float64 `json:"new_serving_ms"`
+		OldGoneMs    float64 `json:"old_gone_ms"`
+		Error        string  `json:"error"`
+	}
+	ByWorker   map[string]int `json:"by_worker"`
+	IdleConns  int            `json:"idle_conns"`
+	IdleClosed int            `json:"idle_closed_by_server"`
+}
+
+type percentiles struct {
+	N   int     `json:"n"`
+	P50 float64 `json:"p50_ms"`
+	P99 float64 `json:"p99_ms"`
+	Max float64 `json:"max_ms"`
+}
+
+func (r report) perSec() float64 {
+	t := 0.0
+	for _, m := range r.ByMode {
+		t += m.PerSec
+	}
+	return t
+}
+
+// server is a molt master (or bare demo processes) the bench started.
+type server struct {
+	dir     string
+	addr    string
+	pidFile string
+	procs   []*exec.Cmd
+}
+
+type bench struct {
+	molt              string
+	upgrades, repeats int
+	started           time.Time
+	commands          []string
+	sections          []string
+}
+
+func (b *bench) log(format string, a ...any) {
+	fmt.Printf("bench %5.0fs: %s\n", time.Since(b.started).Seconds(), fmt.Sprintf(format, a...))
+}
+
+func freeAddr() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fail(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// startMolt starts "molt run" with the demo app on a free port, from a
+// copy of the binary in a directory of its own (an upgrade re-executes
+// that path), and waits until it serves.
+func (b *bench) startMolt(workers int) *server {
+	dir, err := os.MkdirTemp("", "molt-bench")
+	if err != nil {
+		fail(err)
+	}
+	bin := filepath.Join(dir, "molt")
+	data, err := os.ReadFile(b.molt)
+	if err != nil {
+		fail(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		fail(err)
+	}
+	s := &server{dir: dir, addr: freeAddr(), pidFile: filepath.Join(dir, "molt.pid")}
+	args := []string{"run", "--no-keeper", "--listen", s.addr, "--workers", strconv.Itoa(workers),
+		"--pid-file", s.pidFile, "--log-file", filepath.Join(dir, "molt.log"), "--probation", "200ms"}
+	b.note("molt run " + strings.Join(args[1:], " "))
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = dir
+	if err := cmd.Start(); err != nil {
+		fail(err)
+	}
+	s.procs = []*exec.Cmd{cmd}
+	s.waitServing(workers)
+	return s
+}
+
+// startBare starts n "molt demo --reuseport" processes on one port.
+func (b *bench) startBare(n int) *server {
+	s := &server{addr: freeAddr()}
+	b.note(fmt.Sprintf("%d x molt demo --reuseport --listen %s", n, s.addr))
+	for range n {
+		cmd := exec.Command(b.molt, "demo", "--reuseport", "--listen", s.addr)
+		if err := cmd.Start(); err != nil {
+			fail(err)
+		}
+		s.procs = append(s.procs, cmd)
+	}
+	s.waitServing(0)
+	return s
+}
+
+// waitServing waits until GET / answers (and, for molt, the pid file
+// names a master with the given number of workers).
+func (s *server) waitServing(workers int) {
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		r, err := http.Get("http://" + s.addr + "/")
+		if err == nil {
+			r.Body.Close()
+			if workers == 0 || len(children(s.masterPid())) >= workers {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fail(fmt.Errorf("nothing serves on %s after 60s (see %s)", s.addr, s.dir))
+}
+
+func (s *server) masterPid() int {
+	b, _ := os.ReadFile(s.pidFile)
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// stop ends the server: QUIT to the current master (or TERM to the bare
+// processes) and a bounded wait.
+func (s *server) stop() {
+	pids := []int{}
+	if s.pidFile != "" {
+		pids = append(pids, s.masterPid())
+		_ = syscall.Kill(s.masterPid(), syscall.SIGQUIT)
+	} else {
+		for _, c := range s.procs {
+			pids = append(pids, c.Process.Pid)
+			_ = c.Process.Signal(syscall.SIGTERM)
+		}
+	}
+	for _, c := range s.procs {
+		done := make(chan struct{})
+		go func() { _ = c.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(40 * time.Second):
+			_ = c.Process.Kill()
+		}
+	}
+	for _, pid := range pids { // a master started by an upgrade is not our child
+		for i := 0; i < 400 && pid > 0 && syscall.Kill(pid, 0) == nil; i++ {
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	if s.dir != "" {
+		_ = os.RemoveAll(s.dir)
+	}
+}
+
+// drill runs molt drill --json against s.
+func (b *bench) drill(s *server, args ...string) report {
+	full := append([]string{"drill", "--json"}, args...)
+	full = append(full, "http://"+s.addr+"/")
+	b.note("molt " + strings.Join(full, " "))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, b.molt, full...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var r report
+	if jerr := json.Unmarshal(stdout.Bytes(), &r); jerr != nil {
+		fail(fmt.Errorf("molt %s: %v %v\n%s", strings.Join(full, " "), err, jerr, stderr.String()))
+	}
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		fail(err)
+	}
+	return r
+}
+
+// note records a command for the results' "how" section (once).
+func (b *bench) note(cmd string) {
+	for _, c := range b.commands {
+		if c == cmd {
+			return
+		}
+	}
+	b.commands = append(b.commands, cmd)
+}
+
+func (b *bench) section(title string, lines ...string) {
+	b.sections = append(b.sections, "## "+title+"\n\n"+strings.Join(lines, "\n")+"\n")
+}
+
+// children lists pid's child processes (each thread lists those it forked).
+func children(pid int) []int {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+// rssMB is the resident set of pid, in MB.
+func rssMB(pid int) float64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return -1
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return float64(kb) / 1024
+		}
+	}
+	return -1
+}
+
+func stats(xs []float64) (median, lo, hi float64) {
+	if len(xs) == 0 {
+		return math.NaN(), math.NaN(), math.NaN()
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	return s[len(s)/2], s[0], s[len(s)-1]
+}
+
+// spread formats the median and range of the known (non-negative) values
+// of an upgrade measure, and how many were unknown.
+func spread(xs []float64) string {
+	var known []float64
+	for _, x := range xs {
+		if x >= 0 {
+			known = append(known, x)
+		}
+	}
+	if len(known) == 0 {
+		return "n/a"
+	}
+	m, lo, hi := stats(known)
+	out := fmt.Sprintf("%.0f [%.0f–%.0f]", m, lo, hi)
+	if n := len(xs) - len(known); n > 0 {
+		out += fmt.Sprintf(" (%d unseen)", n)
+	}
+	return out
+}
+
+// upgradeTimes returns the new-serving and old-gone times of r's upgrades
+// and how many triggers failed.
+func upgradeTimes(r report) (newServing, oldGone []float64, failed int) {
+	for _, u := range r.Upgrades {
+		newServing, oldGone = append(newServing, u.NewServingMs), append(oldGone, u.OldGoneMs)
+		if u.Error != "" {
+			failed++
+		}
+	}
+	return newServing, oldGone, failed
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "**missed**"
+}
+
+func (b *bench) run() {
+	b.zeroDowntime()
+	b.overhead()
+	b.scale()
+}
+
+// zeroDowntime: upgrades under load at 32 and 256 clients, each mode.
+func (b *bench) zeroDowntime() {
+	rows := []string{
+		"| clients | mode | requests | failed | upgrades failed | p99 steady (ms) | p99 in upgrades (ms) | ratio (target ≤ 1.5) | new generation serving, median [min–max] (ms) | old generation gone, median [min–max] (ms) |",
+		"|---|---|---|---|---|---|---|---|---|---|",
+	}
+	for _, clients := range []int{32, 256} {
+		for _, mode := range []string{"keep-alive", "close"} {
+			s := b.startMolt(runtime.NumCPU())
+			b.log("zero downtime: %d clients, %s, %d upgrades", clients, mode, b.upgrades)
+			r := b.drill(s, "--clients", strconv.Itoa(clients), "--mode", mode, "--upgrades", strconv.Itoa(b.upgrades),
+				"--interval", "1s", "--ctl", s.pidFile)
+			s.stop()
+			ns, og, bad := upgradeTimes(r)
+			ratio := r.InUpgrade.P99 / r.Steady.P99
+			rows = append(rows, fmt.Sprintf("| %d | %s | %d | %d %s | %d of %d | %.2f | %.2f | %.2f (%s) | %s | %s |",
+				clients, mode, r.Requests, r.Failed, failureClasses(r), bad, len(r.Upgrades), r.Steady.P99, r.InUpgrade.P99, ratio, verdict(ratio <= 1.5),
+				spread(ns), spread(og)))
+		}
+	}
+	b.section("Zero downtime: "+strconv.Itoa(b.upgrades)+" upgrades under load",
+		append([]string{fmt.Sprintf("molt with %d workers (the demo app), `molt ctl upgrade --wait` every second, probation 200 ms; the clients go as fast as they can. Target: 0 failed requests; p99 inside upgrade windows at most 1.5 × steady state. An upgrade window runs from the trigger until the old generation's last answer.", runtime.NumCPU()), ""}, rows...)...)
+}
+
+func failureClasses(r report) string {
+	if r.Failed == 0 {
+		return ""
+	}
+	var cls []string
+	for c, n := range r.Failures {
+		cls = append(cls, fmt.Sprintf("%s %d", c, n))
+	}
+	sort.Strings(cls)
+	return "(" + strings.Join(cls, ", ") + ")"
+}
+
+// overhead: molt with N workers against N bare SO_REUSEPORT processes of
+// the same app, alternating; then memory and balance.
+func (b *bench) overhead() {
+	n := runtime.NumCPU()
+	var moltRate, bareRate, moltP99, bareP99 []float64
+	var last report
+	var masterRSS, workerRSS float64
+	for i := range b.repeats {
+		for _, bare := range []bool{false, true} {
+			var s *server
+			if bare {
+				s = b.startBare(n)
+			} else {
+				s = b.startMolt(n)
+			}
+			b.log("overhead: repeat %d, bare=%v", i+1, bare)
+			r := b.drill(s, "--clients", "32", "--mode", "keep-alive", "--duration", "5s")
+			if bare {
+				bareRate, bareP99 = append(bareRate, r.perSec()), append(bareP99, r.Latency.P99)
+			} else {
+				moltRate, moltP99 = append(moltRate, r.perSec()), append(moltP99, r.Latency.P99)
+				last = r
+				if m := s.masterPid(); m > 0 {
+					masterRSS = rssMB(m)
+					if ws := children(m); len(ws) > 0 {
+						workerRSS = rssMB(ws[0])
+					}
+				}
+			}
+			s.stop()
+		}
+	}
+	mr, mrl, mrh := stats(moltRate)
+	br, brl, brh := stats(bareRate)
+	mp, mpl, mph := stats(moltP99)
+	bp, bpl, bph := stats(bareP99)
+	ratio := mr / br
+	b.section("Overhead against the bare app",
+		fmt.Sprintf("The demo app under molt (%d workers) against the same app as %d bare `molt demo --reuseport` processes on one port, 32 keep-alive clients as fast as they go, 5 s each, alternating, %d repeats each (median [min–max]). Target: throughput ratio ≥ 0.97.", n, n, b.repeats),
+		"",
+		"| | requests/s | p99 (ms) |",
+		"|---|---|---|",
+		fmt.Sprintf("| molt | %.0f [%.0f–%.0f] | %.2f [%.2f–%.2f] |", mr, mrl, mrh, mp, mpl, mph),
+		fmt.Sprintf("| bare | %.0f [%.0f–%.0f] | %.2f [%.2f–%.2f] |", br, brl, brh, bp, bpl, bph),
+		fmt.Sprintf("| ratio | %.3f (%s) | %.2f |", ratio, verdict(ratio >= 0.97), mp/bp),
+	)
+	b.section("Memory",
+		"Resident set size after the load above (`VmRSS`). Target: master ≤ 15 MB.",
+		"",
+		"| process | RSS (MB) |",
+		"|---|---|",
+		fmt.Sprintf("| master | %.1f (%s) |", masterRSS, verdict(masterRSS <= 15)),
+		fmt.Sprintf("| one worker (demo app) | %.1f |", workerRSS),
+	)
+	var counts []float64
+	for _, c := range last.ByWorker {
+		counts = append(counts, float64(c))
+	}
+	mean, sd := meanSD(counts)
+	b.section("Balance",
+		fmt.Sprintf("Requests per worker in the last molt run above (%d workers, keep-alive: a connection stays with the worker that accepted it). Coefficient of variation: %.3f (requests per worker: %v).", len(counts), sd/mean, sortedInts(counts)),
+	)
+}
+
+func meanSD(xs []float64) (mean, sd float64) {
+	if len(xs) == 0 {
+		return math.NaN(), math.NaN()
+	}
+	for _, x := range xs {
+		mean += x
+	}
+	mean /= float64(len(xs))
+	for _, x := range xs {
+		sd += (x - mean) * (x - mean)
+	}
+	return mean, math.Sqrt(sd / float64(len(xs)))
+}
+
+func sortedInts(xs []float64) []int {
+	out := make([]int, len(xs))
+	for i, x := range xs {
+		out[i] = int(x)
+	}
+	sort.Ints(out)
+	return out
+}
+
+// scale: upgrades with 1, 8 and 32 workers, and with 5,000 idle keep-alive
+// connections open.
+func (b *bench) scale() {
+	rows := []string{
+		"| setting | requests | failed | upgrades failed | new generation serving, median [min–max] (ms) | old generation gone, median [min–max] (ms) | idle connections closed by the end |",
+		"|---|---|---|---|---|---|---|",
+	}
+	type run struct {
+		name    string
+		workers int
+		extra   []string
+	}
+	for _, c := range []run{
+		{"1 worker", 1, nil},
+		{"8 workers", 8, nil},
+		{"32 workers", 32, nil},
+		{"2 workers, 5,000 idle keep-alive connections", 2, []string{"--idle-conns", "5000"}},
+	} {
+		s := b.startMolt(c.workers)
+		b.log("scale: %s", c.name)
+		args := append([]string{"--clients", "16", "--upgrades", "5", "--interval", "2s", "--ctl", s.pidFile}, c.extra...)
+		r := b.drill(s, args...)
+		s.stop()
+		ns, og, bad := upgradeTimes(r)
+		idle := "–"
+		if r.IdleConns > 0 {
+			idle = fmt.Sprintf("%d of %d", r.IdleClosed, r.IdleConns)
+		}
+		rows = append(rows, fmt.Sprintf("| %s | %d | %d %s | %d of %d | %s | %s | %s |",
+			c.name, r.Requests, r.Failed, failureClasses(r), bad, len(r.Upgrades), spread(ns), spread(og), idle))
+	}
+	b.section("Scale",
+		append([]string{"5 upgrades every 2 s under 16 clients of each mode, as fast as they go. Idle connections are opened before the first upgrade and never used again; the old generation closes them once they have been idle for 2 s while it drains (a client would reconnect)."}, append([]string{""}, rows...)...)...)
+}
+
+func (b *bench) markdown() string {
+	var sb strings.Builder
+	sb.WriteString("# molt benchmark results\n\n")
+	sb.WriteString("Written by `make bench` (test/bench). Every number comes from `molt drill`, the engine operators use; a target missed says so.\n\n")
+	sb.WriteString("## Machine\n\n")
+	sb.WriteString(machine())
+	sb.WriteString("\n")
+	for _, s := range b.sections {
+		sb.WriteString(s)
+		sb.WriteString("\n")
+	}
+	sb.WriteString("## How\n\n`make bench` (`go run ./test/bench -molt bin/molt`), " + fmt.Sprintf("%v in all", time.Since(b.started).Round(time.Second)) + ". The commands it ran:\n\n```\n")
+	for _, c := range b.commands {
+		sb.WriteString(c + "\n")
+	}
+	sb.WriteString("```\n")
+	return sb.String()
+}
+
+func machine() string {
+	var lines []string
+	lines = append(lines, "- date: "+time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	if out, err := exec.Command("uname", "-srm").Output(); err == nil {
+		lines = append(lines, "- kernel: "+strings.TrimSpace(string(out)))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				lines = append(lines, "- CPU: "+strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":")))
+				break
+			}
+		}
+	}
+	lines = append(lines, fmt.Sprintf("- cores: %d", runtime.NumCPU()))
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		if l, _, ok := strings.Cut(string(b), "\n"); ok {
+			lines = append(lines, "- "+strings.Join(strings.Fields(l), " "))
+		}
+	}
+	lines = append(lines, "- Go: "+runtime.Version(), "- load generator and server share the machine (no isolation): compare ratios, not absolute numbers")
+	return strings.Join(lines, "\n") + "\n"
+}
