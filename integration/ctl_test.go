@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/molt-server/molt/test"
 )
@@ -236,41 +235,4 @@ func TestCtl_AnotherUserIsRefused(t *testing.T) {
 		t.Errorf("the master after a refused peer: %+v", st)
 	}
 	m.stop()
-}
-
-// TestCtl_MalformedRequestsDisturbNothing: garbage, an unknown command, an
-// oversized request and a silent client, sent by hand to the socket, get
-// error replies (or a timeout), and the master serves on.
-func TestCtl_MalformedRequestsDisturbNothing(t *testing.T) {
-	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
-	addr := m.addr()
-	m.waitServing()
-	sock := filepath.Join(m.dir, "molt.sock")
-	for _, payload := range []string{"not json\n", `{"cmd":"rm"}` + "\n", `{"cmd":"scale","workers":-5}` + "\n", strings.Repeat("{", 10000) + "\n"} {
-		r, err := rawCtl(sock, payload)
-		if err != nil || !strings.Contains(r, `"error"`) {
-			t.Errorf("payload %.30q: reply %q, %v", payload, r, err)
-		}
-	}
-	get(t, addr, "/")
-	if st := statusOf(t, m.pidFile); st.Workers != 1 || st.State != "serving" {
-		t.Errorf("status after bad requests: %+v", st)
-	}
-	m.stop()
-}
-
-func rawCtl(sock, payload string) (string, error) {
-	c, err := netDialUnix(sock)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	if _, err := c.Write([]byte(payload)); err != nil {
-		return "", err
-	}
-	b := make([]byte, 4096)
-	n, err := c.Read(b)
-	return string(b[:n]), err
 }

@@ -365,7 +365,8 @@ func notifyAddrOf(t *testing.T, pid int) string {
 // TestFaults_RoguePeers: a process that is no worker writes to the
 // master's notify socket (READY, STOPPING, MOLT_RECYCLE, WATCHDOG, garbage,
 // an oversized datagram, one carrying a descriptor), and to its control
-// socket (oversized, malformed, unknown, silent and cut-short requests),
+// socket (oversized, malformed, unknown, out-of-range, silent and
+// cut-short requests; master/control_test.go has the parser's table),
 // under load. Nothing changes: the same workers serve, no request fails,
 // every bad control request gets an error, and the master's fd and
 // goroutine counts return to their baseline.

@@ -241,5 +241,3 @@ func fileExists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
 }
-
-func netDialUnix(path string) (net.Conn, error) { return net.DialTimeout("unix", path, 5*time.Second) }

@@ -304,9 +304,6 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 		resp, err := c.do()
 		s := sample{start: start, end: time.Since(c.began), mode: c.mode}
 		if err != nil {
-			if ctx.Err() != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-				return // cut short by the end of the run, not the server
-			}
 			s.class = classify(err)
 		} else {
 			s.served, s.worker = resp.Header.Get(c.header), resp.Header.Get(c.workerHeader)
