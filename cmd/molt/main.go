@@ -74,6 +74,9 @@ func dispatch(args []string) int {
 		if len(args) > 1 && args[1] == "drill" {
 			return cmdDrill([]string{"-h"})
 		}
+		if len(args) > 1 && args[1] == "demo" {
+			return cmdDemo([]string{"-h"})
+		}
 		if len(args) > 1 && args[1] == "ctl" {
 			fmt.Print(ctlUsage)
 			return exitOK
