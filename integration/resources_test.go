@@ -27,8 +27,31 @@ func mountTmpfs(t *testing.T, size string) string {
 	if out, err := exec.Command(mount, "-t", "tmpfs", "-o", "size="+size+",mode=0755", "molt-test", dir).CombinedOutput(); err != nil {
 		test.Require(t, "mount", false, fmt.Sprintf("mount tmpfs: %v: %s", err, out))
 	}
-	t.Cleanup(func() { unmount(t, dir) })
+	t.Cleanup(func() {
+		// Whatever is mounted there: the tmpfs, and a read-only bind on
+		// top of it if the test made one.
+		for i := 0; i < 4 && mounted(dir); i++ {
+			unmount(t, dir)
+		}
+		if mounted(dir) {
+			t.Errorf("%s is still mounted", dir)
+		}
+	})
 	return dir
+}
+
+// mounted reports whether something is mounted at dir.
+func mounted(dir string) bool {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && f[1] == dir {
+			return true
+		}
+	}
+	return false
 }
 
 // unmount detaches the mount on top of dir.
@@ -147,13 +170,26 @@ func TestResources_FullDiskLater(t *testing.T) {
 	addr = m.addr()
 	m.waitServing()
 	filler = fill(t, logDisk)
+	// The log file's last page may still have room: fill it too (non-JSON
+	// lines, which the log readers skip), so that molt's next line fails.
+	lf, err := os.OpenFile(m.log, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 200; i++ {
+		if _, err := lf.WriteString("# the test fills this page\n"); err != nil {
+			break
+		}
+	}
+	lf.Close()
 	test.WaitFor(t, stepTimeout, "stderr to tell of the lost log lines", func() error {
-		// The log file's last page may have room for a few lines more;
-		// each status request logs one.
-		get(t, addr, "/")
+		get(t, addr, "/") // and a status request: each logs a line
 		statusOf(t, m.pidFile)
 		if !strings.Contains(m.Log(), "cannot write the log file "+m.log) {
-			return fmt.Errorf("stderr:\n%s", m.Log())
+			fi, _ := os.Stat(m.log)
+			var st syscall.Statfs_t
+			syscall.Statfs(logDisk, &st)
+			return fmt.Errorf("stderr: %q, log %d bytes, free blocks %d", m.Log(), fi.Size(), st.Bfree)
 		}
 		return nil
 	})
