@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/test"
+	"github.com/molt-server/molt/test/load"
 )
 
 // TestSupervision_KilledWorkerIsReplaced: kill -9 of a worker; the master
@@ -139,8 +140,10 @@ func TestSupervision_DrainTimeoutKillsAStubbornWorker(t *testing.T) {
 
 // TestSupervision_MasterKilledLeavesNoWorker: SIGKILL of the master; its
 // workers see it go (a Go worker through the parent pipe, any app through
-// its stop signal via Pdeathsig) and are gone once the drain timeout has
-// passed. The test binary is a subreaper, so the orphans re-parent to it
+// its stop signal via Pdeathsig), answer what they hold and are gone once
+// the drain timeout has passed; a new master then serves on the same
+// address and pid file, and under load no request fails outside that
+// outage. The test binary is a subreaper, so the orphans re-parent to it
 // and the leak check sees them.
 func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 	t.Parallel()
@@ -158,12 +161,17 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 			// A request on a connection a worker holds when the master dies
 			// is answered: the workers drain, they do not drop what they
 			// hold. (The first answer proves a worker accepted it.)
+			// Under load (the demo case), no request fails outside the
+			// outage: from the kill until the new master serves.
 			var held *keepAlive
+			var l *loadPair
 			if app == nil {
+				l = startLoad(t, addr)
 				held = dialKeepAlive(t, addr)
 				held.get(t, "/")
 				held.send(t, "/sleep?ms=1000")
 			}
+			killed := time.Now()
 			m.Signal(syscall.SIGKILL)
 			m.Wait(stepTimeout)
 			if held != nil {
@@ -185,7 +193,24 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 			n := startMoltIn(t, m.dir, append([]string{"--listen", addr, "--workers", "1"}, app...)...)
 			n.addr()
 			n.waitServing()
+			serving := time.Now()
 			get(t, addr, "/")
+			if l != nil {
+				l.more(t, 32)
+				l.cancel()
+				for name, r := range map[string]*load.Run{"keep-alive": l.ka, "connection per request": l.pc} {
+					res := r.Stop()
+					t.Logf("%s load: %v", name, res)
+					for _, f := range res.Fails {
+						if f.End.Before(killed) || f.Start.After(serving) {
+							t.Errorf("%s load: a failure outside the outage (%v after the kill): %s %s", name, f.Start.Sub(killed), f.Class, f.Err)
+						}
+					}
+					if res.ByMaster[n.Pid] == 0 {
+						t.Errorf("%s load: the new master answered nothing: %v", name, res.ByMaster)
+					}
+				}
+			}
 			if got := readPID(t, n.pidFile); got != n.Pid {
 				t.Errorf("pid file %d, want the new master %d", got, n.Pid)
 			}
