@@ -41,8 +41,8 @@ func (s *activatedSocket) String() string {
 // returns nil, nil when the process was not activated.
 func ActivatedFDs() ([]int, error) {
 	socks, err := activation(func(pid int) bool { return pid == os.Getpid() })
-	if err != nil {
-		return nil, err
+	if socks == nil || err != nil {
+		return nil, err // not activated (the keeper then drops LISTEN_*), or broken
 	}
 	fds := make([]int, len(socks))
 	for i, s := range socks {
@@ -73,34 +73,21 @@ func takeActivation() ([]*activatedSocket, error) {
 	return socks, adopt(socks)
 }
 
-// activation reads LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES; mine says
-// whether LISTEN_PID names a process the sockets are meant for.
-func activation(mine func(pid int) bool) ([]*activatedSocket, error) {
-	pidStr, ok := os.LookupEnv(worker.EnvListenPID)
-	if !ok {
-		return nil, nil
+// activation checks the sockets passed to a process forPID accepts
+// (worker.ActivationNames reads the variables).
+func activation(forPID func(pid int) bool) ([]*activatedSocket, error) {
+	names, err := worker.ActivationNames(forPID)
+	if names == nil || err != nil {
+		if err != nil {
+			err = fmt.Errorf("socket activation: %w", err)
+		}
+		return nil, err
 	}
-	pid, err := strconv.Atoi(pidStr)
-	if err != nil {
-		return nil, fmt.Errorf("socket activation: %s=%q is not a pid", worker.EnvListenPID, pidStr)
-	}
-	if !mine(pid) {
-		return nil, nil // inherited variables, meant for another process
-	}
-	nStr := os.Getenv(worker.EnvListenFDs)
-	n, err := strconv.Atoi(nStr)
-	if err != nil || n < 0 || n > 1024 {
-		return nil, fmt.Errorf("socket activation: %s=%q is not a count of descriptors", worker.EnvListenFDs, nStr)
-	}
-	names, err := worker.ParseFDNames(os.Getenv(worker.EnvListenFDNames), n)
-	if err != nil {
-		return nil, fmt.Errorf("socket activation: %w", err)
-	}
-	socks := make([]*activatedSocket, n)
-	for i := range n {
+	socks := make([]*activatedSocket, len(names))
+	for i, name := range names {
 		fd := worker.ListenFDsStart + i
-		if socks[i], err = checkFD(fd, names[i]); err != nil {
-			return nil, fmt.Errorf("socket activation (%s=%d): fd %d (name %q): %w", worker.EnvListenFDs, n, fd, names[i], err)
+		if socks[i], err = checkFD(fd, name); err != nil {
+			return nil, fmt.Errorf("socket activation (%s=%d): fd %d (name %q): %w", worker.EnvListenFDs, len(names), fd, name, err)
 		}
 	}
 	return socks, nil

@@ -165,3 +165,16 @@ func TestCheckFD(t *testing.T) {
 		}
 	}
 }
+
+// TestActivatedFDs_NotForThisProcess: variables inherited from elsewhere
+// (LISTEN_PID another pid, or unset) are no activation: nil, so that the
+// keeper drops them instead of passing them on.
+func TestActivatedFDs_NotForThisProcess(t *testing.T) {
+	t.Setenv("LISTEN_FDS", "1")
+	for _, pid := range []string{"", "1"} {
+		t.Setenv("LISTEN_PID", pid)
+		if fds, err := ActivatedFDs(); fds != nil || err != nil {
+			t.Errorf("LISTEN_PID=%q: %v, %v; want nil, nil", pid, fds, err)
+		}
+	}
+}

@@ -38,28 +38,15 @@ func Files() ([]*os.File, error) {
 }
 
 func takeFiles() ([]*os.File, error) {
-	pidStr := os.Getenv(EnvListenPID)
-	if pidStr == "" {
+	names, err := ActivationNames(func(pid int) bool { return pid == os.Getpid() })
+	if err != nil {
+		return nil, fmt.Errorf("worker: %w", err)
+	}
+	if names == nil {
 		return nil, nil
 	}
-	pid, err := strconv.Atoi(pidStr)
-	if err != nil {
-		return nil, fmt.Errorf("worker: %s=%q is not a pid", EnvListenPID, pidStr)
-	}
-	if pid != os.Getpid() {
-		return nil, nil
-	}
-	nStr := os.Getenv(EnvListenFDs)
-	n, err := strconv.Atoi(nStr)
-	if err != nil || n < 0 {
-		return nil, fmt.Errorf("worker: %s=%q is not a count", EnvListenFDs, nStr)
-	}
-	names, err := ParseFDNames(os.Getenv(EnvListenFDNames), n)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]*os.File, n)
-	for i := range n {
+	out := make([]*os.File, len(names))
+	for i := range names {
 		fd := ListenFDsStart + i
 		var st unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {
@@ -72,6 +59,35 @@ func takeFiles() ([]*os.File, error) {
 		out[i] = os.NewFile(uintptr(fd), names[i])
 	}
 	return out, nil
+}
+
+// maxListenFDs bounds LISTEN_FDS: a larger count is a broken launcher.
+const maxListenFDs = 1024
+
+// ActivationNames reads the socket-activation variables (sd_listen_fds(3))
+// and returns the names of the descriptors passed at fds 3, 4, ...
+// ("unknown" where a name is missing). It returns nil, nil when none are
+// meant for this process: LISTEN_PID unset, or naming a pid that forPID
+// rejects (the variables were inherited, meant for another process). It
+// neither checks nor takes the descriptors.
+func ActivationNames(forPID func(pid int) bool) ([]string, error) {
+	pidStr := os.Getenv(EnvListenPID)
+	if pidStr == "" {
+		return nil, nil
+	}
+	pid, err := strconv.Atoi(pidStr)
+	if err != nil {
+		return nil, fmt.Errorf("%s=%q is not a pid", EnvListenPID, pidStr)
+	}
+	if !forPID(pid) {
+		return nil, nil
+	}
+	nStr := os.Getenv(EnvListenFDs)
+	n, err := strconv.Atoi(nStr)
+	if err != nil || n < 0 || n > maxListenFDs {
+		return nil, fmt.Errorf("%s=%q is not a count of descriptors (0 to %d)", EnvListenFDs, nStr, maxListenFDs)
+	}
+	return ParseFDNames(os.Getenv(EnvListenFDNames), n)
 }
 
 // Listeners returns the activated sockets that are stream listeners, by

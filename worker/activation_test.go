@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -130,5 +131,42 @@ func TestListeners_NotForThisPID(t *testing.T) {
 	rep := runActivation(t, []string{"LISTEN_PID=1", "LISTEN_FDS=1", "LISTEN_FDNAMES=web"}, l)
 	if len(rep.Names) != 0 || rep.Err != "" {
 		t.Errorf("LISTEN_PID of another process: got %v (%s), want no listener and no error", rep.Names, rep.Err)
+	}
+}
+
+func TestActivationNames(t *testing.T) {
+	self := func(pid int) bool { return pid == os.Getpid() }
+	me := strconv.Itoa(os.Getpid())
+	for _, c := range []struct {
+		pid, fds, names string
+		want            string // the names joined by ","; "nil" for none
+		wantErr         string
+	}{
+		{pid: "", want: "nil"},
+		{pid: "1", fds: "2", want: "nil"},
+		{pid: me, fds: "2", names: "web", want: "web,unknown"},
+		{pid: me, fds: "0", want: ""},
+		{pid: "x", wantErr: "LISTEN_PID=\"x\" is not a pid"},
+		{pid: me, fds: "-1", wantErr: "is not a count"},
+		{pid: me, fds: "5000", wantErr: "is not a count"},
+		{pid: me, fds: "1", names: "a:b", wantErr: "2 names for 1 fds"},
+	} {
+		t.Setenv(EnvListenPID, c.pid)
+		t.Setenv(EnvListenFDs, c.fds)
+		t.Setenv(EnvListenFDNames, c.names)
+		names, err := ActivationNames(self)
+		got := strings.Join(names, ",")
+		if names == nil {
+			got = "nil"
+		}
+		if c.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), c.wantErr) {
+				t.Errorf("%+v: error %v, want %q", c, err, c.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("%+v: %q, %v; want %q", c, got, err, c.want)
+		}
 	}
 }

@@ -152,7 +152,7 @@ func ParseFDNames(value string, n int) ([]string, error) {
 		parts = strings.Split(value, ":")
 	}
 	if len(parts) > n {
-		return nil, fmt.Errorf("worker: %s has %d names for %d fds", EnvListenFDNames, len(parts), n)
+		return nil, fmt.Errorf("%s has %d names for %d fds", EnvListenFDNames, len(parts), n)
 	}
 	for i := range names {
 		names[i] = "unknown"
