@@ -5,7 +5,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,16 +20,15 @@ import (
 // .socket unit. The process the test starts is therefore molt's (the
 // keeper, or with --no-keeper the first master).
 
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago:
+// freeAddr returns a 127.0.0.1:port address free a moment ago:
 // systemd-socket-activate needs a number, not 0.
-func freePort(t *testing.T) string {
+func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := test.FreeAddr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	return a
 }
 
 // activate is the launcher: systemd-socket-activate listening on addrs,
@@ -92,7 +90,7 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 	t.Parallel()
 	sockDir := test.ShortTempDir(t)
 	sock := filepath.Join(sockDir, "adm.sock")
-	tcp := "127.0.0.1:" + freePort(t)
+	tcp := freeAddr(t)
 	launcher := activate(t, "web", tcp, sock) // the unix socket is unnamed
 	u := startUpgradableVia(t, byRename, launcher, nil, func(string) []string {
 		return []string{withKeeper, "--listen", "adm=unix:" + sock, "--listen", "web=" + tcp, "--workers", "2", "--probation", "300ms"}
@@ -158,7 +156,7 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 // and the new master knows the socket is activated.
 func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	t.Parallel()
-	tcp := "127.0.0.1:" + freePort(t)
+	tcp := freeAddr(t)
 	var conf string
 	u := startUpgradableVia(t, byRename, activate(t, "web", tcp), nil, func(dir string) []string {
 		conf = filepath.Join(dir, "molt.hcl")
@@ -178,7 +176,7 @@ func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	}
 	get(t, tcp, "/")
 
-	moved := "web=127.0.0.1:" + freePort(t)
+	moved := "web=" + freeAddr(t)
 	writeConfig(t, conf, fmt.Sprintf("listen = [%q, \"other=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n", moved))
 	code, out = ctl(t, u.pidFile, "upgrade", "--wait")
 	if code == 0 || !strings.Contains(out, "rolled back") || !strings.Contains(out, "came from socket activation") {
@@ -212,7 +210,7 @@ func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 func TestActivation_UnclaimedSocketIsAnError(t *testing.T) {
 	t.Parallel()
 	dir := test.ShortTempDir(t)
-	tcp := "127.0.0.1:" + freePort(t)
+	tcp := freeAddr(t)
 	m := startMoltVia(t, dir, activate(t, "", tcp), bins.molt, nil, withKeeper, "--listen", "unix:"+filepath.Join(dir, "w.sock"))
 	waitLauncher(t, m, 1)
 	c, err := net.DialTimeout("tcp", tcp, startTimeout)
@@ -284,7 +282,7 @@ func TestActivation_TheREADMEUnitsAsSystemdWouldRunThem(t *testing.T) {
 
 	sd := startFakeSystemd(t)
 	dir := test.ShortTempDir(t)
-	tcp := "127.0.0.1:" + freePort(t) // ListenStream, on loopback only
+	tcp := freeAddr(t) // ListenStream, on loopback only
 	conf := filepath.Join(dir, "app.hcl")
 	writeConfig(t, conf, fmt.Sprintf("listen = [%q]\nworkers = 2\nprobation = \"300ms\"\nlog_file = %q\nlog_json = true\n",
 		sockUnit["FileDescriptorName"]+"="+tcp, filepath.Join(dir, "molt.log")))

@@ -51,3 +51,15 @@ func ShortTempDir(t testing.TB) string {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
 }
+
+// FreeAddr returns a 127.0.0.1:port address that was free a moment ago,
+// for a program that needs a port number up front (it cannot take port 0
+// and report back), such as systemd-socket-activate.
+func FreeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}

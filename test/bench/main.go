@@ -15,7 +15,6 @@ import (
 	"flag"
 	"fmt"
 	"math"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -26,6 +25,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/molt-server/molt/test"
 )
 
 func main() {
@@ -120,12 +121,11 @@ func (b *bench) log(format string, a ...any) {
 }
 
 func freeAddr() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := test.FreeAddr()
 	if err != nil {
 		fail(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return a
 }
 
 // startMolt starts "molt run" with the demo app on a free port, from a
@@ -181,7 +181,7 @@ func (s *server) waitServing(workers int) {
 		r, err := http.Get("http://" + s.addr + "/")
 		if err == nil {
 			r.Body.Close()
-			if workers == 0 || len(children(s.masterPid())) >= workers {
+			if workers == 0 || len(test.Children(s.masterPid())) >= workers {
 				return
 			}
 		}
@@ -262,24 +262,6 @@ func (b *bench) note(cmd string) {
 
 func (b *bench) section(title string, lines ...string) {
 	b.sections = append(b.sections, "## "+title+"\n\n"+strings.Join(lines, "\n")+"\n")
-}
-
-// children lists pid's child processes (each thread lists those it forked).
-func children(pid int) []int {
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	var out []int
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(f); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
 }
 
 // rssMB is the resident set of pid, in MB.
@@ -411,7 +393,7 @@ func (b *bench) overhead() {
 			last = r
 			if m := s.masterPid(); m > 0 {
 				masterRSS = rssMB(m)
-				if ws := children(m); len(ws) > 0 {
+				if ws := test.Children(m); len(ws) > 0 {
 					workerRSS = rssMB(ws[0])
 				}
 			}
