@@ -450,7 +450,8 @@ func TestKeeper_MasterKilled(t *testing.T) {
 	u.addr()
 	u.waitServing()
 	master := u.masterPid(t)
-	workers := test.Children(master)
+	waitWorkerCount(t, master, 2)
+	workers := workersOf(master)
 	if err := syscall.Kill(master, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
