@@ -151,6 +151,7 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 			fmt.Fprintln(out, r.Message)
 		}
 		if r.Done {
+			awaitClose(conn, sc)
 			if r.OK {
 				return exitOK
 			}
@@ -167,6 +168,17 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 	}
 	fmt.Fprintln(os.Stderr, "molt ctl: the master closed the connection without a final answer")
 	return ctlFailed
+}
+
+// awaitClose waits, for at most a second, for the master to close the
+// connection after its final reply: the master closes right after it, and
+// a caller that runs ctl commands one after another (a script, a test
+// counting the master's fds) then never sees the previous call's
+// connection still open.
+func awaitClose(conn net.Conn, sc *bufio.Scanner) {
+	_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+	for sc.Scan() {
+	}
 }
 
 // printStatus prints the human form of "molt ctl status".
