@@ -33,7 +33,8 @@ func main() {
 	moltBin := flag.String("molt", "bin/molt", "the molt binary to measure")
 	out := flag.String("out", "test/bench/RESULTS.md", "where to write the results")
 	upgrades := flag.Int("upgrades", 20, "upgrades per zero-downtime run")
-	repeats := flag.Int("repeats", 3, "alternating repeats of each overhead measurement")
+	repeats := flag.Int("repeats", 6, "alternating repeats of each overhead measurement")
+	only := flag.String("only", "", "run only these sections, comma-separated: zero-downtime, overhead, scale (default all)")
 	flag.Parse()
 	abs, err := filepath.Abs(*moltBin)
 	if err != nil {
@@ -41,6 +42,17 @@ func main() {
 	}
 	raiseFileLimit()
 	b := &bench{molt: abs, upgrades: *upgrades, repeats: *repeats, started: time.Now()}
+	if *only != "" {
+		b.only = map[string]bool{}
+		for _, s := range strings.Split(*only, ",") {
+			switch s = strings.TrimSpace(s); s {
+			case "zero-downtime", "overhead", "scale":
+				b.only[s] = true
+			default:
+				fail(fmt.Errorf("-only %q: want zero-downtime, overhead or scale", s))
+			}
+		}
+	}
 	b.run()
 	if err := os.WriteFile(*out, []byte(b.markdown()), 0o644); err != nil {
 		fail(err)
@@ -114,6 +126,7 @@ type bench struct {
 	started           time.Time
 	commands          []string
 	sections          []string
+	only              map[string]bool // nil: every section
 }
 
 func (b *bench) log(format string, a ...any) {
@@ -287,7 +300,11 @@ func stats(xs []float64) (median, lo, hi float64) {
 	}
 	s := append([]float64(nil), xs...)
 	sort.Float64s(s)
-	return s[len(s)/2], s[0], s[len(s)-1]
+	median = s[len(s)/2]
+	if len(s)%2 == 0 {
+		median = (s[len(s)/2-1] + median) / 2
+	}
+	return median, s[0], s[len(s)-1]
 }
 
 // spread formats the median and range of the known (non-negative) values
@@ -330,9 +347,14 @@ func verdict(ok bool) string {
 }
 
 func (b *bench) run() {
-	b.zeroDowntime()
-	b.overhead()
-	b.scale()
+	for _, sec := range []struct {
+		name string
+		run  func()
+	}{{"zero-downtime", b.zeroDowntime}, {"overhead", b.overhead}, {"scale", b.scale}} {
+		if b.only == nil || b.only[sec.name] {
+			sec.run()
+		}
+	}
 }
 
 // zeroDowntime: upgrades under load at 32 and 256 clients, each mode.
@@ -375,21 +397,30 @@ func failureClasses(r report) string {
 // the same app, alternating; then memory and balance.
 func (b *bench) overhead() {
 	n := runtime.NumCPU()
-	var moltRate, bareRate, moltP99, bareP99 []float64
+	var moltRate, bareRate, moltP99, bareP99, ratios []float64
 	var last report
 	var masterRSS, workerRSS float64
-	// Both run side by side for the whole measurement, warm, and the
-	// drills alternate between them, so that both see the same machine.
+	// Both run side by side for the whole measurement, warm. The drills
+	// alternate in the order molt, bare, bare, molt, ... so that neither
+	// always goes first, and each pair of neighbouring drills gives one
+	// ratio: whatever else the shared machine does drifts slower than that.
 	molt, bare := b.startMolt(n), b.startBare(n)
 	for i := range b.repeats {
-		for _, s := range []*server{molt, bare} {
+		order := []*server{molt, bare}
+		if i%2 == 1 {
+			order = []*server{bare, molt}
+		}
+		var pair [2]float64
+		for _, s := range order {
 			b.log("overhead: repeat %d, %s", i+1, map[bool]string{true: "bare", false: "molt"}[s == bare])
 			r := b.drill(s, "--clients", "32", "--mode", "keep-alive", "--duration", "5s")
 			if s == bare {
 				bareRate, bareP99 = append(bareRate, r.perSec()), append(bareP99, r.Latency.P99)
+				pair[1] = r.perSec()
 				continue
 			}
 			moltRate, moltP99 = append(moltRate, r.perSec()), append(moltP99, r.Latency.P99)
+			pair[0] = r.perSec()
 			last = r
 			if m := s.masterPid(); m > 0 {
 				masterRSS = rssMB(m)
@@ -398,6 +429,7 @@ func (b *bench) overhead() {
 				}
 			}
 		}
+		ratios = append(ratios, pair[0]/pair[1])
 	}
 	molt.stop()
 	bare.stop()
@@ -405,15 +437,15 @@ func (b *bench) overhead() {
 	br, brl, brh := stats(bareRate)
 	mp, mpl, mph := stats(moltP99)
 	bp, bpl, bph := stats(bareP99)
-	ratio := mr / br
+	ratio, rl, rh := stats(ratios)
 	b.section("Overhead against the bare app",
-		fmt.Sprintf("The demo app under molt (%d workers) against the same app as %d bare `molt demo --reuseport` processes on one port, both running side by side; 32 keep-alive clients as fast as they go, 5 s each, alternating between the two, %d repeats each (median [min–max]). Target: throughput ratio ≥ 0.97.", n, n, b.repeats),
+		fmt.Sprintf("The demo app under molt (%d workers) against the same app as %d bare `molt demo --reuseport` processes on one port, both running side by side; 32 keep-alive clients as fast as they go, 5 s each, %d drills of each in the order molt, bare, bare, molt, ... (median [min–max]). The ratio is the median of the %d ratios of neighbouring drills. Target: throughput ratio ≥ 0.97.", n, n, b.repeats, b.repeats),
 		"",
 		"| | requests/s | p99 (ms) |",
 		"|---|---|---|",
 		fmt.Sprintf("| molt | %.0f [%.0f–%.0f] | %.2f [%.2f–%.2f] |", mr, mrl, mrh, mp, mpl, mph),
 		fmt.Sprintf("| bare | %.0f [%.0f–%.0f] | %.2f [%.2f–%.2f] |", br, brl, brh, bp, bpl, bph),
-		fmt.Sprintf("| ratio | %.3f (%s) | %.2f |", ratio, verdict(ratio >= 0.97), mp/bp),
+		fmt.Sprintf("| ratio | %.3f [%.3f–%.3f] (%s) | %.2f |", ratio, rl, rh, verdict(ratio >= 0.97), mp/bp),
 	)
 	b.section("Memory",
 		"Resident set size after the load above (`VmRSS`). Target: master ≤ 15 MB.",
