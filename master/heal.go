@@ -19,7 +19,9 @@ import (
 // second and undoes both: it sets non-blocking mode again, and listens
 // again on a socket that was shut down (listen(2) on the same bound
 // socket), then recycles its workers, whose servers ended when accept
-// failed.
+// failed. A unix listener shut down cannot be undone that way (it still
+// listens, yet refuses every connect): the master finds it and tells the
+// operator once.
 
 // listenerCheckEvery is how often the primary master checks its listeners.
 const listenerCheckEvery = time.Second
@@ -43,6 +45,12 @@ func (m *Master) checkListeners() {
 				m.log.Warn("a process switched the listener to blocking mode; switched back", "listener", l.spec.Name, "addr", l.addr)
 			}
 		}
+		if l.spec.Network == "unix" && !l.shutTold && unixShutDown(fd) {
+			l.shutTold = true
+			m.log.Error("a process shut the unix listener down: connect(2) to its path is refused, and no listen(2) undoes that on the same socket; "+
+				"restart molt, or reload without this listener and then with it again", "listener", l.spec.Name, "addr", l.addr)
+			continue
+		}
 		if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && acc == 0 {
 			if err := relisten(fd, l.addr, listenBacklog(m.cfg.Backlog)); err != nil {
 				m.log.Error("a process shut the listener down, and it cannot listen again", "listener", l.spec.Name, "addr", l.addr, "error", err)
@@ -59,6 +67,19 @@ func (m *Master) checkListeners() {
 			}
 		}
 	}
+}
+
+// pollRDHUP is POLLRDHUP (x/sys/unix has only the epoll name).
+const pollRDHUP = unix.EPOLLRDHUP
+
+// unixShutDown tells whether a listening unix socket was shut down for
+// reading. Unlike TCP, its SO_ACCEPTCONN stays 1 and listen(2) succeeds,
+// yet every connect(2) to it is refused; poll(2) reports it as POLLRDHUP
+// (a shutdown for writing alone refuses nothing, and shows nothing).
+func unixShutDown(fd int) bool {
+	p := []unix.PollFd{{Fd: int32(fd), Events: pollRDHUP}}
+	n, err := unix.Poll(p, 0)
+	return err == nil && n > 0 && p[0].Revents&pollRDHUP != 0
 }
 
 // relisten makes a shut-down socket listen again at addr. A TCP socket

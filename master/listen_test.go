@@ -207,3 +207,50 @@ func TestSpecMatches(t *testing.T) {
 		}
 	}
 }
+
+// TestUnixShutDown: a unix listener shut down for reading refuses every
+// connect while it still says it listens; unixShutDown sees exactly that
+// case, not a shutdown for writing (which refuses nothing).
+func TestUnixShutDown(t *testing.T) {
+	for _, c := range []struct {
+		how     int
+		name    string
+		refused bool
+	}{
+		{-1, "none", false},
+		{unix.SHUT_WR, "SHUT_WR", false},
+		{unix.SHUT_RD, "SHUT_RD", true},
+		{unix.SHUT_RDWR, "SHUT_RDWR", true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "s.sock")
+			f, err := bind(ListenSpec{Name: "u", Network: "unix", Address: path}, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			fd, err := rawFD(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.how >= 0 {
+				if err := unix.Shutdown(fd, c.how); err != nil {
+					t.Fatal(err)
+				}
+			}
+			conn, derr := net.Dial("unix", path)
+			if derr == nil {
+				conn.Close()
+			}
+			if refused := errors.Is(derr, syscall.ECONNREFUSED); refused != c.refused {
+				t.Fatalf("connect: %v, want refused %v", derr, c.refused)
+			}
+			if got := unixShutDown(fd); got != c.refused {
+				t.Errorf("unixShutDown = %v, want %v", got, c.refused)
+			}
+			if acc, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); acc != 1 {
+				t.Errorf("SO_ACCEPTCONN = %d: the kernel now shows the shutdown there; the heal check could use it", acc)
+			}
+		})
+	}
+}

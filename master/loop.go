@@ -76,6 +76,9 @@ type listener struct {
 	// activated: passed by socket activation, to this master or to the
 	// first of its generations; its owner (systemd) keeps the address.
 	activated bool
+	// shutTold: this unix listener was found shut down and the operator
+	// told so (once: molt cannot undo it on the same socket).
+	shutTold bool
 }
 
 // eventBufferSize bounds how many events can wait for the loop; senders
