@@ -530,48 +530,38 @@ func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
 }
 
 // TestFaults_AWorkerShutsAUnixListenerDown: a unix listener shut down
-// refuses every connect, while it still says it listens, and no listen(2)
-// undoes that. The master tells the operator once, with the way out; the
-// TCP listener shut down with it is repaired as usual; and the way out
-// works: a reload without the listener, then one with it again.
+// refuses every connect while it still says it listens, and no listen(2)
+// undoes that. The master puts a new socket at the path in its place and
+// recycles the workers: the path answers again, and the next master
+// inherits the new socket.
 func TestFaults_AWorkerShutsAUnixListenerDown(t *testing.T) {
 	t.Parallel()
-	dir := test.ShortTempDir(t)
-	once, sock, conf := filepath.Join(dir, "done"), filepath.Join(dir, "w.sock"), filepath.Join(dir, "molt.hcl")
-	both := fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"adm=unix:%s\"]\nworkers = 2\ndrain_timeout = \"2s\"\n", sock)
-	writeConfig(t, conf, both)
-	m := startMoltIn(t, dir, "--config", conf, "--", bins.fakeapp, "serve", "--misuse", "shutdown:"+once)
-	addr := m.addrs(2)["web"]
-	m.waitServing()
-	told := test.Msg("a process shut the unix listener down: connect(2) to its path is refused, and no listen(2) undoes that on the same socket; " +
-		"restart molt, or reload without this listener and then with it again")
-	line := test.WaitLog(t, m.log, stepTimeout, 1, "the unix listener's shutdown told", told)
-	if got := line[0].Str("listener"); got != "adm" {
-		t.Errorf("told of listener %q, want adm", got)
-	}
-	test.WaitLog(t, m.log, stepTimeout, 1, "the TCP listener's repair",
-		test.Msg("a process shut the listener down; it listens again, and the workers are recycled"))
-	test.WaitFor(t, stepTimeout, "requests answered again on TCP", func() error {
-		_, err := test.Get(addr, "/", reqTimeout)
-		return err
+	var sock string
+	u := startUpgradableWith(t, func(dir string) []string {
+		sock = filepath.Join(dir, "w.sock")
+		return []string{"--listen", "web=127.0.0.1:0", "--listen", "adm=unix:" + sock, "--workers", "2", "--drain-timeout", "2s", "--probation", "300ms",
+			"--", bins.fakeapp, "serve", "--misuse", "shutdown:" + filepath.Join(dir, "done")}
 	})
-	if !fileExists(sock) {
-		t.Fatalf("%s is gone", sock)
+	addr := u.addrs(2)["web"]
+	u.waitServing()
+	replaced := test.Msg("a process shut the unix listener down; a new socket listens at its path, and the workers are recycled")
+	line := test.WaitLog(t, u.log, stepTimeout, 1, "the unix listener replaced", replaced)
+	if got := line[0].Str("listener"); got != "adm" {
+		t.Errorf("replaced listener %q, want adm", got)
 	}
-	refused(t, "unix", sock)
-	// Told once, not at every check.
-	time.Sleep(2500 * time.Millisecond)
-	if n := len(test.Find(m.log, told)); n != 1 {
-		t.Errorf("told %d times, want once", n)
+	test.WaitLog(t, u.log, stepTimeout, 1, "the TCP listener's repair",
+		test.Msg("a process shut the listener down; it listens again, and the workers are recycled"))
+	for _, a := range []string{addr, "unix:" + sock} {
+		test.WaitFor(t, stepTimeout, "requests answered again on "+a, func() error {
+			_, err := test.Get(a, "/", reqTimeout)
+			return err
+		})
 	}
-	for _, c := range []string{"listen = [\"web=127.0.0.1:0\"]\nworkers = 2\ndrain_timeout = \"2s\"\n", both} {
-		writeConfig(t, conf, c)
-		if code, out := ctl(t, m.pidFile, "reload", "--wait"); code != 0 {
-			t.Fatalf("reload: exit %d:\n%s", code, out)
-		}
+	l := startLoad(t, addr)
+	pid := u.upgrade(t)
+	l.stop(t)
+	if r := get(t, "unix:"+sock, "/"); r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(pid) {
+		t.Errorf("the unix listener after the upgrade: answered under master %s, want %d", r.Header.Get("X-Molt-Master-Pid"), pid)
 	}
-	if r := get(t, "unix:"+sock, "/"); r.Status != 200 {
-		t.Errorf("GET on the unix listener after the two reloads: %d", r.Status)
-	}
-	m.stop(told, test.Msg("worker exited unexpectedly; replacing it"))
+	u.stop(t, test.Msg("worker exited unexpectedly; replacing it"))
 }

@@ -1,6 +1,7 @@
 package master
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -20,8 +21,9 @@ import (
 // again on a socket that was shut down (listen(2) on the same bound
 // socket), then recycles its workers, whose servers ended when accept
 // failed. A unix listener shut down cannot be undone that way (it still
-// listens, yet refuses every connect): the master finds it and tells the
-// operator once.
+// listens, yet refuses every connect): the master puts a new socket at
+// its path in place of the old one (replaceUnix) and recycles the
+// workers.
 
 // listenerCheckEvery is how often the primary master checks its listeners.
 const listenerCheckEvery = time.Second
@@ -46,9 +48,13 @@ func (m *Master) checkListeners() {
 			}
 		}
 		if l.spec.Network == "unix" && !l.shutTold && unixShutDown(fd) {
-			l.shutTold = true
-			m.log.Error("a process shut the unix listener down: connect(2) to its path is refused, and no listen(2) undoes that on the same socket; "+
-				"restart molt, or reload without this listener and then with it again", "listener", l.spec.Name, "addr", l.addr)
+			if err := m.replaceUnix(l, fd); err != nil {
+				l.shutTold = true
+				m.log.Error("a process shut the unix listener down, and no new socket can replace it: connect(2) to its path is refused", "listener", l.spec.Name, "addr", l.addr, "error", err)
+				continue
+			}
+			m.log.Warn("a process shut the unix listener down; a new socket listens at its path, and the workers are recycled", "listener", l.spec.Name, "addr", l.addr)
+			relistened = true
 			continue
 		}
 		if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && acc == 0 {
@@ -80,6 +86,64 @@ func unixShutDown(fd int) bool {
 	p := []unix.PollFd{{Fd: int32(fd), Events: pollRDHUP}}
 	n, err := unix.Poll(p, 0)
 	return err == nil && n > 0 && p[0].Revents&pollRDHUP != 0
+}
+
+// replaceUnix puts a new socket at the path of the unix listener l, whose
+// socket (fd) was shut down, and makes every descriptor of this master
+// that held the old socket (l's, and the duplicate registered for the
+// next upgrade) hold the new one, at the same numbers (dup3): workers
+// started from now on, and the next master, get the new socket, and the
+// master's fd count does not change. Workers still hold the old one until
+// they are recycled. A socket systemd passed is not the master's to
+// replace.
+func (m *Master) replaceUnix(l *listener, fd int) error {
+	if l.activated {
+		return errors.New("it came from socket activation: restart its socket unit and the service")
+	}
+	if err := m.swapUnix(l, fd); err != nil {
+		return fmt.Errorf("%w; restart molt, or reload without this listener and then with it again", err)
+	}
+	return nil
+}
+
+// swapUnix does replaceUnix's work.
+func (m *Master) swapUnix(l *listener, fd int) error {
+	var old unix.Stat_t
+	if err := unix.Fstat(fd, &old); err != nil {
+		return err
+	}
+	nf, err := bind(l.spec, m.cfg.SocketMode) // the old socket refuses connections: bind removes its path
+	if err != nil {
+		return err
+	}
+	defer nf.Close()
+	if m.cfg.Backlog > 0 {
+		if err := setBacklog(nf, m.cfg.Backlog); err != nil {
+			return err
+		}
+	}
+	nfd, err := rawFD(nf)
+	if err != nil {
+		return err
+	}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return err
+	}
+	for _, e := range fds {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil || n == nfd {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Fstat(n, &st) != nil || st.Dev != old.Dev || st.Ino != old.Ino {
+			continue
+		}
+		if err := unix.Dup3(nfd, n, unix.O_CLOEXEC); err != nil {
+			return fmt.Errorf("dup3 onto fd %d: %w", n, err)
+		}
+	}
+	return nil
 }
 
 // relisten makes a shut-down socket listen again at addr. A TCP socket

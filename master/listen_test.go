@@ -5,6 +5,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -253,4 +255,73 @@ func TestUnixShutDown(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSwapUnix: after a shutdown, swapUnix binds a new socket at the path
+// and turns every descriptor of the old one, at the same numbers, into the
+// new one: the path answers, each descriptor listens on it, and no
+// descriptor is added.
+func TestSwapUnix(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	spec := ListenSpec{Name: "u", Network: "unix", Address: path}
+	f, err := bind(spec, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dup, err := dupListener(f, "dup") // as the handover keeps one for the next master
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dup.Close()
+	fd, _ := rawFD(f)
+	dfd, _ := rawFD(dup)
+	if err := unix.Shutdown(fd, unix.SHUT_RDWR); err != nil {
+		t.Fatal(err)
+	}
+	m := &Master{}
+	if err := m.swapUnix(&listener{spec: spec, file: f}, fd); err != nil {
+		t.Fatal(err)
+	}
+	// The descriptors of the new socket are exactly the two old numbers.
+	var sock unix.Stat_t
+	if err := unix.Fstat(fd, &sock); err != nil {
+		t.Fatal(err)
+	}
+	var holders []int
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		var st unix.Stat_t
+		if n, err := strconv.Atoi(e.Name()); err == nil && unix.Fstat(n, &st) == nil && st.Dev == sock.Dev && st.Ino == sock.Ino {
+			holders = append(holders, n)
+		}
+	}
+	slices.Sort(holders)
+	if len(holders) != 2 || holders[0] != min(fd, dfd) || holders[1] != max(fd, dfd) {
+		t.Errorf("the new socket is held by fds %v, want %d and %d", holders, fd, dfd)
+	}
+	for _, n := range []int{fd, dfd} {
+		if unixShutDown(n) {
+			t.Errorf("fd %d: still the shut-down socket", n)
+		}
+		if fl, _ := unix.FcntlInt(uintptr(n), unix.F_GETFD, 0); fl&unix.FD_CLOEXEC == 0 {
+			t.Errorf("fd %d: not close-on-exec", n)
+		}
+		if fl, _ := unix.FcntlInt(uintptr(n), unix.F_GETFL, 0); fl&unix.O_NONBLOCK == 0 {
+			t.Errorf("fd %d: blocking", n)
+		}
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("connect after the swap: %v", err)
+	}
+	defer c.Close()
+	nfd, _, errno := unix.Syscall(unix.SYS_ACCEPT4, uintptr(dfd), 0, 0)
+	if errno != 0 {
+		t.Fatalf("accept on the registered duplicate: %v", errno)
+	}
+	unix.Close(int(nfd))
 }
