@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -252,4 +253,150 @@ func TestUpgrade_EmbeddedProgramUpgradesItself(t *testing.T) {
 		t.Errorf("new embedded master needed %v", sig)
 	}
 	test.CheckLogs(t, log)
+}
+
+// TestUpgrade_NewMasterDiesAfterCommit: DESIGN §4's residual hole. The new
+// master is SIGKILLed after its commit while the old generation still
+// drains (a slow request keeps it): the old master takes the service back
+// with new workers of its own, on the same sockets; the pid file and the
+// control socket name it again; the slow request is answered; under load
+// no request fails outside the moment between the kill and the old master
+// serving again; and USR2 is refused with the reason (tableflip allows a
+// process one upgrade), since molt must be restarted to deploy again.
+// Under the keeper, the keeper's USR2 reaches the old master again.
+func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
+	t.Parallel()
+	for _, keeper := range []bool{false, true} {
+		t.Run(map[bool]string{false: "no_keeper", true: "keeper"}[keeper], func(t *testing.T) {
+			args := []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--drain-timeout", "30s"}
+			if keeper {
+				args = append([]string{withKeeper}, args...)
+			}
+			u := startUpgradable(t, byRename, args...)
+			addr := u.addr()
+			u.waitServing()
+			old := readPID(t, u.pidFile)
+			held := dialKeepAlive(t, addr)
+			held.get(t, "/")
+			held.send(t, "/sleep?ms=8000")
+			l := startLoad(t, addr)
+			u.install(t, bins.molt2, byRename)
+			if err := syscall.Kill(u.Pid, syscall.SIGUSR2); err != nil { // the keeper forwards it
+				t.Fatal(err)
+			}
+			line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Msg("upgrade committed; this generation retires"))
+			nw, err := strconv.Atoi(line[0].Str("new_pid"))
+			if err != nil {
+				t.Fatalf("commit line: %v", err)
+			}
+			test.Track(t, nw)
+			killed := time.Now()
+			if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			tookBack := test.Msg("the new master died after its commit while this generation drained; this master takes the service back with new workers. " +
+				"It cannot start another upgrade: restart molt to deploy again")
+			test.WaitLog(t, u.log, stepTimeout, 1, "the service taken back", tookBack)
+			test.WaitFor(t, stepTimeout, "the old master serving again", func() error {
+				r, err := test.Get(addr, "/", reqTimeout)
+				if err != nil {
+					return err
+				}
+				if got := r.Header.Get("X-Molt-Master-Pid"); got != strconv.Itoa(old) {
+					return fmt.Errorf("answered under master %s", got)
+				}
+				return nil
+			})
+			serving := time.Now()
+			t.Logf("the old master served again %v after the kill", serving.Sub(killed).Round(time.Millisecond))
+			if status := held.read(t); status != 200 {
+				t.Errorf("the slow request on the old generation: status %d", status)
+			}
+			if got := readPID(t, u.pidFile); got != old {
+				t.Errorf("pid file names %d, want the old master %d", got, old)
+			}
+			st := statusOf(t, u.pidFile)
+			if st.PID != old || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "taken back" {
+				t.Errorf("status after the take-back: %+v", st)
+			}
+			refused := test.Msg("USR2 refused: this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
+			// Under the keeper, the old master's READY made it the primary
+			// again: the keeper's USR2 goes to it.
+			test.WaitFor(t, stepTimeout, "USR2 refused by the old master", func() error {
+				if len(test.Find(u.log, refused)) > 0 {
+					return nil
+				}
+				if err := syscall.Kill(u.Pid, syscall.SIGUSR2); err != nil {
+					t.Fatal(err)
+				}
+				return errors.New("no refusal yet")
+			})
+			l.more(t, 32)
+			l.cancel()
+			for name, r := range map[string]*load.Run{"keep-alive": l.ka, "connection per request": l.pc} {
+				res := r.Stop()
+				t.Logf("%s load: %v", name, res)
+				for _, f := range res.Fails {
+					if f.End.Before(killed) || f.Start.After(serving) {
+						t.Errorf("%s load: a failure outside the take-back (%v after the kill): %s %s", name, f.Start.Sub(killed), f.Class, f.Err)
+					}
+				}
+				if res.ByMaster[old] == 0 {
+					t.Errorf("%s load: the old master answered nothing: %v", name, res.ByMaster)
+				}
+			}
+			u.stop(t, tookBack, refused, test.Msg("worker exited unexpectedly; replacing it"),
+				// the keeper's USR2s sent while the dead master was still its primary
+				test.Msg("signal not forwarded"), test.Msg("signal not forwarded: no primary master known"))
+		})
+	}
+}
+
+// TestUpgrade_NewMasterStoppedAfterCommit: the other side of the take-back.
+// A committed new master stopped on purpose (QUIT or TERM to it) while
+// the old generation still drains says so first: the old master finishes
+// its drain and exits, and nothing serves again, as the operator asked.
+func TestUpgrade_NewMasterStoppedAfterCommit(t *testing.T) {
+	t.Parallel()
+	for _, sig := range []syscall.Signal{syscall.SIGQUIT, syscall.SIGTERM} {
+		t.Run(sig.String(), func(t *testing.T) {
+			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms", "--drain-timeout", "30s")
+			addr := u.addr()
+			u.waitServing()
+			old := u.Pid
+			held := dialKeepAlive(t, addr)
+			held.get(t, "/")
+			held.send(t, "/sleep?ms=4000")
+			u.install(t, bins.molt2, byRename)
+			if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
+				t.Fatal(err)
+			}
+			line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Msg("upgrade committed; this generation retires"))
+			nw, err := strconv.Atoi(line[0].Str("new_pid"))
+			if err != nil {
+				t.Fatalf("commit line: %v", err)
+			}
+			test.Track(t, nw)
+			if err := syscall.Kill(nw, sig); err != nil {
+				t.Fatal(err)
+			}
+			test.WaitLog(t, u.log, stepTimeout, 1, "the old master told",
+				test.Msg("the new master stops on purpose; this generation will not take the service back"))
+			if status := held.read(t); status != 200 {
+				t.Errorf("the slow request on the old generation: status %d", status)
+			}
+			if code := u.Wait(stepTimeout); code != 0 {
+				t.Errorf("old master exited %d, want 0", code)
+			}
+			if test.Alive(nw) {
+				t.Errorf("the new master %d still runs", nw)
+			}
+			if n := len(test.Find(u.log, test.Msg("the new master died after its commit while this generation drained; this master takes the service back with new workers. "+
+				"It cannot start another upgrade: restart molt to deploy again"))); n != 0 {
+				t.Error("the old master took the service back from a new master stopped on purpose")
+			}
+			refused(t, "tcp", addr)
+			test.CheckLogs(t, u.log)
+		})
+	}
 }

@@ -38,6 +38,10 @@ func (m *Master) onQUIT() {
 	switch {
 	case m.role == roleNew:
 		m.fail(ExitAborted, "QUIT to the new master before its commit")
+	case m.old.retiring:
+		// Already draining; and the operator wants it gone, so it will not
+		// take the service back should the new master die.
+		m.old.noTakeBack = true
 	case m.old.up != nil && m.old.up.serving && m.old.up.failed == nil:
 		m.log.Info("QUIT: asking the new generation to commit; this generation retires then")
 		m.tellChild(upgrade.Msg{Kind: upgrade.KindCommit})

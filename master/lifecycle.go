@@ -194,6 +194,11 @@ func (m *Master) shutdown(fast bool) {
 		return
 	}
 	m.old.settling = false
+	if m.role == roleCommitted {
+		// The old generation may still be draining: it must not take the
+		// service back when this master exits on purpose.
+		m.tellParent(upgrade.Msg{Kind: upgrade.KindStopping})
+	}
 	if (m.role == rolePrimary && !m.old.retiring) || m.role == roleCommitted {
 		m.tellSupervisor("STOPPING=1", m.supervisorStatus("stopping"))
 	}

@@ -174,6 +174,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onPreflightDone(ev)
 			case keeperExited:
 				m.log.Warn("the keeper has exited; this master serves on without it", "keeper_pid", ev.pid)
+			case successorExited:
+				m.onSuccessorExited(ev)
 			}
 		case <-ctxDone:
 			ctxDone = nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,7 +41,13 @@ type oldSide struct {
 	standby  bool             // WINCH stopped this master's workers
 	settling bool             // a QUIT waits out quitSettle
 	retiring bool             // a new generation committed: drain and exit
-	last     *UpgradeResult   // how the last upgrade ended
+	// successor is the committed new master while this one drains: if it
+	// dies before this one has exited, this one takes the service back
+	// (takeBack), unless it stops on purpose (noTakeBack).
+	successor  int
+	noTakeBack bool
+	tookBack   bool           // this master took the service back: tableflip allows it no second upgrade
+	last       *UpgradeResult // how the last upgrade ended
 	// watchers are "molt ctl upgrade --wait" connections: they get every
 	// step, and a final reply when the upgrade ends.
 	watchers []chan CtlReply
@@ -71,6 +78,8 @@ func (m *Master) onUSR2(quitPending bool) error {
 	switch {
 	case m.role == roleNew:
 		return refuse("this master's own upgrade is not committed yet; send USR2 once it is primary")
+	case m.old.tookBack:
+		return refuse("this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
 	case m.role == roleCommitted:
 		// tableflip refuses while the parent lives; the parent's drain is
 		// bounded by the drain timeout, so wait for it rather than refuse
@@ -221,7 +230,10 @@ func (m *Master) childChannel() (*upgrade.Channel, error) {
 	go func() {
 		for {
 			msg, err := ch.Recv()
-			if errors.Is(err, os.ErrClosed) {
+			// EOF: no process holds the other end any more. tableflip
+			// drops its copy at a commit, so a committed new master that
+			// exits leaves none; no new master can come after a commit.
+			if errors.Is(err, os.ErrClosed) || errors.Is(err, io.EOF) {
 				return
 			}
 			if !m.send(fromChild{msg: msg, err: err}) {
@@ -261,6 +273,10 @@ func (m *Master) onChildMsg(ev fromChild) {
 	}
 	up, msg := m.old.up, ev.msg
 	if up == nil {
+		if msg.Kind == upgrade.KindStopping && msg.Pid != 0 && msg.Pid == m.old.successor && !m.old.noTakeBack {
+			m.old.noTakeBack = true
+			m.log.Info("the new master stops on purpose; this generation will not take the service back", "new_pid", msg.Pid)
+		}
 		return // from an attempt that has ended
 	}
 	if msg.Kind == upgrade.KindHello && up.pid == 0 {
@@ -367,6 +383,7 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 		m.endWatchers(CtlReply{OK: true, Done: true, Message: fmt.Sprintf("committed: the new master (pid %d) serves; this one retires", up.pid)})
 		if m.phase.running() {
 			m.shutdown(false)
+			m.watchSuccessor(up.pid)
 		}
 		m.finishIfIdle()
 		return
@@ -487,4 +504,68 @@ func (m *Master) endWatchers(final CtlReply) {
 		}
 	}
 	m.old.watchers = nil
+}
+
+// watchSuccessor follows the committed new master while this one drains
+// (DESIGN §4's residual hole: it may die after its commit).
+func (m *Master) watchSuccessor(pid int) {
+	if pid <= 0 {
+		return
+	}
+	m.old.successor, m.old.noTakeBack = pid, false
+	if !m.watchExit(pid, successorExited{pid: pid}) {
+		m.log.Warn("the new master cannot be watched: should it die while this generation drains, nothing takes the service back", "new_pid", pid)
+	}
+}
+
+// successorExited reports that the committed new master has exited.
+type successorExited struct{ pid int }
+
+func (e successorExited) String() string { return fmt.Sprintf("new master %d exited", e.pid) }
+
+// onSuccessorExited takes the service back if the committed new master
+// died while this generation still drains: this master still holds the
+// listening sockets, so it starts fresh workers of its own (the draining
+// ones go on draining), moves the pid file and control socket back, and
+// serves. It cannot start another upgrade (tableflip allows one per
+// process), so it says to restart molt. A new master that said it stops
+// on purpose, or a QUIT or TERM to this one, leaves the drain alone.
+func (m *Master) onSuccessorExited(ev successorExited) {
+	if ev.pid != m.old.successor {
+		return
+	}
+	m.old.successor = 0
+	switch {
+	case !m.old.retiring || m.phase != phaseDraining:
+		return
+	case m.old.noTakeBack:
+		m.log.Info("the new master has exited; this generation goes on draining", "new_pid", ev.pid)
+		return
+	}
+	m.old.retiring, m.old.tookBack = false, true
+	m.old.last = &UpgradeResult{Outcome: "taken back", Reason: fmt.Sprintf("the new master (pid %d) died after its commit", ev.pid), NewPID: ev.pid, At: time.Now()}
+	m.log.Error("the new master died after its commit while this generation drained; this master takes the service back with new workers. "+
+		"It cannot start another upgrade: restart molt to deploy again", "new_pid", ev.pid, "workers", len(m.slots))
+	if err := m.pidFile.fromOld(); err != nil {
+		m.log.Error("pid file not restored", "error", err)
+	}
+	if m.control != nil {
+		if err := m.control.fromOld(); err != nil {
+			m.log.Error("control socket not restored", "error", err)
+		}
+	}
+	m.phase = phaseStarting
+	for _, s := range m.slots {
+		// The draining worker of a slot is no longer its worker: its exit
+		// is not a failure, and the slot is refilled now.
+		if p := m.procs[s.pid]; p == nil || p.state == workerStopping {
+			s.pid = 0
+		}
+		s.successor, s.restartAt = 0, time.Time{}
+		s.seq = m.nextSeq() // voids a respawn timer armed before the commit
+		s.backoff = backoff{}
+		if s.pid == 0 && !s.removed {
+			m.spawn(s)
+		}
+	}
 }

@@ -68,7 +68,7 @@ type UpgradeStatus struct {
 
 // UpgradeResult is how the last upgrade ended.
 type UpgradeResult struct {
-	Outcome string    `json:"outcome"` // committed, rolled back
+	Outcome string    `json:"outcome"` // committed, rolled back, taken back
 	Reason  string    `json:"reason,omitempty"`
 	NewPID  int       `json:"new_pid,omitempty"`
 	At      time.Time `json:"at"`

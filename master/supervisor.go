@@ -78,10 +78,17 @@ func (m *Master) watchKeeper() {
 		m.log.Warn("ignoring a bad "+keeper.EnvKeeperPID, "value", v)
 		return
 	}
+	if !m.watchExit(pid, keeperExited{pid: pid}) {
+		m.log.Warn("the keeper is gone; this master serves on without it", "keeper_pid", pid)
+	}
+}
+
+// watchExit sends ev to the loop once process pid has exited; false if
+// it cannot be watched (it is gone already, or pidfds are missing).
+func (m *Master) watchExit(pid int, ev event) bool {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
-		m.log.Warn("the keeper is gone; this master serves on without it", "keeper_pid", pid, "error", err)
-		return
+		return false
 	}
 	go func() {
 		defer unix.Close(fd)
@@ -90,7 +97,7 @@ func (m *Master) watchKeeper() {
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 		for {
 			if n, err := unix.Poll(fds, 1000); n > 0 || (err != nil && err != unix.EINTR) {
-				m.send(keeperExited{pid: pid})
+				m.send(ev)
 				return
 			}
 			select {
@@ -100,6 +107,7 @@ func (m *Master) watchKeeper() {
 			}
 		}
 	}()
+	return true
 }
 
 // keeperExited reports that the keeper has exited.

@@ -28,6 +28,7 @@ const (
 	KindServing   = "serving"   // Pid: N of N ready; probation begins
 	KindCommitted = "committed" // Pid: G2 called Ready; G1 retires
 	KindFailed    = "failed"    // Pid, Code, Reason: G2 gives up (rollback)
+	KindStopping  = "stopping"  // Pid: G2, committed, stops on purpose (QUIT or TERM): G1 must not take over when it exits
 )
 
 // Message kinds sent by G1 to G2 (To names the G2).
