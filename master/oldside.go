@@ -43,7 +43,7 @@ type oldSide struct {
 	retiring bool             // a new generation committed: drain and exit
 	// successor is the committed new master while this one drains: if it
 	// dies before this one has exited, this one takes the service back
-	// (takeBack), unless it stops on purpose (noTakeBack).
+	// (onSuccessorExited), unless it stops on purpose (noTakeBack).
 	successor  int
 	noTakeBack bool
 	tookBack   bool           // this master took the service back: tableflip allows it no second upgrade
