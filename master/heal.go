@@ -54,6 +54,7 @@ func (m *Master) checkListeners() {
 				continue
 			}
 			m.log.Warn("a process shut the unix listener down; a new socket listens at its path, and the workers are recycled", "listener", l.spec.Name, "addr", l.addr)
+			m.listenerEpoch++ // workers still starting are recycled once ready
 			relistened = true
 			continue
 		}

@@ -26,6 +26,9 @@ type Master struct {
 	hand      *upgrade.Handover
 	pidFile   *pidFile
 	listeners []*listener
+	// listenerEpoch counts listeners replaced by a new socket
+	// (replaceUnix); a worker started before the last one is recycled.
+	listenerEpoch int
 	// adopt: sockets passed by socket activation, by the listener they
 	// serve, until start has opened that listener.
 	adopt   map[string]*activatedSocket

@@ -65,6 +65,7 @@ func (m *Master) launch(s *slot) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
+	p.epoch = m.listenerEpoch
 	m.procs[p.pid] = p
 	m.sys.watch(p)
 	m.reportWorkers()
@@ -175,6 +176,11 @@ func (m *Master) markReady(p *proc, how string) {
 	if s := m.slotOf(p); s != nil && s.pending {
 		m.onReloadWorkerReady()
 		return
+	}
+	if p.epoch < m.listenerEpoch {
+		// Started before a listener was replaced (replaceUnix): it holds
+		// the old socket, which nobody can connect to any more.
+		m.recycle(p, "listener restored")
 	}
 	if m.role == roleNew {
 		m.tellParent(upgrade.Msg{Kind: upgrade.KindProgress, Ready: m.readyCount(), Workers: len(m.slots)})

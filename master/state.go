@@ -48,6 +48,9 @@ type proc struct {
 	s    *slot       // its slot; see Master.slotOf for whether it still owns it
 	slot int         // the slot's number, for logs
 	spec *workerSpec // how it was started
+	// epoch is Master.listenerEpoch when it was started: an older one
+	// holds a listening socket since replaced.
+	epoch int
 	// state and its times.
 	state            workerState
 	started, readyAt time.Time

@@ -234,10 +234,22 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile, misuse string, exitAft
 		}(lns)
 	}
 	markReady(readyFile, pid)
+	misused := make(chan struct{})
 	if misuse != "" {
-		go misuseListeners(misuse)
+		go func() {
+			defer close(misused)
+			misuseListeners(misuse)
+		}()
+	} else {
+		close(misused)
 	}
 	wg.Wait()
+	// A shutdown ends the servers at once: the misuse must still get to
+	// write its "done" before the process exits.
+	select {
+	case <-misused:
+	case <-time.After(10 * time.Second):
+	}
 	close(errs)
 	for err := range errs {
 		if err != nil {
