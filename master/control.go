@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -218,7 +219,10 @@ func (c *controlSocket) toOld() error {
 
 // fromOld renames it back after a rollback.
 func (c *controlSocket) fromOld() error {
-	orig := c.path[:len(c.path)-len(oldSuffix)]
+	orig, moved := strings.CutSuffix(c.path, oldSuffix)
+	if !moved {
+		return nil // toOld failed: it never moved
+	}
 	if err := os.Rename(c.path, orig); err != nil {
 		return fmt.Errorf("rename control socket back: %w", err)
 	}
