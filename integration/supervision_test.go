@@ -196,16 +196,8 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 			serving := time.Now()
 			get(t, addr, "/")
 			if l != nil {
-				l.more(t, 32)
-				l.cancel()
-				for name, r := range map[string]*load.Run{"keep-alive": l.ka, "connection per request": l.pc} {
-					res := r.Stop()
-					t.Logf("%s load: %v", name, res)
-					for _, f := range res.Fails {
-						if f.End.Before(killed) || f.Start.After(serving) {
-							t.Errorf("%s load: a failure outside the outage (%v after the kill): %s %s", name, f.Start.Sub(killed), f.Class, f.Err)
-						}
-					}
+				ka, pc := l.stopWithin(t, "the outage", killed, serving)
+				for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
 					if res.ByMaster[n.Pid] == 0 {
 						t.Errorf("%s load: the new master answered nothing: %v", name, res.ByMaster)
 					}

@@ -78,6 +78,47 @@ func (l *loadPair) stop(t *testing.T) (masters map[int]int) {
 	return masters
 }
 
+// stopWithin ends the load and fails the test on every failed request
+// outside [from, to], the outage the test caused (what names it); it
+// returns both results.
+func (l *loadPair) stopWithin(t *testing.T, what string, from, to time.Time) (ka, pc load.Result) {
+	t.Helper()
+	defer l.cancel()
+	l.more(t, 32)
+	ka, pc = l.ka.Stop(), l.pc.Stop()
+	for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
+		t.Logf("%s load: %v", name, res)
+		for _, f := range res.Fails {
+			if f.End.Before(from) || f.Start.After(to) {
+				t.Errorf("%s load: a failure outside %s (%v after its start): %s %s", name, what, f.Start.Sub(from), f.Class, f.Err)
+			}
+		}
+	}
+	return ka, pc
+}
+
+// commitHolding sends USR2 to pid (a master, or the keeper, which
+// forwards it) with a slow request in flight on the current generation,
+// and returns that request's connection and the new master once it has
+// committed, while the old generation still drains for the slow request.
+func (u *upgradable) commitHolding(t *testing.T, addr string, pid int, hold time.Duration) (*keepAlive, int) {
+	t.Helper()
+	held := dialKeepAlive(t, addr)
+	held.get(t, "/")
+	held.send(t, fmt.Sprintf("/sleep?ms=%d", hold.Milliseconds()))
+	u.install(t, bins.molt2, byRename)
+	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Msg("upgrade committed; this generation retires"))
+	nw, err := strconv.Atoi(line[0].Str("new_pid"))
+	if err != nil {
+		t.Fatalf("commit line: %v", err)
+	}
+	test.Track(t, nw)
+	return held, nw
+}
+
 // TestUpgrade_RepeatedUpgradesUnderLoad: USR2 is a whole deploy. Ten
 // upgrades in a row (MOLT_SOAK_UPGRADES, 1,000 in make soak) alternate two versions and the two ways to deploy: a
 // new file renamed over the path, and a symlink at the path re-pointed to
@@ -276,20 +317,8 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			addr := u.addr()
 			u.waitServing()
 			old := readPID(t, u.pidFile)
-			held := dialKeepAlive(t, addr)
-			held.get(t, "/")
-			held.send(t, "/sleep?ms=8000")
 			l := startLoad(t, addr)
-			u.install(t, bins.molt2, byRename)
-			if err := syscall.Kill(u.Pid, syscall.SIGUSR2); err != nil { // the keeper forwards it
-				t.Fatal(err)
-			}
-			line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Msg("upgrade committed; this generation retires"))
-			nw, err := strconv.Atoi(line[0].Str("new_pid"))
-			if err != nil {
-				t.Fatalf("commit line: %v", err)
-			}
-			test.Track(t, nw)
+			held, nw := u.commitHolding(t, addr, u.Pid, 8*time.Second)
 			killed := time.Now()
 			if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 				t.Fatal(err)
@@ -331,16 +360,8 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 				}
 				return errors.New("no refusal yet")
 			})
-			l.more(t, 32)
-			l.cancel()
-			for name, r := range map[string]*load.Run{"keep-alive": l.ka, "connection per request": l.pc} {
-				res := r.Stop()
-				t.Logf("%s load: %v", name, res)
-				for _, f := range res.Fails {
-					if f.End.Before(killed) || f.Start.After(serving) {
-						t.Errorf("%s load: a failure outside the take-back (%v after the kill): %s %s", name, f.Start.Sub(killed), f.Class, f.Err)
-					}
-				}
+			ka, pc := l.stopWithin(t, "the take-back", killed, serving)
+			for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
 				if res.ByMaster[old] == 0 {
 					t.Errorf("%s load: the old master answered nothing: %v", name, res.ByMaster)
 				}
@@ -363,20 +384,7 @@ func TestUpgrade_NewMasterStoppedAfterCommit(t *testing.T) {
 			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms", "--drain-timeout", "30s")
 			addr := u.addr()
 			u.waitServing()
-			old := u.Pid
-			held := dialKeepAlive(t, addr)
-			held.get(t, "/")
-			held.send(t, "/sleep?ms=4000")
-			u.install(t, bins.molt2, byRename)
-			if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
-				t.Fatal(err)
-			}
-			line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Msg("upgrade committed; this generation retires"))
-			nw, err := strconv.Atoi(line[0].Str("new_pid"))
-			if err != nil {
-				t.Fatalf("commit line: %v", err)
-			}
-			test.Track(t, nw)
+			held, nw := u.commitHolding(t, addr, u.Pid, 4*time.Second)
 			if err := syscall.Kill(nw, sig); err != nil {
 				t.Fatal(err)
 			}
