@@ -9,19 +9,9 @@ import (
 	"sync"
 	"testing"
 	"time"
-)
 
-func serve(t *testing.T, h http.HandlerFunc) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: h}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	return l.Addr().String()
-}
+	"github.com/molt-server/molt/test"
+)
 
 // waitRequests waits (bounded) until r has made at least n requests.
 func waitRequests(t *testing.T, r *Run, n int) {
@@ -35,7 +25,7 @@ func waitRequests(t *testing.T, r *Run, n int) {
 }
 
 func TestLoad_CountsAnswersByMasterAndWorker(t *testing.T) {
-	addr := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	addr := test.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Molt-Master-Pid", "7")
 		w.Header().Set("X-Molt-Worker-Pid", "8")
 	})
@@ -51,11 +41,11 @@ func TestLoad_CountsAnswersByMasterAndWorker(t *testing.T) {
 
 func TestLoad_ClassifiesFailures(t *testing.T) {
 	// A server that hijacks and closes every connection without an answer.
-	eof := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	eof := test.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		c, _, _ := w.(http.Hijacker).Hijack()
 		c.Close()
 	})
-	bad := serve(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) })
+	bad := test.Serve(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) })
 	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	refused := l.Addr().String()
 	l.Close()
@@ -73,7 +63,7 @@ func TestLoad_ClassifiesFailures(t *testing.T) {
 }
 
 func TestLoad_ConnectionCloseIsNoFailure(t *testing.T) {
-	addr := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	addr := test.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Connection", "close")
 		fmt.Fprint(w, "bye")
 	})
@@ -87,7 +77,7 @@ func TestLoad_ConnectionCloseIsNoFailure(t *testing.T) {
 func TestLoad_AttributesFailuresToTheLastWorkerOfTheirConnection(t *testing.T) {
 	var mu sync.Mutex
 	n := 0
-	addr := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	addr := test.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		n++
 		fail := n%5 == 0

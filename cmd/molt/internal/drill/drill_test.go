@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/molt-server/molt/test"
 )
 
 // swapTrigger stands for an upgrade: each Fire makes the server answer as
@@ -18,16 +20,10 @@ type swapTrigger struct{ gen *atomic.Int64 }
 func (s swapTrigger) Fire(context.Context) error { s.gen.Add(1); return nil }
 func (s swapTrigger) String() string             { return "swap" }
 
+// serve returns the URL of h served on 127.0.0.1 until the test ends.
 func serve(t *testing.T, h http.HandlerFunc) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: h}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	return "http://" + l.Addr().String() + "/"
+	return "http://" + test.Serve(t, h) + "/"
 }
 
 func TestRun_SeesEachUpgradeAndEveryAnswer(t *testing.T) {
