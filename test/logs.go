@@ -85,6 +85,24 @@ func Msg(msg string, kv ...string) func(Line) bool {
 	}
 }
 
+// Event matches lines whose stable "event" key is name and, for each
+// key/value pair in kv, that field formatted as a string. Tests match
+// events, not messages: the event keys are the interface operators alert
+// on (docs), the messages are prose that may be reworded.
+func Event(name string, kv ...string) func(Line) bool {
+	return func(l Line) bool {
+		if l.Str("event") != name {
+			return false
+		}
+		for i := 0; i+1 < len(kv); i += 2 {
+			if l.Str(kv[i]) != kv[i+1] {
+				return false
+			}
+		}
+		return true
+	}
+}
+
 // Find returns the lines of path that match.
 func Find(path string, match func(Line) bool) []Line {
 	var out []Line
