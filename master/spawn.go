@@ -101,9 +101,15 @@ func startProcess(r spawnRequest) spawnResult {
 		Env:   r.env,
 		Files: fds,
 		Sys: &syscall.SysProcAttr{
-			// One process group per worker: signalled as a group, and a
-			// terminal's Ctrl-C reaches only the master (DESIGN §2).
-			Setpgid:    true,
+			// One session per worker, and so one process group whose
+			// id is the worker's pid: signalled as a group, a terminal's
+			// Ctrl-C reaches only the master (DESIGN §2), and no process
+			// of one worker can join another worker's group or the
+			// masters' session (setpgid(2) stays within a session), so
+			// the session a notify sender is in names the worker it may
+			// speak for. Not with Setpgid: Go would then call setpgid
+			// after setsid, which fails with EPERM for a session leader.
+			Setsid:     true,
 			Pdeathsig:  r.pdeathsig,
 			Credential: r.credential,
 		},
