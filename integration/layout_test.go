@@ -58,6 +58,14 @@ func TestLayout_ImportDirections(t *testing.T) {
 			}
 		}
 	}
+	// master/keeper: never the master itself (its internal packages are
+	// shared on purpose), nor anything of upgrades.
+	for _, d := range pkgDeps(t, "master/keeper") {
+		if d == module+"/master" || strings.HasPrefix(d, module+"/upgrade") || strings.HasPrefix(d, module+"/cmd") ||
+			strings.HasPrefix(d, "github.com/cloudflare/tableflip") {
+			t.Errorf("master/keeper depends on %s: the keeper never re-executes and knows nothing of generations; keep its code independent", d)
+		}
+	}
 	// worker: the standard library and x/sys, nothing else.
 	for _, d := range pkgDeps(t, "worker") {
 		if d != module+"/worker" && !strings.HasPrefix(d, "golang.org/x/sys/") {
