@@ -55,6 +55,18 @@ func headingSlug(heading string) string {
 func parseMarkdown(src string) mdDoc {
 	doc := mdDoc{anchors: map[string]bool{}}
 	seen := map[string]int{}
+	// Links are looked for a paragraph at a time: a code span may run over
+	// lines, not over paragraphs.
+	var para []string
+	paraLine := 0
+	flush := func() {
+		text := withoutCodeSpans(strings.Join(para, "\n"))
+		for _, m := range mdLink.FindAllStringSubmatchIndex(text, -1) {
+			line := paraLine + strings.Count(text[:m[0]], "\n")
+			doc.links = append(doc.links, mdRef{line: line, target: text[m[2]:m[3]]})
+		}
+		para = nil
+	}
 	fence := ""
 	for i, line := range strings.Split(src, "\n") {
 		trimmed := strings.TrimLeft(line, " ")
@@ -65,10 +77,16 @@ func parseMarkdown(src string) mdDoc {
 			continue
 		}
 		if strings.HasPrefix(trimmed, "```") || strings.HasPrefix(trimmed, "~~~") {
+			flush()
 			fence = trimmed[:3]
 			continue
 		}
+		if strings.TrimSpace(line) == "" {
+			flush()
+			continue
+		}
 		if level := len(line) - len(strings.TrimLeft(line, "#")); level >= 1 && level <= 6 && strings.HasPrefix(line[level:], " ") {
+			flush()
 			text := strings.TrimSpace(strings.TrimRight(strings.TrimSpace(line[level:]), "#"))
 			slug := headingSlug(text)
 			if n := seen[slug]; n > 0 {
@@ -77,23 +95,38 @@ func parseMarkdown(src string) mdDoc {
 				doc.anchors[slug] = true
 			}
 			seen[slug]++
+			para, paraLine = []string{line}, i+1
+			flush()
+			continue
 		}
-		for _, m := range mdLink.FindAllStringSubmatch(withoutCodeSpans(line), -1) {
-			doc.links = append(doc.links, mdRef{line: i + 1, target: m[1]})
+		if len(para) == 0 {
+			paraLine = i + 1
 		}
+		para = append(para, line)
 	}
+	flush()
 	return doc
 }
 
-// withoutCodeSpans blanks out `code` spans, where brackets are not links.
-func withoutCodeSpans(line string) string {
-	parts := strings.Split(line, "`")
-	for i := 1; i < len(parts); i += 2 {
-		if i < len(parts)-1 { // an unclosed backtick is literal
-			parts[i] = ""
+// withoutCodeSpans blanks out the `code` spans of a paragraph, where
+// brackets are not links, keeping its newlines. Backticks pair up in
+// order; a last one without a partner is literal.
+func withoutCodeSpans(text string) string {
+	ticks := []int{}
+	for i := 0; i < len(text); i++ {
+		if text[i] == '`' {
+			ticks = append(ticks, i)
 		}
 	}
-	return strings.Join(parts, "`")
+	b := []byte(text)
+	for k := 0; k+1 < len(ticks); k += 2 {
+		for i := ticks[k] + 1; i < ticks[k+1]; i++ {
+			if b[i] != '\n' {
+				b[i] = ' '
+			}
+		}
+	}
+	return string(b)
 }
 
 // TestDocs_LinksResolve: every relative link in the docs names a file
@@ -200,7 +233,7 @@ func TestDocs_HeadingSlug(t *testing.T) {
 			t.Errorf("headingSlug(%q) = %q, want %q", heading, got, want)
 		}
 	}
-	doc := parseMarkdown("# A\n\n## A\n\n```sh\n# not a heading\n[x](nowhere.md)\n```\n`[w](v.md)` [u](t.md#a-1)\n")
+	doc := parseMarkdown("# A\n\n## A\n\n```sh\n# not a heading\n[x](nowhere.md)\n```\n`[w](v.md)` [u](t.md#a-1) `a\nspan [s](s.md)` [z](\n\n`open [y](y.md)\n")
 	for _, a := range []string{"a", "a-1"} {
 		if !doc.anchors[a] {
 			t.Errorf("anchor %q missing: %v", a, doc.anchors)
@@ -209,7 +242,7 @@ func TestDocs_HeadingSlug(t *testing.T) {
 	if doc.anchors["not-a-heading"] {
 		t.Error("a comment in a code block counted as a heading")
 	}
-	if len(doc.links) != 1 || doc.links[0].target != "t.md#a-1" {
-		t.Errorf("links %v, want only t.md#a-1", doc.links)
+	if len(doc.links) != 2 || doc.links[0].target != "t.md#a-1" || doc.links[1].target != "y.md" {
+		t.Errorf("links %v, want t.md#a-1 and y.md", doc.links)
 	}
 }
