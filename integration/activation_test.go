@@ -233,17 +233,17 @@ func TestActivation_UnclaimedSocketIsAnError(t *testing.T) {
 	}
 }
 
-// readmeUnit returns the settings of the README's ini block that starts
-// with the comment "# PATH" (a systemd unit), by key.
-func readmeUnit(t *testing.T, path string) map[string]string {
+// docsUnit returns the settings of the ini block of docs/deploying.md
+// that starts with the comment "# PATH" (a systemd unit), by key.
+func docsUnit(t *testing.T, path string) map[string]string {
 	t.Helper()
-	b, err := os.ReadFile("../README.md")
+	b, err := os.ReadFile("../docs/deploying.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, block, ok := strings.Cut(string(b), "```ini\n# "+path+"\n")
 	if !ok {
-		t.Fatalf("README has no ini block for %s", path)
+		t.Fatalf("docs/deploying.md has no ini block for %s", path)
 	}
 	block, _, _ = strings.Cut(block, "```")
 	keys := map[string]string{}
@@ -255,20 +255,20 @@ func readmeUnit(t *testing.T, path string) map[string]string {
 	return keys
 }
 
-// TestActivation_TheREADMEUnitsAsSystemdWouldRunThem runs the README's
-// app.service and app.socket the way systemd would, as far as that can be
-// done without systemd as PID 1: the socket unit's socket is passed with
-// its FileDescriptorName by systemd-socket-activate, ExecStart runs with a
-// NOTIFY_SOCKET (a fake systemd) and must say READY=1 from its own pid
-// (Type=notify), ExecReload must succeed and be followed by READY=1, the
-// README's upgrade command must commit, and the stop (KillSignal to the
+// TestActivation_TheDocsUnitsAsSystemdWouldRunThem runs the app.service
+// and app.socket of docs/deploying.md the way systemd would, as far as
+// that can be done without systemd as PID 1: the socket unit's socket is
+// passed with its FileDescriptorName by systemd-socket-activate, ExecStart
+// runs with a NOTIFY_SOCKET (a fake systemd) and must say READY=1 from its
+// own pid (Type=notify), ExecReload must succeed and be followed by
+// READY=1, the page's upgrade command must commit, and the stop (KillSignal to the
 // main pid only: KillMode=mixed) must end everything with exit 0 well
 // within TimeoutStopSec, which must leave room for the drain timeout.
 // Paths are moved into the test's directory.
-func TestActivation_TheREADMEUnitsAsSystemdWouldRunThem(t *testing.T) {
+func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 	t.Parallel()
-	svc := readmeUnit(t, "/etc/systemd/system/app.service")
-	sockUnit := readmeUnit(t, "/etc/systemd/system/app.socket")
+	svc := docsUnit(t, "/etc/systemd/system/app.service")
+	sockUnit := docsUnit(t, "/etc/systemd/system/app.socket")
 	if svc["Type"] != "notify" || svc["KillMode"] != "mixed" || svc["KillSignal"] != "SIGQUIT" {
 		t.Fatalf("app.service: Type=%s KillMode=%s KillSignal=%s, want notify, mixed, SIGQUIT", svc["Type"], svc["KillMode"], svc["KillSignal"])
 	}
@@ -313,7 +313,7 @@ func TestActivation_TheREADMEUnitsAsSystemdWouldRunThem(t *testing.T) {
 	}
 	sd.waitFor(t, "READY=1 after the reload", 2, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
 	old := u.current(t)
-	u.install(t, bins.molt2, byRename) // the README's upgrade procedure
+	u.install(t, bins.molt2, byRename) // the page's upgrade procedure
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
 		t.Fatalf("upgrade: exit %d:\n%s", code, out)
 	}

@@ -28,35 +28,45 @@ func TestSignalTable_CoversEverySignalOfTheDesign(t *testing.T) {
 	}
 }
 
-// TestSignalTable_MatchesREADME: the README's signal table lists the
-// signals in the order the master handles a batch (STYLE.md principle 3).
-func TestSignalTable_MatchesREADME(t *testing.T) {
-	b, err := os.ReadFile("../README.md")
+// TestSignalTable_MatchesDocs: the signal table of docs/operating.md
+// lists the signals in the order the master handles a batch (STYLE.md
+// principle 3).
+func TestSignalTable_MatchesDocs(t *testing.T) {
+	b, err := os.ReadFile("../docs/operating.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, rest, ok := strings.Cut(string(b), "### Signals")
+	_, rest, ok := strings.Cut(string(b), "\n## Signals\n")
 	if !ok {
-		t.Fatal("README has no Signals section")
+		t.Fatal("docs/operating.md has no Signals section")
 	}
-	var readme []string
+	// The first table of the section: its rows name the signals.
+	var documented []string
+	inTable := false
 	for _, line := range strings.Split(rest, "\n") {
-		if strings.HasPrefix(line, "### ") {
+		if strings.HasPrefix(line, "## ") {
 			break
 		}
-		if !strings.HasPrefix(line, "| `") {
+		if !strings.HasPrefix(line, "|") {
+			if inTable {
+				break
+			}
 			continue
+		}
+		inTable = true
+		if !strings.HasPrefix(line, "| `") {
+			continue // the header and its separator
 		}
 		first := strings.Split(line, "|")[1]
 		for _, name := range strings.Split(first, ",") {
-			readme = append(readme, "SIG"+strings.Trim(strings.TrimSpace(name), "`"))
+			documented = append(documented, "SIG"+strings.Trim(strings.TrimSpace(name), "`"))
 		}
 	}
 	var table []string
 	for _, a := range signalTable {
 		table = append(table, unixName(a.sig))
 	}
-	if !slices.Equal(readme, table) {
-		t.Errorf("README signal table %v, master's table %v: keep them in the same order", readme, table)
+	if !slices.Equal(documented, table) {
+		t.Errorf("docs/operating.md signal table %v, master's table %v: keep them in the same order", documented, table)
 	}
 }
