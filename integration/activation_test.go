@@ -145,7 +145,7 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 	if fi, err := os.Lstat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 {
 		t.Errorf("the activated unix socket's path was removed by molt: %v", err)
 	}
-	test.CheckLogs(t, u.log)
+	u.checkLogs()
 	t.Logf("keeper %d kept masters %v on the activated sockets", keeper, masters)
 }
 
@@ -284,10 +284,10 @@ func TestActivation_TheREADMEUnitsAsSystemdWouldRunThem(t *testing.T) {
 	dir := test.ShortTempDir(t)
 	tcp := freeAddr(t) // ListenStream, on loopback only
 	conf := filepath.Join(dir, "app.hcl")
-	writeConfig(t, conf, fmt.Sprintf("listen = [%q]\nworkers = 2\nprobation = \"300ms\"\nlog_file = %q\nlog_json = true\n",
-		sockUnit["FileDescriptorName"]+"="+tcp, filepath.Join(dir, "molt.log")))
+	writeConfig(t, conf, fmt.Sprintf("listen = [%q]\nworkers = 2\nprobation = \"300ms\"\nlog_file = %q\nworker_log = %q\nlog_json = true\n",
+		sockUnit["FileDescriptorName"]+"="+tcp, filepath.Join(dir, "molt.log"), filepath.Join(dir, "workers.log")))
 	u := &upgradable{path: filepath.Join(dir, "molt")}
-	u.master = &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log")}
+	u.master = &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log"), workerLog: filepath.Join(dir, "workers.log")}
 	u.install(t, bins.molt, byRename)
 	t.Cleanup(u.stopGenerations)
 	localize := func(cmdline string) []string {
@@ -335,5 +335,5 @@ func TestActivation_TheREADMEUnitsAsSystemdWouldRunThem(t *testing.T) {
 			t.Errorf("a message from pid %d, not the main pid %d (NotifyAccess=main would drop it): %v", r.pid, main, r)
 		}
 	}
-	test.CheckLogs(t, u.log)
+	u.checkLogs()
 }
