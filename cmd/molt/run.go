@@ -48,7 +48,7 @@ Signals to the master (kill -SIGNAL $(cat molt.pid)):
   HUP   old master in standby: respawn its workers
   TERM, INT  fast stop (of both generations during an upgrade)
   TTIN / TTOU  one worker more / fewer
-  USR1  reopen --log-file
+  USR1  reopen --log-file and --worker-log
 
 Flags:
 `
