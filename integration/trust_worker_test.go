@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/molt-server/molt/test"
@@ -284,4 +285,44 @@ func TestTrustWorker_GroupWithoutUserIsRefused(t *testing.T) {
 	}
 	l.stop(t)
 	m.stop(func(l test.Line) bool { return strings.HasPrefix(l.Message, "reload refused") })
+}
+
+// TestTrustWorker_USR1ReopensTheWorkerLog: after a rotation (rename) of
+// the --worker-log, USR1 makes the master open a new file at its path;
+// a worker started then gets the new file as stdout and stderr, the
+// running ones keep the rotated one, and molt's log is neither.
+func TestTrustWorker_USR1ReopensTheWorkerLog(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	m := startMoltIn(t, dir, "--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "serve")
+	addr := m.addr()
+	m.waitServing()
+	old := m.waitWorkers(1)[0]
+	rotated := m.workerLog + ".1"
+	if err := os.Rename(m.workerLog, rotated); err != nil {
+		t.Fatal(err)
+	}
+	m.Signal(syscall.SIGUSR1)
+	test.WaitFor(t, stepTimeout, "a new worker log at "+m.workerLog, func() error {
+		if !fileExists(m.workerLog) {
+			return fmt.Errorf("none yet")
+		}
+		return nil
+	})
+	m.Signal(syscall.SIGTTIN)
+	var nw int
+	for _, p := range m.waitWorkers(2) {
+		if p != old {
+			nw = p
+		}
+	}
+	for pid, want := range map[int]string{old: rotated, nw: m.workerLog} {
+		for _, fd := range []int{1, 2} {
+			if got, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", pid, fd)); got != want {
+				t.Errorf("worker %d: fd %d is %s (%v), want %s", pid, fd, got, err, want)
+			}
+		}
+	}
+	get(t, addr, "/")
+	m.stop()
 }
