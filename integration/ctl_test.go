@@ -133,7 +133,7 @@ func TestCtl_StatusAndScale(t *testing.T) {
 	if fileExists(filepath.Join(m.dir, "molt.sock")) {
 		t.Error("control socket left after the master stopped")
 	}
-	test.CheckLogs(t, m.log)
+	m.checkLogs()
 }
 
 // TestCtl_UpgradeWaitIsTheDeployStep: "molt ctl upgrade --wait" prints each

@@ -304,7 +304,7 @@ func TestDance_TERMDuringAnUpgradeStopsBothGenerations(t *testing.T) {
 				}
 				return nil
 			})
-			test.CheckLogs(t, u.log)
+			u.checkLogs()
 		})
 	}
 }

@@ -167,7 +167,7 @@ func (u *upgradable) stop(t *testing.T, allow ...func(test.Line) bool) {
 	if sig := test.StopPID(pid, 20*time.Second); sig != syscall.SIGQUIT {
 		t.Errorf("master %d needed %v to stop", pid, sig)
 	}
-	test.CheckLogs(t, u.log, allow...)
+	u.checkLogs(allow...)
 }
 
 // stopGenerations stops every master named by the pid files other than

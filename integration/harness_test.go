@@ -30,10 +30,14 @@ type master struct {
 	dir     string
 	pidFile string
 	log     string
+	// workerLog is the workers' --worker-log ("" if the test gave none:
+	// then they write to molt's stdout and stderr, the Proc's log).
+	workerLog string
 }
 
-// startMolt runs bins.molt run with a pid file and a JSON log file in the
-// test's directory, then args. It does not wait for anything.
+// startMolt runs bins.molt run with a pid file, a JSON log file and a
+// workers' log in the test's directory, then args. It does not wait for
+// anything.
 func startMolt(t *testing.T, args ...string) *master {
 	t.Helper()
 	dir := t.TempDir()
@@ -65,17 +69,17 @@ func startMoltVia(t *testing.T, dir string, launcher []string, path string, env 
 	t.Helper()
 	// A second master in the same directory (same pid file) gets a log of
 	// its own, so that waits never match the first one's lines.
-	log := filepath.Join(dir, "molt.log")
+	log, workerLog := filepath.Join(dir, "molt.log"), filepath.Join(dir, "workers.log")
 	for i := 2; fileExists(log); i++ {
-		log = filepath.Join(dir, fmt.Sprintf("molt-%d.log", i))
+		log, workerLog = filepath.Join(dir, fmt.Sprintf("molt-%d.log", i)), filepath.Join(dir, fmt.Sprintf("workers-%d.log", i))
 	}
-	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: log}
+	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: log, workerLog: workerLog}
 	// The master itself, unless the test asks for the keeper (keeper_test.go).
 	pre := []string{"run", "--no-keeper"}
 	if len(args) > 0 && args[0] == withKeeper {
 		pre, args = []string{"run"}, args[1:]
 	}
-	full := append(append(pre, "--pid-file", m.pidFile, "--log-file", m.log, "--log-json", "--log-level", "debug"), args...)
+	full := append(append(pre, "--pid-file", m.pidFile, "--log-file", m.log, "--worker-log", m.workerLog, "--log-json", "--log-level", "debug"), args...)
 	if len(launcher) > 0 {
 		full = append(append(append([]string{}, launcher[1:]...), path), full...)
 		path = launcher[0]
@@ -87,6 +91,9 @@ func startMoltVia(t *testing.T, dir string, launcher []string, path string, env 
 		}
 		b, _ := os.ReadFile(m.log)
 		t.Logf("--- %s:\n%s", m.log, lastLines(string(b), 80))
+		if b, _ := os.ReadFile(m.workerLog); len(b) > 0 {
+			t.Logf("--- %s:\n%s", m.workerLog, lastLines(string(b), 40))
+		}
 	})
 	return m
 }
@@ -220,7 +227,22 @@ func (m *master) stop(allow ...func(test.Line) bool) {
 	if code := m.Wait(stepTimeout); code != 0 {
 		m.t.Errorf("master exited %d after QUIT, want 0", code)
 	}
+	m.checkLogs(allow...)
+}
+
+// checkLogs runs test.CheckLogs on every file the master and its workers
+// write to: molt's log, the workers' log, and the process's stdout and
+// stderr (where a master under a keeper, and workers without a
+// --worker-log, write their panics and races).
+func (m *master) checkLogs(allow ...func(test.Line) bool) {
+	m.t.Helper()
 	test.CheckLogs(m.t, m.log, allow...)
+	if m.workerLog != "" {
+		test.CheckLogs(m.t, m.workerLog, allow...)
+	}
+	if m.Proc != nil {
+		test.CheckLogs(m.t, m.LogPath, allow...)
+	}
 }
 
 // readPID reads a pid file.

@@ -367,9 +367,9 @@ func TestKeeper_PID1OfAPidNamespace(t *testing.T) {
 		test.Require(t, "pid namespaces", false, fmt.Sprintf("unshare --pid: exit %d: %s", code, out))
 	}
 	dir := test.ShortTempDir(t)
-	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log")}
+	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log"), workerLog: filepath.Join(dir, "workers.log")}
 	m.Proc = test.Start(t, test.Opts{Path: unshare, Dir: dir, Log: filepath.Join(dir, "molt.out"), Args: []string{
-		"--pid", "--fork", "--mount-proc", bins.molt, "run", "--pid-file", m.pidFile, "--log-file", m.log, "--log-json",
+		"--pid", "--fork", "--mount-proc", bins.molt, "run", "--pid-file", m.pidFile, "--log-file", m.log, "--worker-log", m.workerLog, "--log-json",
 		"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := m.addr()
 	m.waitServing()

@@ -29,6 +29,10 @@ type fakeReport struct {
 	Uid    int
 	Gid    int
 	Groups []int
+	// NoNewPrivs is the worker's /proc/self/status NoNewPrivs.
+	NoNewPrivs string
+	// Tampered is what "fakeapp serve --tamper" did.
+	Tampered []string
 }
 
 func (r fakeReport) env(k string) (string, bool) {
@@ -97,8 +101,8 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 			switch {
 			case fd.FD == 0 && fd.Target != "/dev/null":
 				t.Errorf("worker %d: stdin is %s, want /dev/null", pid, fd.Target)
-			case (fd.FD == 1 || fd.FD == 2) && fd.Target != m.log:
-				t.Errorf("worker %d: fd %d is %s, want the log file %s", pid, fd.FD, fd.Target, m.log)
+			case (fd.FD == 1 || fd.FD == 2) && fd.Target != m.workerLog:
+				t.Errorf("worker %d: fd %d is %s, want the workers' log %s (never molt's log)", pid, fd.FD, fd.Target, m.workerLog)
 			case fd.FD == 3 || fd.FD == 4:
 				if !strings.HasPrefix(fd.Target, "socket:") || !fd.NonBlock {
 					t.Errorf("worker %d: fd %d is %s nonblock=%v, want a non-blocking socket", pid, fd.FD, fd.Target, fd.NonBlock)

@@ -76,7 +76,7 @@ func TestSignals_QuitLetsAnInFlightRequestFinish(t *testing.T) {
 	if code := m.Wait(stepTimeout); code != 0 {
 		t.Errorf("exit code %d after QUIT, want 0", code)
 	}
-	test.CheckLogs(t, m.log)
+	m.checkLogs()
 	test.WaitLog(t, m.log, time.Second, 1, "graceful shutdown line", test.Msg("graceful shutdown"))
 }
 
@@ -97,7 +97,7 @@ func TestSignals_TermStopsEverythingAtOnce(t *testing.T) {
 	if el := time.Since(start); el > 15*time.Second {
 		t.Errorf("TERM took %v: it must not wait for the 60s drain timeout", el)
 	}
-	test.CheckLogs(t, m.log)
+	m.checkLogs()
 }
 
 // TestSignals_INTStopsLikeTERM (a terminal's Ctrl-C).

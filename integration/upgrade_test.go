@@ -404,7 +404,7 @@ func TestUpgrade_NewMasterStoppedAfterCommit(t *testing.T) {
 				t.Error("the old master took the service back from a new master stopped on purpose")
 			}
 			refused(t, "tcp", addr)
-			test.CheckLogs(t, u.log)
+			u.checkLogs()
 		})
 	}
 }

@@ -48,11 +48,23 @@ type Config struct {
 	// WorkerArgs is the argv of self-executed workers (Command empty).
 	// Empty means the master's own os.Args.
 	WorkerArgs []string
-	// Env is added to every worker's environment (KEY=VALUE).
+	// Env is added to every worker's environment (KEY=VALUE). Of the
+	// master's own environment workers get only PATH, LANG, LANGUAGE,
+	// LC_*, TZ and the Go runtime's GOGC, GOMEMLIMIT, GOMAXPROCS, GODEBUG,
+	// GOTRACEBACK, GORACE and GOCOVERDIR; and HOME, USER, LOGNAME and
+	// SHELL of the user they run as (Credential's passwd entry, or the
+	// master's own values). Env replaces any of those of the same name;
+	// the protocol's variables (LISTEN_*, NOTIFY_SOCKET, MOLT_*) replace
+	// Env's.
 	Env []string
 	// Credential, if not nil, is the user and groups workers run as (the
 	// master keeps its own: it binds the sockets, Apache's model). Needs root.
 	Credential *syscall.Credential
+	// AllowNewPrivileges lets workers gain privileges through exec
+	// (setuid and setgid programs, file capabilities). By default every
+	// worker runs with PR_SET_NO_NEW_PRIVS (RunChild sets it), which its
+	// children inherit.
+	AllowNewPrivileges bool
 	// WorkerDir, if not empty, is the workers' working directory. The
 	// master never changes its own (tableflip re-executes relative to it).
 	WorkerDir string
@@ -93,8 +105,10 @@ type Config struct {
 
 	// Logger receives the master's log; nil discards it.
 	Logger hclog.Logger
-	// Output gives workers their stdout and stderr and reopens the log file
-	// on USR1; nil means workers share the master's stdout and stderr.
+	// Output gives workers their stdout and stderr and reopens the log
+	// files on USR1; nil means workers share the master's stdout and
+	// stderr. A worker can write to, and truncate, whatever it gets: never
+	// give it the master's log file.
 	Output Output
 	// Version is reported in logs and to workers.
 	Version string
@@ -119,7 +133,8 @@ const minWatchdog = 100 * time.Millisecond
 type Output interface {
 	// Files returns the files a worker started now gets as fds 1 and 2.
 	Files() (stdout, stderr *os.File)
-	// Reopen reopens the log file at its path (after rotation).
+	// Reopen reopens the log files (the master's, the workers') at their
+	// paths (after rotation).
 	Reopen() error
 }
 

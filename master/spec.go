@@ -18,7 +18,8 @@ type workerSpec struct {
 	command      []string // exec workers' argv; empty: this binary
 	execPath     string
 	workerArgs   []string // self-executed workers' argv
-	env          []string
+	env          []string // the master's variables, identity and Config.Env (workerEnv)
+	newPrivs     bool     // Config.AllowNewPrivileges
 	stopSignal   syscall.Signal
 	drainTimeout time.Duration
 	readyTimeout time.Duration
@@ -33,7 +34,8 @@ type workerSpec struct {
 // newSpec takes the worker settings of cfg, with listeners ls.
 func newSpec(cfg Config, ls []*listener) *workerSpec {
 	sp := &workerSpec{
-		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs, env: cfg.Env,
+		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs,
+		env: workerEnv(os.Environ(), cfg.Credential, cfg.Env), newPrivs: cfg.AllowNewPrivileges,
 		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
 		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay, watchdog: cfg.Watchdog, lifetime: cfg.MaxWorkerLifetime,
 		credential: cfg.Credential, dir: cfg.WorkerDir, umask: cfg.Umask,
@@ -86,7 +88,10 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 	if sp.umask != nil {
 		env = append(env, envUmask+"="+strconv.FormatInt(int64(*sp.umask), 8))
 	}
-	env = workerEnv(os.Environ(), append(sp.env, env...)...)
+	if sp.newPrivs {
+		env = append(env, envNewPrivs+"=allow")
+	}
+	env = mergeEnv(sp.env, env)
 	p, err := m.spawner.start(spawnRequest{
 		path: selfExe, argv: argv, env: env, files: files, pdeathsig: sp.stopSignal,
 		dir: sp.dir, credential: sp.credential,

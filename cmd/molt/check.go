@@ -15,7 +15,7 @@ const checkUsage = `Usage: molt check [run flags] [-- COMMAND [ARGS...]]
 Validates what "molt run" with the same flags would run, as nginx -t does:
 the flags, the config file (--config; every error at FILE:LINE:COL), the
 worker settings (--user needs root, --chdir must exist, COMMAND must be
-an executable file), the pid file's directory and the log file's. It
+an executable file), the pid file's directory and the log files'. It
 starts nothing and binds nothing; a port already taken is found only by
 molt run (exit 3).
 
@@ -42,6 +42,9 @@ func cmdCheck(args []string) int {
 	}
 	if err == nil && f.logFile != "" && !isDir(filepath.Dir(f.logFile)) {
 		err = fmt.Errorf("--log-file %s: directory %s does not exist", f.logFile, filepath.Dir(f.logFile))
+	}
+	if err == nil && f.workerLog != "" && !isDir(filepath.Dir(f.workerLog)) {
+		err = fmt.Errorf("--worker-log %s: directory %s does not exist", f.workerLog, filepath.Dir(f.workerLog))
 	}
 	if err == nil {
 		err = cfg.Check()

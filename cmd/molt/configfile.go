@@ -27,6 +27,7 @@ import (
 //	workers = 4
 //	ready_timeout = "20s"
 //	env     = { APP_ENV = "production" }
+//	pass_env = ["DATABASE_URL"] // molt's own values, as --env NAME
 //	command = ["/srv/app/current/app", "--port-from-fd"]
 //
 // A flag given on the command line overrides the file.
@@ -48,7 +49,8 @@ var fileKeys = map[string]keyKind{
 	"control_socket": kindString, "log_file": kindString, "log_level": kindString, "log_json": kindBool,
 	"ready": kindString, "ready_timeout": kindString, "drain_timeout": kindString,
 	"worker_stop_signal": kindString, "probation": kindString, "commit": kindString, "watchdog": kindString, "max_worker_lifetime": kindString,
-	"user": kindString, "group": kindString, "chdir": kindString, "env": kindMap,
+	"user": kindString, "group": kindString, "chdir": kindString, "env": kindMap, "pass_env": kindStrings,
+	"worker_log": kindString, "allow_new_privs": kindBool,
 	"umask": kindString, "backlog": kindInt, "command": kindStrings,
 }
 
@@ -205,6 +207,14 @@ func attrValues(attr *hcl.Attribute, kind keyKind) ([]string, error) {
 // at the file.
 func setFlag(fs *flag.FlagSet, key string, values []string, onCommandLine map[string]bool) error {
 	name := strings.ReplaceAll(key, "_", "-")
+	if key == "pass_env" {
+		name = "env" // bare names: --env NAME
+		for _, v := range values {
+			if strings.Contains(v, "=") {
+				return fmt.Errorf("%q: want a variable name (values go in env)", v)
+			}
+		}
+	}
 	if onCommandLine[name] {
 		return nil // the command line overrides the file
 	}
@@ -264,7 +274,7 @@ func checkValue(name, v string) error {
 			return err
 		}
 	case "env":
-		k, _, _ := strings.Cut(v, "=")
+		k, _, _ := strings.Cut(v, "=") // KEY=VALUE, or KEY alone (pass_env)
 		if !validEnvName(k) {
 			return fmt.Errorf("%q is not a valid environment variable name", k)
 		}

@@ -59,6 +59,9 @@ probation          = "5s"
 commit             = "manual"
 chdir              = "/tmp"
 env                = { APP_ENV = "production", B = "2" }
+pass_env           = ["DATABASE_URL"]
+worker_log         = "/tmp/w.log"
+allow_new_privs    = true
 umask              = "0027"
 backlog            = 512
 command            = ["/bin/true", "--flag"]
@@ -73,7 +76,8 @@ command            = ["/bin/true", "--flag"]
 	if strings.Join(f.listen, ",") != "web=127.0.0.1:0,unix:/tmp/molt-test.sock" || f.socketMode != "0660" || f.pidFile != "/tmp/m.pid" ||
 		f.control != "/tmp/m.sock" || f.logFile != "/tmp/m.log" || f.logLevel != "debug" || !f.logJSON || f.ready != "delay:2s" ||
 		f.readyTimeout != 20*time.Second || f.drainTimeout != 15*time.Second || f.stopSignal != "QUIT" || f.probation != 5*time.Second ||
-		f.commit != "manual" || f.chdir != "/tmp" || strings.Join(f.env, ",") != "APP_ENV=production,B=2" || f.umask != "0027" || f.backlog != 512 {
+		f.commit != "manual" || f.chdir != "/tmp" || strings.Join(f.env, ",") != "APP_ENV=production,B=2,DATABASE_URL" ||
+		f.workerLog != "/tmp/w.log" || !f.newPrivs || f.umask != "0027" || f.backlog != 512 {
 		t.Errorf("settings from the file: %+v", f)
 	}
 	if strings.Join(cmd, " ") != "/bin/true --flag" {
@@ -110,6 +114,9 @@ func TestConfigFile_ErrorsNameFileLineAndKey(t *testing.T) {
 		{"socket_mode = \"999\"\n", []string{":1:15: socket_mode:", "octal"}},
 		{"env = { \"1BAD\" = \"x\" }\n", []string{":1:7: env:", "not a valid environment variable name"}},
 		{"env = [\"A=B\"]\n", []string{":1:7: env: want an object of strings"}},
+		{"pass_env = [\"A=B\"]\n", []string{":1:12: pass_env:", "want a variable name"}},
+		{"pass_env = [\"1A\"]\n", []string{":1:12: pass_env:", "not a valid environment variable name"}},
+		{"allow_new_privs = \"yes\"\n", []string{":1:19: allow_new_privs: want true or false"}},
 		{"log_json = \"yes\"\n", []string{":1:12: log_json: want true or false"}},
 		{"log_level = \"loud\"\n", []string{":1:13: log_level:"}},
 		{"workers = 2\nworkers = 3\n", []string{":2:1: Attribute redefined"}},

@@ -48,7 +48,7 @@ Signals to the master (kill -SIGNAL $(cat molt.pid)):
   HUP   old master in standby: respawn its workers
   TERM, INT  fast stop (of both generations during an upgrade)
   TTIN / TTOU  one worker more / fewer
-  USR1  reopen --log-file
+  USR1  reopen --log-file and --worker-log
 
 Flags:
 `
@@ -60,6 +60,8 @@ type runFlags struct {
 	workers      int
 	pidFile      string
 	logFile      string
+	workerLog    string
+	newPrivs     bool
 	logLevel     string
 	logJSON      bool
 	ready        string
@@ -106,7 +108,8 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&f.socketMode, "socket-mode", "", "permission `MODE` of unix-socket listeners, in octal (e.g. 0660)")
 	fs.IntVar(&f.workers, "workers", runtime.NumCPU(), "number of worker processes `N`")
 	fs.StringVar(&f.pidFile, "pid-file", master.DefaultPIDFile, "pid file `PATH`; its lock is PATH.lock")
-	fs.StringVar(&f.logFile, "log-file", "", "append molt's log and the workers' stdout and stderr to `PATH` (default: stderr)")
+	fs.StringVar(&f.logFile, "log-file", "", "append molt's log to `PATH` (default: stderr); workers never get it (see --worker-log)")
+	fs.StringVar(&f.workerLog, "worker-log", "", "append the workers' stdout and stderr to `PATH`, opened by the master, reopened by USR1\n(default: molt's own stdout and stderr, e.g. the journal; never the --log-file)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `LEVEL`: trace, debug, info, warn or error")
 	fs.BoolVar(&f.logJSON, "log-json", false, "log JSON lines")
 	fs.StringVar(&f.ready, "ready", "notify", "when a worker counts as ready: `notify` (it sends READY=1) or delay:DUR\n(READY=1, or DUR after it started, whichever comes first)")
@@ -118,9 +121,10 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
 	fs.StringVar(&f.configFile, "config", "", "read settings from the HCL file `FILE` (flags given here override it);\nre-read by every reload and every new master")
 	fs.StringVar(&f.user, "user", "", "run workers as `USER` (name or uid; needs root); the master keeps its own")
-	fs.StringVar(&f.group, "group", "", "run workers with `GROUP` (default: the user's primary group)")
+	fs.StringVar(&f.group, "group", "", "run workers with `GROUP` (default: the user's primary group); needs --user")
+	fs.BoolVar(&f.newPrivs, "allow-new-privs", false, "let workers gain privileges through exec (setuid or setgid programs, file\ncapabilities); by default they run with no_new_privs, which their children inherit")
 	fs.StringVar(&f.chdir, "chdir", "", "workers' working `DIR` (the master never changes its own)")
-	fs.Var(listFlag{&f.env}, "env", "`KEY=VALUE` added to the workers' environment, repeatable")
+	fs.Var(listFlag{&f.env}, "env", "`KEY=VALUE` added to the workers' environment, or KEY alone: molt's own value of KEY\n(none if unset); repeatable. Of molt's environment workers get only PATH, LANG,\nLANGUAGE, LC_*, TZ and the Go runtime's GOGC, GOMEMLIMIT, GOMAXPROCS, GODEBUG,\nGOTRACEBACK, GORACE, GOCOVERDIR, and HOME, USER, LOGNAME, SHELL of their user")
 	fs.StringVar(&f.umask, "umask", "", "workers' umask, in octal (e.g. `0027`)")
 	fs.IntVar(&f.backlog, "backlog", 0, "listen backlog `N` of every listener (default: the kernel's somaxconn)")
 	fs.BoolVar(&f.noKeeper, "no-keeper", false, "no keeper process: the master is the process started (nginx's tree;\nits pid changes at every upgrade)")
@@ -149,14 +153,23 @@ func cmdRun(args []string) int {
 		return exitUsage
 	}
 	var out io.Writer = os.Stderr
-	var lf *logFile
+	var lf, wl *logFile
 	if f.logFile != "" {
 		lf, err = openLogFile(f.logFile)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "molt run:", err)
 			return exitUsage
 		}
-		out, cfg.Output = lf, lf
+		out = lf
+	}
+	if f.workerLog != "" {
+		if wl, err = openWorkerLog(f.workerLog, lf); err != nil {
+			fmt.Fprintln(os.Stderr, "molt run:", err)
+			return exitUsage
+		}
+	}
+	if lf != nil || wl != nil {
+		cfg.Output = &outputs{log: lf, workers: wl}
 	}
 	log, err := newLogger(out, f.logLevel, f.logJSON)
 	if err != nil {
@@ -165,6 +178,9 @@ func cmdRun(args []string) int {
 	}
 	cfg.Logger = log
 	if !f.noKeeper && os.Getenv(keeper.EnvKeeperPID) == "" {
+		if wl != nil {
+			_ = wl.f.Close() // opened to refuse a bad path here; each master opens its own
+		}
 		return runKeeper(log, lf)
 	}
 	// A reload reads the flags again (a config file, when there is one, is
@@ -291,11 +307,19 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 	}
 	for _, kv := range f.env {
 		k, _, ok := strings.Cut(kv, "=")
-		if !ok || !validEnvName(k) {
-			return cfg, fmt.Errorf("--env %q: want KEY=VALUE with a valid variable name", kv)
+		if !validEnvName(k) {
+			return cfg, fmt.Errorf("--env %q: want KEY=VALUE or KEY with a valid variable name", kv)
+		}
+		if !ok { // KEY alone: molt's own value, if it has one
+			v, set := os.LookupEnv(k)
+			if !set {
+				continue
+			}
+			kv = k + "=" + v
 		}
 		cfg.Env = append(cfg.Env, kv)
 	}
+	cfg.AllowNewPrivileges = f.newPrivs
 	if f.logJSON {
 		cfg.Env = append(cfg.Env, envDemoLogJSON+"=1")
 	}
@@ -442,7 +466,11 @@ func runKeeper(log hclog.Logger, lf *logFile) int {
 	cfg := keeper.Config{Path: path, Args: os.Args[1:], Env: env, Notify: notify, Logger: log, Activated: activated}
 	if lf != nil {
 		cfg.Reopen = lf.Reopen
-		cfg.Stdout, cfg.Stderr = lf.Files()
+		// The masters get the keeper's own stdout and stderr, never the
+		// log file: their workers inherit those without a --worker-log.
+		// Set, they also make the keeper tell this terminal when the
+		// master fails before it serves (its error is in the log file).
+		cfg.Stdout, cfg.Stderr = os.Stdout, os.Stderr
 	}
 	return keeper.Run(cfg)
 }

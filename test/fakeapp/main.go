@@ -4,7 +4,7 @@
 // close their copies of the listeners first, so the tests' "zero failed
 // requests" stays exact.
 //
-//	fakeapp serve [--report DIR] [--no-notify] [--ignore-stop]
+//	fakeapp serve [--report DIR] [--tamper] [--no-notify] [--ignore-stop]
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
 //	              [--misuse shutdown:PATH|blocking:PATH]
 //	fakeapp crash | exit0 | hang
@@ -12,7 +12,9 @@
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
 // X-Fakeapp-Names (LISTEN_FDNAMES) and the listener name in
 // X-Fakeapp-Listener; GET /sleep?ms=N answers after N ms. --report writes
-// DIR/<pid>.json (fds, their flags, environment) before anything else;
+// DIR/<pid>.json (fds, their flags, environment, NoNewPrivs) before
+// anything else; --tamper first attacks every file it can write to (see
+// tamper) and reports what it did in the report's Tampered;
 // --ready-file appends the pid to PATH once ready; --hit-file appends
 // "<pid> <path>" when a /sleep request starts; --misuse makes the first
 // worker to create PATH, once it serves, shut the shared listening sockets
@@ -52,11 +54,16 @@ func main() {
 	hitFile := fs.String("hit-file", "", "append '<pid> <path>' to PATH when /sleep starts")
 	exitAfter := fs.Duration("exit-after", 0, "drain and exit 1 after DUR (a worker that dies on its own, without dropping a request)")
 	misuse := fs.String("misuse", "", "shutdown:PATH or blocking:PATH: the first worker to create PATH does that to the listeners")
+	doTamper := fs.Bool("tamper", false, "forge a molt log line into, and truncate, every file it holds or can open for writing")
 	fs.Parse(os.Args[2:])
+	var tampered []string
+	if *doTamper {
+		tampered = tamper()
+	}
 	if *report != "" {
 		// Before anything else opens an fd: the report is the fd set the
 		// process was started with.
-		if err := writeReport(*report); err != nil {
+		if err := writeReport(*report, tampered); err != nil {
 			fmt.Fprintln(os.Stderr, "fakeapp: report:", err)
 			os.Exit(3)
 		}
@@ -109,10 +116,72 @@ type report struct {
 	Uid    int
 	Gid    int
 	Groups []int
+	// NoNewPrivs is /proc/self/status's NoNewPrivs: "1" or "0".
+	NoNewPrivs string
+	// Tampered is what --tamper did: "fd N TARGET: ..." lines.
+	Tampered []string
 }
 
-func writeReport(dir string) error {
-	var r report
+// forged is a line made to pass for one of molt's JSON log lines.
+const forged = `{"@level":"info","@message":"serving","@module":"molt.master","event":"fakeapp.forged","forged":"by a worker"}` + "\n"
+
+// tamper attacks, as a compromised worker would, every regular file it
+// holds a write descriptor on (its stdout and stderr among them): it
+// writes a forged molt log line and truncates it. It also tries to open,
+// for writing, each of its own fds' files by path (/proc/self/fd/N) and
+// each of the master's (/proc/MASTER/fd/N). It returns what happened.
+func tamper() []string {
+	var out []string
+	try := func(what string, err error) string {
+		if err != nil {
+			return what + " failed: " + err.Error()
+		}
+		return what + " ok"
+	}
+	ents, _ := os.ReadDir("/proc/self/fd")
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		target, err := os.Readlink("/proc/self/fd/" + e.Name())
+		var st unix.Stat_t
+		if err != nil || unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+			continue
+		}
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		if err != nil || fl&unix.O_ACCMODE == unix.O_RDONLY {
+			continue
+		}
+		_, werr := unix.Write(fd, []byte(forged))
+		terr := unix.Ftruncate(fd, 0)
+		out = append(out, fmt.Sprintf("fd %d %s: %s, %s", fd, target, try("write", werr), try("truncate", terr)))
+	}
+	paths, _ := filepath.Glob("/proc/self/fd/*")
+	if m := os.Getenv(worker.EnvMasterPID); m != "" {
+		more, _ := filepath.Glob("/proc/" + m + "/fd/*")
+		paths = append(paths, more...)
+	}
+	for _, p := range paths {
+		target, err := os.Readlink(p)
+		if err != nil || !strings.HasPrefix(target, "/") || strings.HasPrefix(target, "/dev/") {
+			continue
+		}
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+		if err == nil {
+			_, err = f.WriteString(forged)
+			if err == nil {
+				err = f.Truncate(0)
+			}
+			f.Close()
+		}
+		out = append(out, fmt.Sprintf("open %s (%s): %s", p, target, try("write and truncate", err)))
+	}
+	return out
+}
+
+func writeReport(dir string, tampered []string) error {
+	r := report{Tampered: tampered}
 	r.Pid = os.Getpid()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
@@ -142,6 +211,9 @@ func writeReport(dir string) error {
 		for _, line := range strings.Split(string(st), "\n") {
 			if v, ok := strings.CutPrefix(line, "Umask:"); ok {
 				r.Umask = strings.TrimSpace(v)
+			}
+			if v, ok := strings.CutPrefix(line, "NoNewPrivs:"); ok {
+				r.NoNewPrivs = strings.TrimSpace(v)
 			}
 		}
 	}
