@@ -456,15 +456,23 @@ func (m *Master) onUpgradeDeadline(ev timerFired) {
 	if pid == 0 {
 		pid = m.findNewMaster()
 	}
-	m.log.Error("the new master did not serve in time; killing it and its workers",
-		"new_pid", pid, "workers", len(up.pgids), "elapsed", time.Since(up.started).Round(time.Millisecond).String())
+	m.log.Error("the new master did not serve in time; killing it and everything it started",
+		"event", "upgrade.deadline", "new_pid", pid, "workers", len(up.pgids),
+		"elapsed", time.Since(up.started).Round(time.Millisecond).String())
 	up.killed = true
-	for _, g := range up.pgids {
-		_ = m.sys.signal(-g, syscall.SIGKILL)
+	// This master's own workers are never touched, whatever the new
+	// master reported (treekill.go). The walk polls /proc for up to a few
+	// seconds: off the loop, which goes on serving meanwhile.
+	own := map[int]bool{}
+	for p := range m.procs {
+		own[p] = true
 	}
-	if pid > 0 {
-		_ = m.sys.signal(pid, syscall.SIGKILL)
-	}
+	pgids, log := append([]int(nil), up.pgids...), m.log
+	go func() {
+		killed := killTree(pid, pgids, func(p int) bool { return own[p] })
+		log.Info("the failed new master's processes killed", "event", "upgrade.tree_killed",
+			"new_pid", pid, "killed", len(killed), "pids", fmt.Sprint(killed))
+	}()
 }
 
 // findNewMaster finds the pid of a new master that never said hello: the
