@@ -162,7 +162,7 @@ func (m *Master) onPreflightDone(ev preflightDone) {
 			reason = "the new binary failed its pre-flight check: " + ev.err.Error()
 		}
 		m.old.last = &UpgradeResult{Outcome: "refused", Reason: reason, At: time.Now()}
-		m.log.Error("upgrade refused; nothing changed: this generation keeps serving", "reason", reason)
+		m.log.Error("upgrade refused; nothing changed: this generation keeps serving", "event", "upgrade.refused", "reason", reason)
 		m.endWatchers(CtlReply{Done: true, Error: "upgrade refused: " + reason})
 		if up.quitPending && m.phase.running() {
 			m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
@@ -405,7 +405,7 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 		m.finishIfIdle()
 		return
 	}
-	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "new_pid", up.pid, "reason", reason)
+	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "event", "upgrade.rolled_back", "new_pid", up.pid, "reason", reason)
 	m.supervisorReady("serving, %d workers; upgrade rolled back: %s", len(m.slots), reason)
 	if up.quitPending {
 		m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
@@ -456,7 +456,7 @@ func (m *Master) onUpgradeDeadline(ev timerFired) {
 	if pid == 0 {
 		pid = m.findNewMaster()
 	}
-	m.log.Error("the new master did not serve in time; killing it and everything it started",
+	m.log.Error("the new master did not serve in time; killing it and its workers",
 		"event", "upgrade.deadline", "new_pid", pid, "workers", len(up.pgids),
 		"elapsed", time.Since(up.started).Round(time.Millisecond).String())
 	up.killed = true
