@@ -162,7 +162,7 @@ func (m *Master) onPreflightDone(ev preflightDone) {
 			reason = "the new binary failed its pre-flight check: " + ev.err.Error()
 		}
 		m.old.last = &UpgradeResult{Outcome: "refused", Reason: reason, At: time.Now()}
-		m.log.Error("upgrade refused; nothing changed: this generation keeps serving", "reason", reason)
+		m.log.Error("upgrade refused; nothing changed: this generation keeps serving", "event", "upgrade.refused", "reason", reason)
 		m.endWatchers(CtlReply{Done: true, Error: "upgrade refused: " + reason})
 		if up.quitPending && m.phase.running() {
 			m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
@@ -405,7 +405,7 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 		m.finishIfIdle()
 		return
 	}
-	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "new_pid", up.pid, "reason", reason)
+	m.log.Error("upgrade failed; rolled back: this generation keeps serving", "event", "upgrade.rolled_back", "new_pid", up.pid, "reason", reason)
 	m.supervisorReady("serving, %d workers; upgrade rolled back: %s", len(m.slots), reason)
 	if up.quitPending {
 		m.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation")
@@ -457,14 +457,22 @@ func (m *Master) onUpgradeDeadline(ev timerFired) {
 		pid = m.findNewMaster()
 	}
 	m.log.Error("the new master did not serve in time; killing it and its workers",
-		"new_pid", pid, "workers", len(up.pgids), "elapsed", time.Since(up.started).Round(time.Millisecond).String())
+		"event", "upgrade.deadline", "new_pid", pid, "workers", len(up.pgids),
+		"elapsed", time.Since(up.started).Round(time.Millisecond).String())
 	up.killed = true
-	for _, g := range up.pgids {
-		_ = m.sys.signal(-g, syscall.SIGKILL)
+	// This master's own workers are never touched, whatever the new
+	// master reported (treekill.go). The walk polls /proc for up to a few
+	// seconds: off the loop, which goes on serving meanwhile.
+	own := map[int]bool{}
+	for p := range m.procs {
+		own[p] = true
 	}
-	if pid > 0 {
-		_ = m.sys.signal(pid, syscall.SIGKILL)
-	}
+	pgids, log := append([]int(nil), up.pgids...), m.log
+	go func() {
+		killed := killTree(pid, pgids, func(p int) bool { return own[p] })
+		log.Info("the failed new master's processes killed", "event", "upgrade.tree_killed",
+			"new_pid", pid, "killed", len(killed), "pids", fmt.Sprint(killed))
+	}()
 }
 
 // findNewMaster finds the pid of a new master that never said hello: the

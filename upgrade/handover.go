@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"runtime"
 	"time"
 
 	"github.com/cloudflare/tableflip"
@@ -183,8 +184,18 @@ func (h *Handover) Children() (*Channel, error) {
 // must retire) or fails: it could not be started, it exited, or Stop was
 // called. It refuses while this master has not called Ready, or while its
 // own parent lives. Run it in a goroutine of its own.
+//
+// Each attempt opens two pipes in tableflip (v1.2.3) and leaves the new
+// master's ends of them (its readiness pipe's write end, its names pipe's
+// read end) to their *os.File finalizers. A failed attempt therefore
+// collects them at once: without that, every failed upgrade would hold
+// two descriptors until some later collection, and a run of them (a
+// deploy script retrying a broken binary) would pile them up. Closing
+// them by number instead would be wrong: the finalizer would later close
+// whatever reused the number, perhaps a listener.
 func (h *Handover) Upgrade() error {
 	if err := h.upg.Upgrade(); err != nil {
+		runtime.GC() // queues the finalizers of the attempt's lost pipe ends
 		return fmt.Errorf("upgrade: %w", err)
 	}
 	return nil

@@ -143,12 +143,13 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 		case r.Status != nil && human:
 			printStatus(out, r.Status)
 		case r.Status != nil:
+			// Raw values, JSON-escaped (jsonSafe: DEL and C1 too).
 			b, _ := json.MarshalIndent(r.Status, "", "  ")
-			fmt.Fprintln(out, string(b))
+			fmt.Fprintln(jsonSafe{out}, string(b))
 		case r.Error != "":
-			fmt.Fprintln(os.Stderr, "molt ctl:", r.Error)
+			fmt.Fprintln(os.Stderr, "molt ctl:", master.Printable(r.Error))
 		case r.Message != "":
-			fmt.Fprintln(out, r.Message)
+			fmt.Fprintln(out, master.Printable(r.Message))
 		}
 		if r.Done {
 			awaitClose(conn, sc)
@@ -181,9 +182,12 @@ func awaitClose(conn net.Conn, sc *bufio.Scanner) {
 	}
 }
 
-// printStatus prints the human form of "molt ctl status".
+// printStatus prints the human form of "molt ctl status". Every text
+// in it may come from a worker or a new binary (a STATUS=, an exit or
+// failure reason): it is shown Printable, never raw.
 func printStatus(out io.Writer, st *master.Status) {
-	fmt.Fprintf(out, "master   pid %d  gen %d  %s  (%s)  version %s  up %s\n", st.PID, st.Gen, st.State, st.Role, st.Version, st.Uptime)
+	p := master.Printable
+	fmt.Fprintf(out, "master   pid %d  gen %d  %s  (%s)  version %s  up %s\n", st.PID, st.Gen, p(st.State), p(st.Role), p(st.Version), p(st.Uptime))
 	for _, l := range st.Listeners {
 		var marks []string
 		if l.Inherited {
@@ -196,15 +200,15 @@ func printStatus(out io.Writer, st *master.Status) {
 		if len(marks) > 0 {
 			inh = "  (" + strings.Join(marks, ", ") + ")"
 		}
-		fmt.Fprintf(out, "listen   %-8s %-5s %s%s\n", l.Name, l.Network, l.Addr, inh)
+		fmt.Fprintf(out, "listen   %-8s %-5s %s%s\n", p(l.Name), p(l.Network), p(l.Addr), inh)
 	}
 	if u := st.Upgrade; u != nil {
-		fmt.Fprintf(out, "upgrade  in flight for %s: new master pid %d, %d of %d workers ready, serving %v\n", u.Elapsed, u.NewPID, u.Ready, u.Want, u.Serving)
+		fmt.Fprintf(out, "upgrade  in flight for %s: new master pid %d, %d of %d workers ready, serving %v\n", p(u.Elapsed), u.NewPID, u.Ready, u.Want, u.Serving)
 	}
 	if r := st.LastResult; r != nil {
-		line := fmt.Sprintf("last upgrade %s at %s (new master pid %d)", r.Outcome, r.At.Format(time.RFC3339), r.NewPID)
+		line := fmt.Sprintf("last upgrade %s at %s (new master pid %d)", p(r.Outcome), r.At.Format(time.RFC3339), r.NewPID)
 		if r.Reason != "" {
-			line += ": " + r.Reason
+			line += ": " + p(r.Reason)
 		}
 		fmt.Fprintln(out, line)
 	}
@@ -220,18 +224,18 @@ func printStatus(out io.Writer, st *master.Status) {
 		if w.LastWatchdog != nil {
 			ping = time.Since(*w.LastWatchdog).Round(time.Second).String() + " ago"
 		}
-		state := w.State
+		state := p(w.State)
 		if w.Replacing != 0 {
 			state += " (replaces " + strconv.Itoa(w.Replacing) + ")"
 		}
 		if w.RestartIn != "" {
-			state += fmt.Sprintf(" in %s (%d failures in a row)", w.RestartIn, w.Failures)
+			state += fmt.Sprintf(" in %s (%d failures in a row)", p(w.RestartIn), w.Failures)
 		}
 		pid := "-"
 		if w.PID != 0 {
 			pid = strconv.Itoa(w.PID)
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, pid, state, w.Uptime, w.Restarts, dash(w.LastExit), ping, dash(w.StatusText))
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, pid, state, p(w.Uptime), w.Restarts, dash(p(w.LastExit)), ping, dash(p(w.StatusText)))
 	}
 	tw.Flush()
 }

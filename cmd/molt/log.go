@@ -17,12 +17,12 @@ func newLogger(out io.Writer, level string, json bool) (hclog.Logger, error) {
 	if lv == hclog.NoLevel {
 		return nil, fmt.Errorf("log level %q: want trace, debug, info, warn or error", level)
 	}
-	return hclog.New(&hclog.LoggerOptions{
-		Name:       "molt",
-		Level:      lv,
-		Output:     out,
-		JSONFormat: json,
-	}), nil
+	if json {
+		// Valid JSON either way; jsonSafe also keeps DEL and the C1
+		// controls off a terminal that shows the file (logsafe.go).
+		return hclog.New(&hclog.LoggerOptions{Name: "molt", Level: lv, Output: jsonSafe{out}, JSONFormat: true}), nil
+	}
+	return safeLogger{hclog.New(&hclog.LoggerOptions{Name: "molt", Level: lv, Output: out})}, nil
 }
 
 // logFile is the --log-file: the master's log and, as their stdout and
