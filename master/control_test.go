@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
 )
 
 func TestParseCtlRequest(t *testing.T) {
@@ -56,7 +58,7 @@ func TestCtlAllowed_SameUserOrRoot(t *testing.T) {
 // error reply and never reach the loop.
 func TestControlSocket_BadPeersChangeNothing(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "c.sock")
-	c, err := openControlSocket(path)
+	c, err := openControlSocket(path, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
