@@ -153,9 +153,9 @@ func bindControl(path string) (*net.UnixListener, string, error) {
 func (c *controlSocket) serve(send func(event) bool, done <-chan struct{}, allowed func(uid uint32) bool) {
 	slots := make(chan struct{}, maxCtlConns)
 	var (
-		delay             time.Duration
-		failLog, busyLog  logLimit
-		failures, refused int
+		delay                   time.Duration
+		failLog, okLog, busyLog logLimit
+		failures                int // since the last "accepting again"
 	)
 	for {
 		conn, err := c.ln.AcceptUnix()
@@ -177,9 +177,14 @@ func (c *controlSocket) serve(send func(event) bool, done <-chan struct{}, allow
 			}
 			continue
 		}
+		delay = 0
 		if failures > 0 {
-			c.log.Info("control socket: accepting again", "event", "control.accept_recovered", "failures", failures)
-			failures, delay, failLog = 0, 0, logLimit{}
+			// Limited too: fds that run out and come back in turn must
+			// not log a pair of lines per accept.
+			if _, ok := okLog.allow(); ok {
+				c.log.Info("control socket: accepting again", "event", "control.accept_recovered", "failures", failures)
+				failures = 0
+			}
 		}
 		select {
 		case slots <- struct{}{}:
@@ -188,7 +193,6 @@ func (c *controlSocket) serve(send func(event) bool, done <-chan struct{}, allow
 				handleCtlConn(conn, send, done, allowed)
 			}()
 		default:
-			refused++
 			if n, ok := busyLog.allow(); ok {
 				c.log.Warn("control socket: too many connections; one refused as busy", "event", "control.busy",
 					"max", maxCtlConns, "suppressed", n)
