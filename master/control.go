@@ -21,11 +21,13 @@ import (
 )
 
 // The control socket (README "molt ctl"): a unix stream socket beside the
-// pid file, mode 0600 from its bind on. A client sends one request, a JSON object on one
-// line, and reads JSON lines back until one has "done": true. Peers are
-// checked (SO_PEERCRED: this master's uid, or root); a request is bounded
-// in size and time, and a malformed one gets an error reply and changes
-// nothing. Each request reaches the loop as an event with a reply channel.
+// pid file, mode 0600 from its bind on. A client sends one request, a JSON
+// object on one line, and reads JSON lines back until one has "done":
+// true. Peers are checked (SO_PEERCRED: this master's uid, or root); a
+// request is bounded in size and time, and a malformed one gets an error
+// reply and changes nothing; so are the connections served at once, and
+// each reply line's write. Each request reaches the loop as an event with
+// a reply channel.
 
 // CtlRequest is one request on the control socket.
 type CtlRequest struct {

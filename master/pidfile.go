@@ -147,7 +147,7 @@ func (m *Master) restorePIDFile() {
 	case err != nil:
 		m.log.Error("pid file not restored", "event", "pidfile.restore_failed", "path", m.pidFile.path, "error", err)
 	case missing:
-		m.log.Warn("pid file restored by writing it afresh: its .oldbin was missing (deleted?)",
+		m.log.Warn("pid file restored by writing it afresh: there was no .oldbin to rename back",
 			"event", "pidfile.rewritten", "path", m.pidFile.path)
 	}
 }

@@ -33,6 +33,9 @@ Commands:
   reopen-logs               reopen the log file (like USR1)
   reload [--wait]           reload (not built yet)
 
+molt ctl talks only to a server that runs as root or as the caller
+(SO_PEERCRED); any other is refused with exit code 3.
+
 Flags:
 `
 
