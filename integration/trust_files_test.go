@@ -182,7 +182,6 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 	addr := m.addr()
 	m.waitServing()
 	workers := m.waitWorkers(2)
-	test.WaitLog(t, m.log, stepTimeout, 1, "the shared directory's warning", test.Event("files.shared_dir", "path", logPath))
 	l := startLoad(t, addr)
 
 	rotated := logPath + ".1"
@@ -208,6 +207,7 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 	if fileExists(m.pidFile + ".oldbin") {
 		t.Error("molt.pid.oldbin left after the rollback")
 	}
+	test.WaitLog(t, m.log, stepTimeout, 1, "the shared directory's warning", test.Event("files.shared_dir", "path", logPath))
 	l.stop(t)
 	m.stop(test.Event("log.reopen_failed"), test.Msg("upgrade failed; rolled back: this generation keeps serving"))
 }
