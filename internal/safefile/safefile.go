@@ -10,10 +10,12 @@
 //   - a directory every user can write without the sticky bit is refused:
 //     anyone could rename molt's files away and put their own in place;
 //   - the file's own directory is "shared" when every user can write it
-//     with the sticky bit (like /tmp), and any directory in the chain is
-//     shared when a group other than root's can write it without the
-//     sticky bit (like Ubuntu's /var/log, root:syslog 0775). Shared is
-//     allowed, with a warning the caller logs (Dir.Shared says why).
+//     with the sticky bit (like /tmp) or a group other than root's can
+//     write it (like Ubuntu's /var/log, root:syslog 0775), and so is the
+//     chain when a directory above is writable by such a group without
+//     the sticky bit. Shared is allowed, with a warning the caller logs
+//     (Dir.Shared says why); a sticky directory above one of root's is
+//     not shared: nobody else can rename or replace what root owns in it.
 //
 // In a shared directory a file is opened with O_NOFOLLOW and must be a
 // regular file with one link; in any directory an existing regular file
@@ -86,9 +88,12 @@ func CheckDir(dir string) (Dir, error) {
 		case mode&0o002 != 0 && !sticky:
 			return Dir{}, fmt.Errorf("directory %s: %w: every user can write it (mode %04o) and it has no sticky bit, so anyone could replace molt's files in it; use a directory only root can write, such as /run/molt",
 				p, ErrSharedDir, mode)
-		case mode&0o002 != 0 && p == real && d.Shared == "":
+		case d.Shared != "":
+		case mode&0o002 != 0 && p == real:
 			d.Shared = fmt.Sprintf("%s is writable by every user (mode %04o, sticky)", p, mode)
-		case mode&0o020 != 0 && st.Gid != 0 && !sticky && d.Shared == "":
+		case mode&0o020 != 0 && st.Gid != 0 && (p == real || !sticky):
+			// Sticky stops the group renaming a directory of molt's
+			// below this one, not planting files in this one.
 			d.Shared = fmt.Sprintf("%s is writable by group %d (mode %04o)", p, st.Gid, mode)
 		}
 		if p == "/" || p == "." {

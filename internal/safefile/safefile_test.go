@@ -198,3 +198,29 @@ func TestCheckDir(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckDir_GroupWritable(t *testing.T) {
+	requireRoot(t)
+	dir := filepath.Join(t.TempDir(), "group")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(dir, 0, nobody); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []os.FileMode{0o775, os.ModeSticky | 0o775} {
+		if err := os.Chmod(dir, mode); err != nil {
+			t.Fatal(err)
+		}
+		d, err := CheckDir(dir)
+		if err != nil || !strings.Contains(d.Shared, "writable by group 65534") {
+			t.Fatalf("mode %v: %+v, %v: want shared, naming the group", mode, d, err)
+		}
+	}
+	if err := os.Chown(dir, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := CheckDir(dir); err != nil || d.Shared != "" {
+		t.Fatalf("writable by root's group: %+v, %v: want private", d, err)
+	}
+}
