@@ -86,6 +86,7 @@ func flock(f *os.File) error {
 // then rename), so a reader never sees a partial pid.
 func (p *pidFile) write(pid int) error { return p.writeAt(p.path, pid) }
 
+// writeAt writes pid to path (PATH or PATH.oldbin) as write does.
 func (p *pidFile) writeAt(path string, pid int) error {
 	return writeFileAtomic(path, []byte(strconv.Itoa(pid)+"\n"))
 }

@@ -7,9 +7,8 @@ import (
 	"path/filepath"
 	"sync"
 
-	"github.com/molt-server/molt/internal/safefile"
-
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/internal/safefile"
 	"golang.org/x/sys/unix"
 )
 
