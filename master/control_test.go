@@ -4,11 +4,16 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 func TestParseCtlRequest(t *testing.T) {
@@ -56,7 +61,7 @@ func TestCtlAllowed_SameUserOrRoot(t *testing.T) {
 // error reply and never reach the loop.
 func TestControlSocket_BadPeersChangeNothing(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "c.sock")
-	c, err := openControlSocket(path)
+	c, err := openControlSocket(path, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,5 +99,87 @@ func TestControlSocket_BadPeersChangeNothing(t *testing.T) {
 	case ev := <-events:
 		t.Fatalf("a bad request reached the loop: %v", ev)
 	default:
+	}
+}
+
+// TestBindControl_WhatIsAlreadyThere: nothing, or a stale socket of root
+// or this user, is bound over; a live socket, a symlink, a regular file
+// and a socket of another user are errors that name the path and leave
+// it as it was. The socket is 0600 even under umask 0.
+func TestBindControl_WhatIsAlreadyThere(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "molt.sock")
+	old := unix.Umask(0)
+	ln, _, err := bindControl(path)
+	unix.Umask(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, %v: want 0600", fi.Mode(), err)
+	}
+	if _, _, err := bindControl(path); !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("bind over a live socket: %v, want EADDRINUSE", err)
+	}
+	ln.Close() // stale now (SetUnlinkOnClose(false))
+	ln, _, err = bindControl(path)
+	if err != nil {
+		t.Fatalf("bind over our stale socket: %v", err)
+	}
+	ln.Close()
+	os.Remove(path)
+
+	target := filepath.Join(dir, "target")
+	os.WriteFile(target, []byte("keep"), 0o644)
+	os.Symlink(target, path)
+	if _, _, err := bindControl(path); err == nil || !strings.Contains(err.Error(), "refuse "+path+": it is a symlink") {
+		t.Fatalf("bind over a symlink: %v", err)
+	}
+	if b, _ := os.ReadFile(target); string(b) != "keep" {
+		t.Fatalf("target changed: %q", b)
+	}
+	os.Remove(path)
+	os.WriteFile(path, []byte("file"), 0o644)
+	if _, _, err := bindControl(path); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Fatalf("bind over a regular file: %v", err)
+	}
+	os.Remove(path)
+	if os.Geteuid() == 0 {
+		ln, _, err := bindControl(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln.Close()
+		os.Lchown(path, 65534, 65534)
+		if _, _, err := bindControl(path); err == nil || !strings.Contains(err.Error(), "socket of uid 65534") {
+			t.Fatalf("bind over nobody's stale socket: %v", err)
+		}
+		if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			t.Fatalf("nobody's socket removed: %v", err)
+		}
+	}
+}
+
+func TestControlSocket_AcceptBackoffAndLogLimit(t *testing.T) {
+	var d time.Duration
+	var got []time.Duration
+	for range 12 {
+		got = append(got, nextDelay(&d))
+	}
+	if got[0] != 5*time.Millisecond || got[1] != 10*time.Millisecond || got[len(got)-1] != ctlAcceptBackoff {
+		t.Fatalf("delays %v: want 5ms doubling to %v", got, ctlAcceptBackoff)
+	}
+	var l logLimit
+	if n, ok := l.allow(); !ok || n != 0 {
+		t.Fatal("the first line is held back")
+	}
+	for range 3 {
+		if _, ok := l.allow(); ok {
+			t.Fatal("a repeat within ctlLogEvery is let through")
+		}
+	}
+	l.last = time.Now().Add(-ctlLogEvery)
+	if n, ok := l.allow(); !ok || n != 3 {
+		t.Fatalf("after ctlLogEvery: %d, %v; want 3 held back, let through", n, ok)
 	}
 }

@@ -83,7 +83,7 @@ func (m *Master) reopenLogs() {
 		return
 	}
 	if err := m.cfg.Output.Reopen(); err != nil {
-		m.log.Error("log file not reopened; logging continues to the old file", "error", err)
+		m.log.Error("log file not reopened; logging continues to the old file", "event", "log.reopen_failed", "error", err)
 		return
 	}
 	m.log.Info("log file reopened; running workers keep the file they started with")

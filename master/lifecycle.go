@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
+	"github.com/molt-server/molt/internal/safefile"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/upgrade"
 )
@@ -53,8 +55,12 @@ func (m *Master) start() error {
 			return err
 		}
 	}
-	if m.control, err = openControlSocket(m.cfg.ControlSocket); err != nil {
+	if m.control, err = openControlSocket(m.cfg.ControlSocket, m.log.Named("control")); err != nil {
 		return err
+	}
+	if m.control.shared != "" && filepath.Dir(m.control.path) != filepath.Dir(m.pidFile.path) {
+		m.log.Warn("the control socket's directory can be written by others: the socket is 0600 from its bind, and molt replaces only its own stale socket there",
+			"event", "files.shared_dir", "path", m.control.path, "reason", m.control.shared)
 	}
 	go m.control.serve(m.send, m.done, ctlAllowed(uint32(os.Getuid())))
 	if m.notify, err = notify.Open(); err != nil {
@@ -108,6 +114,10 @@ func (m *Master) lockPIDFile() error {
 		return err
 	}
 	m.pidFile = pf
+	if d, err := safefile.CheckDir(filepath.Dir(pf.path)); err == nil && d.Shared != "" {
+		m.log.Warn("the pid file's directory can be written by others: molt follows no symlink there and uses only its own files",
+			"event", "files.shared_dir", "path", pf.path, "reason", d.Shared)
+	}
 	return m.hand.PassFile(lockFileName, pf.lock)
 }
 

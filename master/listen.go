@@ -160,16 +160,8 @@ func bindUnix(path string, mode os.FileMode) (net.Listener, error) {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("%s exists and is not a socket", path)
 		}
-		c, err := net.DialTimeout("unix", path, time.Second)
-		if err == nil {
-			_ = c.Close()
-			return nil, fmt.Errorf("%s: %w (another process accepts on it)", path, syscall.EADDRINUSE)
-		}
-		if !errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("probe stale socket %s: %w", path, err)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale socket: %w", err)
+		if err := removeStaleSocket(path); err != nil {
+			return nil, err
 		}
 	}
 	ln, err := net.Listen("unix", path)
@@ -187,6 +179,23 @@ func bindUnix(path string, mode os.FileMode) (net.Listener, error) {
 		}
 	}
 	return ln, nil
+}
+
+// removeStaleSocket removes the socket file at path if nothing accepts
+// on it (a crashed run's); a live one is an error.
+func removeStaleSocket(path string) error {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		_ = c.Close()
+		return fmt.Errorf("%s: %w (another process accepts on it)", path, syscall.EADDRINUSE)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("probe stale socket %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	return nil
 }
 
 // dupListener duplicates the socket of c as a close-on-exec *os.File,

@@ -187,9 +187,12 @@ func (m *Master) startUpgrade() {
 		abort("no channel to the new master", err)
 		return
 	}
-	if err := m.pidFile.toOld(); err != nil {
+	if missing, err := m.pidFile.toOld(os.Getpid()); err != nil {
 		abort("the pid file cannot be renamed", err)
 		return
+	} else if missing {
+		m.log.Warn("pid file missing at upgrade (deleted?): wrote its .oldbin afresh; the upgrade goes on",
+			"event", "pidfile.missing", "path", m.pidFile.path, "pid_file", m.pidFile.path+oldSuffix)
 	}
 	if m.control != nil {
 		if err := m.control.toOld(); err != nil {
@@ -390,9 +393,7 @@ func (m *Master) onUpgradeDone(ev upgradeDone) {
 	}
 	reason := m.failureReason(up, ev.err)
 	m.old.last = &UpgradeResult{Outcome: "rolled back", Reason: reason, NewPID: up.pid, At: time.Now()}
-	if err := m.pidFile.fromOld(); err != nil {
-		m.log.Error("pid file not restored", "error", err)
-	}
+	m.restorePIDFile()
 	if m.control != nil {
 		if err := m.control.fromOld(); err != nil {
 			m.log.Error("control socket not restored", "error", err)
@@ -554,9 +555,7 @@ func (m *Master) onSuccessorExited(ev successorExited) {
 	m.old.last = &UpgradeResult{Outcome: "taken back", Reason: fmt.Sprintf("the new master (pid %d) died after its commit", ev.pid), NewPID: ev.pid, At: time.Now()}
 	m.log.Error("the new master died after its commit while this generation drained; this master takes the service back with new workers. "+
 		"It cannot start another upgrade: restart molt to deploy again", "new_pid", ev.pid, "workers", len(m.slots))
-	if err := m.pidFile.fromOld(); err != nil {
-		m.log.Error("pid file not restored", "error", err)
-	}
+	m.restorePIDFile()
 	if m.control != nil {
 		if err := m.control.fromOld(); err != nil {
 			m.log.Error("control socket not restored", "error", err)

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/molt-server/molt/internal/safefile"
 )
 
 func TestPIDFile_WriteLockRemove(t *testing.T) {
@@ -111,5 +113,90 @@ func TestWriteFileAtomic_NoTempLeftOnError(t *testing.T) {
 		if strings.Contains(e.Name(), ".tmp") {
 			t.Errorf("temporary file left behind: %s", e.Name())
 		}
+	}
+}
+
+// TestPIDFile_PlantedNamesAreNotFollowed: in a world-writable sticky
+// directory, a symlink planted at the lock's name is refused and its
+// target untouched; one planted at the pid file's name is replaced by the
+// atomic write, not followed; readPID reads through no symlink.
+func TestPIDFile_PlantedNamesAreNotFollowed(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "shared")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, os.ModeSticky|0o777); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(t.TempDir(), "target")
+	if err := os.WriteFile(target, []byte("keep\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "molt.pid")
+	if err := os.Symlink(target, path+lockSuffix); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lockPIDFile(path); !errors.Is(err, safefile.ErrSymlink) || !strings.Contains(err.Error(), path+lockSuffix) {
+		t.Fatalf("lock through a planted symlink: %v, want safefile.ErrSymlink naming the lock file", err)
+	}
+	if err := os.Remove(path + lockSuffix); err != nil {
+		t.Fatal(err)
+	}
+	pf, err := lockPIDFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pf.close()
+	if fi, err := os.Stat(path + lockSuffix); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("lock file: %v, %v: want mode 0600", fi.Mode(), err)
+	}
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readPID(path); err == nil {
+		t.Fatal("readPID followed a symlink")
+	}
+	if err := pf.write(4242); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(target); string(b) != "keep\n" {
+		t.Fatalf("target written through the pid file's symlink: %q", b)
+	}
+	if got, err := readPID(path); err != nil || got != 4242 {
+		t.Fatalf("readPID = %d, %v; want 4242", got, err)
+	}
+}
+
+// TestPIDFile_MissingAtUpgradeAndRollback: a deleted pid file does not
+// stop the rename to .oldbin, and the rollback restores it.
+func TestPIDFile_MissingAtUpgradeAndRollback(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "molt.pid")
+	pf, err := lockPIDFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pf.close()
+	missing, err := pf.toOld(4242)
+	if err != nil || !missing {
+		t.Fatalf("toOld with no pid file: missing %v, %v; want true, nil", missing, err)
+	}
+	if got, err := readPID(path + oldSuffix); err != nil || got != 4242 {
+		t.Fatalf(".oldbin: %d, %v; want 4242", got, err)
+	}
+	if err := os.Remove(path + oldSuffix); err != nil {
+		t.Fatal(err)
+	}
+	missing, err = pf.fromOld(4242)
+	if err != nil || !missing {
+		t.Fatalf("fromOld with no .oldbin: missing %v, %v; want true, nil", missing, err)
+	}
+	if got, err := readPID(path); err != nil || got != 4242 {
+		t.Fatalf("restored pid file: %d, %v; want 4242", got, err)
+	}
+	if missing, err := pf.toOld(4242); err != nil || missing {
+		t.Fatalf("toOld: missing %v, %v; want a plain rename", missing, err)
+	}
+	if missing, err := pf.fromOld(4242); err != nil || missing {
+		t.Fatalf("fromOld: missing %v, %v; want a plain rename", missing, err)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/master"
+	"golang.org/x/sys/unix"
 )
 
 const ctlUsage = `Usage: molt ctl [flags] COMMAND [ARGS]
@@ -31,6 +32,9 @@ Commands:
   stop [--fast]             stop (graceful by default; --fast kills workers)
   reopen-logs               reopen the log file (like USR1)
   reload [--wait]           reload (not built yet)
+
+molt ctl talks only to a server that runs as root or as the caller
+(SO_PEERCRED); any other is refused with exit code 3.
 
 Flags:
 `
@@ -127,6 +131,10 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 		return ctlNoPeer
 	}
 	defer conn.Close()
+	if err := checkServer(conn.(*net.UnixConn), path); err != nil {
+		fmt.Fprintln(os.Stderr, "molt ctl:", err)
+		return ctlNoPeer
+	}
 	_ = conn.SetDeadline(time.Now().Add(timeout))
 	// A master that refuses the peer says why and closes at once, maybe
 	// before the request is written: read its reply even then.
@@ -169,6 +177,36 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 	}
 	fmt.Fprintln(os.Stderr, "molt ctl: the master closed the connection without a final answer")
 	return ctlFailed
+}
+
+// checkServer refuses a control socket served by a process that is
+// neither root nor this user: anyone able to put a socket at path (a
+// directory others can write, a wrong --socket) could otherwise answer
+// for the master, and say an upgrade committed when it did not. The
+// kernel supplies the server's credentials (SO_PEERCRED: those of the
+// process that called listen).
+func checkServer(conn *net.UnixConn, path string) error {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	var (
+		cred *unix.Ucred
+		cerr error
+	)
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if cerr != nil {
+		return fmt.Errorf("control socket %s: cannot identify its server: %w", path, cerr)
+	}
+	if me := os.Geteuid(); cred.Uid != 0 && int(cred.Uid) != me {
+		return fmt.Errorf("refuse the control socket %s: its server (pid %d) runs as uid %d, neither root nor you (uid %d): it is not a molt master to trust",
+			path, cred.Pid, cred.Uid, me)
+	}
+	return nil
 }
 
 // awaitClose waits, for at most a second, for the master to close the

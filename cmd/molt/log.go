@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/internal/safefile"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,6 +36,9 @@ type logFile struct {
 	f       *os.File
 	failing bool      // the last write failed
 	warn    io.Writer // told when writes start and stop failing
+	// shared says who else can write the file's directory, for a
+	// warning once the logger exists ("" when nobody else can).
+	shared string
 }
 
 // openLogFile opens path for appending. A file on a full filesystem is an
@@ -47,7 +52,12 @@ func openLogFile(path string) (*logFile, error) {
 		_ = f.Close()
 		return nil, fmt.Errorf("log file %s: %w", path, err)
 	}
-	return &logFile{path: path, f: f, warn: os.Stderr}, nil
+	d, err := safefile.CheckDir(filepath.Dir(path))
+	if err != nil { // openAppend has just checked it
+		_ = f.Close()
+		return nil, fmt.Errorf("log file: %w", err)
+	}
+	return &logFile{path: path, f: f, warn: os.Stderr, shared: d.Shared}, nil
 }
 
 // checkSpace fails if the filesystem of f has no free block for this
@@ -67,8 +77,13 @@ func checkSpace(f *os.File) error {
 	return nil
 }
 
+// openAppend opens path for appending, creating it 0644: the one place
+// molt opens a file it appends to, as root, for itself and its workers.
+// It follows safefile's rule (DESIGN §7a): no symlink followed in a
+// directory others can write, no file of another user, no directory an
+// unknown user owns; the error names the file and why.
 func openAppend(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	f, err := safefile.Open(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("log file: %w", err)
 	}

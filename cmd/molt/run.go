@@ -177,6 +177,10 @@ func cmdRun(args []string) int {
 		return exitUsage
 	}
 	cfg.Logger = log
+	if lf != nil && lf.shared != "" {
+		log.Warn("the log file's directory can be written by others: molt opens the file only if it is no symlink and belongs to root or molt's user",
+			"event", "files.shared_dir", "path", lf.path, "reason", lf.shared)
+	}
 	if !f.noKeeper && os.Getenv(keeper.EnvKeeperPID) == "" {
 		if wl != nil {
 			_ = wl.f.Close() // opened to refuse a bad path here; each master opens its own
