@@ -66,6 +66,12 @@ func TestLayout_ImportDirections(t *testing.T) {
 			t.Errorf("master/keeper depends on %s: the keeper never re-executes and knows nothing of generations; keep its code independent", d)
 		}
 	}
+	// master/safefile: a leaf that cmd/molt and master both use.
+	for _, d := range pkgDeps(t, "master/safefile") {
+		if d != module+"/master/safefile" && !strings.HasPrefix(d, "golang.org/x/sys/") {
+			t.Errorf("master/safefile depends on %s: it is a leaf (stdlib + golang.org/x/sys)", d)
+		}
+	}
 	// worker: the standard library and x/sys, nothing else.
 	for _, d := range pkgDeps(t, "worker") {
 		if d != module+"/worker" && !strings.HasPrefix(d, "golang.org/x/sys/") {

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/molt-server/molt/internal/safefile"
+	"github.com/molt-server/molt/master/safefile"
 	"golang.org/x/sys/unix"
 )
 

@@ -6,7 +6,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/molt-server/molt/internal/safefile"
+	"github.com/molt-server/molt/master/safefile"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/upgrade"
 )

@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/molt-server/molt/internal/safefile"
+	"github.com/molt-server/molt/master/safefile"
 	"golang.org/x/sys/unix"
 )
 

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/molt-server/molt/internal/safefile"
+	"github.com/molt-server/molt/master/safefile"
 )
 
 func TestPIDFile_WriteLockRemove(t *testing.T) {
