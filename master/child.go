@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/molt-server/molt/master/keeper"
 	"github.com/molt-server/molt/upgrade"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
@@ -97,6 +98,7 @@ func workerEnv(base []string, extra ...string) []string {
 		worker.EnvMasterPID: true, worker.EnvWorker: true, worker.EnvStopSignal: true,
 		worker.EnvDrainTimeout: true, worker.EnvParentFD: true,
 		envRole: true, envExecPath: true, envUmask: true, upgrade.ParentEnv: true,
+		keeper.EnvKeeperPID: true,
 	}
 	env := make([]string, 0, len(base)+len(extra))
 	for _, kv := range base {

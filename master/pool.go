@@ -80,6 +80,9 @@ func (m *Master) launch(s *slot) (*proc, error) {
 func (m *Master) watch(p *proc) {
 	go func() {
 		state, err := p.p.Wait()
+		if p.notify != nil {
+			m.dropNotifySocket(p.notify)
+		}
 		m.send(childExited{pid: p.pid, state: state, err: err})
 	}()
 }
