@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/test"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
@@ -286,4 +288,48 @@ func FuzzParseDatagram(f *testing.F) {
 			t.Fatal("accepted an empty message")
 		}
 	})
+}
+
+// TestNotifySocket_SystemdNotifyBarrier: systemd-notify --ready sends
+// READY=1, then BARRIER=1 with a pipe's write end and waits for its
+// close. With a credentials-only buffer the reader sees MSG_CTRUNC, the
+// kernel closes the fd at the read, and systemd-notify exits at once.
+func TestNotifySocket_SystemdNotifyBarrier(t *testing.T) {
+	sdNotify := test.RequireCommand(t, "systemd-notify")
+	s := openTest(t)
+	cmd := exec.Command(sdNotify, "--ready", "--status=up")
+	cmd.Env = []string{"NOTIFY_SOCKET=" + s.Addr}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	var got []Msg
+	for len(got) < 2 {
+		m, err := s.Read()
+		if err != nil || m.Err != nil {
+			t.Fatal(err, m.Err)
+		}
+		got = append(got, m)
+		if m.Fields.Is("BARRIER", "1") {
+			break
+		}
+	}
+	// systemd-notify speaks for its parent (--pid's default), with the
+	// parent's pid in the credentials if it may (root), else its own.
+	if !got[0].Fields.Is("READY", "1") || (got[0].Pid != cmd.Process.Pid && got[0].Pid != os.Getpid()) {
+		t.Errorf("first message %+v, want READY=1 from %d or %d", got[0], cmd.Process.Pid, os.Getpid())
+	}
+	if last := got[len(got)-1]; !last.Fields.Is("BARRIER", "1") || !last.FDsDiscarded {
+		t.Logf("this systemd-notify sent no barrier: %+v", got)
+	}
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("systemd-notify: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Error("systemd-notify still waits for its barrier")
+	}
 }
