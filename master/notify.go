@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"syscall"
 
 	"github.com/molt-server/molt/master/internal/notify"
 )
@@ -30,6 +32,12 @@ func (m *Master) openNotifyDir() error {
 		_ = os.Remove(dir)
 		return fmt.Errorf("%w: notify socket directory %s: too long for a unix socket path (%d bytes at most); set RUNTIME_DIRECTORY or TMPDIR to a shorter one", ErrConfig, dir, notify.MaxPathLen)
 	}
+	if c := m.cfg.Credential; c != nil {
+		if err := searchable(filepath.Dir(dir), c); err != nil {
+			_ = os.Remove(dir)
+			return fmt.Errorf("%w: notify socket directory %s: workers run as uid %d cannot reach it: %v; set RUNTIME_DIRECTORY or TMPDIR to a directory they can", ErrConfig, dir, c.Uid, err)
+		}
+	}
 	m.notifyDir = dir
 	m.rejected = notify.NewRejected(m.log, dir, notify.RejectedLogEvery)
 	m.log.Debug("notify sockets", "dir", dir)
@@ -37,6 +45,31 @@ func (m *Master) openNotifyDir() error {
 }
 
 const maxInt = int(^uint(0) >> 1)
+
+// searchable checks that a process with credential c may search dir and
+// every directory above it (the execute bit), as a worker must to reach
+// its socket below.
+func searchable(dir string, c *syscall.Credential) error {
+	for d := dir; ; d = filepath.Dir(d) {
+		var st syscall.Stat_t
+		if err := syscall.Stat(d, &st); err != nil {
+			return err
+		}
+		bit := uint32(0o001)
+		switch {
+		case st.Uid == c.Uid:
+			bit = 0o100
+		case st.Gid == c.Gid || slices.Contains(c.Groups, st.Gid):
+			bit = 0o010
+		}
+		if st.Mode&bit == 0 {
+			return fmt.Errorf("%s (mode %o) is not searchable", d, st.Mode&0o777)
+		}
+		if d == "/" || d == "." {
+			return nil
+		}
+	}
+}
 
 // closeNotifyDir removes the directory and whatever sockets are left in
 // it (a master that crashes leaves it behind: nothing listens there any
