@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -88,6 +89,7 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 		return nil
 	})
 	reps := readReports(t, reports)
+	notifySockets := map[string]bool{}
 	for _, pid := range append(workers, first[0]) {
 		r, ok := reps[pid]
 		if !ok {
@@ -124,8 +126,25 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 				t.Errorf("worker %d: %s=%q, want %q", pid, k, got, v)
 			}
 		}
-		if ns, _ := r.env("NOTIFY_SOCKET"); !strings.HasPrefix(ns, "@molt/") {
-			t.Errorf("worker %d: NOTIFY_SOCKET=%q", pid, ns)
+		// A socket of its own: a path, 0600, in the master's private
+		// directory (0711); removed once the worker is gone.
+		ns, _ := r.env("NOTIFY_SOCKET")
+		if !strings.HasPrefix(ns, "/") || notifySockets[ns] {
+			t.Errorf("worker %d: NOTIFY_SOCKET=%q, want a path of its own", pid, ns)
+		}
+		notifySockets[ns] = true
+		fi, err := os.Lstat(ns)
+		switch {
+		case !containsInt(workers, pid):
+			if !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("worker %d is gone but its notify socket %s is still there (%v)", pid, ns, err)
+			}
+		case err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600:
+			t.Errorf("worker %d: NOTIFY_SOCKET %s: %v %v, want a 0600 socket", pid, ns, fi, err)
+		default:
+			if di, err := os.Stat(filepath.Dir(ns)); err != nil || di.Mode().Perm() != 0o711 {
+				t.Errorf("worker %d: NOTIFY_SOCKET's directory: %v %v, want 0711", pid, di, err)
+			}
 		}
 		if w, _ := r.env("MOLT_WORKER"); w != "0" && w != "1" {
 			t.Errorf("worker %d: MOLT_WORKER=%q", pid, w)
@@ -256,10 +275,10 @@ func TestProtocol_NotifyFromAStrangerIsIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Sendto(fd, []byte("READY=1"), 0, &unix.SockaddrUnix{Name: "\x00" + sock[1:]}); err != nil {
+	if err := unix.Sendto(fd, []byte("READY=1"), 0, &unix.SockaddrUnix{Name: sock}); err != nil {
 		t.Fatal(err)
 	}
-	test.WaitLog(t, m.log, stepTimeout, 1, "the rejection", test.Msg("notify message from a process that is no worker of this master; ignored", "pid", strconv.Itoa(os.Getpid())))
+	waitRejected(t, m.log, 1, strconv.Itoa(os.Getpid()))
 	if len(test.Find(m.log, test.Msg("worker ready"))) != 0 {
 		t.Error("a stranger's READY=1 made a worker ready")
 	}

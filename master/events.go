@@ -38,10 +38,19 @@ type childExited struct {
 
 func (e childExited) String() string { return fmt.Sprintf("child %d exited", e.pid) }
 
-// notified carries one datagram from the notify socket.
-type notified struct{ notify.Msg }
+// notified carries one datagram from a worker's notify socket, from a
+// sender its reader found in the worker's session. The loop signals ack
+// once it has applied it: each reader has at most one message in the
+// loop's queue.
+type notified struct {
+	notify.Msg
+	worker int // the pid of the worker it speaks for
+	ack    chan<- struct{}
+}
 
-func (e notified) String() string { return fmt.Sprintf("notify from pid %d", e.Pid) }
+func (e notified) String() string {
+	return fmt.Sprintf("notify from pid %d for worker %d", e.Pid, e.worker)
+}
 
 // timerKind names what a timer event is for.
 type timerKind int

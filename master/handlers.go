@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"syscall"
 	"time"
-
-	"github.com/molt-server/molt/master/internal/notify"
 )
 
 // onSignals applies a batch in the table's order (signals.go), each by
@@ -89,19 +87,18 @@ func (m *Master) reopenLogs() {
 	m.log.Info("log file reopened; running workers keep the file they started with")
 }
 
-// onNotify applies one notify datagram. Only a process in a worker's own
-// process group may speak for it (like systemd's NotifyAccess=all within a
-// unit); everything else is logged and dropped. Passed fds are closed
-// after the message is applied: a BARRIER=1 sender waits for exactly that.
+// onNotify applies one notify message for worker ev.worker, from a
+// sender in its session (readNotify checked it). The reader reads the
+// worker's next datagram only once this one is applied, so a BARRIER=1
+// (whose descriptor the kernel closed when the reader took it) still
+// follows every message sent before it.
 func (m *Master) onNotify(ev notified) {
-	defer notify.CloseFDs(ev.FDs)
-	if ev.Err != nil {
-		m.log.Warn("notify message rejected", "pid", ev.Pid, "error", ev.Err)
-		return
+	if ev.ack != nil {
+		defer func() { ev.ack <- struct{}{} }()
 	}
-	p := m.procs[ev.Pgid]
-	if p == nil || ev.Pgid <= 0 {
-		m.log.Warn("notify message from a process that is no worker of this master; ignored", "pid", ev.Pid, "pgid", ev.Pgid)
+	p := m.procs[ev.worker]
+	if p == nil {
+		m.log.Debug("notify message for a worker already gone; ignored", "pid", ev.Pid, "worker_pid", ev.worker)
 		return
 	}
 	msg := ev.Fields
@@ -121,8 +118,8 @@ func (m *Master) onNotify(ev notified) {
 	if msg.Is("MOLT_RECYCLE", "1") {
 		m.recycle(p, "requested by the worker")
 	}
-	if len(ev.FDs) > 0 && !msg.Is("BARRIER", "1") {
-		m.log.Debug("fds passed with a notify message closed: molt keeps no fd store", "pid", ev.Pid, "fds", len(ev.FDs))
+	if ev.FDsDiscarded && !msg.Is("BARRIER", "1") {
+		m.log.Debug("fds passed with a notify message discarded: molt keeps no fd store", "pid", ev.Pid)
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 
 	"github.com/molt-server/molt/master/safefile"
-	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/upgrade"
 )
 
@@ -63,10 +62,9 @@ func (m *Master) start() error {
 			"event", "files.shared_dir", "path", m.control.path, "reason", m.control.shared)
 	}
 	go m.control.serve(m.send, m.done, ctlAllowed(uint32(os.Getuid())))
-	if m.notify, err = notify.Open(); err != nil {
+	if err := m.openNotifyDir(); err != nil {
 		return err
 	}
-	go m.readNotify(m.notify)
 	if m.parentR, m.parentW, err = os.Pipe(); err != nil {
 		return fmt.Errorf("parent pipe: %w", err)
 	}
@@ -178,23 +176,6 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 	return &listener{spec: spec, file: f, addr: addr, inherited: inherited, activated: activated}, nil
 }
 
-// readNotify turns datagrams into events until the socket is closed.
-func (m *Master) readNotify(s *notify.Socket) {
-	for {
-		msg, err := s.Read()
-		if err != nil {
-			if !errors.Is(err, os.ErrClosed) {
-				m.log.Error("notify socket failed; workers can no longer report readiness", "error", err)
-			}
-			return
-		}
-		if !m.send(notified{msg}) {
-			notify.CloseFDs(msg.FDs)
-			return
-		}
-	}
-}
-
 // shutdown begins a graceful (QUIT) or fast (TERM/INT) stop of this
 // master's workers. A fast stop may follow a graceful one, not the other
 // way round. The caller has dealt with the other generation.
@@ -260,9 +241,7 @@ func (m *Master) release() {
 	if m.stopSignals != nil {
 		m.stopSignals()
 	}
-	if m.notify != nil {
-		_ = m.notify.Close()
-	}
+	m.closeNotifyDir()
 	if m.control != nil {
 		// Each master removes its own control socket, wherever an upgrade
 		// moved it (molt.sock or molt.sock.oldbin); it is never passed on.

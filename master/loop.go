@@ -31,9 +31,12 @@ type Master struct {
 	listenerEpoch int
 	// adopt: sockets passed by socket activation, by the listener they
 	// serve, until start has opened that listener.
-	adopt   map[string]*activatedSocket
-	notify  *notify.Socket
-	spawner *spawner
+	adopt map[string]*activatedSocket
+	// notifyDir holds one notify socket per worker (notify.go).
+	notifyDir string
+	notifySeq int // names the next worker's socket
+	rejected  *notify.Rejected
+	spawner   *spawner
 	// parentR is passed to every worker; parentW is held by the master
 	// alone, so its close (the master's death) is EOF for every worker.
 	parentR, parentW *os.File

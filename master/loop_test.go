@@ -70,7 +70,7 @@ func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fa
 
 func ready(pid int) notified {
 	n, _ := worker.ParseNotify([]byte(worker.NotifyReady))
-	return notified{notify.Msg{Pid: pid, Pgid: pid, Fields: n}}
+	return notified{Msg: notify.Msg{Pid: pid, Fields: n}, worker: pid}
 }
 
 func exited(pid int) childExited {
@@ -101,19 +101,28 @@ func TestLoop_ServingOnlyWhenEveryWorkerIsReady(t *testing.T) {
 	}
 }
 
-func TestLoop_NotifyFromAStrangerChangesNothing(t *testing.T) {
+// TestLoop_NotifyForAWorkerGoneChangesNothing: the readers check the
+// sender (notify.SpeaksFor has the table); the loop applies a message to
+// the worker it was checked for, if that worker is still there.
+func TestLoop_NotifyForAWorkerGoneChangesNothing(t *testing.T) {
 	m, f := newTestMaster(t, 1, nil)
-	stranger := ready(99999)
-	m.onNotify(stranger)
-	// A child of the worker (same process group) may speak for it.
-	child := ready(f.started[0] + 500)
-	child.Pgid = f.started[0]
+	m.onNotify(ready(99999))
 	if p := m.procs[f.started[0]]; p.state != workerStarting {
-		t.Fatalf("a stranger's READY=1 made worker %d %v", p.pid, p.state)
+		t.Fatalf("READY=1 for another pid made worker %d %v", p.pid, p.state)
 	}
+	// A child of the worker (in its session) speaks for it.
+	child := ready(f.started[0] + 500)
+	child.worker = f.started[0]
+	ack := make(chan struct{}, 1)
+	child.ack = ack
 	m.onNotify(child)
 	if p := m.procs[f.started[0]]; p.state != workerReady {
-		t.Fatalf("READY=1 from the worker's process group ignored: %v", p.state)
+		t.Fatalf("READY=1 from the worker's session ignored: %v", p.state)
+	}
+	select {
+	case <-ack:
+	default:
+		t.Error("the reader was not told the message was applied")
 	}
 }
 
@@ -264,7 +273,7 @@ func TestLoop_WorkerStoppingOnItsOwnIsReplacedAtOnce(t *testing.T) {
 	pid := f.started[0]
 	m.onNotify(ready(pid))
 	n, _ := worker.ParseNotify([]byte(worker.NotifyStopping))
-	m.onNotify(notified{notify.Msg{Pid: pid, Pgid: pid, Fields: n}})
+	m.onNotify(notified{Msg: notify.Msg{Pid: pid, Fields: n}, worker: pid})
 	if len(f.started) != 2 || m.slots[0].pid != f.started[1] {
 		t.Fatalf("STOPPING=1: starts=%d, slot=%+v: want a replacement at once", len(f.started), m.slots[0])
 	}
@@ -410,7 +419,7 @@ func notifyOf(pid int, text string) notified {
 	if err != nil {
 		panic(err)
 	}
-	return notified{notify.Msg{Pid: pid, Pgid: pid, Fields: n}}
+	return notified{Msg: notify.Msg{Pid: pid, Fields: n}, worker: pid}
 }
 
 // TestLoop_RecyclingKeepsCapacity: a worker due for recycling keeps its
@@ -590,7 +599,7 @@ func TestLoop_WorkersStoppingRightAfterStartBackOff(t *testing.T) {
 	stopping, _ := worker.ParseNotify([]byte(worker.NotifyStopping))
 	for i := range 3 {
 		pid := f.started[len(f.started)-1]
-		m.onNotify(notified{notify.Msg{Pid: pid, Pgid: pid, Fields: stopping}})
+		m.onNotify(notified{Msg: notify.Msg{Pid: pid, Fields: stopping}, worker: pid})
 		if i == 0 && len(f.started) != 2 {
 			t.Fatal("the first self-stop was not replaced at once")
 		}

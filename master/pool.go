@@ -55,7 +55,7 @@ func (m *Master) spawn(s *slot) {
 		return
 	}
 	s.pid = p.pid
-	m.log.Info("worker started", "worker", s.n, "pid", p.pid)
+	m.log.Info("worker started", "event", "worker.started", "worker", s.n, "pid", p.pid)
 }
 
 // launch starts a worker for slot s and watches it; the caller makes it
@@ -80,6 +80,9 @@ func (m *Master) launch(s *slot) (*proc, error) {
 func (m *Master) watch(p *proc) {
 	go func() {
 		state, err := p.p.Wait()
+		if p.notify != nil {
+			m.dropNotifySocket(p.notify)
+		}
 		m.send(childExited{pid: p.pid, state: state, err: err})
 	}()
 }
@@ -165,7 +168,7 @@ func (m *Master) markReady(p *proc, how string) {
 		return
 	}
 	p.state, p.readyAt = workerReady, time.Now()
-	m.log.Info("worker ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond).String())
+	m.log.Info("worker ready", "event", "worker.ready", "worker", p.slot, "pid", p.pid, "how", how, "elapsed", p.readyAt.Sub(p.started).Round(time.Millisecond).String())
 	if p.spec.watchdog > 0 {
 		m.after(p.spec.watchdog, timerFired{kind: watchdogCheck, pid: p.pid})
 	}

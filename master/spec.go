@@ -61,10 +61,14 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		names[i] = l.spec.Name
 	}
 	files = append(files, m.parentR)
+	sock, err := m.workerNotifySocket(sp)
+	if err != nil {
+		return nil, err
+	}
 	env := []string{
 		worker.EnvListenFDs + "=" + strconv.Itoa(len(sp.listeners)),
 		worker.EnvListenFDNames + "=" + strings.Join(names, ":"),
-		worker.EnvNotifySocket + "=" + m.notify.Addr,
+		worker.EnvNotifySocket + "=" + sock.Addr,
 		worker.EnvMasterPID + "=" + strconv.Itoa(os.Getpid()),
 		worker.EnvWorker + "=" + strconv.Itoa(s.n),
 		worker.EnvStopSignal + "=" + signalName(sp.stopSignal),
@@ -97,7 +101,9 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		dir: sp.dir, credential: sp.credential,
 	})
 	if err != nil {
+		m.dropNotifySocket(sock)
 		return nil, err
 	}
-	return &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now()}, nil
+	go m.readNotify(sock, p.Pid)
+	return &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now(), notify: sock}, nil
 }

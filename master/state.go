@@ -3,6 +3,8 @@ package master
 import (
 	"os"
 	"time"
+
+	"github.com/molt-server/molt/master/internal/notify"
 )
 
 // phase is where the master is in its life.
@@ -64,6 +66,9 @@ type proc struct {
 	// recycleWhy is why its recycling was asked for ("lifetime", ...),
 	// kept while it waits for a better moment.
 	recycleWhy string
+	// notify is its own notify socket (nil in unit tests); closed and
+	// removed once it is reaped.
+	notify *notify.Socket
 }
 
 // slot is one place in the worker pool. Its worker may come and go; the

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -12,24 +13,35 @@ import (
 // as one datagram to NOTIFY_SOCKET (sd_notify(3)). It returns nil without
 // doing anything when NOTIFY_SOCKET is unset: no manager listens. The
 // kernel attaches this process's credentials, which the manager checks.
-// Safe for concurrent use; it does not block beyond the send.
+// Safe for concurrent use. If the manager's queue is full (a burst of
+// messages), it waits for room for up to NotifyWait, then fails with
+// EAGAIN: a READY=1 survives a burst, and nothing hangs on a manager that
+// stopped reading.
 func Notify(state string) error {
 	addr := os.Getenv(EnvNotifySocket)
 	if addr == "" {
 		return nil
 	}
+	return notifyTo(addr, state, NotifyWait)
+}
+
+// NotifyWait bounds how long Notify waits for room in the manager's queue.
+const NotifyWait = time.Second
+
+// NotifyTo sends state as one datagram to addr (a path, or @name in the
+// abstract namespace, as systemd's own sockets may be), as Notify does to
+// NOTIFY_SOCKET, but never waits: if the receiver's queue is full it
+// fails with EAGAIN. For a process that must not block on its manager
+// (molt's master and keeper).
+func NotifyTo(addr, state string) error {
 	return notifyTo(addr, state, 0)
 }
 
-// NotifyTo sends state as one datagram to addr (a path, or @name in the
-// abstract namespace), as Notify does to NOTIFY_SOCKET, but never waits:
-// if the receiver's queue is full it fails with EAGAIN. For a process that
-// must not block on its manager (molt's master and keeper).
-func NotifyTo(addr, state string) error {
-	return notifyTo(addr, state, unix.MSG_DONTWAIT)
-}
-
-func notifyTo(addr, state string, flags int) error {
+// notifyTo sends one datagram, waiting up to wait for room in the
+// receiver's queue (0: not at all). The wait is the kernel's (a blocking
+// send bounded by SO_SNDTIMEO): the sender wakes as soon as the receiver
+// has read, instead of polling.
+func notifyTo(addr, state string, wait time.Duration) error {
 	name := addr
 	switch {
 	case strings.HasPrefix(addr, "@"):
@@ -42,10 +54,32 @@ func notifyTo(addr, state string, flags int) error {
 		return fmt.Errorf("worker: notify %s: %w", addr, err)
 	}
 	defer unix.Close(fd)
-	for {
-		err = unix.Sendmsg(fd, []byte(state), nil, &unix.SockaddrUnix{Name: name}, flags)
-		if err != unix.EINTR { // the Go runtime's preemption signal can interrupt a send
-			break
+	to := &unix.SockaddrUnix{Name: name}
+	if wait <= 0 {
+		for {
+			err = unix.Sendmsg(fd, []byte(state), nil, to, unix.MSG_DONTWAIT)
+			if err != unix.EINTR {
+				break
+			}
+		}
+	} else {
+		deadline := time.Now().Add(wait)
+		for {
+			left := time.Until(deadline)
+			if left <= 0 {
+				err = unix.EAGAIN
+				break
+			}
+			tv := unix.NsecToTimeval(left.Nanoseconds())
+			if err = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
+				break
+			}
+			err = unix.Sendmsg(fd, []byte(state), nil, to, 0)
+			// A signal (the Go runtime's preemption, the app's) interrupts
+			// the wait: go on with what is left of it.
+			if err != unix.EINTR {
+				break
+			}
 		}
 	}
 	if err != nil {

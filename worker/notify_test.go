@@ -116,6 +116,45 @@ func TestNotifyTo_NeverWaits(t *testing.T) {
 	}
 }
 
+// TestNotify_WaitsBoundedForRoomInAFullQueue: with the manager's queue
+// full, Notify waits for room: a READY=1 sent during a burst arrives once
+// the manager reads; with nobody reading it gives up with EAGAIN after
+// NotifyWait, not never.
+func TestNotify_WaitsBoundedForRoomInAFullQueue(t *testing.T) {
+	fd, addr := listenNotify(t, false)
+	t.Setenv(EnvNotifySocket, addr)
+	fill := func() int {
+		n := 0
+		for i := 0; i < 100000; i++ { // bounded
+			if NotifyTo(addr, "STATUS=filling") != nil {
+				break
+			}
+			n++
+		}
+		return n
+	}
+	queued := fill()
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		time.Sleep(100 * time.Millisecond) // the reader falls behind for a while
+		for i := 0; i <= queued; i++ {
+			recvNotify(t, fd)
+		}
+	}()
+	start := time.Now()
+	if err := Ready(); err != nil {
+		t.Fatalf("READY=1 during a burst: %v (after %v)", err, time.Since(start))
+	}
+	<-drained
+	queued = fill()
+	start = time.Now()
+	err := Ready()
+	if took := time.Since(start); !errors.Is(err, unix.EAGAIN) || took < NotifyWait || took > NotifyWait+2*time.Second {
+		t.Errorf("READY=1 to a queue nobody reads: %v after %v, want EAGAIN after %v", err, took, NotifyWait)
+	}
+}
+
 func TestWatchdog_PingsAtHalfTheInterval(t *testing.T) {
 	fd, addr := listenNotify(t, true)
 	t.Setenv(EnvNotifySocket, addr)

@@ -8,7 +8,7 @@ import (
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/molt-server/molt/internal/safefile"
+	"github.com/molt-server/molt/master/safefile"
 	"golang.org/x/sys/unix"
 )
 

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -70,10 +71,15 @@ var stops = []os.Signal{syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGINT}
 
 // keeper is the state of the one loop in Run.
 type keeper struct {
-	cfg      Config
-	log      hclog.Logger
-	primary  int          // the master the operator's signals go to
-	masters  map[int]bool // live masters it knows of
+	cfg     Config
+	log     hclog.Logger
+	procs   procView
+	primary int // the master the operator's signals go to
+	// masters are the live masters it knows of, each held as a pidfd
+	// opened once the pid was checked (and checked again after the
+	// open): a signal sent through it reaches that process or none,
+	// never one that reused its pid. Closed when the master is reaped.
+	masters  map[int]int
 	ready    bool         // READY=1 sent upstream once
 	stopping os.Signal    // the stop signal received, if any
 	quitSent map[int]bool // masters sent QUIT by a graceful stop
@@ -84,30 +90,39 @@ type keeper struct {
 // Run starts the first master and keeps it, and every master after it,
 // until none is left. It returns the exit code for the keeper's process.
 func Run(cfg Config) int {
-	k := &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), masters: map[int]bool{}, quitSent: map[int]bool{}}
+	k := &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), procs: liveProcs(), masters: map[int]int{}, quitSent: map[int]bool{}}
+	defer func() {
+		for _, fd := range k.masters {
+			_ = unix.Close(fd)
+		}
+	}()
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		k.log.Error("cannot become a child subreaper", "error", err)
 		return 1
 	}
-	sock, err := notify.Open()
+	// The notify socket is a path in a directory of the keeper's own
+	// (0700; the socket 0600): only processes of the keeper's uid can
+	// reach it at all, and of those the reader takes only masters.
+	dir, err := notify.PrivateDir("molt-keeper-", 0o700)
+	if err != nil {
+		k.log.Error("cannot create the keeper's notify socket directory", "error", err)
+		return 1
+	}
+	defer func() {
+		if err := notify.RemoveDir(dir); err != nil {
+			k.log.Warn("notify socket directory not removed", "path", dir, "error", err)
+		}
+	}()
+	sock, err := notify.Listen(filepath.Join(dir, "notify"), 0o600, -1, -1)
 	if err != nil {
 		k.log.Error("cannot open the keeper's notify socket", "error", err)
 		return 1
 	}
 	defer sock.Close()
+	rejected := notify.NewRejected(k.log, sock.Addr, notify.RejectedLogEvery)
+	defer rejected.Close()
 	notices := make(chan notify.Msg, 64)
-	go func() {
-		for {
-			n, err := sock.Read()
-			if err != nil {
-				if !errors.Is(err, os.ErrClosed) {
-					k.log.Error("notify socket failed; masters can no longer report", "error", err)
-				}
-				return
-			}
-			notices <- n
-		}
-	}()
+	go k.readNotify(sock, rejected, notices)
 
 	sigC := make(chan os.Signal, 16)
 	signal.Notify(sigC, append(append([]os.Signal{syscall.SIGCHLD}, forwarded...), stops...)...)
@@ -119,7 +134,12 @@ func Run(cfg Config) int {
 		k.log.Error("cannot start the master", "path", cfg.Path, "error", err)
 		return 1
 	}
-	k.primary, k.masters[pid] = pid, true
+	k.primary = pid
+	if fd, err := unix.PidfdOpen(pid, 0); err == nil { // its child, not reaped: the pid is its own
+		k.masters[pid] = fd
+	} else {
+		k.log.Error("cannot hold the master by a pidfd; it cannot be signalled", "pid", pid, "error", err)
+	}
 	k.log.Info("keeper started the master", "keeper_pid", os.Getpid(), "master_pid", pid)
 	k.upstreamSend("STATUS=starting")
 
@@ -163,14 +183,19 @@ func (k *keeper) reap() bool {
 			return false
 		}
 		code := exitCode(ws)
-		if k.masters[pid] {
+		if fd, ok := k.masters[pid]; ok {
+			_ = unix.Close(fd)
 			delete(k.masters, pid)
 			k.status = code
 			k.log.Info("master exited", "pid", pid, "status", describe(ws))
+			k.dropExited()
 			if pid == k.primary {
 				k.primary = 0
 				for p := range k.masters {
 					k.primary = p // the other live master, if any
+				}
+				if k.primary != 0 {
+					k.log.Info("primary master", "event", "keeper.primary", "pid", k.primary, "previous", pid)
 				}
 			}
 			k.continueStop(false)
@@ -213,10 +238,63 @@ func (k *keeper) onSignal(s os.Signal) {
 			k.log.Error("log file not reopened", "error", err)
 		}
 	}
-	k.log.Info("forwarding signal to the primary master", "signal", unix.SignalName(sig), "pid", k.primary)
-	if err := unix.Kill(k.primary, sig); err != nil {
+	k.log.Info("forwarding signal to the primary master", "event", "keeper.signal_forwarded", "signal", unix.SignalName(sig), "pid", k.primary)
+	if err := k.signal(k.primary, sig); err != nil {
 		k.log.Warn("signal not forwarded", "signal", unix.SignalName(sig), "pid", k.primary, "error", err)
 	}
+}
+
+// signal sends sig to a known master through its pidfd.
+func (k *keeper) signal(pid int, sig syscall.Signal) error {
+	fd, ok := k.masters[pid]
+	if !ok {
+		return fmt.Errorf("signal pid %d: not a master the keeper holds", pid)
+	}
+	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
+		return fmt.Errorf("signal master %d: %w", pid, err)
+	}
+	return nil
+}
+
+// signalChild sends sig to c, a new master found by uncommittedChild,
+// through a pidfd opened and then checked to be still the primary's
+// child: never to a process that reused c's pid.
+func (k *keeper) signalChild(c int, sig syscall.Signal) {
+	fd, err := unix.PidfdOpen(c, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	if ppid, _, ok := procfs.Parent(c); !ok || ppid != k.primary {
+		return
+	}
+	_ = unix.PidfdSendSignal(fd, sig, nil, 0)
+}
+
+// dropExited forgets masters that have exited but are not the keeper's
+// to reap (a new master that died while its parent lived was reaped by
+// the parent). The keeper's own children stay until reap has their
+// status.
+func (k *keeper) dropExited() {
+	for pid, fd := range k.masters {
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_PIDFD, fd, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+		if !errors.Is(err, unix.ECHILD) || !exited(fd) {
+			continue
+		}
+		_ = unix.Close(fd)
+		delete(k.masters, pid)
+		if pid == k.primary {
+			k.primary = 0
+		}
+	}
+}
+
+// exited reports whether the process of a pidfd has exited.
+func exited(pidfd int) bool {
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	n, _ := unix.Poll(fds, 0)
+	return n > 0
 }
 
 // stop stops every live generation. TERM and INT (a fast stop) go to every
@@ -228,10 +306,10 @@ func (k *keeper) stop(sig syscall.Signal) {
 	k.log.Info("stopping every generation", "signal", unix.SignalName(sig), "masters", len(k.masters))
 	if sig != syscall.SIGQUIT {
 		for p := range k.masters {
-			_ = unix.Kill(p, sig)
+			_ = k.signal(p, sig)
 		}
 		if c := k.uncommittedChild(); c != 0 {
-			_ = unix.Kill(c, sig)
+			k.signalChild(c, sig)
 		}
 		return
 	}
@@ -251,7 +329,7 @@ func (k *keeper) continueStop(rolledBack bool) {
 		if !k.quitSent[c] {
 			k.quitSent[c] = true
 			k.log.Info("graceful stop: aborting the upgrade in flight first", "new_pid", c)
-			_ = unix.Kill(c, syscall.SIGQUIT)
+			k.signalChild(c, syscall.SIGQUIT)
 			return
 		}
 		if !rolledBack {
@@ -260,7 +338,9 @@ func (k *keeper) continueStop(rolledBack bool) {
 	}
 	if p := k.primary; p != 0 && !k.quitSent[p] {
 		k.quitSent[p] = true
-		_ = unix.Kill(p, syscall.SIGQUIT)
+		if err := k.signal(p, syscall.SIGQUIT); err != nil {
+			k.log.Warn("graceful stop: QUIT not sent", "pid", p, "error", err)
+		}
 	}
 }
 
@@ -285,27 +365,126 @@ func (k *keeper) uncommittedChild() int {
 	return 0
 }
 
-// onNotice takes a master's message. Only the keeper's descendants count.
+// readNotify reads the keeper's notify socket and passes on what masters
+// send. Every sender is checked here, before anything reaches the loop:
+// a flood of strangers' datagrams costs a getsid each and a log line per
+// interval, and never queues ahead of the operator's signals.
+func (k *keeper) readNotify(sock *notify.Socket, rejected *notify.Rejected, notices chan<- notify.Msg) {
+	for {
+		n, err := sock.Read()
+		if err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				k.log.Error("notify socket failed; masters can no longer report", "error", err)
+			}
+			return
+		}
+		if ok, why := k.procs.isMaster(n.Pid); !ok {
+			rejected.Add(n.Pid, why)
+			continue
+		}
+		if n.Err != nil {
+			rejected.Add(n.Pid, n.Err.Error())
+			continue
+		}
+		notices <- n
+	}
+}
+
+// procView is what the keeper reads of the process table to tell its
+// masters from everyone else; its functions are a seam for tests.
+type procView struct {
+	self, sid int                    // the keeper's pid and session
+	getsid    func(int) (int, error) // getsid(2)
+	parent    func(int) (int, bool)  // the parent pid, false once gone
+}
+
+// liveProcs is the keeper's view of the real process table.
+func liveProcs() procView {
+	sid, _ := unix.Getsid(0)
+	return procView{
+		self: os.Getpid(), sid: sid, getsid: unix.Getsid,
+		parent: func(pid int) (int, bool) { p, _, ok := procfs.Parent(pid); return p, ok },
+	}
+}
+
+// isMaster tells a master of this keeper from every other process, by
+// what a worker cannot have: masters stay in the keeper's session, while
+// every worker starts in a session of its own (setsid) and no process can
+// join another session. A pid or uid in a message proves nothing (workers
+// may run as the masters' uid), so neither is looked at. The process must
+// also be a descendant of the keeper: others may share its session (the
+// shell that started it). Workers running as root are trusted: they
+// could forge the credentials the kernel passes.
+func (v procView) isMaster(pid int) (bool, string) {
+	if pid <= 0 || pid == v.self {
+		return false, "no sender credentials"
+	}
+	sid, err := v.getsid(pid)
+	if err != nil {
+		return false, "sender gone: " + err.Error()
+	}
+	if sid != v.sid {
+		return false, fmt.Sprintf("sender in session %d, not the keeper's (%d): not a master", sid, v.sid)
+	}
+	p := pid
+	for i := 0; i < 64 && p > 1 && p != v.self; i++ {
+		ppid, ok := v.parent(p)
+		if !ok {
+			return false, "sender gone"
+		}
+		p = ppid
+	}
+	if p != v.self {
+		return false, "sender not in the keeper's process tree"
+	}
+	return true, ""
+}
+
+// holdMaster registers pid as a master: it must be one (isMaster), and
+// still be one once the pidfd is open, so that the pidfd holds the
+// process that was checked and not one that reused its pid in between.
+func (k *keeper) holdMaster(pid int) error {
+	if _, ok := k.masters[pid]; ok {
+		return nil
+	}
+	if ok, why := k.procs.isMaster(pid); !ok {
+		return errors.New(why)
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open %d: %w", pid, err)
+	}
+	if ok, why := k.procs.isMaster(pid); !ok {
+		_ = unix.Close(fd)
+		return errors.New(why)
+	}
+	k.masters[pid] = fd
+	return nil
+}
+
+// onNotice takes a master's message (readNotify checked the sender).
 func (k *keeper) onNotice(n notify.Msg) {
-	defer notify.CloseFDs(n.FDs) // the keeper keeps none
-	if n.Err != nil {
-		k.log.Warn("bad notify message; ignored", "pid", n.Pid, "error", n.Err)
-		return
-	}
-	if !k.isDescendant(n.Pid) {
-		k.log.Warn("notify message from a process outside the keeper's tree; ignored", "pid", n.Pid)
-		return
-	}
 	msg := n.Fields
 	if v, ok := msg.Get("MAINPID"); ok {
+		// Only a master may be named: the sender itself, or a master the
+		// keeper already holds.
 		pid, err := strconv.Atoi(v)
-		if err != nil || pid <= 0 || (pid != n.Pid && !k.masters[pid]) {
-			k.log.Warn("bad MAINPID; ignored", "pid", n.Pid, "mainpid", v)
+		_, known := k.masters[pid]
+		switch {
+		case err != nil || pid <= 0:
+			err = errors.New("not a pid")
+		case pid != n.Pid && !known:
+			err = errors.New("names neither the sender nor a master the keeper holds")
+		default:
+			err = k.holdMaster(pid)
+		}
+		if err != nil {
+			k.log.Warn("MAINPID rejected", "event", "keeper.mainpid_rejected", "pid", n.Pid, "mainpid", v, "reason", err.Error())
 		} else {
 			if pid != k.primary {
-				k.log.Info("primary master", "pid", pid, "previous", k.primary)
+				k.log.Info("primary master", "event", "keeper.primary", "pid", pid, "previous", k.primary)
 			}
-			k.primary, k.masters[pid] = pid, true
+			k.primary = pid
 			k.continueStop(false)
 		}
 	}
@@ -336,19 +515,6 @@ func (k *keeper) onNotice(n notify.Msg) {
 	if len(up) > 0 {
 		k.upstreamSend(up...)
 	}
-}
-
-// isDescendant reports whether pid is in the keeper's process tree.
-func (k *keeper) isDescendant(pid int) bool {
-	self := os.Getpid()
-	for i := 0; i < 64 && pid > 1 && pid != self; i++ {
-		ppid, _, ok := procfs.Parent(pid)
-		if !ok {
-			return false
-		}
-		pid = ppid
-	}
-	return pid == self
 }
 
 // upstreamStopping tells systemd, once, that the service stops.

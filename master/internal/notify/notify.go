@@ -1,69 +1,116 @@
 // Package notify is the receiving end of systemd's notify protocol, as
 // molt's master (for its workers) and keeper (for its masters) run it: a
-// unix datagram socket in the abstract namespace with SO_PASSCRED, and a
-// parser of its datagrams that no sender can make panic.
+// unix datagram socket at a path in a private directory, with
+// SO_PASSCRED, a parser of its datagrams that no sender can make panic,
+// the checks of who may speak, and a throttled log of what was rejected.
 package notify
 
 import (
-	"crypto/rand"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
 
-// Socket is a NOTIFY_SOCKET: a unix datagram socket in the abstract
-// namespace (no file to clean up after a crash; workers that drop
-// privileges can still reach it) with SO_PASSCRED, so every datagram
-// carries the sender's pid as the kernel saw it (sd_notify(3)).
+// Socket is a NOTIFY_SOCKET: a unix datagram socket bound at a path, with
+// SO_PASSCRED, so every datagram carries the sender's pid as the kernel
+// saw it (sd_notify(3)). Not in the abstract namespace: abstract sockets
+// have no permissions, and any local user could write to them.
 type Socket struct {
 	// f wraps the non-blocking socket so that reads go through the Go
 	// poller: close then wakes a blocked reader safely, with no window in
 	// which the fd number could be reused under it.
 	f *os.File
-	// Addr is the address as senders see it: "@molt/...".
+	// Addr is the socket's path: what NOTIFY_SOCKET says.
 	Addr string
 }
 
-// Msg is one datagram as the reader saw it. Pgid is looked up the moment
-// the datagram is read, while its sender most likely still lives:
-// systemd-notify exits right after sending (its BARRIER=1 makes it wait
-// for the receiver to close the fd it passes, which the receiver does
-// after handling the message).
+// Msg is one datagram as the reader saw it.
 type Msg struct {
-	Pid, Pgid int
-	Fields    worker.Notification
-	Err       error // malformed datagram or missing credentials
-	FDs       []int // passed with the datagram; the receiver closes them (CloseFDs)
+	Pid    int // the sender, from the kernel's credentials
+	Fields worker.Notification
+	Err    error // malformed datagram or missing credentials
+	// FDsDiscarded: the sender passed descriptors; the kernel closed them
+	// unread (the receive buffer has room for credentials only). That
+	// close is what systemd-notify's BARRIER=1 waits for.
+	FDsDiscarded bool
 }
 
-// maxNotifyFDs is how many descriptors one datagram may carry (SCM_MAX_FD).
-const maxNotifyFDs = 253
+// oobSize is room for the credentials and nothing else: descriptors a
+// sender passes do not fit, so the kernel sets MSG_CTRUNC and closes them
+// instead of installing them in the receiver (scm_detach_fds). A flood
+// of datagrams carrying fds can then never raise the receiver's fd count.
+var oobSize = unix.CmsgSpace(unix.SizeofUcred)
 
-// Open binds a new socket at a fresh abstract address.
-func Open() (*Socket, error) {
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	name := fmt.Sprintf("molt/%d/%s", os.Getpid(), hex.EncodeToString(b[:]))
+// MaxPathLen is the longest socket path sockaddr_un can hold.
+const MaxPathLen = len(unix.RawSockaddrUnix{}.Path) - 1
+
+// Listen binds a new socket at path with the given mode (0600: only its
+// owner may send), then, if uid >= 0, hands the socket file to uid:gid.
+// The mode is set on the socket before bind, by fchmod, and Linux gives
+// the file the socket inode's mode: the file never exists with a wider
+// one, and no process-wide umask is touched (the callers are
+// multithreaded). The chown does not follow symlinks; path is in a
+// directory only the caller can write.
+func Listen(path string, mode os.FileMode, uid, gid int) (*Socket, error) {
+	if len(path) > MaxPathLen {
+		return nil, fmt.Errorf("notify socket %s: path longer than %d bytes", path, MaxPathLen)
+	}
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
-		return nil, fmt.Errorf("notify socket: %w", err)
+		return nil, fmt.Errorf("notify socket %s: %w", path, err)
+	}
+	fail := func(what string, err error) (*Socket, error) {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("notify socket %s: %s: %w", path, what, err)
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PASSCRED, 1); err != nil {
-		_ = unix.Close(fd)
-		return nil, fmt.Errorf("notify socket: SO_PASSCRED: %w", err)
+		return fail("SO_PASSCRED", err)
 	}
-	// A leading NUL in the address selects the abstract namespace; '@' is
-	// how NOTIFY_SOCKET spells it.
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: "\x00" + name}); err != nil {
-		_ = unix.Close(fd)
-		return nil, fmt.Errorf("notify socket: bind @%s: %w", name, err)
+	if err := unix.Fchmod(fd, uint32(mode.Perm())); err != nil {
+		return fail("fchmod", err)
 	}
-	return &Socket{f: os.NewFile(uintptr(fd), "notify"), Addr: "@" + name}, nil
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return fail("bind", err)
+	}
+	if uid >= 0 {
+		if err := unix.Fchownat(unix.AT_FDCWD, path, uid, gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			_ = os.Remove(path)
+			return fail("chown", err)
+		}
+	}
+	return &Socket{f: os.NewFile(uintptr(fd), "notify "+path), Addr: path}, nil
+}
+
+// PrivateDir creates a new directory for notify sockets under the
+// directory systemd gives the service ($RUNTIME_DIRECTORY, its first
+// entry) or else os.TempDir(), with the given mode, owned by this
+// process. A process that crashes leaves it behind (nothing listens on
+// its sockets any more); a clean exit removes it.
+func PrivateDir(prefix string, mode os.FileMode) (string, error) {
+	base := os.TempDir()
+	if rd, _, _ := strings.Cut(os.Getenv("RUNTIME_DIRECTORY"), ":"); rd != "" {
+		base = rd
+	}
+	dir, err := os.MkdirTemp(base, prefix)
+	if err != nil {
+		return "", fmt.Errorf("notify socket directory: %w", err)
+	}
+	// MkdirTemp made it 0700; only its owner (this process) can have
+	// changed it since.
+	if err := os.Chmod(dir, mode.Perm()); err != nil {
+		_ = os.Remove(dir)
+		return "", fmt.Errorf("notify socket directory %s: %w", dir, err)
+	}
+	return dir, nil
 }
 
 // Read blocks for the next datagram. It returns an error only when the
@@ -71,7 +118,7 @@ func Open() (*Socket, error) {
 // Msg with Err set.
 func (s *Socket) Read() (Msg, error) {
 	buf := make([]byte, worker.MaxNotifySize+1)
-	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxNotifyFDs))
+	oob := make([]byte, oobSize)
 	rc, err := s.f.SyscallConn()
 	if err != nil {
 		return Msg{}, err
@@ -99,10 +146,30 @@ func (s *Socket) Read() (Msg, error) {
 	if rerr != nil {
 		return Msg{}, fmt.Errorf("notify socket: recvmsg: %w", rerr)
 	}
-	return ParseDatagram(buf[:n], oob[:oobn], flags), nil
+	m := ParseDatagram(buf[:n], oob[:oobn], flags)
+	closeInstalled(oob[:oobn])
+	return m, nil
 }
 
-// ParseDatagram interprets one datagram and its control messages.
+// closeInstalled closes any descriptor the kernel installed after all:
+// with a credentials-only buffer it never does, but this keeps the
+// promise that the receiver holds none even if that changed.
+func closeInstalled(oob []byte) {
+	cmsgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for _, c := range cmsgs {
+		if c.Header.Level == unix.SOL_SOCKET && c.Header.Type == unix.SCM_RIGHTS {
+			for i := 0; i+4 <= len(c.Data); i += 4 {
+				_ = unix.Close(int(int32(binary.NativeEndian.Uint32(c.Data[i:]))))
+			}
+		}
+	}
+}
+
+// ParseDatagram interprets one datagram and its control messages. It
+// never closes anything: the descriptors a fuzzer names are not ours.
 func ParseDatagram(data, oob []byte, flags int) Msg {
 	var m Msg
 	cmsgs, err := unix.ParseSocketControlMessage(oob)
@@ -114,43 +181,164 @@ func ParseDatagram(data, oob []byte, flags int) Msg {
 		if c.Header.Level != unix.SOL_SOCKET {
 			continue
 		}
-		// Decoded here rather than with x/sys's ParseUnixRights and
-		// ParseUnixCredentials, which index the data before checking its
-		// length (found by FuzzParseDatagram): the kernel never sends it
-		// short, but a parser of outside input must not be able to panic.
+		// Decoded here rather than with x/sys's ParseUnixCredentials,
+		// which indexes the data before checking its length (found by
+		// FuzzParseDatagram): the kernel never sends it short, but a
+		// parser of outside input must not be able to panic.
 		switch c.Header.Type {
 		case unix.SCM_RIGHTS:
-			for i := 0; i+4 <= len(c.Data); i += 4 {
-				m.FDs = append(m.FDs, int(int32(binary.NativeEndian.Uint32(c.Data[i:]))))
-			}
+			m.FDsDiscarded = true
 		case unix.SCM_CREDENTIALS:
 			if len(c.Data) >= unix.SizeofUcred { // struct ucred: pid, uid, gid
 				m.Pid = int(int32(binary.NativeEndian.Uint32(c.Data)))
 			}
 		}
 	}
+	// MSG_CTRUNC is expected: it is how the kernel reports descriptors it
+	// discarded. The credentials come first (scm_recv), so they are whole.
+	if flags&unix.MSG_CTRUNC != 0 {
+		m.FDsDiscarded = true
+	}
 	switch {
-	case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || len(data) > worker.MaxNotifySize:
-		m.Err = fmt.Errorf("%w: larger than %d bytes or too many fds", worker.ErrNotifyMessage, worker.MaxNotifySize)
+	case flags&unix.MSG_TRUNC != 0 || len(data) > worker.MaxNotifySize:
+		m.Err = fmt.Errorf("%w: larger than %d bytes", worker.ErrNotifyMessage, worker.MaxNotifySize)
 	case m.Pid <= 0:
 		m.Err = errors.New("no sender credentials")
 	default:
 		m.Fields, m.Err = worker.ParseNotify(data)
 	}
-	if m.Pid > 0 {
-		if pgid, err := unix.Getpgid(m.Pid); err == nil {
-			m.Pgid = pgid
-		}
-	}
 	return m
 }
 
-// Close closes the socket; a blocked Read returns an error.
+// Close closes the socket; a blocked Read returns an error. The socket
+// file stays: the caller removes it (or its whole directory).
 func (s *Socket) Close() error { return s.f.Close() }
 
-// CloseFDs closes descriptors received with a datagram.
-func CloseFDs(fds []int) {
-	for _, fd := range fds {
-		_ = unix.Close(fd)
+// RejectedLogEvery is how often the master and the keeper log rejected
+// notify datagrams, with their count.
+const RejectedLogEvery = 5 * time.Second
+
+// Rejected logs rejected datagrams at most once per interval: the first
+// at once, then one line per interval with the count of those since, the
+// last sender's pid and the last reason (event "notify.rejected"). A
+// flood of rejected datagrams is a few lines, not one per datagram.
+type Rejected struct {
+	log      hclog.Logger
+	interval time.Duration
+	socket   string
+
+	mu      sync.Mutex
+	count   int
+	lastPid int
+	reason  string
+	armed   bool // a flush is due; lines until then only count
+	closed  bool
+}
+
+// NewRejected logs to log, at most once per interval, about socket.
+func NewRejected(log hclog.Logger, socket string, interval time.Duration) *Rejected {
+	return &Rejected{log: log, socket: socket, interval: interval}
+}
+
+// Add counts one rejected datagram.
+func (r *Rejected) Add(pid int, reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.count++
+	r.lastPid, r.reason = pid, reason
+	if r.armed || r.closed {
+		return
 	}
+	r.flushLocked()
+}
+
+// flushLocked logs what was counted and arms the next flush.
+func (r *Rejected) flushLocked() {
+	if r.count == 0 {
+		r.armed = false
+		return
+	}
+	r.log.Warn("notify messages rejected", "event", "notify.rejected", "count", r.count,
+		"last_pid", r.lastPid, "reason", r.reason, "socket", r.socket)
+	r.count = 0
+	r.armed = true
+	time.AfterFunc(r.interval, func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if !r.closed {
+			r.flushLocked()
+		}
+	})
+}
+
+// Close logs what is still counted and stops the timer's next line.
+func (r *Rejected) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return
+	}
+	if r.count > 0 {
+		r.flushLocked()
+	}
+	r.closed = true
+}
+
+// SessionOf is getsid(2): the session pid is in, or an error once it is
+// gone.
+func SessionOf(pid int) (int, error) { return unix.Getsid(pid) }
+
+// SpeaksFor decides whether a datagram from sender speaks for the worker
+// whose pid (and so session id: every worker starts in a session of its
+// own) is worker: only a process in that session may, the worker itself
+// or one of its descendants that stayed in its session (systemd-notify
+// run by a shell-script worker). Processes cannot join another session,
+// so a worker's child cannot speak for a sibling, and a stranger cannot
+// speak for any. getsid is a seam for tests. reason says why not.
+func SpeaksFor(getsid func(int) (int, error), sender, worker int) (ok bool, reason string) {
+	if sender <= 0 || worker <= 0 {
+		return false, "no sender"
+	}
+	sid, err := getsid(sender)
+	switch {
+	case err != nil:
+		return false, "sender gone: " + err.Error()
+	case sid != worker:
+		return false, fmt.Sprintf("sender in session %d, not the worker's (%d)", sid, worker)
+	}
+	return true, ""
+}
+
+// RemoveSocketFile unlinks a socket file this process bound, if it is
+// still a socket.
+func RemoveSocketFile(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s is no longer a socket", path)
+	}
+	return os.Remove(path)
+}
+
+// RemoveDir removes a private directory of sockets: the sockets in it,
+// then the directory. Nothing else belongs there.
+func RemoveDir(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	for _, e := range ents {
+		if err := RemoveSocketFile(filepath.Join(dir, e.Name())); err != nil {
+			return err
+		}
+	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }

@@ -1,14 +1,38 @@
 package notify
 
 import (
+	"bytes"
 	"errors"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
+	"time"
 
+	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/test"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
+
+// openTest binds a socket in a fresh private directory.
+func openTest(t *testing.T) *Socket {
+	t.Helper()
+	dir, err := PrivateDir("molt-notify-test-", 0o711)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { RemoveDir(dir) })
+	s, err := Listen(filepath.Join(dir, "n"), 0o600, -1, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
 
 // sendDatagram sends data (and fds) to the notify socket from this process.
 func sendDatagram(t *testing.T, s *Socket, data []byte, fds ...int) {
@@ -22,21 +46,13 @@ func sendDatagram(t *testing.T, s *Socket, data []byte, fds ...int) {
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)
 	}
-	to := &unix.SockaddrUnix{Name: "\x00" + strings.TrimPrefix(s.Addr, "@")}
-	if err := unix.Sendmsg(fd, data, oob, to, 0); err != nil {
+	if err := unix.Sendmsg(fd, data, oob, &unix.SockaddrUnix{Name: s.Addr}, 0); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func TestNotifySocket_CredentialsAndFields(t *testing.T) {
-	s, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	if !strings.HasPrefix(s.Addr, "@molt/") {
-		t.Errorf("addr %q: want an abstract '@molt/...' address", s.Addr)
-	}
+	s := openTest(t)
 	sendDatagram(t, s, []byte("READY=1\nSTATUS=warming up\n"))
 	m, err := s.Read()
 	if err != nil {
@@ -45,8 +61,8 @@ func TestNotifySocket_CredentialsAndFields(t *testing.T) {
 	if m.Err != nil {
 		t.Fatal(m.Err)
 	}
-	if m.Pid != os.Getpid() || m.Pgid != unix.Getpgrp() {
-		t.Errorf("credentials pid=%d pgid=%d, want %d/%d", m.Pid, m.Pgid, os.Getpid(), unix.Getpgrp())
+	if m.Pid != os.Getpid() {
+		t.Errorf("credentials pid=%d, want %d", m.Pid, os.Getpid())
 	}
 	if !m.Fields.Is("READY", "1") {
 		t.Error("READY=1 not parsed")
@@ -56,12 +72,101 @@ func TestNotifySocket_CredentialsAndFields(t *testing.T) {
 	}
 }
 
-func TestNotifySocket_RejectsOversizedAndKeepsFDsForClosing(t *testing.T) {
-	s, err := Open()
+// TestNotifySocket_ModesBeforeUse: the directory is 0711 and the socket
+// file 0600 from its bind on, owned by the uid asked for; a path socket
+// refuses a sender without write permission (EACCES), which an abstract
+// one never could.
+func TestNotifySocket_ModesBeforeUse(t *testing.T) {
+	dir, err := PrivateDir("molt-notify-test-", 0o711)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer RemoveDir(dir)
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o711 {
+		t.Fatalf("dir %s: %v %v, want 0711", dir, fi.Mode(), err)
+	}
+	uid := -1
+	if os.Geteuid() == 0 {
+		uid = 65534
+	}
+	path := filepath.Join(dir, "w1")
+	s, err := Listen(path, 0o600, uid, uid)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket file mode %v, want a socket with 0600", fi.Mode())
+	}
+	if st := fi.Sys().(*syscall.Stat_t); uid >= 0 && int(st.Uid) != uid {
+		t.Errorf("socket file owned by %d, want %d", st.Uid, uid)
+	}
+	if err := RemoveDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("dir still there: %v", err)
+	}
+}
+
+// TestNotifySocket_PassedFDsNeverInstalled: descriptors passed with a
+// datagram are discarded by the kernel, not installed in the receiver:
+// 50 datagrams of 253 fds leave the receiver's fd count as it was, and a
+// BARRIER=1's pipe sees EOF once the datagram is read, which is what
+// systemd-notify's barrier waits for.
+func TestNotifySocket_PassedFDsNeverInstalled(t *testing.T) {
+	s := openTest(t)
+	fdCount := func() int {
+		ents, _ := os.ReadDir("/proc/self/fd")
+		return len(ents)
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devnull.Close()
+	many := make([]int, 253)
+	for i := range many {
+		many[i] = int(devnull.Fd())
+	}
+	before := fdCount()
+	for i := 0; i < 50; i++ {
+		sendDatagram(t, s, []byte("STATUS=x"), many...)
+		m, err := s.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Err != nil || !m.FDsDiscarded || m.Pid != os.Getpid() {
+			t.Fatalf("datagram with fds: err=%v discarded=%v pid=%d", m.Err, m.FDsDiscarded, m.Pid)
+		}
+	}
+	if after := fdCount(); after != before {
+		t.Errorf("fd count %d after 50 datagrams of 253 fds, was %d", after, before)
+	}
+
+	r, w, _ := os.Pipe()
+	defer r.Close()
+	sendDatagram(t, s, []byte("BARRIER=1"), int(w.Fd()))
+	w.Close()
+	m, err := s.Read()
+	if err != nil || m.Err != nil {
+		t.Fatal(err, m.Err)
+	}
+	if !m.Fields.Is("BARRIER", "1") || !m.FDsDiscarded {
+		t.Errorf("barrier message: %+v", m)
+	}
+	r.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := r.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("barrier pipe still open after the read: n=%d err=%v", n, err)
+	}
+}
+
+func TestNotifySocket_RejectsOversized(t *testing.T) {
+	s := openTest(t)
 	sendDatagram(t, s, []byte("STATUS="+strings.Repeat("x", worker.MaxNotifySize)))
 	m, err := s.Read()
 	if err != nil {
@@ -70,32 +175,10 @@ func TestNotifySocket_RejectsOversizedAndKeepsFDsForClosing(t *testing.T) {
 	if !errors.Is(m.Err, worker.ErrNotifyMessage) {
 		t.Errorf("oversized datagram: err = %v, want ErrNotifyMessage", m.Err)
 	}
-	r, w, _ := os.Pipe()
-	defer r.Close()
-	sendDatagram(t, s, []byte("BARRIER=1"), int(w.Fd()))
-	w.Close()
-	m, err = s.Read()
-	if err != nil || m.Err != nil {
-		t.Fatal(err, m.Err)
-	}
-	if len(m.FDs) != 1 {
-		t.Fatalf("got %d fds, want 1", len(m.FDs))
-	}
-	if fl, _ := unix.FcntlInt(uintptr(m.FDs[0]), unix.F_GETFD, 0); fl&unix.FD_CLOEXEC == 0 {
-		t.Error("received fd is not close-on-exec: a worker started now would inherit it")
-	}
-	CloseFDs(m.FDs)
-	// With every write end closed, the barrier's waiter sees EOF.
-	if n, err := r.Read(make([]byte, 1)); n != 0 || err == nil {
-		t.Errorf("barrier pipe still open after closeFDs: n=%d err=%v", n, err)
-	}
 }
 
 func TestNotifySocket_CloseWakesReader(t *testing.T) {
-	s, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openTest(t)
 	done := make(chan error, 1)
 	go func() {
 		_, err := s.Read()
@@ -107,6 +190,86 @@ func TestNotifySocket_CloseWakesReader(t *testing.T) {
 	}
 }
 
+func TestListen_PathTooLong(t *testing.T) {
+	if _, err := Listen("/tmp/"+strings.Repeat("x", 200), 0o600, -1, -1); err == nil || !strings.Contains(err.Error(), "longer than") {
+		t.Errorf("long path: %v", err)
+	}
+}
+
+func TestSpeaksFor(t *testing.T) {
+	sessions := map[int]int{
+		100: 100, // worker 100 itself
+		101: 100, // its child, in its session (systemd-notify from a script)
+		200: 200, // worker 200
+		201: 200, // worker 200's child (even if it moved to group 100: setpgid stays in the session)
+		300: 1,   // a stranger
+	}
+	getsid := func(pid int) (int, error) {
+		if s, ok := sessions[pid]; ok {
+			return s, nil
+		}
+		return 0, unix.ESRCH
+	}
+	for _, c := range []struct {
+		sender, worker int
+		ok             bool
+	}{
+		{100, 100, true},
+		{101, 100, true},
+		{200, 100, false},
+		{201, 100, false},
+		{300, 100, false},
+		{999, 100, false}, // gone
+		{0, 100, false},
+		{100, 0, false},
+	} {
+		ok, why := SpeaksFor(getsid, c.sender, c.worker)
+		if ok != c.ok || (!ok && why == "") {
+			t.Errorf("sender %d for worker %d: %v %q, want %v", c.sender, c.worker, ok, why, c.ok)
+		}
+	}
+}
+
+// TestRejected_Throttled: 2,000 rejections in a burst are two lines: the
+// first at once, then one with the count of the rest after the interval.
+func TestRejected_Throttled(t *testing.T) {
+	var buf syncBuffer
+	log := hclog.New(&hclog.LoggerOptions{Output: &buf, JSONFormat: true})
+	r := NewRejected(log, "/x", 50*time.Millisecond)
+	for i := 0; i < 2000; i++ {
+		r.Add(1000+i, "test")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for strings.Count(buf.String(), "notify.rejected") < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond) // polling a bounded wait for the timer's line
+	}
+	r.Close()
+	out := buf.String()
+	if n := strings.Count(out, "notify.rejected"); n != 2 {
+		t.Fatalf("%d lines, want 2:\n%s", n, out)
+	}
+	if !strings.Contains(out, `"count":1,`) || !strings.Contains(out, `"count":1999,`) || !strings.Contains(out, `"last_pid":2999`) {
+		t.Errorf("counts not as expected:\n%s", out)
+	}
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
 // FuzzParseDatagram feeds arbitrary data and control bytes to the notify
 // reader's parser: it must never panic, and must reject what it cannot
 // attribute to a sender.
@@ -114,6 +277,7 @@ func FuzzParseDatagram(f *testing.F) {
 	cred := unix.UnixCredentials(&unix.Ucred{Pid: 42, Uid: 0, Gid: 0})
 	f.Add([]byte("READY=1"), cred, 0)
 	f.Add([]byte("STATUS=x"), append(cred, unix.UnixRights(7)...), 0)
+	f.Add([]byte("BARRIER=1"), cred, unix.MSG_CTRUNC)
 	f.Add([]byte("READY=1"), []byte{}, unix.MSG_TRUNC)
 	f.Fuzz(func(t *testing.T, data, oob []byte, flags int) {
 		m := ParseDatagram(data, oob, flags)
@@ -123,7 +287,49 @@ func FuzzParseDatagram(f *testing.F) {
 		if m.Err == nil && len(m.Fields.Fields) == 0 {
 			t.Fatal("accepted an empty message")
 		}
-		// m.FDs are numbers parsed from fuzz bytes, not descriptors this
-		// process received: never close them here.
 	})
+}
+
+// TestNotifySocket_SystemdNotifyBarrier: systemd-notify --ready sends
+// READY=1, then BARRIER=1 with a pipe's write end and waits for its
+// close. With a credentials-only buffer the reader sees MSG_CTRUNC, the
+// kernel closes the fd at the read, and systemd-notify exits at once.
+func TestNotifySocket_SystemdNotifyBarrier(t *testing.T) {
+	sdNotify := test.RequireCommand(t, "systemd-notify")
+	s := openTest(t)
+	cmd := exec.Command(sdNotify, "--ready", "--status=up")
+	cmd.Env = []string{"NOTIFY_SOCKET=" + s.Addr}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	var got []Msg
+	for len(got) < 2 {
+		m, err := s.Read()
+		if err != nil || m.Err != nil {
+			t.Fatal(err, m.Err)
+		}
+		got = append(got, m)
+		if m.Fields.Is("BARRIER", "1") {
+			break
+		}
+	}
+	// systemd-notify speaks for its parent (--pid's default), with the
+	// parent's pid in the credentials if it may (root), else its own.
+	if !got[0].Fields.Is("READY", "1") || (got[0].Pid != cmd.Process.Pid && got[0].Pid != os.Getpid()) {
+		t.Errorf("first message %+v, want READY=1 from %d or %d", got[0], cmd.Process.Pid, os.Getpid())
+	}
+	if last := got[len(got)-1]; !last.Fields.Is("BARRIER", "1") || !last.FDsDiscarded {
+		t.Logf("this systemd-notify sent no barrier: %+v", got)
+	}
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("systemd-notify: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Error("systemd-notify still waits for its barrier")
+	}
 }

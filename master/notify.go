@@ -1,0 +1,144 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"syscall"
+
+	"github.com/molt-server/molt/master/internal/notify"
+)
+
+// Each worker gets a notify socket of its own, bound before it starts in
+// a directory the master creates (0711: others may reach a socket they
+// know the name of, not list or create anything), mode 0600 and owned by
+// the worker's user: no other user can send to it at all, and its reader
+// takes only datagrams from the worker's session (notify.SpeaksFor). A
+// flood at one socket fills that socket's queue, not a sibling's, and
+// its reader drops it before it reaches the loop.
+
+// openNotifyDir creates the master's private directory of worker
+// sockets.
+func (m *Master) openNotifyDir() error {
+	dir, err := notify.PrivateDir("molt-", 0o711)
+	if err != nil {
+		return err
+	}
+	// The longest name a socket here gets ("w" and a counter).
+	if len(dir)+len("/w")+len(strconv.Itoa(maxInt)) > notify.MaxPathLen {
+		_ = os.Remove(dir)
+		return fmt.Errorf("%w: notify socket directory %s: too long for a unix socket path (%d bytes at most); set RUNTIME_DIRECTORY or TMPDIR to a shorter one", ErrConfig, dir, notify.MaxPathLen)
+	}
+	if c := m.cfg.Credential; c != nil {
+		if err := searchable(filepath.Dir(dir), c); err != nil {
+			_ = os.Remove(dir)
+			return fmt.Errorf("%w: notify socket directory %s: workers run as uid %d cannot reach it: %v; set RUNTIME_DIRECTORY or TMPDIR to a directory they can", ErrConfig, dir, c.Uid, err)
+		}
+	}
+	m.notifyDir = dir
+	m.rejected = notify.NewRejected(m.log, dir, notify.RejectedLogEvery)
+	m.log.Debug("notify sockets", "dir", dir)
+	return nil
+}
+
+const maxInt = int(^uint(0) >> 1)
+
+// searchable checks that a process with credential c may search dir and
+// every directory above it (the execute bit), as a worker must to reach
+// its socket below.
+func searchable(dir string, c *syscall.Credential) error {
+	for d := dir; ; d = filepath.Dir(d) {
+		var st syscall.Stat_t
+		if err := syscall.Stat(d, &st); err != nil {
+			return err
+		}
+		bit := uint32(0o001)
+		switch {
+		case st.Uid == c.Uid:
+			bit = 0o100
+		case st.Gid == c.Gid || slices.Contains(c.Groups, st.Gid):
+			bit = 0o010
+		}
+		if st.Mode&bit == 0 {
+			return fmt.Errorf("%s (mode %o) is not searchable", d, st.Mode&0o777)
+		}
+		if d == "/" || d == "." {
+			return nil
+		}
+	}
+}
+
+// closeNotifyDir removes the directory and whatever sockets are left in
+// it (a master that crashes leaves it behind: nothing listens there any
+// more).
+func (m *Master) closeNotifyDir() {
+	if m.rejected != nil {
+		m.rejected.Close()
+	}
+	if m.notifyDir == "" {
+		return
+	}
+	if err := notify.RemoveDir(m.notifyDir); err != nil {
+		m.log.Warn("notify socket directory not removed", "path", m.notifyDir, "error", err)
+	}
+	m.notifyDir = ""
+}
+
+// workerNotifySocket binds the notify socket of a worker about to start
+// with sp: 0600, owned by the user it runs as.
+func (m *Master) workerNotifySocket(sp *workerSpec) (*notify.Socket, error) {
+	m.notifySeq++
+	uid, gid := -1, -1
+	if c := sp.credential; c != nil {
+		uid, gid = int(c.Uid), int(c.Gid)
+	}
+	return notify.Listen(filepath.Join(m.notifyDir, "w"+strconv.Itoa(m.notifySeq)), 0o600, uid, gid)
+}
+
+// dropNotifySocket closes a worker's socket, which ends its reader, and
+// removes its file. Called from any goroutine.
+func (m *Master) dropNotifySocket(s *notify.Socket) {
+	_ = s.Close()
+	if err := notify.RemoveSocketFile(s.Addr); err != nil {
+		m.log.Warn("notify socket not removed", "path", s.Addr, "error", err)
+	}
+}
+
+// readNotify reads the notify socket of the worker whose pid is worker
+// until it is closed. The sender is checked first, here and not in the
+// loop: what no process of the worker's session sent is counted and
+// dropped (a few log lines per interval, whatever the rate), and never
+// queues ahead of the operator's signals. What passes waits for the loop
+// to apply it before the next datagram is read: one message per worker
+// at most in the loop's queue.
+func (m *Master) readNotify(s *notify.Socket, worker int) {
+	ack := make(chan struct{}, 1)
+	for {
+		msg, err := s.Read()
+		if err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				m.log.Error("notify socket failed; this worker can no longer report", "worker_pid", worker, "error", err)
+			}
+			return
+		}
+		if ok, why := notify.SpeaksFor(notify.SessionOf, msg.Pid, worker); !ok {
+			m.rejected.Add(msg.Pid, why)
+			continue
+		}
+		if msg.Err != nil {
+			m.rejected.Add(msg.Pid, msg.Err.Error())
+			continue
+		}
+		if !m.send(notified{Msg: msg, worker: worker, ack: ack}) {
+			return
+		}
+		select {
+		case <-ack:
+		case <-m.done:
+			return
+		}
+	}
+}
