@@ -338,9 +338,20 @@ func ParseCtlRequest(b []byte) (CtlRequest, error) {
 
 // peerUID is the uid of the process at the other end (SO_PEERCRED).
 func peerUID(conn *net.UnixConn) (uint32, error) {
-	raw, err := conn.SyscallConn()
+	cred, err := PeerCred(conn)
 	if err != nil {
 		return 0, err
+	}
+	return cred.Uid, nil
+}
+
+// PeerCred returns the credentials the kernel recorded for the process at
+// the other end of a unix stream connection (SO_PEERCRED: as of its
+// connect or listen). The control socket's both ends check it.
+func PeerCred(conn *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return nil, err
 	}
 	var (
 		cred *unix.Ucred
@@ -349,12 +360,9 @@ func peerUID(conn *net.UnixConn) (uint32, error) {
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return 0, err
+		return nil, err
 	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	return cred.Uid, nil
+	return cred, cerr
 }
 
 // ctlAllowed is the peer check: the master's own uid, or root.

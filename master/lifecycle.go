@@ -246,7 +246,7 @@ func (m *Master) release() {
 		// Each master removes its own control socket, wherever an upgrade
 		// moved it (molt.sock or molt.sock.oldbin); it is never passed on.
 		_ = m.control.close()
-		if err := removeSocket(m.control.path); err != nil {
+		if err := safefile.RemoveSocket(m.control.path); err != nil {
 			m.log.Warn("control socket not removed", "path", m.control.path, "error", err)
 		}
 	}
@@ -261,7 +261,7 @@ func (m *Master) release() {
 	m.adopt = nil
 	for _, l := range m.listeners {
 		if l.spec.Network == "unix" && m.ownsFiles() && !l.activated {
-			if err := removeSocket(l.spec.Address); err != nil {
+			if err := safefile.RemoveSocket(l.spec.Address); err != nil {
 				m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
 			}
 		}
@@ -281,19 +281,4 @@ func (m *Master) release() {
 		}
 		_ = m.pidFile.close()
 	}
-}
-
-// removeSocket unlinks path if it is a socket.
-func removeSocket(path string) error {
-	fi, err := os.Lstat(path)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%s is no longer a socket", path)
-	}
-	return os.Remove(path)
 }

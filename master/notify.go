@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/master/safefile"
 )
 
 // Each worker gets a notify socket of its own, bound before it starts in
@@ -102,7 +103,7 @@ func (m *Master) workerNotifySocket(sp *workerSpec) (*notify.Socket, error) {
 // removes its file. Called from any goroutine.
 func (m *Master) dropNotifySocket(s *notify.Socket) {
 	_ = s.Close()
-	if err := notify.RemoveSocketFile(s.Addr); err != nil {
+	if err := safefile.RemoveSocket(s.Addr); err != nil {
 		m.log.Warn("notify socket not removed", "path", s.Addr, "error", err)
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"syscall"
 	"time"
+
+	"github.com/molt-server/molt/master/safefile"
 )
 
 // A reload (HUP, molt ctl reload) replaces the workers within the same
@@ -219,7 +221,7 @@ func (m *Master) closeListener(l *listener) {
 	}
 	_ = l.file.Close()
 	if l.spec.Network == "unix" && !l.activated {
-		if err := removeSocket(l.spec.Address); err != nil {
+		if err := safefile.RemoveSocket(l.spec.Address); err != nil {
 			m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
 		}
 	}

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/master"
-	"golang.org/x/sys/unix"
 )
 
 const ctlUsage = `Usage: molt ctl [flags] COMMAND [ARGS]
@@ -186,21 +185,9 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 // kernel supplies the server's credentials (SO_PEERCRED: those of the
 // process that called listen).
 func checkServer(conn *net.UnixConn, path string) error {
-	raw, err := conn.SyscallConn()
+	cred, err := master.PeerCred(conn)
 	if err != nil {
-		return fmt.Errorf("control socket %s: %w", path, err)
-	}
-	var (
-		cred *unix.Ucred
-		cerr error
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return fmt.Errorf("control socket %s: %w", path, err)
-	}
-	if cerr != nil {
-		return fmt.Errorf("control socket %s: cannot identify its server: %w", path, cerr)
+		return fmt.Errorf("control socket %s: cannot identify its server: %w", path, err)
 	}
 	if me := os.Geteuid(); cred.Uid != 0 && int(cred.Uid) != me {
 		return fmt.Errorf("refuse the control socket %s: its server (pid %d) runs as uid %d, neither root nor you (uid %d): it is not a molt master to trust",

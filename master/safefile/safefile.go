@@ -188,3 +188,19 @@ func resolve(path string) (real, shared string, err error) {
 		p = target
 	}
 }
+
+// RemoveSocket unlinks a socket file this process bound, if it is still a
+// socket: whatever else took its name meanwhile is not molt's to remove.
+func RemoveSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s is no longer a socket", path)
+	}
+	return os.Remove(path)
+}

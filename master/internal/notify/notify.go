@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/safefile"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
@@ -309,22 +310,6 @@ func SpeaksFor(getsid func(int) (int, error), sender, worker int) (ok bool, reas
 	return true, ""
 }
 
-// RemoveSocketFile unlinks a socket file this process bound, if it is
-// still a socket.
-func RemoveSocketFile(path string) error {
-	fi, err := os.Lstat(path)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%s is no longer a socket", path)
-	}
-	return os.Remove(path)
-}
-
 // RemoveDir removes a private directory of sockets: the sockets in it,
 // then the directory. Nothing else belongs there.
 func RemoveDir(dir string) error {
@@ -333,7 +318,7 @@ func RemoveDir(dir string) error {
 		return err
 	}
 	for _, e := range ents {
-		if err := RemoveSocketFile(filepath.Join(dir, e.Name())); err != nil {
+		if err := safefile.RemoveSocket(filepath.Join(dir, e.Name())); err != nil {
 			return err
 		}
 	}
