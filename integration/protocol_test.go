@@ -163,7 +163,7 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 		}
 	}
 	checkMasterSocketsNonBlocking(t, m.Pid)
-	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+	m.stop(test.Event("worker.exited_unexpectedly"))
 }
 
 // checkMasterSocketsNonBlocking reads the flags of the master's socket fds
@@ -241,7 +241,7 @@ func TestProtocol_PythonWorker(t *testing.T) {
 			if r.Header.Get("X-Molt-App") != "python" || !containsInt(workers, r.WorkerPid()) || !strings.Contains(r.Body, "listeners py") {
 				t.Errorf("answer %v %q: want the python app, one of %v, listener py", r.Header, r.Body, workers)
 			}
-			for _, l := range test.Find(m.log, test.Msg("worker ready")) {
+			for _, l := range test.Find(m.log, test.Event("worker.ready")) {
 				if l.Str("how") != "notify" {
 					t.Errorf("ready line %s: want how=notify", l.Raw)
 				}
@@ -279,7 +279,7 @@ func TestProtocol_NotifyFromAStrangerIsIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitRejected(t, m.log, 1, strconv.Itoa(os.Getpid()))
-	if len(test.Find(m.log, test.Msg("worker ready"))) != 0 {
+	if len(test.Find(m.log, test.Event("worker.ready"))) != 0 {
 		t.Error("a stranger's READY=1 made a worker ready")
 	}
 	m.stop()

@@ -74,7 +74,7 @@ func TestRun_VersionFromTheBuild(t *testing.T) {
 		t.Errorf("molt version: %q, %v; want %q", out, err, "molt "+version)
 	}
 	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
-	l := test.WaitLog(t, m.log, startTimeout, 1, "the startup line", test.Msg("master starting"))
+	l := test.WaitLog(t, m.log, startTimeout, 1, "the startup line", test.Event("master.starting"))
 	if l[0].Str("version") != version || l[0].Int("pid") != m.Pid {
 		t.Errorf("startup line %s: want version %s and pid %d", l[0].Raw, version, m.Pid)
 	}

@@ -525,7 +525,7 @@ func TestTrustNotify_FloodDelaysNoSibling(t *testing.T) {
 	if len(lines) > 8 {
 		t.Errorf("%d notify.rejected lines for one flood, want a few", len(lines))
 	}
-	if ws := test.Find(m.log, test.Msg("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)")); len(ws) > 0 {
+	if ws := test.Find(m.log, test.Event("watchdog.expired")); len(ws) > 0 {
 		t.Errorf("the watchdog killed a worker during the flood: %v", ws[0].Raw)
 	}
 	if got := trustStatusOf(t, m.pidFile); len(got.Procs) != 3 {
@@ -581,9 +581,9 @@ func TestTrustNotify_SiblingCannotSpeakForAnother(t *testing.T) {
 	if got := m.workers(); fmt.Sprint(got) != fmt.Sprint(workers) {
 		t.Errorf("workers %v, want still %v", got, workers)
 	}
-	for _, msg := range []string{"worker is stopping on its own; starting its replacement", "recycling worker: its replacement starts"} {
-		if len(test.Find(m.log, test.Msg(msg))) > 0 {
-			t.Errorf("the log shows %q", msg)
+	for _, ev := range []string{"worker.stopping", "recycle.started"} {
+		if len(test.Find(m.log, test.Event(ev))) > 0 {
+			t.Errorf("the log shows %s", ev)
 		}
 	}
 	m.stop()

@@ -82,7 +82,7 @@ func (m *Master) closeNotifyDir() {
 		return
 	}
 	if err := notify.RemoveDir(m.notifyDir); err != nil {
-		m.log.Warn("notify socket directory not removed", "path", m.notifyDir, "error", err)
+		m.log.Warn("notify socket directory not removed", "event", "notify.remove_failed", "path", m.notifyDir, "error", err)
 	}
 	m.notifyDir = ""
 }
@@ -103,7 +103,7 @@ func (m *Master) workerNotifySocket(sp *workerSpec) (*notify.Socket, error) {
 func (m *Master) dropNotifySocket(s *notify.Socket) {
 	_ = s.Close()
 	if err := notify.RemoveSocketFile(s.Addr); err != nil {
-		m.log.Warn("notify socket not removed", "path", s.Addr, "error", err)
+		m.log.Warn("notify socket not removed", "event", "notify.remove_failed", "path", s.Addr, "error", err)
 	}
 }
 
@@ -120,7 +120,7 @@ func (m *Master) readNotify(s *notify.Socket, worker int) {
 		msg, err := s.Read()
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				m.log.Error("notify socket failed; this worker can no longer report", "worker_pid", worker, "error", err)
+				m.log.Error("notify socket failed; this worker can no longer report", "event", "notify.read_failed", "worker_pid", worker, "error", err)
 			}
 			return
 		}
