@@ -15,7 +15,10 @@ import (
 // Master is one generation's supervisor. Its fields belong to the loop
 // goroutine; everything else reaches it through events.
 type Master struct {
-	cfg    Config
+	cfg Config
+	// log is replaced on the loop once the generation is known (its
+	// lines carry gen): a goroutine takes its own copy when it starts and
+	// never reads m.log.
 	log    hclog.Logger
 	events chan event
 	done   chan struct{} // closed when the loop has returned

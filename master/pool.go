@@ -78,10 +78,11 @@ func (m *Master) launch(s *slot) (*proc, error) {
 
 // watch reaps p in a goroutine of its own and reports its exit.
 func (m *Master) watch(p *proc) {
+	log := m.log // the goroutine never reads m.log, which the loop may replace
 	go func() {
 		state, err := p.p.Wait()
 		if p.notify != nil {
-			m.dropNotifySocket(p.notify)
+			dropNotifySocket(p.notify, log)
 		}
 		m.send(childExited{pid: p.pid, state: state, err: err})
 	}()
