@@ -2,7 +2,7 @@ package integration
 
 import (
 	"fmt"
-	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,20 +33,12 @@ func (u *upgradable) waitNewServing(t *testing.T, old int) int {
 	return pid
 }
 
-func pidIn(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(strings.TrimSpace(string(b)))
-}
-
 // workersOf returns the live children of master that are not other
 // masters (an old master's children include the new master).
 func workersOf(master int, notMasters ...int) []int {
 	var out []int
 	for _, p := range test.Children(master) {
-		if test.Alive(p) && !containsInt(notMasters, p) {
+		if test.Alive(p) && !slices.Contains(notMasters, p) {
 			out = append(out, p)
 		}
 	}

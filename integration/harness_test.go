@@ -248,15 +248,20 @@ func (m *master) checkLogs(allow ...func(test.Line) bool) {
 // readPID reads a pid file.
 func readPID(t *testing.T, path string) int {
 	t.Helper()
-	b, err := os.ReadFile(path)
+	pid, err := pidIn(path)
 	if err != nil {
-		t.Fatal(err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatalf("pid file %s: %q", path, b)
+		t.Fatalf("pid file %s: %v", path, err)
 	}
 	return pid
+}
+
+// pidIn reads the pid in the pid file at path.
+func pidIn(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
 func fileExists(path string) bool {

@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,7 +27,7 @@ func TestReload_HUPReplacesTheWorkersUnderLoad(t *testing.T) {
 	test.WaitFor(t, stepTimeout, "only new workers", func() error {
 		after = m.waitWorkers(2)
 		for _, p := range after {
-			if containsInt(before, p) {
+			if slices.Contains(before, p) {
 				return fmt.Errorf("old worker %d still there", p)
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -39,7 +40,7 @@ func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 		t.Fatalf("500 connections all reached one worker: %v", seen)
 	}
 	for pid := range seen {
-		if !containsInt(workers, pid) {
+		if !slices.Contains(workers, pid) {
 			t.Errorf("answered by pid %d, not one of the workers %v", pid, workers)
 		}
 	}
@@ -54,15 +55,6 @@ func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 	if _, err := os.Stat(m.pidFile + ".lock"); err != nil {
 		t.Errorf("lock file removed (it must stay: unlinking a lock file is racy): %v", err)
 	}
-}
-
-func containsInt(s []int, v int) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 // TestRun_VersionFromTheBuild: "molt version" and the startup log line

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,7 +26,7 @@ func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	m.Signal(syscall.SIGTTIN)
 	after := m.waitWorkers(3)
 	for _, p := range before {
-		if !containsInt(after, p) {
+		if !slices.Contains(after, p) {
 			t.Errorf("TTIN replaced worker %d; it must only add one", p)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,7 +34,7 @@ func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
 	var after []int
 	test.WaitFor(t, stepTimeout, "a replacement worker", func() error {
 		after = m.waitWorkers(2)
-		if containsInt(after, victim) {
+		if slices.Contains(after, victim) {
 			return fmt.Errorf("victim %d still listed", victim)
 		}
 		return nil
