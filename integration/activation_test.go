@@ -98,7 +98,7 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 	firstGet(t, u.master, 2, tcp)
 	u.waitServing()
 	keeper := u.Pid // the launcher executed molt in its own process
-	for _, l := range test.Find(u.log, test.Msg("listening")) {
+	for _, l := range test.Find(u.log, test.Event("listener.listening")) {
 		if l.Str("activated") != "true" || l.Str("inherited") != "false" {
 			t.Errorf("listener %s not adopted from socket activation: %s", l.Str("listener"), l.Raw)
 		}
@@ -198,7 +198,7 @@ func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	if r := get(t, tcp, "/"); r.Status != 200 {
 		t.Errorf("GET after the upgrade: %d", r.Status)
 	}
-	u.stop(t, test.Msg("reload refused: the listeners cannot change so; nothing changed"),
+	u.stop(t, test.Event("reload.refused", "reason", "listeners"),
 		test.Msg("upgrade failed; rolled back: this generation keeps serving"),
 		test.Msg("new generation gives up; handing back to the old one"),
 		test.Msg("new generation gave up"))

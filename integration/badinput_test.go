@@ -4,6 +4,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -54,7 +55,7 @@ func TestBadInput_RefusedBeforeAnythingStarts(t *testing.T) {
 		t.Run(strings.ReplaceAll(c.name, " ", "_"), func(t *testing.T) {
 			dir := t.TempDir()
 			args := append([]string{"run"}, c.args...)
-			if !containsStr(c.args, "--pid-file") {
+			if !slices.Contains(c.args, "--pid-file") {
 				args = append(args[:1], append([]string{"--pid-file", filepath.Join(dir, "molt.pid")}, args[1:]...)...)
 			}
 			p := test.Start(t, test.Opts{Path: bins.molt, Args: args, Dir: dir})
@@ -72,15 +73,6 @@ func TestBadInput_RefusedBeforeAnythingStarts(t *testing.T) {
 			}
 		})
 	}
-}
-
-func containsStr(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 // TestBadInput_SecondMasterOnTheSamePidFileIsRefused: while a master

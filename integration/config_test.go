@@ -109,7 +109,7 @@ func TestConfig_HUPWithABrokenFileKeepsServing(t *testing.T) {
 	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = \"three\"\nfrobnicate = 1\n")
 	m.Signal(syscall.SIGHUP)
 	lines := test.WaitLog(t, m.log, stepTimeout, 1, "the refused reload",
-		test.Msg("reload refused: the configuration is invalid; the running one stays"))
+		test.Event("reload.refused", "reason", "invalid configuration"))
 	e := lines[0].Str("error")
 	for _, want := range []string{conf + ":2:11: workers: want a number", conf + ":3:1:", "frobnicate"} {
 		if !strings.Contains(e, want) {
@@ -129,7 +129,7 @@ func TestConfig_HUPWithABrokenFileKeepsServing(t *testing.T) {
 	}
 	m.waitWorkers(3)
 	l.stop(t)
-	m.stop(test.Msg("reload refused: the configuration is invalid; the running one stays"))
+	m.stop(test.Event("reload.refused", "reason", "invalid configuration"))
 }
 
 // TestConfig_ReloadAddsAndDropsListenersUnderLoad: a reload whose file
@@ -274,6 +274,6 @@ func TestConfig_UpgradeMovesAListener(t *testing.T) {
 		t.Errorf("GET on the moved listener %s: %d from %s, want master %d", target, r.Status, r.Header.Get("X-Molt-Master-Pid"), nw)
 	}
 	refused(t, "tcp", before) // after the commit
-	test.WaitLog(t, u.log, stepTimeout, 1, "the move", test.Msg("listener moved; binding the new address"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the move", test.Event("listener.moved"))
 	u.stop(t)
 }

@@ -44,6 +44,7 @@ type ctlStatus struct {
 		Ready     bool   `json:"ready"`
 		Failures  int    `json:"failures"`
 		RestartIn string `json:"restart_in"`
+		Status    string `json:"status"`
 	} `json:"procs"`
 	Listeners []struct {
 		Name, Network, Addr string

@@ -2,7 +2,7 @@ package integration
 
 import (
 	"fmt"
-	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,20 +33,12 @@ func (u *upgradable) waitNewServing(t *testing.T, old int) int {
 	return pid
 }
 
-func pidIn(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(strings.TrimSpace(string(b)))
-}
-
 // workersOf returns the live children of master that are not other
 // masters (an old master's children include the new master).
 func workersOf(master int, notMasters ...int) []int {
 	var out []int
 	for _, p := range test.Children(master) {
-		if test.Alive(p) && !containsInt(notMasters, p) {
+		if test.Alive(p) && !slices.Contains(notMasters, p) {
 			out = append(out, p)
 		}
 	}
@@ -127,7 +119,7 @@ func TestDance_ManualRollback(t *testing.T) {
 		}
 		return nil
 	})
-	test.WaitLog(t, u.log, stepTimeout, 1, "the old generation serving again", test.Msg("serving", "gen", "1"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the old generation serving again", test.Event("master.serving", "gen", "1"))
 	if err := syscall.Kill(nw, quit); err != nil {
 		t.Fatal(err)
 	}
@@ -173,9 +165,7 @@ func TestDance_RefusalsDuringAnUpgrade(t *testing.T) {
 		return strings.HasPrefix(l.Message, "USR2 refused: this master's own upgrade is not committed yet")
 	})
 	syscall.Kill(nw, syscall.SIGTTIN)
-	test.WaitLog(t, u.log, stepTimeout, 1, "TTIN to the new master refused", func(l test.Line) bool {
-		return strings.HasPrefix(l.Message, "TTIN refused: during an upgrade send it to the old master")
-	})
+	test.WaitLog(t, u.log, stepTimeout, 1, "TTIN to the new master refused", test.Event("pool.scale_refused", "reason", "upgrade", "delta", "1"))
 	u.Signal(quit)
 	u.waitTakeover(t, old)
 	u.stop(t)
@@ -326,7 +316,7 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	})
 	// Observation window: a QUIT that was not cancelled would drain now.
 	time.Sleep(2 * time.Second)
-	if len(test.Find(u.log, test.Msg("graceful shutdown"))) != 0 || !test.Alive(u.Pid) {
+	if len(test.Find(u.log, test.Event("master.shutdown", "mode", "graceful"))) != 0 || !test.Alive(u.Pid) {
 		t.Fatal("the old master drained after its upgrade failed")
 	}
 	servedOnlyBy(t, addr, u.Pid, 10)
@@ -411,7 +401,7 @@ func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
 	var servingAgain, released = -1, -1
 	for i, line := range test.Logs(u.log) {
 		switch {
-		case line.Message == "serving" && line.Str("gen") == "1":
+		case test.Event("master.serving", "gen", "1")(line):
 			servingAgain = i // the last one: after the respawn
 		case line.Message == "the old generation serves again; stopping this one":
 			released = i

@@ -246,3 +246,74 @@ func TestDocs_HeadingSlug(t *testing.T) {
 		t.Errorf("links %v, want t.md#a-1 and y.md", doc.links)
 	}
 }
+
+// eventKey matches the stable key of a log line in molt's code:
+// "event", "area.what".
+var eventKey = regexp.MustCompile(`"event", "([a-z_]+\.[a-z_.]+)"`)
+
+// TestDocs_EventKeysAreDocumented: the event keys are the interface
+// operators alert on (docs/operating.md, "Events: what to alert on").
+// Every key a log line of molt carries is in that table, and every key
+// of the table is still logged. The upgrade's keys are documented in
+// docs/upgrades.md, which the table points to.
+func TestDocs_EventKeysAreDocumented(t *testing.T) {
+	t.Parallel()
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inCode := map[string]string{} // key → a file that logs it
+	for _, dir := range []string{"master", "cmd", "upgrade", "worker"} {
+		err := filepath.WalkDir(filepath.Join(root, dir), func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+				return err
+			}
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			for _, m := range eventKey.FindAllStringSubmatch(string(b), -1) {
+				inCode[m[1]] = path
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(inCode) < 20 {
+		t.Fatalf("only %d event keys found in the code: %v", len(inCode), inCode)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "docs", "operating.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "### Events: what to alert on")
+	if !ok {
+		t.Fatal(`docs/operating.md has no "Events: what to alert on" section`)
+	}
+	section, _, _ = strings.Cut(section, "\n## ")
+	inTable := map[string]bool{}
+	for _, line := range strings.Split(section, "\n") {
+		if !strings.HasPrefix(line, "| `") || strings.HasPrefix(line, "| `event` |") { // not a row, or the heading
+			continue
+		}
+		cell := strings.Split(line, "|")[1]
+		for _, k := range regexp.MustCompile("`([^`]+)`").FindAllStringSubmatch(cell, -1) {
+			inTable[k[1]] = true
+		}
+	}
+	for k, path := range inCode {
+		if strings.HasPrefix(k, "upgrade.") {
+			continue // docs/upgrades.md
+		}
+		if !inTable[k] {
+			t.Errorf("event %s (logged in %s) is not in docs/operating.md's table of events", k, path)
+		}
+	}
+	for k := range inTable {
+		if _, ok := inCode[k]; !ok && k != "upgrade.*" {
+			t.Errorf("docs/operating.md's table of events lists %s, which no log line carries", k)
+		}
+	}
+}

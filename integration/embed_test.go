@@ -16,9 +16,9 @@ func TestEmbedded_ProgramIsItsOwnMasterAndWorkers(t *testing.T) {
 	log := filepath.Join(dir, "embed.log")
 	p := test.Start(t, test.Opts{Path: bins.embedapp, Dir: dir, Log: log,
 		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--pid-file", filepath.Join(dir, "embed.pid")}})
-	l := test.WaitLog(t, log, startTimeout, 1, "listening", test.Msg("listening"))
+	l := test.WaitLog(t, log, startTimeout, 1, "listening", test.Event("listener.listening"))
 	addr := l[0].Str("addr")
-	test.WaitLog(t, log, startTimeout, 1, "serving", test.Msg("serving"))
+	test.WaitLog(t, log, startTimeout, 1, "serving", test.Event("master.serving"))
 	r := get(t, addr, "/")
 	if r.Header.Get("X-Embedded") != "yes" || r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(p.Pid) {
 		t.Errorf("answer %v: want the embedded worker of master %d", r.Header, p.Pid)

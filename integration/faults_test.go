@@ -180,7 +180,7 @@ func TestFaults_KillRandomWorkersEvery200ms(t *testing.T) {
 	if !test.Alive(m.Pid) {
 		t.Fatal("the master died")
 	}
-	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+	m.stop(test.Event("worker.exited_unexpectedly"))
 }
 
 // TestFaults_WatchdogKillsAStoppedWorker: with --watchdog 1s, a worker
@@ -197,13 +197,13 @@ func TestFaults_WatchdogKillsAStoppedWorker(t *testing.T) {
 	}
 	stopped := time.Now()
 	line := test.WaitLog(t, m.log, stepTimeout, 1, "the watchdog kill",
-		test.Msg("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)", "pid", strconv.Itoa(victim)))
+		test.Event("watchdog.expired", "pid", strconv.Itoa(victim)))
 	k := newKills()
 	k.record(victim, line[0].Time)
 	if line[0].Time.Sub(stopped) < 500*time.Millisecond {
 		t.Errorf("killed %v after SIGSTOP, before a whole interval without pings could pass", line[0].Time.Sub(stopped))
 	}
-	exits := test.WaitLog(t, m.log, stepTimeout, 1, "the stopped worker's exit", test.Msg("worker exited unexpectedly; replacing it", "pid", strconv.Itoa(victim)))
+	exits := test.WaitLog(t, m.log, stepTimeout, 1, "the stopped worker's exit", test.Event("worker.exited_unexpectedly", "pid", strconv.Itoa(victim)))
 	if got := exits[0].Str("status"); got != "killed by the watchdog (signal: killed)" {
 		t.Errorf("exit status %q", got)
 	}
@@ -214,8 +214,8 @@ func TestFaults_WatchdogKillsAStoppedWorker(t *testing.T) {
 		}
 	}
 	l.stopAttributed(t, k)
-	m.stop(test.Msg("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)"),
-		test.Msg("worker exited unexpectedly; replacing it"))
+	m.stop(test.Event("watchdog.expired"),
+		test.Event("worker.exited_unexpectedly"))
 }
 
 // TestFaults_RecyclingUnderLoadNeverDropsCapacity: workers recycled by
@@ -246,7 +246,7 @@ func TestFaults_RecyclingUnderLoadNeverDropsCapacity(t *testing.T) {
 					}
 				}
 				least = min(least, ready)
-				if recycled = test.Find(m.log, test.Msg("worker recycled: its replacement is ready; it drains")); len(recycled) >= 6 {
+				if recycled = test.Find(m.log, test.Event("recycle.done")); len(recycled) >= 6 {
 					break
 				}
 				time.Sleep(100 * time.Millisecond)
@@ -267,7 +267,7 @@ func TestFaults_RecyclingUnderLoadNeverDropsCapacity(t *testing.T) {
 					t.Errorf("recycled for %q, want %q", r.Str("reason"), want)
 				}
 			}
-			if n := len(test.Find(m.log, test.Msg("worker exited unexpectedly; replacing it"))); n != 0 {
+			if n := len(test.Find(m.log, test.Event("worker.exited_unexpectedly"))); n != 0 {
 				t.Errorf("%d unexpected worker exits", n)
 			}
 			m.backToBaseline(t, base, 2)
@@ -486,7 +486,7 @@ func TestFaults_WorkerRestartsLeaveTheMasterFlat(t *testing.T) {
 	m, addr, _ := startSteady(t, 2)
 	base := m.baseline(t)
 	l := startLoad(t, addr)
-	exited := func() int { return len(test.Find(m.log, test.Msg("worker exited"))) }
+	exited := func() int { return len(test.Find(m.log, test.Event("worker.exited"))) }
 	want := soakCount(t, "MOLT_SOAK_RESTARTS", 100)
 	for cycle := 1; exited() < want; cycle++ {
 		if cycle > want/8+10 {
@@ -513,9 +513,9 @@ func TestFaults_WorkerRestartsLeaveTheMasterFlat(t *testing.T) {
 // mode back. Requests are answered again without a restart.
 func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
 	t.Parallel()
-	for kind, line := range map[string]string{
-		"shutdown": "a process shut the listener down; it listens again, and the workers are recycled",
-		"blocking": "a process switched the listener to blocking mode; switched back",
+	for kind, repaired := range map[string]func(test.Line) bool{
+		"shutdown": test.Event("listener.healed", "fault", "shutdown", "how", "relistened"),
+		"blocking": test.Event("listener.healed", "fault", "blocking"),
 	} {
 		t.Run(kind, func(t *testing.T) {
 			once := filepath.Join(t.TempDir(), "done")
@@ -525,7 +525,7 @@ func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
 			m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "2s", "--", bins.fakeapp, "serve", "--misuse", kind+":"+once)
 			addr := m.addr()
 			m.waitServing()
-			test.WaitLog(t, m.log, stepTimeout, 1, "the repair", test.Msg(line))
+			test.WaitLog(t, m.log, stepTimeout, 1, "the repair", repaired)
 			test.WaitFor(t, stepTimeout, "the misuse to end", func() error {
 				if b, _ := os.ReadFile(once); string(b) != "done" {
 					return fmt.Errorf("%s: %q", once, b)
@@ -541,14 +541,14 @@ func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
 			// The last misuse is repaired by the check after it, within a
 			// second.
 			test.WaitFor(t, stepTimeout, "the last repair to be a while ago", func() error {
-				repairs := test.Find(m.log, test.Msg(line))
+				repairs := test.Find(m.log, repaired)
 				if last := repairs[len(repairs)-1].Time; time.Since(last) < 1500*time.Millisecond {
 					return fmt.Errorf("repaired at %v", last)
 				}
 				return nil
 			})
 			checkMasterSocketsNonBlocking(t, m.Pid)
-			m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+			m.stop(test.Event("worker.exited_unexpectedly"))
 		})
 	}
 }
@@ -568,13 +568,13 @@ func TestFaults_AWorkerShutsAUnixListenerDown(t *testing.T) {
 	})
 	addr := u.addrs(2)["web"]
 	u.waitServing()
-	replaced := test.Msg("a process shut the unix listener down; a new socket listens at its path, and the workers are recycled")
+	replaced := test.Event("listener.healed", "fault", "shutdown", "how", "replaced")
 	line := test.WaitLog(t, u.log, stepTimeout, 1, "the unix listener replaced", replaced)
 	if got := line[0].Str("listener"); got != "adm" {
 		t.Errorf("replaced listener %q, want adm", got)
 	}
 	test.WaitLog(t, u.log, stepTimeout, 1, "the TCP listener's repair",
-		test.Msg("a process shut the listener down; it listens again, and the workers are recycled"))
+		test.Event("listener.healed", "fault", "shutdown", "how", "relistened"))
 	for _, a := range []string{addr, "unix:" + sock} {
 		test.WaitFor(t, stepTimeout, "requests answered again on "+a, func() error {
 			_, err := test.Get(a, "/", reqTimeout)
@@ -587,5 +587,5 @@ func TestFaults_AWorkerShutsAUnixListenerDown(t *testing.T) {
 	if r := get(t, "unix:"+sock, "/"); r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(pid) {
 		t.Errorf("the unix listener after the upgrade: answered under master %s, want %d", r.Header.Get("X-Molt-Master-Pid"), pid)
 	}
-	u.stop(t, test.Msg("worker exited unexpectedly; replacing it"))
+	u.stop(t, test.Event("worker.exited_unexpectedly"))
 }

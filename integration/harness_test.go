@@ -143,7 +143,7 @@ func lastLines(s string, n int) string {
 func (m *master) addrs(n int) map[string]string {
 	m.t.Helper()
 	out := map[string]string{}
-	for _, l := range test.WaitLog(m.t, m.log, startTimeout, n, "listening lines", test.Msg("listening")) {
+	for _, l := range test.WaitLog(m.t, m.log, startTimeout, n, "listening lines", test.Event("listener.listening")) {
 		a := l.Str("addr")
 		if l.Str("network") == "unix" {
 			a = "unix:" + a
@@ -165,7 +165,7 @@ func (m *master) addr() string {
 // waitServing waits for the "serving" line: every worker ready.
 func (m *master) waitServing() {
 	m.t.Helper()
-	test.WaitLog(m.t, m.log, startTimeout, 1, "the master serving", test.Msg("serving"))
+	test.WaitLog(m.t, m.log, startTimeout, 1, "the master serving", test.Event("master.serving"))
 }
 
 // workers returns the master's live worker pids, sorted, and registers
@@ -194,7 +194,7 @@ func (m *master) waitWorkers(n int) []int {
 			return fmt.Errorf("%d workers: %v", len(pids), pids)
 		}
 		ready := map[string]bool{}
-		for _, l := range test.Find(m.log, test.Msg("worker ready")) {
+		for _, l := range test.Find(m.log, test.Event("worker.ready")) {
 			ready[l.Str("pid")] = true
 		}
 		for _, p := range pids {
@@ -248,15 +248,20 @@ func (m *master) checkLogs(allow ...func(test.Line) bool) {
 // readPID reads a pid file.
 func readPID(t *testing.T, path string) int {
 	t.Helper()
-	b, err := os.ReadFile(path)
+	pid, err := pidIn(path)
 	if err != nil {
-		t.Fatal(err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatalf("pid file %s: %q", path, b)
+		t.Fatalf("pid file %s: %v", path, err)
 	}
 	return pid
+}
+
+// pidIn reads the pid in the pid file at path.
+func pidIn(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
 func fileExists(path string) bool {

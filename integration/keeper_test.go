@@ -310,7 +310,7 @@ func TestKeeper_ForwardsSignalsToThePrimary(t *testing.T) {
 	syscall.Kill(u.Pid, syscall.SIGTTOU)
 	waitWorkerCount(t, m, 1)
 	syscall.Kill(u.Pid, syscall.SIGHUP)
-	test.WaitLog(t, u.log, stepTimeout, 1, "the reload", test.Msg("reload done: new workers serve, the old ones drain"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the reload", test.Event("reload.done"))
 	if code := u.stopKeeper(t, syscall.SIGINT); code != 0 {
 		t.Errorf("keeper exit %d after INT", code)
 	}

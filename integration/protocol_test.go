@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -83,7 +84,7 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 	var workers []int
 	test.WaitFor(t, stepTimeout, "a respawned worker", func() error {
 		workers = m.waitWorkers(2)
-		if containsInt(workers, first[0]) {
+		if slices.Contains(workers, first[0]) {
 			return fmt.Errorf("not replaced yet")
 		}
 		return nil
@@ -135,7 +136,7 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 		notifySockets[ns] = true
 		fi, err := os.Lstat(ns)
 		switch {
-		case !containsInt(workers, pid):
+		case !slices.Contains(workers, pid):
 			if !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("worker %d is gone but its notify socket %s is still there (%v)", pid, ns, err)
 			}
@@ -163,7 +164,7 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 		}
 	}
 	checkMasterSocketsNonBlocking(t, m.Pid)
-	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+	m.stop(test.Event("worker.exited_unexpectedly"))
 }
 
 // checkMasterSocketsNonBlocking reads the flags of the master's socket fds
@@ -238,10 +239,10 @@ func TestProtocol_PythonWorker(t *testing.T) {
 			m.waitServing()
 			workers := m.waitWorkers(2)
 			r := get(t, addr, "/")
-			if r.Header.Get("X-Molt-App") != "python" || !containsInt(workers, r.WorkerPid()) || !strings.Contains(r.Body, "listeners py") {
+			if r.Header.Get("X-Molt-App") != "python" || !slices.Contains(workers, r.WorkerPid()) || !strings.Contains(r.Body, "listeners py") {
 				t.Errorf("answer %v %q: want the python app, one of %v, listener py", r.Header, r.Body, workers)
 			}
-			for _, l := range test.Find(m.log, test.Msg("worker ready")) {
+			for _, l := range test.Find(m.log, test.Event("worker.ready")) {
 				if l.Str("how") != "notify" {
 					t.Errorf("ready line %s: want how=notify", l.Raw)
 				}
@@ -279,7 +280,7 @@ func TestProtocol_NotifyFromAStrangerIsIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitRejected(t, m.log, 1, strconv.Itoa(os.Getpid()))
-	if len(test.Find(m.log, test.Msg("worker ready"))) != 0 {
+	if len(test.Find(m.log, test.Event("worker.ready"))) != 0 {
 		t.Error("a stranger's READY=1 made a worker ready")
 	}
 	m.stop()

@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,12 +22,12 @@ func TestReload_HUPReplacesTheWorkersUnderLoad(t *testing.T) {
 	before := m.waitWorkers(2)
 	l := startLoad(t, addr)
 	m.Signal(syscall.SIGHUP)
-	test.WaitLog(t, m.log, stepTimeout, 1, "the reload", test.Msg("reload done: new workers serve, the old ones drain"))
+	test.WaitLog(t, m.log, stepTimeout, 1, "the reload", test.Event("reload.done"))
 	var after []int
 	test.WaitFor(t, stepTimeout, "only new workers", func() error {
 		after = m.waitWorkers(2)
 		for _, p := range after {
-			if containsInt(before, p) {
+			if slices.Contains(before, p) {
 				return fmt.Errorf("old worker %d still there", p)
 			}
 		}
@@ -65,5 +66,5 @@ func TestReload_ANewAppVersionOrAFailedOne(t *testing.T) {
 		t.Fatalf("reload to a good version: exit %d:\n%s", code, out)
 	}
 	l.stop(t)
-	m.stop(test.Msg("reload failed; the old workers keep serving under the old configuration"), test.Msg("worker not ready in time; stopping it"))
+	m.stop(test.Event("reload.failed"), test.Event("worker.not_ready"))
 }

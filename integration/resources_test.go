@@ -223,7 +223,7 @@ func TestResources_ReadOnlyLater(t *testing.T) {
 	readOnly(t, disk)
 	// USR1 opens the log file anew, which a read-only directory refuses.
 	u.Signal(syscall.SIGUSR1)
-	test.WaitLog(t, u.log, stepTimeout, 1, "the failed reopen", test.Msg("log file not reopened; logging continues to the old file"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the failed reopen", test.Event("log.reopen_failed"))
 	code, out := ctl(t, u.pidFile, "upgrade", "--wait")
 	if code == 0 || !strings.Contains(out, "upgrade not started") || !strings.Contains(out, "read-only file system") {
 		t.Errorf("upgrade in a read-only directory: exit %d:\n%s", code, out)
@@ -237,6 +237,6 @@ func TestResources_ReadOnlyLater(t *testing.T) {
 	}
 	u.waitTakeover(t, u.Pid)
 	l.stop(t)
-	u.stop(t, test.Msg("log file not reopened; logging continues to the old file"),
+	u.stop(t, test.Event("log.reopen_failed"),
 		test.Msg("upgrade not started: the pid file cannot be renamed"))
 }

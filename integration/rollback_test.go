@@ -162,14 +162,14 @@ func testRollback(t *testing.T, c rollbackCase) {
 	u.stop(t, test.Msg("upgrade failed; rolled back: this generation keeps serving"),
 		test.Msg("new generation gave up"), test.Msg("new generation gives up; handing back to the old one"),
 		test.Msg("the new master did not serve in time; killing it and its workers"),
-		test.Msg("worker exited unexpectedly; replacing it"), test.Msg("worker not ready in time; stopping it"))
+		test.Event("worker.exited_unexpectedly"), test.Event("worker.not_ready"))
 }
 
 // checkNewGenerationGone asserts that every worker the failed generation
 // (gen 2) started is gone, and so is every master but the old one.
 func checkNewGenerationGone(t *testing.T, log string) {
 	t.Helper()
-	for _, l := range test.Find(log, test.Msg("worker started", "gen", "2")) {
+	for _, l := range test.Find(log, test.Event("worker.started", "gen", "2")) {
 		pid := l.Int("pid")
 		test.WaitFor(t, stepTimeout, fmt.Sprintf("worker %d of the failed generation to exit", pid), func() error {
 			if test.Alive(pid) {
@@ -185,7 +185,7 @@ func checkNewGenerationGone(t *testing.T, log string) {
 // master's deadline must kill it and its workers.
 func stopNewMasterOnceItsWorkersRun(t *testing.T, u *upgradable) {
 	t.Helper()
-	l := test.WaitLog(t, u.log, stepTimeout, 2, "the new generation's workers", test.Msg("worker started", "gen", "2"))
+	l := test.WaitLog(t, u.log, stepTimeout, 2, "the new generation's workers", test.Event("worker.started", "gen", "2"))
 	started := test.WaitLog(t, u.log, stepTimeout, 1, "the new master", test.Msg("new master started"))
 	newPid := started[0].Int("new_pid")
 	if err := syscall.Kill(newPid, syscall.SIGSTOP); err != nil {

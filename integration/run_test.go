@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -39,7 +40,7 @@ func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 		t.Fatalf("500 connections all reached one worker: %v", seen)
 	}
 	for pid := range seen {
-		if !containsInt(workers, pid) {
+		if !slices.Contains(workers, pid) {
 			t.Errorf("answered by pid %d, not one of the workers %v", pid, workers)
 		}
 	}
@@ -56,15 +57,6 @@ func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 	}
 }
 
-func containsInt(s []int, v int) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
-}
-
 // TestRun_VersionFromTheBuild: "molt version" and the startup log line
 // report the version the binary was built with.
 func TestRun_VersionFromTheBuild(t *testing.T) {
@@ -74,7 +66,7 @@ func TestRun_VersionFromTheBuild(t *testing.T) {
 		t.Errorf("molt version: %q, %v; want %q", out, err, "molt "+version)
 	}
 	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
-	l := test.WaitLog(t, m.log, startTimeout, 1, "the startup line", test.Msg("master starting"))
+	l := test.WaitLog(t, m.log, startTimeout, 1, "the startup line", test.Event("master.starting"))
 	if l[0].Str("version") != version || l[0].Int("pid") != m.Pid {
 		t.Errorf("startup line %s: want version %s and pid %d", l[0].Raw, version, m.Pid)
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,7 +26,7 @@ func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	m.Signal(syscall.SIGTTIN)
 	after := m.waitWorkers(3)
 	for _, p := range before {
-		if !containsInt(after, p) {
+		if !slices.Contains(after, p) {
 			t.Errorf("TTIN replaced worker %d; it must only add one", p)
 		}
 	}
@@ -34,7 +35,7 @@ func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	m.Signal(syscall.SIGTTOU)
 	m.waitWorkers(1)
 	m.Signal(syscall.SIGTTOU)
-	test.WaitLog(t, m.log, stepTimeout, 1, "TTOU refused", func(l test.Line) bool { return strings.HasPrefix(l.Message, "TTOU refused") })
+	test.WaitLog(t, m.log, stepTimeout, 1, "TTOU refused", test.Event("pool.scale_refused", "reason", "minimum", "delta", "-1"))
 	if w := m.workers(); len(w) != 1 {
 		t.Errorf("after a refused TTOU: workers %v, want 1", w)
 	}
@@ -77,7 +78,7 @@ func TestSignals_QuitLetsAnInFlightRequestFinish(t *testing.T) {
 		t.Errorf("exit code %d after QUIT, want 0", code)
 	}
 	m.checkLogs()
-	test.WaitLog(t, m.log, time.Second, 1, "graceful shutdown line", test.Msg("graceful shutdown"))
+	test.WaitLog(t, m.log, time.Second, 1, "graceful shutdown line", test.Event("master.shutdown", "mode", "graceful"))
 }
 
 // TestSignals_TermStopsEverythingAtOnce: TERM kills the workers without a
@@ -93,7 +94,7 @@ func TestSignals_TermStopsEverythingAtOnce(t *testing.T) {
 	if code := m.Wait(stepTimeout); code != 0 {
 		t.Errorf("exit code %d after TERM, want 0", code)
 	}
-	test.WaitLog(t, m.log, time.Second, 1, "fast shutdown line", test.Msg("fast shutdown"))
+	test.WaitLog(t, m.log, time.Second, 1, "fast shutdown line", test.Event("master.shutdown", "mode", "fast"))
 	if el := time.Since(start); el > 15*time.Second {
 		t.Errorf("TERM took %v: it must not wait for the 60s drain timeout", el)
 	}
@@ -125,8 +126,8 @@ func TestSignals_USR1ReopensTheLogFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Signal(syscall.SIGUSR1)
-	test.WaitLog(t, m.log, stepTimeout, 1, "a reopened log file", func(l test.Line) bool { return strings.HasPrefix(l.Message, "log file reopened") })
-	if len(test.Find(rotated, test.Msg("signal received", "signal", "SIGUSR1"))) != 1 {
+	test.WaitLog(t, m.log, stepTimeout, 1, "a reopened log file", test.Event("log.reopened"))
+	if len(test.Find(rotated, test.Event("signal.received", "signal", "SIGUSR1"))) != 1 {
 		t.Error("the rotated file does not end with the USR1 line")
 	}
 	m.stop()

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,12 +34,12 @@ func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
 	var after []int
 	test.WaitFor(t, stepTimeout, "a replacement worker", func() error {
 		after = m.waitWorkers(2)
-		if containsInt(after, victim) {
+		if slices.Contains(after, victim) {
 			return fmt.Errorf("victim %d still listed", victim)
 		}
 		return nil
 	})
-	l := test.WaitLog(t, m.log, stepTimeout, 1, "the exit line", test.Msg("worker exited unexpectedly; replacing it", "pid", strconv.Itoa(victim)))
+	l := test.WaitLog(t, m.log, stepTimeout, 1, "the exit line", test.Event("worker.exited_unexpectedly", "pid", strconv.Itoa(victim)))
 	if l[0].Str("status") != "signal: killed" || l[0].Str("restart_in") != "0s" {
 		t.Errorf("exit line %s: want status 'signal: killed' and an immediate restart", l[0].Raw)
 	}
@@ -47,7 +48,7 @@ func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
 			t.Fatal("answered by the killed worker")
 		}
 	}
-	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+	m.stop(test.Event("worker.exited_unexpectedly"))
 }
 
 // TestSupervision_CrashLoopBacksOff: an app that dies at start is
@@ -56,7 +57,7 @@ func TestSupervision_CrashLoopBacksOff(t *testing.T) {
 	t.Parallel()
 	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "crash")
 	m.addr()
-	crashes := test.WaitLog(t, m.log, stepTimeout, 5, "five crashes", test.Msg("worker exited unexpectedly; replacing it"))
+	crashes := test.WaitLog(t, m.log, stepTimeout, 5, "five crashes", test.Event("worker.exited_unexpectedly"))
 	var delays []time.Duration
 	for _, l := range crashes[:5] {
 		d, err := time.ParseDuration(l.Str("restart_in"))
@@ -93,7 +94,7 @@ func TestSupervision_CrashLoopBacksOff(t *testing.T) {
 	if code, out := ctl(t, m.pidFile, "status"); code != 0 || !strings.Contains(out, "failures in a row)") {
 		t.Errorf("status: exit %d:\n%s", code, out)
 	}
-	m.stop(test.Msg("worker exited unexpectedly; replacing it"))
+	m.stop(test.Event("worker.exited_unexpectedly"))
 }
 
 // TestSupervision_ReadyTimeoutAndReadyDelay: an app that never sends
@@ -103,13 +104,13 @@ func TestSupervision_ReadyTimeoutAndReadyDelay(t *testing.T) {
 	t.Parallel()
 	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--ready-timeout", "1s", "--", bins.fakeapp, "serve", "--no-notify")
 	m.addr()
-	test.WaitLog(t, m.log, stepTimeout, 2, "two workers stopped for not being ready", test.Msg("worker not ready in time; stopping it"))
-	m.stop(test.Msg("worker not ready in time; stopping it"), test.Msg("worker exited unexpectedly; replacing it"))
+	test.WaitLog(t, m.log, stepTimeout, 2, "two workers stopped for not being ready", test.Event("worker.not_ready"))
+	m.stop(test.Event("worker.not_ready"), test.Event("worker.exited_unexpectedly"))
 
 	d := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--ready", "delay:300ms", "--", bins.fakeapp, "serve", "--no-notify")
 	addr := d.addr()
 	d.waitServing()
-	for _, l := range test.Find(d.log, test.Msg("worker ready")) {
+	for _, l := range test.Find(d.log, test.Event("worker.ready")) {
 		if l.Str("how") != "delay" {
 			t.Errorf("ready line %s: want how=delay", l.Raw)
 		}
@@ -131,8 +132,8 @@ func TestSupervision_DrainTimeoutKillsAStubbornWorker(t *testing.T) {
 	if code := m.Wait(stepTimeout); code != 0 {
 		t.Errorf("exit %d, want 0", code)
 	}
-	test.WaitLog(t, m.log, time.Second, 1, "the kill line", test.Msg("worker still running after the drain timeout; killing it", "pid", strconv.Itoa(w[0])))
-	ex := test.Find(m.log, test.Msg("worker exited", "pid", strconv.Itoa(w[0])))
+	test.WaitLog(t, m.log, time.Second, 1, "the kill line", test.Event("worker.drain_timeout", "pid", strconv.Itoa(w[0])))
+	ex := test.Find(m.log, test.Event("worker.exited", "pid", strconv.Itoa(w[0])))
 	if len(ex) != 1 || ex[0].Str("status") != "signal: killed" {
 		t.Errorf("stubborn worker's exit: %v", ex)
 	}

@@ -384,7 +384,7 @@ func TestTrustFiles_CtlRefusesAServerOfAnotherUser(t *testing.T) {
 		Args: append(asNobody, bins.molt, "run", "--no-keeper", "--listen", "127.0.0.1:0", "--workers", "1",
 			"--pid-file", filepath.Join(dir, "molt.pid"), "--log-file", filepath.Join(dir, "molt.log"), "--log-json")})
 	sock := filepath.Join(dir, "molt.sock")
-	test.WaitLog(t, filepath.Join(dir, "molt.log"), startTimeout, 1, "nobody's master serving", test.Msg("serving"))
+	test.WaitLog(t, filepath.Join(dir, "molt.log"), startTimeout, 1, "nobody's master serving", test.Event("master.serving"))
 	out, err := exec.Command(bins.molt, "ctl", "--socket", sock, "--timeout", "10s", "stop").CombinedOutput()
 	code := 0
 	if ee, ok := err.(*exec.ExitError); ok {
@@ -393,7 +393,7 @@ func TestTrustFiles_CtlRefusesAServerOfAnotherUser(t *testing.T) {
 	if code != 3 || !strings.Contains(string(out), "runs as uid 65534, neither root nor you") {
 		t.Errorf("root's molt ctl against nobody's socket: exit %d, want 3 and a refusal:\n%s", code, out)
 	}
-	if got := test.Find(filepath.Join(dir, "molt.log"), test.Msg("control request")); len(got) > 0 {
+	if got := test.Find(filepath.Join(dir, "molt.log"), test.Event("control.request")); len(got) > 0 {
 		t.Errorf("the fake server got root's request: %s", got[0].Raw)
 	}
 	out, err = exec.Command(setpriv, append(asNobody, bins.molt, "ctl", "--socket", sock, "--timeout", "10s", "status")...).CombinedOutput()

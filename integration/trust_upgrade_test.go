@@ -133,7 +133,7 @@ func TestTrust_CtlStatusEscapesWorkerText(t *testing.T) {
 	if c := rawControl(string(b)); c != "" {
 		t.Errorf("the JSON log holds a raw control character %s", c)
 	}
-	if l := test.Find(u.log, test.Msg("worker status")); len(l) == 0 || l[0].Str("status") != hostileStatus {
+	if l := test.Find(u.log, test.Event("worker.status")); len(l) == 0 || l[0].Str("status") != hostileStatus {
 		t.Errorf("the worker's status in the JSON log: %v, want the raw value", l)
 	}
 	u.stop(t, test.Event("upgrade.refused"))

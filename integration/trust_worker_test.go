@@ -284,7 +284,7 @@ func TestTrustWorker_GroupWithoutUserIsRefused(t *testing.T) {
 		}
 	}
 	l.stop(t)
-	m.stop(func(l test.Line) bool { return strings.HasPrefix(l.Message, "reload refused") })
+	m.stop(test.Event("reload.refused"))
 }
 
 // TestTrustWorker_USR1ReopensTheWorkerLog: after a rotation (rename) of

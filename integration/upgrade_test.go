@@ -273,8 +273,8 @@ func TestUpgrade_EmbeddedProgramUpgradesItself(t *testing.T) {
 	pidFile := filepath.Join(dir, "embed.pid")
 	p := test.Start(t, test.Opts{Path: path, Dir: dir, Log: log,
 		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--pid-file", pidFile, "--probation", "300ms"}})
-	addr := test.WaitLog(t, log, startTimeout, 1, "listening", test.Msg("listening"))[0].Str("addr")
-	test.WaitLog(t, log, startTimeout, 1, "serving", test.Msg("serving"))
+	addr := test.WaitLog(t, log, startTimeout, 1, "listening", test.Event("listener.listening"))[0].Str("addr")
+	test.WaitLog(t, log, startTimeout, 1, "serving", test.Event("master.serving"))
 	p.Signal(syscall.SIGUSR2)
 	var nw int
 	test.WaitFor(t, 60*time.Second, "the new embedded master to take over", func() error {
@@ -366,7 +366,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 					t.Errorf("%s load: the old master answered nothing: %v", name, res.ByMaster)
 				}
 			}
-			u.stop(t, tookBack, refused, test.Msg("worker exited unexpectedly; replacing it"),
+			u.stop(t, tookBack, refused, test.Event("worker.exited_unexpectedly"),
 				// the keeper's USR2s sent while the dead master was still its primary
 				test.Msg("signal not forwarded"), test.Msg("signal not forwarded: no primary master known"))
 		})

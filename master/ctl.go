@@ -15,7 +15,7 @@ func (m *Master) onCtl(ev ctlEvent) {
 	}
 	ok := func(msg string) { reply(CtlReply{OK: true, Done: true, Message: msg}) }
 	fail := func(err error) { reply(CtlReply{Done: true, Error: err.Error()}) }
-	m.log.Info("control request", "cmd", ev.req.Cmd)
+	m.log.Info("control request", "event", "control.request", "cmd", ev.req.Cmd)
 	switch ev.req.Cmd {
 	case "status":
 		reply(CtlReply{OK: true, Done: true, Status: m.status()})

@@ -16,10 +16,10 @@ func (m *Master) onSignals(ev signalBatch) {
 		}
 		log := m.log.With("signal", unixName(a.sig), "action", a.action)
 		if !m.phase.running() && a.sig != syscall.SIGTERM && a.sig != syscall.SIGINT && a.sig != syscall.SIGUSR1 {
-			log.Info("signal ignored: the master is shutting down", "state", m.phase.String())
+			log.Info("signal ignored: the master is shutting down", "event", "signal.ignored", "state", m.phase.String())
 			continue
 		}
-		log.Info("signal received", "role", m.role.String())
+		log.Info("signal received", "event", "signal.received", "role", m.role.String())
 		switch a.sig {
 		case syscall.SIGTERM, syscall.SIGINT:
 			m.onFastStop()
@@ -48,16 +48,16 @@ func (m *Master) scale(delta int) {
 	name := map[int]string{1: "TTIN", -1: "TTOU"}[delta]
 	switch {
 	case m.role == roleNew:
-		m.log.Warn(name + " refused: during an upgrade send it to the old master; the new one follows its count")
+		m.log.Warn(name+" refused: during an upgrade send it to the old master; the new one follows its count", "event", "pool.scale_refused", "delta", delta, "reason", "upgrade")
 		return
 	case m.rl != nil:
-		m.log.Warn(name + " refused: a reload is in flight; retry once it has ended")
+		m.log.Warn(name+" refused: a reload is in flight; retry once it has ended", "event", "pool.scale_refused", "delta", delta, "reason", "reload")
 		return
 	case delta > 0 && len(m.slots) >= maxWorkers:
-		m.log.Warn(name+" refused: at the maximum", "workers", len(m.slots), "max", maxWorkers)
+		m.log.Warn(name+" refused: at the maximum", "event", "pool.scale_refused", "delta", delta, "reason", "maximum", "workers", len(m.slots), "max", maxWorkers)
 		return
 	case delta < 0 && len(m.slots) <= 1:
-		m.log.Warn(name+" refused: one worker is the minimum; send QUIT to stop the master", "workers", len(m.slots))
+		m.log.Warn(name+" refused: one worker is the minimum; send QUIT to stop the master", "event", "pool.scale_refused", "delta", delta, "reason", "minimum", "workers", len(m.slots))
 		return
 	}
 	if delta > 0 {
@@ -69,7 +69,7 @@ func (m *Master) scale(delta int) {
 	} else {
 		m.removeSlot()
 	}
-	m.log.Info("worker count changed", "workers", len(m.slots))
+	m.log.Info("worker count changed", "event", "pool.scaled", "workers", len(m.slots))
 	if up := m.old.up; up != nil && up.pid != 0 && !up.serving {
 		m.tellChild(m.configMsg())
 	}
@@ -77,14 +77,14 @@ func (m *Master) scale(delta int) {
 
 func (m *Master) reopenLogs() {
 	if m.cfg.Output == nil {
-		m.log.Info("no log file to reopen: molt logs to stderr (give --log-file)")
+		m.log.Info("no log file to reopen: molt logs to stderr (give --log-file)", "event", "log.reopen_skipped")
 		return
 	}
 	if err := m.cfg.Output.Reopen(); err != nil {
 		m.log.Error("log file not reopened; logging continues to the old file", "event", "log.reopen_failed", "error", err)
 		return
 	}
-	m.log.Info("log file reopened; running workers keep the file they started with")
+	m.log.Info("log file reopened; running workers keep the file they started with", "event", "log.reopened")
 }
 
 // onNotify applies one notify message for worker ev.worker, from a
@@ -98,7 +98,7 @@ func (m *Master) onNotify(ev notified) {
 	}
 	p := m.procs[ev.worker]
 	if p == nil {
-		m.log.Debug("notify message for a worker already gone; ignored", "pid", ev.Pid, "worker_pid", ev.worker)
+		m.log.Debug("notify message for a worker already gone; ignored", "event", "notify.worker_gone", "pid", ev.Pid, "worker_pid", ev.worker)
 		return
 	}
 	msg := ev.Fields
@@ -107,7 +107,7 @@ func (m *Master) onNotify(ev notified) {
 	}
 	if v, ok := msg.Get("STATUS"); ok {
 		p.status = v
-		m.log.Debug("worker status", "worker", p.slot, "pid", p.pid, "status", v)
+		m.log.Debug("worker status", "event", "worker.status", "worker", p.slot, "pid", p.pid, "status", v)
 	}
 	if msg.Is("WATCHDOG", "1") {
 		p.lastPing = time.Now()
@@ -119,7 +119,7 @@ func (m *Master) onNotify(ev notified) {
 		m.recycle(p, "requested by the worker")
 	}
 	if ev.FDsDiscarded && !msg.Is("BARRIER", "1") {
-		m.log.Debug("fds passed with a notify message discarded: molt keeps no fd store", "pid", ev.Pid)
+		m.log.Debug("fds passed with a notify message discarded: molt keeps no fd store", "event", "notify.fds_discarded", "pid", ev.Pid)
 	}
 }
 
@@ -141,7 +141,7 @@ func (m *Master) onWorkerStopping(p *proc) {
 		return
 	}
 	if s.successor != 0 { // being recycled: the replacement is already starting
-		m.log.Info("worker is stopping on its own; its replacement is already starting", "worker", p.slot, "pid", p.pid)
+		m.log.Info("worker is stopping on its own; its replacement is already starting", "event", "worker.stopping", "worker", p.slot, "pid", p.pid)
 		s.pid, s.successor = s.successor, 0
 		return
 	}
@@ -149,7 +149,7 @@ func (m *Master) onWorkerStopping(p *proc) {
 		s.backoff.reset()
 	}
 	delay := s.backoff.fail()
-	m.log.Info("worker is stopping on its own; starting its replacement", "worker", p.slot, "pid", p.pid, "restart_in", delay.String())
+	m.log.Info("worker is stopping on its own; starting its replacement", "event", "worker.stopping", "worker", p.slot, "pid", p.pid, "restart_in", delay.String())
 	s.pid = 0
 	m.respawnLater(s, delay)
 }
@@ -181,7 +181,7 @@ func (m *Master) onTimer(ev timerFired) {
 			return
 		}
 		if p.state == workerStarting {
-			m.log.Error("worker not ready in time; stopping it",
+			m.log.Error("worker not ready in time; stopping it", "event", "worker.not_ready",
 				"worker", p.slot, "pid", p.pid, "ready_timeout", p.spec.readyTimeout.String(),
 				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
 			m.stopWorker(p)
@@ -190,14 +190,14 @@ func (m *Master) onTimer(ev timerFired) {
 	case readyDelayOver:
 		m.markReady(p, "delay")
 	case drainDeadline:
-		m.log.Warn("worker still running after the drain timeout; killing it", "worker", p.slot, "pid", p.pid, "drain_timeout", p.spec.drainTimeout.String())
+		m.log.Warn("worker still running after the drain timeout; killing it", "event", "worker.drain_timeout", "worker", p.slot, "pid", p.pid, "drain_timeout", p.spec.drainTimeout.String())
 		m.kill(p)
 	case watchdogCheck:
 		m.checkWatchdog(p)
 	case recycleDue:
 		m.recycle(p, p.recycleWhy)
 	case killDeadline:
-		m.log.Error("worker not reaped after SIGKILL; giving up on it", "worker", p.slot, "pid", p.pid)
+		m.log.Error("worker not reaped after SIGKILL; giving up on it", "event", "worker.not_reaped", "worker", p.slot, "pid", p.pid)
 		delete(m.procs, p.pid)
 		m.finishIfIdle()
 	}
@@ -221,7 +221,7 @@ func (m *Master) checkWatchdog(p *proc) {
 		m.after(wait, timerFired{kind: watchdogCheck, pid: p.pid})
 		return
 	}
-	m.log.Error("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)",
+	m.log.Error("worker watchdog expired: no WATCHDOG=1 in time; killing it (SIGKILL)", "event", "watchdog.expired",
 		"worker", p.slot, "pid", p.pid, "watchdog", p.spec.watchdog.String(),
 		"since_last_ping", time.Since(last).Round(time.Millisecond).String())
 	p.watchdogKilled = true

@@ -42,28 +42,28 @@ func (m *Master) checkListeners() {
 		}
 		if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil && fl&unix.O_NONBLOCK == 0 {
 			if err := unix.SetNonblock(fd, true); err != nil {
-				m.log.Error("listener in blocking mode, and it cannot be switched back", "listener", l.spec.Name, "error", err)
+				m.log.Error("listener in blocking mode, and it cannot be switched back", "event", "listener.heal_failed", "fault", "blocking", "listener", l.spec.Name, "error", err)
 			} else {
-				m.log.Warn("a process switched the listener to blocking mode; switched back", "listener", l.spec.Name, "addr", l.addr)
+				m.log.Warn("a process switched the listener to blocking mode; switched back", "event", "listener.healed", "fault", "blocking", "listener", l.spec.Name, "addr", l.addr)
 			}
 		}
 		if l.spec.Network == "unix" && !l.shutTold && unixShutDown(fd) {
 			if err := m.replaceUnix(l, fd); err != nil {
 				l.shutTold = true
-				m.log.Error("a process shut the unix listener down, and no new socket can replace it: connect(2) to its path is refused", "listener", l.spec.Name, "addr", l.addr, "error", err)
+				m.log.Error("a process shut the unix listener down, and no new socket can replace it: connect(2) to its path is refused", "event", "listener.heal_failed", "fault", "shutdown", "listener", l.spec.Name, "addr", l.addr, "error", err)
 				continue
 			}
-			m.log.Warn("a process shut the unix listener down; a new socket listens at its path, and the workers are recycled", "listener", l.spec.Name, "addr", l.addr)
+			m.log.Warn("a process shut the unix listener down; a new socket listens at its path, and the workers are recycled", "event", "listener.healed", "fault", "shutdown", "how", "replaced", "listener", l.spec.Name, "addr", l.addr)
 			m.listenerEpoch++ // workers still starting are recycled once ready
 			relistened = true
 			continue
 		}
 		if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && acc == 0 {
 			if err := relisten(fd, l.addr, listenBacklog(m.cfg.Backlog)); err != nil {
-				m.log.Error("a process shut the listener down, and it cannot listen again", "listener", l.spec.Name, "addr", l.addr, "error", err)
+				m.log.Error("a process shut the listener down, and it cannot listen again", "event", "listener.heal_failed", "fault", "shutdown", "listener", l.spec.Name, "addr", l.addr, "error", err)
 				continue
 			}
-			m.log.Warn("a process shut the listener down; it listens again, and the workers are recycled", "listener", l.spec.Name, "addr", l.addr)
+			m.log.Warn("a process shut the listener down; it listens again, and the workers are recycled", "event", "listener.healed", "fault", "shutdown", "how", "relistened", "listener", l.spec.Name, "addr", l.addr)
 			relistened = true
 		}
 	}

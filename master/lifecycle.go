@@ -20,7 +20,7 @@ const lockFileName = "pidlock"
 // upgrade first reports to the old one and waits for its configuration
 // (newside.go). On error the caller releases what was opened.
 func (m *Master) start() error {
-	m.log.Info("master starting", "version", m.cfg.Version, "pid", os.Getpid(), "workers", m.cfg.Workers)
+	m.log.Info("master starting", "event", "master.starting", "version", m.cfg.Version, "pid", os.Getpid(), "workers", m.cfg.Workers)
 	if err := closeOnExecAll(); err != nil {
 		return fmt.Errorf("mark inherited fds close-on-exec: %w", err)
 	}
@@ -146,7 +146,7 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 	if err == nil && inherited && !specMatches(spec, addr) {
 		// The configuration moved this name to another address: the old
 		// socket stays with the old generation, this one binds anew.
-		m.log.Info("listener moved; binding the new address", "listener", spec.Name, "inherited_addr", addr, "addr", spec.Address)
+		m.log.Info("listener moved; binding the new address", "event", "listener.moved", "listener", spec.Name, "inherited_addr", addr, "addr", spec.Address)
 		nf, berr := bind(spec, mode)
 		if berr != nil {
 			_ = f.Close()
@@ -172,7 +172,7 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 		_ = f.Close()
 		return nil, &BindError{Spec: spec, Err: err}
 	}
-	m.log.Info("listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited, "activated", activated)
+	m.log.Info("listening", "event", "listener.listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited, "activated", activated)
 	return &listener{spec: spec, file: f, addr: addr, inherited: inherited, activated: activated}, nil
 }
 
@@ -202,13 +202,13 @@ func (m *Master) shutdown(fast bool) {
 	}
 	if fast {
 		m.phase = phaseStopping
-		m.log.Info("fast shutdown", "workers", len(m.procs))
+		m.log.Info("fast shutdown", "event", "master.shutdown", "mode", "fast", "workers", len(m.procs))
 		for _, p := range m.procs {
 			m.kill(p)
 		}
 	} else {
 		m.phase = phaseDraining
-		m.log.Info("graceful shutdown", "workers", len(m.procs), "drain_timeout", m.cfg.DrainTimeout.String())
+		m.log.Info("graceful shutdown", "event", "master.shutdown", "mode", "graceful", "workers", len(m.procs), "drain_timeout", m.cfg.DrainTimeout.String())
 		for _, p := range m.procs {
 			m.stopWorker(p)
 		}
@@ -224,7 +224,7 @@ func (m *Master) finishIfIdle() {
 	}
 	m.release()
 	m.phase = phaseStopped
-	m.log.Info("master exited")
+	m.log.Info("master exited", "event", "master.exited")
 }
 
 // ownsFiles reports whether this master is the last generation, which
@@ -247,7 +247,7 @@ func (m *Master) release() {
 		// moved it (molt.sock or molt.sock.oldbin); it is never passed on.
 		_ = m.control.close()
 		if err := safefile.RemoveSocket(m.control.path); err != nil {
-			m.log.Warn("control socket not removed", "path", m.control.path, "error", err)
+			m.log.Warn("control socket not removed", "event", "control.remove_failed", "path", m.control.path, "error", err)
 		}
 	}
 	for _, c := range []*upgrade.Channel{m.old.children, m.new.parent} {
@@ -262,7 +262,7 @@ func (m *Master) release() {
 	for _, l := range m.listeners {
 		if l.spec.Network == "unix" && m.ownsFiles() && !l.activated {
 			if err := safefile.RemoveSocket(l.spec.Address); err != nil {
-				m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
+				m.log.Warn("unix socket path not removed", "event", "listener.remove_failed", "listener", l.spec.Name, "error", err)
 			}
 		}
 		_ = l.file.Close()
@@ -276,7 +276,7 @@ func (m *Master) release() {
 		// Whichever of PATH and PATH.oldbin still names this master.
 		for _, path := range []string{m.pidFile.path, m.pidFile.path + oldSuffix} {
 			if err := removePIDFile(path, os.Getpid()); err != nil {
-				m.log.Warn("pid file not removed", "path", path, "error", err)
+				m.log.Warn("pid file not removed", "event", "pidfile.remove_failed", "path", path, "error", err)
 			}
 		}
 		_ = m.pidFile.close()

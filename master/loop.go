@@ -15,7 +15,10 @@ import (
 // Master is one generation's supervisor. Its fields belong to the loop
 // goroutine; everything else reaches it through events.
 type Master struct {
-	cfg    Config
+	cfg Config
+	// log is replaced on the loop once the generation is known (its
+	// lines carry gen): a goroutine takes its own copy when it starts and
+	// never reads m.log.
 	log    hclog.Logger
 	events chan event
 	done   chan struct{} // closed when the loop has returned
@@ -156,7 +159,7 @@ func (m *Master) loop(ctx context.Context) error {
 	for m.phase != phaseStopped {
 		select {
 		case ev := <-m.events:
-			m.log.Trace("event", "event", ev)
+			m.log.Trace("event", "what", ev) // not "event": that key is the stable one of the lines below
 			switch ev := ev.(type) {
 			case signalBatch:
 				m.onSignals(ev)
@@ -179,13 +182,13 @@ func (m *Master) loop(ctx context.Context) error {
 			case preflightDone:
 				m.onPreflightDone(ev)
 			case keeperExited:
-				m.log.Warn("the keeper has exited; this master serves on without it", "keeper_pid", ev.pid)
+				m.log.Warn("the keeper has exited; this master serves on without it", "event", "master.keeper_exited", "keeper_pid", ev.pid)
 			case successorExited:
 				m.onSuccessorExited(ev)
 			}
 		case <-ctxDone:
 			ctxDone = nil
-			m.log.Info("context cancelled", "action", "graceful shutdown")
+			m.log.Info("context cancelled", "event", "master.cancelled", "action", "graceful shutdown")
 			m.shutdown(false)
 		}
 	}

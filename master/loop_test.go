@@ -1,6 +1,8 @@
 package master
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"net"
 	"os"
@@ -609,6 +611,53 @@ func TestLoop_WorkersStoppingRightAfterStartBackOff(t *testing.T) {
 				t.Fatalf("self-stop %d: respawn in %v, want a backoff", i+1, tm.d)
 			}
 			m.onTimer(tm.ev)
+		}
+	}
+}
+
+// TestLoop_StateChangesCarryEventKeys: the loop's lines of a start, a
+// crash and a refused scale carry their stable event keys and fields
+// (docs/operating.md lists them; operators alert on them).
+func TestLoop_StateChangesCarryEventKeys(t *testing.T) {
+	m, f := newTestMaster(t, 2, nil)
+	var buf bytes.Buffer
+	m.log = hclog.New(&hclog.LoggerOptions{Output: &buf, JSONFormat: true, Level: hclog.Debug})
+	m.onNotify(ready(f.started[0]))
+	m.onNotify(ready(f.started[1]))
+	m.onChildExited(exited(f.started[0]))
+	m.scale(-1)
+	m.scale(-1)
+	var got []map[string]any
+	for _, line := range bytes.Split(bytes.TrimSpace(buf.Bytes()), []byte("\n")) {
+		var l map[string]any
+		if err := json.Unmarshal(line, &l); err != nil {
+			t.Fatalf("%s: %v", line, err)
+		}
+		got = append(got, l)
+	}
+	want := []struct {
+		event  string
+		fields map[string]any
+	}{
+		{"worker.ready", map[string]any{"worker": 0.0, "pid": float64(f.started[0]), "how": "notify"}},
+		{"worker.ready", map[string]any{"worker": 1.0, "pid": float64(f.started[1])}},
+		{"master.serving", map[string]any{"workers": 2.0}},
+		{"worker.exited_unexpectedly", map[string]any{"worker": 0.0, "pid": float64(f.started[0]), "status": "exit status 1", "restart_in": "0s", "restarts": 1.0}},
+		{"worker.started", map[string]any{"worker": 0.0, "pid": float64(f.started[2])}},
+		{"pool.scaled", map[string]any{"workers": 1.0}},
+		{"pool.scale_refused", map[string]any{"reason": "minimum", "delta": -1.0, "workers": 1.0}},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d lines, want %d:\n%s", len(got), len(want), buf.String())
+	}
+	for i, w := range want {
+		if got[i]["event"] != w.event {
+			t.Errorf("line %d: event %v, want %s", i, got[i]["event"], w.event)
+		}
+		for k, v := range w.fields {
+			if got[i][k] != v {
+				t.Errorf("line %d (%s): %s = %v, want %v", i, w.event, k, got[i][k], v)
+			}
 		}
 	}
 }

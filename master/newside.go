@@ -63,10 +63,11 @@ func (m *Master) attachToParent() error {
 		<-m.done
 		cancel()
 	}()
+	log := m.log // not m.log in the goroutine: onConfig replaces it
 	go func() {
 		if err := m.hand.WaitForParent(ctx); ctx.Err() == nil {
 			if err != nil {
-				m.log.Warn("the old master exited uncleanly", "error", err)
+				log.Warn("the old master exited uncleanly", "error", err)
 			}
 			m.send(parentExited{})
 		}

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/safefile"
 )
@@ -83,7 +84,7 @@ func (m *Master) closeNotifyDir() {
 		return
 	}
 	if err := notify.RemoveDir(m.notifyDir); err != nil {
-		m.log.Warn("notify socket directory not removed", "path", m.notifyDir, "error", err)
+		m.log.Warn("notify socket directory not removed", "event", "notify.remove_failed", "path", m.notifyDir, "error", err)
 	}
 	m.notifyDir = ""
 }
@@ -100,11 +101,12 @@ func (m *Master) workerNotifySocket(sp *workerSpec) (*notify.Socket, error) {
 }
 
 // dropNotifySocket closes a worker's socket, which ends its reader, and
-// removes its file. Called from any goroutine.
-func (m *Master) dropNotifySocket(s *notify.Socket) {
+// removes its file. Called from any goroutine: it logs to log, which the
+// caller took from m.log on the loop (the loop may replace m.log).
+func dropNotifySocket(s *notify.Socket, log hclog.Logger) {
 	_ = s.Close()
 	if err := safefile.RemoveSocket(s.Addr); err != nil {
-		m.log.Warn("notify socket not removed", "path", s.Addr, "error", err)
+		log.Warn("notify socket not removed", "event", "notify.remove_failed", "path", s.Addr, "error", err)
 	}
 }
 
@@ -114,14 +116,15 @@ func (m *Master) dropNotifySocket(s *notify.Socket) {
 // dropped (a few log lines per interval, whatever the rate), and never
 // queues ahead of the operator's signals. What passes waits for the loop
 // to apply it before the next datagram is read: one message per worker
-// at most in the loop's queue.
-func (m *Master) readNotify(s *notify.Socket, worker int) {
+// at most in the loop's queue. It runs in a goroutine of its own and logs
+// to log, taken from m.log when it started (the loop may replace m.log).
+func (m *Master) readNotify(s *notify.Socket, worker int, log hclog.Logger) {
 	ack := make(chan struct{}, 1)
 	for {
 		msg, err := s.Read()
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				m.log.Error("notify socket failed; this worker can no longer report", "worker_pid", worker, "error", err)
+				log.Error("notify socket failed; this worker can no longer report", "event", "notify.read_failed", "worker_pid", worker, "error", err)
 			}
 			return
 		}

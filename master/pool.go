@@ -49,7 +49,7 @@ func (m *Master) retireSlot(s *slot) {
 func (m *Master) spawn(s *slot) {
 	p, err := m.launch(s)
 	if err != nil {
-		m.log.Error("worker start failed", "worker", s.n, "error", err)
+		m.log.Error("worker start failed", "event", "worker.start_failed", "worker", s.n, "error", err)
 		s.lastExit = err.Error()
 		m.respawnLater(s, s.backoff.fail())
 		return
@@ -78,10 +78,11 @@ func (m *Master) launch(s *slot) (*proc, error) {
 
 // watch reaps p in a goroutine of its own and reports its exit.
 func (m *Master) watch(p *proc) {
+	log := m.log // the goroutine never reads m.log, which the loop may replace
 	go func() {
 		state, err := p.p.Wait()
 		if p.notify != nil {
-			m.dropNotifySocket(p.notify)
+			dropNotifySocket(p.notify, log)
 		}
 		m.send(childExited{pid: p.pid, state: state, err: err})
 	}()
@@ -115,7 +116,7 @@ func (m *Master) onChildExited(ev childExited) {
 		s.pid, s.lastExit = 0, how
 	}
 	if s == nil || !m.phase.running() || m.old.standby {
-		log.Info("worker exited")
+		log.Info("worker exited", "event", "worker.exited")
 		if s == nil && m.phase.running() && (ev.state == nil || !ev.state.Success()) {
 			// Even announced (STOPPING=1), a failing exit is no way to pass
 			// probation.
@@ -134,7 +135,7 @@ func (m *Master) onChildExited(ev childExited) {
 	}
 	delay := s.backoff.fail()
 	s.restarts++
-	log.Error("worker exited unexpectedly; replacing it", "restart_in", delay.String(), "restarts", s.restarts)
+	log.Error("worker exited unexpectedly; replacing it", "event", "worker.exited_unexpectedly", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
 	// A new generation has no business committing with a worker that dies.
 	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
@@ -190,7 +191,7 @@ func (m *Master) markReady(p *proc, how string) {
 	}
 	if m.phase == phaseStarting && m.allReady() {
 		m.phase = phaseServing
-		m.log.Info("serving", "workers", len(m.slots))
+		m.log.Info("serving", "event", "master.serving", "workers", len(m.slots))
 		if m.role == roleNew {
 			m.onNewServing()
 		} else {
@@ -254,6 +255,6 @@ const killReapTimeout = 10 * time.Second
 // pid: each worker leads its own group).
 func (m *Master) signalGroup(p *proc, sig syscall.Signal) {
 	if err := m.sys.signal(-p.pid, sig); err != nil && err != syscall.ESRCH {
-		m.log.Warn("signal worker", "worker", p.slot, "pid", p.pid, "signal", sig, "error", err)
+		m.log.Warn("signal worker", "event", "worker.signal_failed", "worker", p.slot, "pid", p.pid, "signal", sig, "error", err)
 	}
 }

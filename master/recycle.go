@@ -42,14 +42,14 @@ func (m *Master) recycle(p *proc, why string) {
 	}
 	q, err := m.launch(s)
 	if err != nil {
-		m.log.Error("recycling: the replacement could not be started; the worker serves on", "worker", s.n, "pid", p.pid, "error", err)
+		m.log.Error("recycling: the replacement could not be started; the worker serves on", "event", "recycle.start_failed", "worker", s.n, "pid", p.pid, "error", err)
 		p.recycleWhy = why
 		m.after(recycleRetry, timerFired{kind: recycleDue, pid: p.pid})
 		return
 	}
 	s.successor = q.pid
 	p.recycleWhy = why
-	m.log.Info("recycling worker: its replacement starts", "worker", s.n, "pid", p.pid, "replacement", q.pid,
+	m.log.Info("recycling worker: its replacement starts", "event", "recycle.started", "worker", s.n, "pid", p.pid, "replacement", q.pid,
 		"reason", why, "uptime", time.Since(p.started).Round(time.Millisecond).String())
 }
 
@@ -65,7 +65,7 @@ func (m *Master) takeOver(q *proc) {
 	if old == nil {
 		return
 	}
-	m.log.Info("worker recycled: its replacement is ready; it drains", "worker", s.n, "pid", old.pid, "replacement", q.pid, "reason", old.recycleWhy)
+	m.log.Info("worker recycled: its replacement is ready; it drains", "event", "recycle.done", "worker", s.n, "pid", old.pid, "replacement", q.pid, "reason", old.recycleWhy)
 	m.stopWorker(old)
 }
 
@@ -84,7 +84,7 @@ func (m *Master) recycleExited(p *proc, failed bool, how string, log hclog.Logge
 		if !m.phase.running() {
 			return false // stopped with everything else
 		}
-		log.Error("recycling: the replacement exited before it was ready; the worker serves on")
+		log.Error("recycling: the replacement exited before it was ready; the worker serves on", "event", "recycle.replacement_exited")
 		if old := m.procs[s.pid]; old != nil {
 			m.after(recycleRetry, timerFired{kind: recycleDue, pid: old.pid})
 		}
@@ -98,7 +98,7 @@ func (m *Master) recycleExited(p *proc, failed bool, how string, log hclog.Logge
 	}
 	s.pid, s.successor, s.lastExit = s.successor, 0, how
 	s.restarts++
-	log.Error("worker exited unexpectedly; its replacement, already starting, takes the slot")
+	log.Error("worker exited unexpectedly; its replacement, already starting, takes the slot", "event", "worker.exited_unexpectedly", "restart_in", "0s", "restarts", s.restarts)
 	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 	return true
 }

@@ -35,7 +35,7 @@ type reload struct {
 // nil, gets the final reply (molt ctl reload --wait).
 func (m *Master) onReload(watcher chan CtlReply) error {
 	refuse := func(why string) error {
-		m.log.Warn("reload refused: "+why, "role", m.role.String())
+		m.log.Warn("reload refused: "+why, "event", "reload.refused", "reason", why, "role", m.role.String())
 		return errors.New(why)
 	}
 	switch {
@@ -51,12 +51,12 @@ func (m *Master) onReload(watcher chan CtlReply) error {
 	}
 	cfg, err := m.reloadedConfig()
 	if err != nil {
-		m.log.Error("reload refused: the configuration is invalid; the running one stays", "error", err)
+		m.log.Error("reload refused: the configuration is invalid; the running one stays", "event", "reload.refused", "reason", "invalid configuration", "error", err)
 		return err
 	}
 	r := &reload{cfg: cfg, started: time.Now(), seq: m.nextSeq()}
 	if err := m.planListeners(r); err != nil {
-		m.log.Error("reload refused: the listeners cannot change so; nothing changed", "error", err)
+		m.log.Error("reload refused: the listeners cannot change so; nothing changed", "event", "reload.refused", "reason", "listeners", "error", err)
 		return err
 	}
 	if watcher != nil {
@@ -69,7 +69,7 @@ func (m *Master) onReload(watcher chan CtlReply) error {
 	}
 	m.rl = r
 	m.supervisorReloading("reloading")
-	m.log.Info("reload started", "workers", n, "listeners_added", len(r.added), "listeners_dropped", len(r.dropped))
+	m.log.Info("reload started", "event", "reload.started", "workers", n, "listeners_added", len(r.added), "listeners_dropped", len(r.dropped))
 	for i := 0; i < n; i++ {
 		s := &slot{n: i, spec: r.spec, pending: true}
 		r.slots = append(r.slots, s)
@@ -106,7 +106,7 @@ func (m *Master) planListeners(r *reload) error {
 			r.listeners = append(r.listeners, l)
 			if r.cfg.Backlog > 0 && r.cfg.Backlog != m.cfg.Backlog {
 				if err := setBacklog(l.file, r.cfg.Backlog); err != nil {
-					m.log.Warn("backlog not changed", "listener", spec.Name, "error", err)
+					m.log.Warn("backlog not changed", "event", "listener.backlog_failed", "listener", spec.Name, "error", err)
 				}
 			}
 			continue
@@ -178,7 +178,7 @@ func (m *Master) onReloadWorkerReady() {
 		m.closeListener(l)
 	}
 	m.supervisorReady("serving, %d workers; reloaded", len(m.slots))
-	m.log.Info("reload done: new workers serve, the old ones drain", "workers", len(m.slots),
+	m.log.Info("reload done: new workers serve, the old ones drain", "event", "reload.done", "workers", len(m.slots),
 		"elapsed", time.Since(r.started).Round(time.Millisecond).String())
 	reloadReply(r, CtlReply{OK: true, Done: true, Message: fmt.Sprintf("reloaded: %d new workers serve", len(m.slots))})
 }
@@ -196,7 +196,7 @@ func (m *Master) failReload(reason string) {
 	for _, l := range r.added {
 		m.closeListener(l)
 	}
-	m.log.Error("reload failed; the old workers keep serving under the old configuration", "reason", reason)
+	m.log.Error("reload failed; the old workers keep serving under the old configuration", "event", "reload.failed", "reason", reason)
 	m.supervisorReady("serving, %d workers; reload failed: %s", len(m.slots), reason)
 	reloadReply(r, CtlReply{Done: true, Error: "reload failed: " + reason})
 }
@@ -222,8 +222,8 @@ func (m *Master) closeListener(l *listener) {
 	_ = l.file.Close()
 	if l.spec.Network == "unix" && !l.activated {
 		if err := safefile.RemoveSocket(l.spec.Address); err != nil {
-			m.log.Warn("unix socket path not removed", "listener", l.spec.Name, "error", err)
+			m.log.Warn("unix socket path not removed", "event", "listener.remove_failed", "listener", l.spec.Name, "error", err)
 		}
 	}
-	m.log.Info("listener closed", "listener", l.spec.Name, "addr", l.addr)
+	m.log.Info("listener closed", "event", "listener.closed", "listener", l.spec.Name, "addr", l.addr)
 }

@@ -70,7 +70,9 @@ func Logs(path string) []Line {
 }
 
 // Msg matches lines with message msg and, for each key/value pair in kv,
-// that field formatted as a string.
+// that field formatted as a string. Tests match Event instead: Msg is
+// left only for the lines that have no event key yet (some of the
+// upgrade's), and goes with them.
 func Msg(msg string, kv ...string) func(Line) bool {
 	return func(l Line) bool {
 		if l.Message != msg {

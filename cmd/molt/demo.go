@@ -39,14 +39,14 @@ func runDemo(lns ...net.Listener) int {
 	if v := os.Getenv(envDemoMaxRequests); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
-			log.Error("bad "+envDemoMaxRequests+"; want a positive number", "value", v)
+			log.Error("bad "+envDemoMaxRequests+"; want a positive number", "event", "demo.refused", "value", v)
 			return exitUsage
 		}
 		h = worker.RecycleAfter(n, h)
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	if err := worker.ServeHTTP(context.Background(), srv, lns...); err != nil {
-		log.Error("demo app stopped", "pid", os.Getpid(), "error", err)
+		log.Error("demo app stopped", "event", "demo.stopped", "pid", os.Getpid(), "error", err)
 		return exitFailure
 	}
 	return exitOK

@@ -205,10 +205,10 @@ func cmdRun(args []string) int {
 	if errors.As(err, &exitErr) {
 		// A new master that gave up: the old generation serves on and
 		// logs the rollback; this is not the operator's error to see.
-		log.Warn("new master exits; the old generation keeps serving", "code", exitErr.Code, "reason", exitErr.Reason)
+		log.Warn("new master exits; the old generation keeps serving", "event", "master.gave_up", "code", exitErr.Code, "reason", exitErr.Reason)
 		return exitErr.Code
 	}
-	log.Error("molt run failed", "error", err)
+	log.Error("molt run failed", "event", "master.failed", "error", err)
 	if f.logFile != "" { // the operator's terminal sees it too
 		fmt.Fprintln(os.Stderr, "molt run:", err)
 	}

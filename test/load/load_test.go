@@ -3,7 +3,6 @@ package load
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -39,26 +38,22 @@ func TestLoad_CountsAnswersByMasterAndWorker(t *testing.T) {
 	}
 }
 
+// TestLoad_ClassifiesFailures runs the cases the drill's client is
+// tested against too (test.FailureCases): both count a failure alike.
 func TestLoad_ClassifiesFailures(t *testing.T) {
-	// A server that hijacks and closes every connection without an answer.
-	eof := test.Serve(t, func(w http.ResponseWriter, r *http.Request) {
-		c, _, _ := w.(http.Hijacker).Hijack()
-		c.Close()
-	})
-	bad := test.Serve(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) })
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
-	refused := l.Addr().String()
-	l.Close()
-	for _, tc := range []struct {
-		addr string
-		want Class
-	}{{eof, EOF}, {bad, Status}, {refused, Refused}} {
-		r := Start(context.Background(), Config{Addr: tc.addr, Clients: 1, Rate: 200, KeepAlive: true, Timeout: 2 * time.Second})
-		waitRequests(t, r, 5)
-		res := r.Stop()
-		if res.Failures[tc.want] != res.Requests || res.OK != 0 {
-			t.Errorf("%s: %v, want every request failed as %s; samples %s", tc.addr, res, tc.want, strings.Join(res.Samples, "; "))
-		}
+	t.Parallel()
+	for _, c := range test.FailureCases(t) {
+		t.Run(c.Name, func(t *testing.T) {
+			t.Parallel()
+			for _, ka := range []bool{true, false} {
+				r := Start(context.Background(), Config{Network: c.Network, Addr: c.Addr, Clients: 1, Rate: 200, KeepAlive: ka, Timeout: 300 * time.Millisecond})
+				waitRequests(t, r, 3)
+				res := r.Stop()
+				if res.Requests == 0 || res.Failures[Class(c.Class)] != res.Requests || res.OK != 0 {
+					t.Errorf("keepalive=%v: %v, want every request failed as %s; samples %s", ka, res, c.Class, strings.Join(res.Samples, "; "))
+				}
+			}
+		})
 	}
 }
 

@@ -2,7 +2,6 @@ package drill
 
 import (
 	"context"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -78,23 +77,27 @@ func TestRun_SeesEachUpgradeAndEveryAnswer(t *testing.T) {
 	}
 }
 
+// TestRun_ClassifiesFailures runs the cases test/load's client is tested
+// against too (test.FailureCases): both count a failure alike, though
+// they share no code (the drill is never its own judge).
 func TestRun_ClassifiesFailures(t *testing.T) {
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
-	refused := "http://" + l.Addr().String() + "/"
-	l.Close()
-	bad := serve(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) })
-	eof := serve(t, func(w http.ResponseWriter, r *http.Request) {
-		c, _, _ := w.(http.Hijacker).Hijack()
-		c.Close()
-	})
-	for target, want := range map[string]Class{refused: Refused, bad: Status, eof: EOF} {
-		rep, err := Run(context.Background(), Config{Target: target, Clients: 1, Rate: 100, Duration: 200 * time.Millisecond, Modes: []Mode{KeepAlive}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if rep.Failed == 0 || rep.Failures[want] != rep.Failed {
-			t.Errorf("%s: failures %v, want all %s", target, rep.Failures, want)
-		}
+	t.Parallel()
+	for _, c := range test.FailureCases(t) {
+		t.Run(c.Name, func(t *testing.T) {
+			t.Parallel()
+			target := "http://" + c.Addr + "/"
+			if c.Network == "unix" {
+				target = "unix:" + c.Addr
+			}
+			rep, err := Run(context.Background(), Config{Target: target, Clients: 1, Rate: 100, Duration: 700 * time.Millisecond,
+				Timeout: 300 * time.Millisecond, Modes: []Mode{KeepAlive, Close}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Failed == 0 || rep.OK != 0 || rep.Failures[Class(c.Class)] != rep.Failed {
+				t.Errorf("failures %v of %d, want all %s", rep.Failures, rep.Requests, c.Class)
+			}
+		})
 	}
 }
 
