@@ -72,6 +72,12 @@ func TestLayout_ImportDirections(t *testing.T) {
 			t.Errorf("master/safefile depends on %s: it is a leaf (stdlib + golang.org/x/sys)", d)
 		}
 	}
+	// master/ctlclient: a leaf that cmd/molt and the keeper both use.
+	for _, d := range pkgDeps(t, "master/ctlclient") {
+		if d != module+"/master/ctlclient" && !strings.HasPrefix(d, "golang.org/x/sys/") {
+			t.Errorf("master/ctlclient depends on %s: it is a leaf (stdlib + golang.org/x/sys)", d)
+		}
+	}
 	// worker: the standard library and x/sys, nothing else.
 	for _, d := range pkgDeps(t, "worker") {
 		if d != module+"/worker" && !strings.HasPrefix(d, "golang.org/x/sys/") {
