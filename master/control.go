@@ -35,6 +35,7 @@ type CtlRequest struct {
 	Wait    bool   `json:"wait,omitempty"`    // upgrade, reload: reply with progress until the end
 	Workers int    `json:"workers,omitempty"` // scale: the exact worker count
 	Fast    bool   `json:"fast,omitempty"`    // stop: TERM instead of QUIT
+	All     bool   `json:"all,omitempty"`     // stop: every generation (the keeper's QUIT)
 }
 
 // CtlReply is one line of a reply.
