@@ -337,9 +337,11 @@ func waitWorkerCount(t *testing.T, master, n int) {
 }
 
 // TestKeeper_GracefulStopDuringAnUpgrade: QUIT to the keeper while an
-// upgrade waits for its manual commit aborts the new generation first
-// (QUIT to the old master would commit it) and then stops the old one:
-// every master exits and the keeper exits 0.
+// upgrade waits for its manual commit is a stop request to the primary
+// (the old master, on its control socket, now PATH.oldbin); the masters
+// abort the new generation first (QUIT to the old master would commit
+// it) and then stop the old one: every master exits and the keeper
+// exits 0.
 func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 	t.Parallel()
 	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "1", "--commit", "manual", "--probation", "200ms")
@@ -358,6 +360,9 @@ func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 	}
 	if n := len(test.Find(u.log, test.Msg("upgrade committed"))); n != 0 {
 		t.Error("the stop committed the upgrade instead of aborting it")
+	}
+	if got := test.Find(u.log, test.Event("keeper.stop_requested", "pid", strconv.Itoa(old), "path", filepath.Join(u.dir, "molt.sock.oldbin"))); len(got) != 1 {
+		t.Errorf("%d stop requests to the old master on its control socket, want 1", len(got))
 	}
 }
 
