@@ -201,6 +201,12 @@ func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 			t.Errorf("master %d outlived the keeper's stop", m)
 		}
 	}
+	// The QUIT reached the last master as a request on its control
+	// socket, which it named with its MAINPID.
+	last := strconv.Itoa(masters[len(masters)-1])
+	if got := test.Find(u.log, test.Event("keeper.stop_requested", "pid", last, "path", filepath.Join(u.dir, "molt.sock"))); len(got) != 1 {
+		t.Errorf("%d stop requests to master %s on its control socket, want 1: %v", len(got), last, test.Find(u.log, test.Event("keeper.stop_fallback")))
+	}
 	t.Logf("keeper %d kept masters %v", keeper, masters)
 }
 
@@ -331,9 +337,11 @@ func waitWorkerCount(t *testing.T, master, n int) {
 }
 
 // TestKeeper_GracefulStopDuringAnUpgrade: QUIT to the keeper while an
-// upgrade waits for its manual commit aborts the new generation first
-// (QUIT to the old master would commit it) and then stops the old one:
-// every master exits and the keeper exits 0.
+// upgrade waits for its manual commit is a stop request to the primary
+// (the old master, on its control socket, now PATH.oldbin); the masters
+// abort the new generation first (QUIT to the old master would commit
+// it) and then stop the old one: every master exits and the keeper
+// exits 0.
 func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 	t.Parallel()
 	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "1", "--commit", "manual", "--probation", "200ms")
@@ -352,6 +360,42 @@ func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 	}
 	if n := len(test.Find(u.log, test.Msg("upgrade committed"))); n != 0 {
 		t.Error("the stop committed the upgrade instead of aborting it")
+	}
+	if got := test.Find(u.log, test.Event("keeper.stop_requested", "pid", strconv.Itoa(old), "path", filepath.Join(u.dir, "molt.sock.oldbin"))); len(got) != 1 {
+		t.Errorf("%d stop requests to the old master on its control socket, want 1", len(got))
+	}
+}
+
+// TestKeeper_QuitFallsBackToSIGQUIT: when the primary's control socket
+// is gone (deleted), QUIT to the keeper still stops the service
+// gracefully: the keeper says why and sends QUIT to the primary, which
+// exits 0; so does the keeper.
+func TestKeeper_QuitFallsBackToSIGQUIT(t *testing.T) {
+	t.Parallel()
+	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "1")
+	u.addr()
+	u.waitServing()
+	m := u.masterPid(t)
+	sock := filepath.Join(u.dir, "molt.sock")
+	// The primary named its control socket (with its READY=1) before the
+	// pid file was written, so the keeper knows it by now.
+	test.WaitLog(t, u.log, stepTimeout, 1, "the master's READY=1", test.Event("keeper.ready"))
+	if err := os.Remove(sock); err != nil {
+		t.Fatal(err)
+	}
+	if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+	if test.Alive(m) {
+		t.Errorf("master %d outlived the stop", m)
+	}
+	if got := test.Find(u.log, test.Event("keeper.stop_fallback", "pid", strconv.Itoa(m))); len(got) != 1 {
+		t.Errorf("%d fallbacks to QUIT logged, want 1", len(got))
+	} else if !strings.Contains(got[0].Str("reason"), sock) {
+		t.Errorf("the fallback's reason does not name the socket %s: %q", sock, got[0].Str("reason"))
+	}
+	if got := test.Find(u.log, test.Event("keeper.master_exited", "pid", strconv.Itoa(m), "status", "exit status 0")); len(got) != 1 {
+		t.Errorf("master %d did not exit 0: %v", m, test.Find(u.log, test.Event("keeper.master_exited")))
 	}
 }
 

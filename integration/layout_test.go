@@ -65,11 +65,23 @@ func TestLayout_ImportDirections(t *testing.T) {
 			strings.HasPrefix(d, "github.com/cloudflare/tableflip") {
 			t.Errorf("master/keeper depends on %s: the keeper never re-executes and knows nothing of generations; keep its code independent", d)
 		}
+		// Of molt's own packages, only these: the keeper forwards, the
+		// masters decide.
+		if strings.HasPrefix(d, module+"/") && d != module+"/master/keeper" && d != module+"/worker" && d != module+"/master/ctlclient" &&
+			!strings.HasPrefix(d, module+"/master/internal/") {
+			t.Errorf("master/keeper depends on %s: it may use worker, master/ctlclient and master/internal/* of molt's packages", d)
+		}
 	}
 	// master/safefile: a leaf that cmd/molt and master both use.
 	for _, d := range pkgDeps(t, "master/safefile") {
 		if d != module+"/master/safefile" && !strings.HasPrefix(d, "golang.org/x/sys/") {
 			t.Errorf("master/safefile depends on %s: it is a leaf (stdlib + golang.org/x/sys)", d)
+		}
+	}
+	// master/ctlclient: a leaf that cmd/molt and the keeper both use.
+	for _, d := range pkgDeps(t, "master/ctlclient") {
+		if d != module+"/master/ctlclient" && !strings.HasPrefix(d, "golang.org/x/sys/") {
+			t.Errorf("master/ctlclient depends on %s: it is a leaf (stdlib + golang.org/x/sys)", d)
 		}
 	}
 	// worker: the standard library and x/sys, nothing else.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/ctlclient"
 	"github.com/molt-server/molt/master/safefile"
 	"golang.org/x/sys/unix"
 )
@@ -35,6 +36,7 @@ type CtlRequest struct {
 	Wait    bool   `json:"wait,omitempty"`    // upgrade, reload: reply with progress until the end
 	Workers int    `json:"workers,omitempty"` // scale: the exact worker count
 	Fast    bool   `json:"fast,omitempty"`    // stop: TERM instead of QUIT
+	All     bool   `json:"all,omitempty"`     // stop: every generation (the keeper's QUIT)
 }
 
 // CtlReply is one line of a reply.
@@ -338,31 +340,11 @@ func ParseCtlRequest(b []byte) (CtlRequest, error) {
 
 // peerUID is the uid of the process at the other end (SO_PEERCRED).
 func peerUID(conn *net.UnixConn) (uint32, error) {
-	cred, err := PeerCred(conn)
+	cred, err := ctlclient.PeerCred(conn)
 	if err != nil {
 		return 0, err
 	}
 	return cred.Uid, nil
-}
-
-// PeerCred returns the credentials the kernel recorded for the process at
-// the other end of a unix stream connection (SO_PEERCRED: as of its
-// connect or listen). The control socket's both ends check it.
-func PeerCred(conn *net.UnixConn) (*unix.Ucred, error) {
-	raw, err := conn.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
-	var (
-		cred *unix.Ucred
-		cerr error
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return nil, err
-	}
-	return cred, cerr
 }
 
 // ctlAllowed is the peer check: the master's own uid, or root.

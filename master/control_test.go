@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/keeper"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,6 +27,10 @@ func TestParseCtlRequest(t *testing.T) {
 		if _, err := ParseCtlRequest([]byte(bad)); !errors.Is(err, ErrCtlRequest) {
 			t.Errorf("ParseCtlRequest(%q) = %v, want ErrCtlRequest", bad, err)
 		}
+	}
+	// The keeper's QUIT, as it sends it.
+	if req, err := ParseCtlRequest([]byte(keeper.StopAllRequest + "\n")); err != nil || req != (CtlRequest{Cmd: "stop", All: true}) {
+		t.Errorf("the keeper's stop request %s = %+v, %v", keeper.StopAllRequest, req, err)
 	}
 }
 

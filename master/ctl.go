@@ -51,6 +51,10 @@ func (m *Master) onCtl(ev ctlEvent) {
 		ok(fmt.Sprintf("workers: %d", len(m.slots)))
 	case "stop":
 		ok(fmt.Sprintf("stopping master %d (%s)", os.Getpid(), map[bool]string{true: "fast", false: "graceful"}[ev.req.Fast]))
+		// All is the keeper's QUIT: every generation, gracefully. With no
+		// upgrade in flight this master is the only generation: a plain
+		// graceful stop. (During an upgrade it is, for now, the same as
+		// a QUIT to this master.)
 		switch {
 		case ev.req.Fast:
 			m.onFastStop()

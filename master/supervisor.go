@@ -3,6 +3,7 @@ package master
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -16,12 +17,17 @@ import (
 // (NotifyAccess=all). Each master tells it, in systemd's notify protocol,
 // which master is primary and what the service is doing:
 //
-//	a lone master serving             MAINPID=<self> READY=1 STATUS=...
-//	USR2 (after the pre-flight)       RELOADING=1 MONOTONIC_USEC=... STATUS=...
-//	the new master's commit           MAINPID=<self> READY=1 STATUS=...   (before tableflip's Ready)
+//	a lone master serving             MAINPID=<self> READY=1 MOLT_CONTROL_SOCKET=... STATUS=...
+//	USR2 (after the pre-flight)       RELOADING=1 MONOTONIC_USEC=... MOLT_CONTROL_SOCKET=... STATUS=...
+//	the new master's commit           MAINPID=<self> READY=1 MOLT_CONTROL_SOCKET=... STATUS=...   (before tableflip's Ready)
 //	a rollback                        READY=1 STATUS=...                  (the old master)
 //	a reload starting / ending        RELOADING=1 ... / READY=1 STATUS=...
 //	the primary stopping              STOPPING=1 STATUS=...
+//
+// MOLT_CONTROL_SOCKET= is the absolute path of the sender's control
+// socket as it is then (PATH.oldbin while an upgrade is in flight), and
+// the READY=1 lines of a rollback and a reload carry it too: the keeper
+// sends the primary its stop request there (systemd ignores the field).
 //
 // An old master retiring after a commit and a new master giving up say
 // nothing: they are not the service. The variable stays in the master's
@@ -38,11 +44,18 @@ func monotonicUsec() string {
 	return strconv.FormatInt(ts.Nano()/1000, 10)
 }
 
-// tellSupervisor sends one message made of lines, without waiting on the
-// supervisor; failures are logged (it may be gone: the master serves on).
-func (m *Master) tellSupervisor(lines ...string) {
+// tellSupervisor sends one message made of lines (empty ones left out),
+// without waiting on the supervisor; failures are logged (it may be gone:
+// the master serves on).
+func (m *Master) tellSupervisor(all ...string) {
 	if m.supervisor == "" {
 		return
+	}
+	var lines []string
+	for _, l := range all {
+		if l != "" {
+			lines = append(lines, l)
+		}
 	}
 	if err := worker.NotifyTo(m.supervisor, strings.Join(lines, "\n")); err != nil {
 		m.log.Warn("notify socket: message not sent", "error", err, "message", strings.Join(lines, " "))
@@ -58,12 +71,25 @@ func (m *Master) supervisorStatus(format string, a ...any) string {
 
 // supervisorReady: this master is the primary and serves.
 func (m *Master) supervisorReady(format string, a ...any) {
-	m.tellSupervisor("MAINPID="+strconv.Itoa(os.Getpid()), "READY=1", m.supervisorStatus(format, a...))
+	m.tellSupervisor("MAINPID="+strconv.Itoa(os.Getpid()), "READY=1", m.controlLine(), m.supervisorStatus(format, a...))
+}
+
+// controlLine is MOLT_CONTROL_SOCKET=<absolute path>, or "" (no line)
+// without a control socket.
+func (m *Master) controlLine() string {
+	if m.control == nil {
+		return ""
+	}
+	path, err := filepath.Abs(m.control.path)
+	if err != nil {
+		return ""
+	}
+	return keeper.FieldControlSocket + "=" + path
 }
 
 // supervisorReloading: an upgrade or a reload begins.
 func (m *Master) supervisorReloading(what string) {
-	m.tellSupervisor("RELOADING=1", "MONOTONIC_USEC="+monotonicUsec(), m.supervisorStatus("%s", what))
+	m.tellSupervisor("RELOADING=1", "MONOTONIC_USEC="+monotonicUsec(), m.controlLine(), m.supervisorStatus("%s", what))
 }
 
 // watchKeeper logs once the keeper (MOLT_KEEPER_PID) has exited: the

@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -16,6 +14,7 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/master"
+	"github.com/molt-server/molt/master/ctlclient"
 )
 
 const ctlUsage = `Usage: molt ctl [flags] COMMAND [ARGS]
@@ -124,27 +123,23 @@ func parseCtlCommand(args []string) (req master.CtlRequest, human bool, err erro
 
 // ctlCall sends req and prints the replies; it returns the exit code.
 func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Duration, out io.Writer) int {
-	conn, err := net.DialTimeout("unix", path, 5*time.Second)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "molt ctl: no master answers on %s: %v\n(is molt running? use --socket or --pid-file to find it; during an upgrade --old reaches the old master)\n", path, err)
+	conn, _, err := ctlclient.Dial(path, 5*time.Second)
+	if noServer := (*ctlclient.NoServerError)(nil); errors.As(err, &noServer) {
+		fmt.Fprintf(os.Stderr, "molt ctl: %v\n(is molt running? use --socket or --pid-file to find it; during an upgrade --old reaches the old master)\n", noServer)
 		return ctlNoPeer
 	}
-	defer conn.Close()
-	if err := checkServer(conn.(*net.UnixConn), path); err != nil {
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "molt ctl:", err)
 		return ctlNoPeer
 	}
-	_ = conn.SetDeadline(time.Now().Add(timeout))
-	// A master that refuses the peer says why and closes at once, maybe
-	// before the request is written: read its reply even then.
-	sendErr := json.NewEncoder(conn).Encode(req)
-	sc := bufio.NewScanner(conn)
-	sc.Buffer(make([]byte, 1<<16), 1<<22)
-	for sc.Scan() {
+	defer conn.Close()
+	var result int
+	errBadReply := errors.New("bad reply")
+	err = ctlclient.Exchange(conn, req, timeout, func(line []byte) (bool, error) {
 		var r master.CtlReply
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+		if err := json.Unmarshal(line, &r); err != nil {
 			fmt.Fprintln(os.Stderr, "molt ctl: bad reply:", err)
-			return ctlFailed
+			return false, errBadReply
 		}
 		switch {
 		case r.Status != nil && human:
@@ -158,52 +153,28 @@ func ctlCall(path string, req master.CtlRequest, human bool, timeout time.Durati
 		case r.Message != "":
 			fmt.Fprintln(out, master.Printable(r.Message))
 		}
-		if r.Done {
-			awaitClose(conn, sc)
-			if r.OK {
-				return exitOK
-			}
-			return ctlFailed
+		if r.Done && r.OK {
+			result = exitOK
+		} else if r.Done {
+			result = ctlFailed
 		}
-	}
-	if sendErr != nil {
-		fmt.Fprintln(os.Stderr, "molt ctl: send:", sendErr)
+		return r.Done, nil
+	})
+	var sendErr *ctlclient.SendError
+	switch {
+	case err == nil:
+		return result
+	case errors.Is(err, errBadReply):
+		return ctlFailed
+	case errors.As(err, &sendErr):
+		fmt.Fprintln(os.Stderr, "molt ctl:", sendErr)
 		return ctlNoPeer
-	}
-	if err := sc.Err(); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+	case errors.Is(err, os.ErrDeadlineExceeded):
 		fmt.Fprintf(os.Stderr, "molt ctl: no final answer within %v\n", timeout)
 		return ctlTimeout
-	}
-	fmt.Fprintln(os.Stderr, "molt ctl: the master closed the connection without a final answer")
-	return ctlFailed
-}
-
-// checkServer refuses a control socket served by a process that is
-// neither root nor this user: anyone able to put a socket at path (a
-// directory others can write, a wrong --socket) could otherwise answer
-// for the master, and say an upgrade committed when it did not. The
-// kernel supplies the server's credentials (SO_PEERCRED: those of the
-// process that called listen).
-func checkServer(conn *net.UnixConn, path string) error {
-	cred, err := master.PeerCred(conn)
-	if err != nil {
-		return fmt.Errorf("control socket %s: cannot identify its server: %w", path, err)
-	}
-	if me := os.Geteuid(); cred.Uid != 0 && int(cred.Uid) != me {
-		return fmt.Errorf("refuse the control socket %s: its server (pid %d) runs as uid %d, neither root nor you (uid %d): it is not a molt master to trust",
-			path, cred.Pid, cred.Uid, me)
-	}
-	return nil
-}
-
-// awaitClose waits, for at most a second, for the master to close the
-// connection after its final reply: the master closes right after it, and
-// a caller that runs ctl commands one after another (a script, a test
-// counting the master's fds) then never sees the previous call's
-// connection still open.
-func awaitClose(conn net.Conn, sc *bufio.Scanner) {
-	_ = conn.SetReadDeadline(time.Now().Add(time.Second))
-	for sc.Scan() {
+	default:
+		fmt.Fprintln(os.Stderr, "molt ctl:", err)
+		return ctlFailed
 	}
 }
 

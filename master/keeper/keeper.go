@@ -6,15 +6,22 @@
 // keeper starts the first master and never re-executes. It is a child
 // subreaper, so every master it did not start itself (the new master of an
 // upgrade, started by the old one) is re-parented to it when its parent
-// exits, and it reaps every orphan, as PID 1 must. It learns which master is
-// primary from their notify messages on its own NOTIFY_SOCKET (MAINPID=,
-// READY=1, RELOADING=1, STOPPING=1, STATUS=, as systemd would), forwards the
-// operator's signals to that master, relays a summary to systemd when it
-// runs under it, and exits with the last master's exit status once no
-// process of its tree is left.
+// exits, and it reaps every orphan, as PID 1 must.
+//
+// The keeper forwards; the masters decide. It knows nothing of
+// generations: it learns which master is primary from their notify
+// messages on its own NOTIFY_SOCKET (MAINPID=, READY=1, RELOADING=1,
+// STOPPING=1, STATUS=, as systemd would, and MOLT_CONTROL_SOCKET=),
+// forwards the operator's signals to that master, sends TERM and INT to
+// every master it holds, turns QUIT into a request to the primary to stop
+// every generation gracefully (over its control socket; SIGQUIT to it if
+// that fails), relays a summary to systemd when it runs under it, and
+// exits with the last master's exit status once no process of its tree is
+// left.
 package keeper
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -24,8 +31,10 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/ctlclient"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/internal/procfs"
 	"github.com/molt-server/molt/worker"
@@ -61,6 +70,18 @@ type Config struct {
 	Activated []int
 }
 
+// FieldControlSocket is the notify field with which a master tells its
+// supervisor the absolute path of its control socket, beside MAINPID= and
+// READY=1 (systemd ignores it).
+const FieldControlSocket = "MOLT_CONTROL_SOCKET"
+
+// StopAllRequest is the keeper's QUIT as a request to the primary master,
+// on its control socket: stop every generation, gracefully.
+const StopAllRequest = `{"cmd":"stop","all":true}`
+
+// stopRequestTimeout bounds the stop request: connect, send, final reply.
+const stopRequestTimeout = 10 * time.Second
+
 // forwarded are the signals the keeper passes on to the primary master.
 var forwarded = []os.Signal{
 	syscall.SIGUSR2, syscall.SIGHUP, syscall.SIGWINCH, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGUSR1,
@@ -74,26 +95,81 @@ type keeper struct {
 	cfg     Config
 	log     hclog.Logger
 	procs   procView
+	sys     sysOps
 	primary int // the master the operator's signals go to
+	// control is the primary's control socket, from its
+	// MOLT_CONTROL_SOCKET= ("" if it said none).
+	control string
 	// masters are the live masters it knows of, each held as a pidfd
 	// opened once the pid was checked (and checked again after the
 	// open): a signal sent through it reaches that process or none,
 	// never one that reused its pid. Closed when the master is reaped.
-	masters  map[int]int
-	ready    bool         // READY=1 sent upstream once
-	stopping os.Signal    // the stop signal received, if any
-	quitSent map[int]bool // masters sent QUIT by a graceful stop
-	stopSent bool         // STOPPING=1 sent upstream
-	status   int          // exit code of the last master reaped
+	masters map[int]int
+	// stopped gets the outcome of a stop request, sent by the goroutine
+	// that made it (one at a time: room for one).
+	stopped     chan stopResult
+	requesting  bool          // a stop request is in flight
+	stopTimeout time.Duration // bounds a stop request
+	ready       bool          // READY=1 sent upstream once
+	stopSent    bool          // STOPPING=1 sent upstream
+	status      int           // exit code of the last master reaped
+	turns       int           // turns of the loop, for tests
+}
+
+// sysOps is what the keeper asks of the kernel, a seam for tests.
+type sysOps struct {
+	pidfdOpen   func(pid int) (int, error)
+	pidfdSignal func(fd int, sig syscall.Signal) error
+	closeFD     func(fd int)
+	// exitedElsewhere: the pidfd's process has exited and is not the
+	// keeper's child (its parent reaped it or will).
+	exitedElsewhere func(fd int) bool
+	// wait is wait4(-1, WNOHANG).
+	wait func() (int, unix.WaitStatus, error)
+	// requestStop asks the master primary, on its control socket at
+	// path, to stop every generation.
+	requestStop func(path string, primary int, timeout time.Duration) error
+}
+
+// liveOps is the real kernel.
+func liveOps() sysOps {
+	return sysOps{
+		pidfdOpen:   func(pid int) (int, error) { return unix.PidfdOpen(pid, 0) },
+		pidfdSignal: func(fd int, sig syscall.Signal) error { return unix.PidfdSendSignal(fd, sig, nil, 0) },
+		closeFD:     func(fd int) { _ = unix.Close(fd) },
+		exitedElsewhere: func(fd int) bool {
+			var info unix.Siginfo
+			err := unix.Waitid(unix.P_PIDFD, fd, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+			return errors.Is(err, unix.ECHILD) && exited(fd)
+		},
+		wait: func() (int, unix.WaitStatus, error) {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			return pid, ws, err
+		},
+		requestStop: requestStop,
+	}
+}
+
+// stopResult is the outcome of a stop request.
+type stopResult struct {
+	primary int
+	path    string
+	err     error
+}
+
+func newKeeper(cfg Config, procs procView, sys sysOps) *keeper {
+	return &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), procs: procs, sys: sys, masters: map[int]int{},
+		stopped: make(chan stopResult, 1), stopTimeout: stopRequestTimeout}
 }
 
 // Run starts the first master and keeps it, and every master after it,
 // until none is left. It returns the exit code for the keeper's process.
 func Run(cfg Config) int {
-	k := &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), procs: liveProcs(), masters: map[int]int{}, quitSent: map[int]bool{}}
+	k := newKeeper(cfg, liveProcs(), liveOps())
 	defer func() {
 		for _, fd := range k.masters {
-			_ = unix.Close(fd)
+			k.sys.closeFD(fd)
 		}
 	}()
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
@@ -122,7 +198,9 @@ func Run(cfg Config) int {
 	rejected := notify.NewRejected(k.log, sock.Addr, notify.RejectedLogEvery)
 	defer rejected.Close()
 	notices := make(chan notify.Msg, 64)
-	go k.readNotify(sock, rejected, notices)
+	done := make(chan struct{})
+	defer close(done) // before the socket's close: the reader ends either way
+	go k.readNotify(sock.Read, rejected.Add, notices, done)
 
 	sigC := make(chan os.Signal, 16)
 	signal.Notify(sigC, append(append([]os.Signal{syscall.SIGCHLD}, forwarded...), stops...)...)
@@ -135,33 +213,46 @@ func Run(cfg Config) int {
 		return 1
 	}
 	k.primary = pid
-	if fd, err := unix.PidfdOpen(pid, 0); err == nil { // its child, not reaped: the pid is its own
+	if fd, err := k.sys.pidfdOpen(pid); err == nil { // its child, not reaped: the pid is its own
 		k.masters[pid] = fd
 	} else {
 		k.log.Error("cannot hold the master by a pidfd; it cannot be signalled", "pid", pid, "error", err)
 	}
-	k.log.Info("keeper started the master", "keeper_pid", os.Getpid(), "master_pid", pid)
+	k.log.Info("keeper started the master", "event", "keeper.started", "keeper_pid", os.Getpid(), "master_pid", pid)
 	k.upstreamSend("STATUS=starting")
+	code := k.loop(sigC, notices)
+	if !k.ready && code != 0 && cfg.Stderr != nil {
+		// The master's own error went to the log file; the operator's
+		// terminal must learn that it failed.
+		fmt.Fprintf(os.Stderr, "molt run: the master exited with status %d before it served; its error is in the log file\n", code)
+	}
+	return code
+}
 
+// loop handles signals, notices and stop results until no process is
+// left; it returns the keeper's exit code.
+func (k *keeper) loop(sigC <-chan os.Signal, notices <-chan notify.Msg) int {
 	for {
+		k.turns++
 		select {
 		case s := <-sigC:
-			if s == syscall.SIGCHLD {
-				if k.reap() {
-					k.log.Info("no master left; the keeper exits", "status", k.status)
-					k.upstreamStopping("stopped")
-					if !k.ready && k.status != 0 && cfg.Stderr != nil {
-						// The master's own error went to the log file; the
-						// operator's terminal must learn that it failed.
-						fmt.Fprintf(os.Stderr, "molt run: the master exited with status %d before it served; its error is in the log file\n", k.status)
-					}
-					return k.status
-				}
+			if s != syscall.SIGCHLD {
+				k.onSignal(s)
+			} else if k.reap() {
+				k.log.Info("no master left; the keeper exits", "event", "keeper.exit", "status", k.status)
+				k.upstreamStopping("stopped")
+				return k.status
+			}
+		case n, ok := <-notices:
+			if !ok {
+				// The reader has ended (it said why): no more notices,
+				// and no turn of the loop for a closed channel.
+				notices = nil
 				continue
 			}
-			k.onSignal(s)
-		case n := <-notices:
 			k.onNotice(n)
+		case r := <-k.stopped:
+			k.onStopResult(r)
 		}
 	}
 }
@@ -171,8 +262,7 @@ func Run(cfg Config) int {
 // to the keeper before its parent's exit is reported).
 func (k *keeper) reap() bool {
 	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		pid, ws, err := k.sys.wait()
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -182,26 +272,35 @@ func (k *keeper) reap() bool {
 		if err != nil || pid <= 0 {
 			return false
 		}
-		code := exitCode(ws)
-		if fd, ok := k.masters[pid]; ok {
-			_ = unix.Close(fd)
-			delete(k.masters, pid)
-			k.status = code
-			k.log.Info("master exited", "pid", pid, "status", describe(ws))
-			k.dropExited()
-			if pid == k.primary {
-				k.primary = 0
-				for p := range k.masters {
-					k.primary = p // the other live master, if any
-				}
-				if k.primary != 0 {
-					k.log.Info("primary master", "event", "keeper.primary", "pid", k.primary, "previous", pid)
-				}
-			}
-			k.continueStop(false)
-		} else {
+		fd, ok := k.masters[pid]
+		if !ok {
 			k.log.Debug("orphan reaped", "pid", pid, "status", describe(ws))
+			continue
 		}
+		k.sys.closeFD(fd)
+		delete(k.masters, pid)
+		k.status = exitCode(ws)
+		k.log.Info("master exited", "event", "keeper.master_exited", "pid", pid, "status", describe(ws))
+		k.dropExited()
+		if pid == k.primary || k.primary == 0 {
+			k.setPrimary(0, pid)
+			for p := range k.masters {
+				k.setPrimary(p, pid) // the other live master, if any
+				break
+			}
+		}
+	}
+}
+
+// setPrimary makes pid the primary (0: none). The control socket was the
+// previous primary's: the new one names its own.
+func (k *keeper) setPrimary(pid, previous int) {
+	if pid != k.primary {
+		k.control = ""
+	}
+	k.primary = pid
+	if pid != 0 {
+		k.log.Info("primary master", "event", "keeper.primary", "pid", pid, "previous", previous)
 	}
 }
 
@@ -229,18 +328,18 @@ func (k *keeper) onSignal(s os.Signal) {
 			return
 		}
 	}
-	if k.primary == 0 {
-		k.log.Warn("signal not forwarded: no primary master known", "signal", unix.SignalName(sig))
-		return
-	}
 	if sig == syscall.SIGUSR1 && k.cfg.Reopen != nil {
 		if err := k.cfg.Reopen(); err != nil {
 			k.log.Error("log file not reopened", "error", err)
 		}
 	}
+	if k.primary == 0 {
+		k.log.Warn("signal not forwarded: no primary master known", "event", "keeper.signal_not_forwarded", "signal", unix.SignalName(sig))
+		return
+	}
 	k.log.Info("forwarding signal to the primary master", "event", "keeper.signal_forwarded", "signal", unix.SignalName(sig), "pid", k.primary)
 	if err := k.signal(k.primary, sig); err != nil {
-		k.log.Warn("signal not forwarded", "signal", unix.SignalName(sig), "pid", k.primary, "error", err)
+		k.log.Warn("signal not forwarded", "event", "keeper.signal_not_forwarded", "signal", unix.SignalName(sig), "pid", k.primary, "error", err)
 	}
 }
 
@@ -250,25 +349,10 @@ func (k *keeper) signal(pid int, sig syscall.Signal) error {
 	if !ok {
 		return fmt.Errorf("signal pid %d: not a master the keeper holds", pid)
 	}
-	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
+	if err := k.sys.pidfdSignal(fd, sig); err != nil {
 		return fmt.Errorf("signal master %d: %w", pid, err)
 	}
 	return nil
-}
-
-// signalChild sends sig to c, a new master found by uncommittedChild,
-// through a pidfd opened and then checked to be still the primary's
-// child: never to a process that reused c's pid.
-func (k *keeper) signalChild(c int, sig syscall.Signal) {
-	fd, err := unix.PidfdOpen(c, 0)
-	if err != nil {
-		return
-	}
-	defer unix.Close(fd)
-	if ppid, _, ok := procfs.Parent(c); !ok || ppid != k.primary {
-		return
-	}
-	_ = unix.PidfdSendSignal(fd, sig, nil, 0)
 }
 
 // dropExited forgets masters that have exited but are not the keeper's
@@ -277,15 +361,13 @@ func (k *keeper) signalChild(c int, sig syscall.Signal) {
 // status.
 func (k *keeper) dropExited() {
 	for pid, fd := range k.masters {
-		var info unix.Siginfo
-		err := unix.Waitid(unix.P_PIDFD, fd, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
-		if !errors.Is(err, unix.ECHILD) || !exited(fd) {
+		if !k.sys.exitedElsewhere(fd) {
 			continue
 		}
-		_ = unix.Close(fd)
+		k.sys.closeFD(fd)
 		delete(k.masters, pid)
 		if pid == k.primary {
-			k.primary = 0
+			k.setPrimary(0, pid)
 		}
 	}
 }
@@ -297,96 +379,126 @@ func exited(pidfd int) bool {
 	return n > 0
 }
 
-// stop stops every live generation. TERM and INT (a fast stop) go to every
-// master: either one stops both. QUIT (graceful) is sequenced by
-// continueStop.
+// stop stops every generation. TERM and INT (a fast stop) go to every
+// master the keeper holds: either one stops both generations. QUIT (a
+// graceful stop) is a request to the primary, which the masters carry
+// out between them: only they know whether an upgrade is in flight.
 func (k *keeper) stop(sig syscall.Signal) {
 	k.upstreamStopping("stopping")
-	k.stopping = sig
-	k.log.Info("stopping every generation", "signal", unix.SignalName(sig), "masters", len(k.masters))
+	k.log.Info("stopping every generation", "event", "keeper.stop", "signal", unix.SignalName(sig), "masters", len(k.masters), "primary", k.primary)
 	if sig != syscall.SIGQUIT {
 		for p := range k.masters {
-			_ = k.signal(p, sig)
-		}
-		if c := k.uncommittedChild(); c != 0 {
-			k.signalChild(c, sig)
+			if err := k.signal(p, sig); err != nil {
+				k.log.Warn("signal not sent", "event", "keeper.signal_not_forwarded", "signal", unix.SignalName(sig), "pid", p, "error", err)
+			}
 		}
 		return
 	}
-	k.continueStop(false)
+	switch {
+	case k.requesting:
+		k.log.Info("graceful stop: a stop request is in flight already", "event", "keeper.stop_pending")
+	case k.primary == 0:
+		k.log.Warn("graceful stop: no primary master known; nothing to ask", "event", "keeper.stop_failed", "reason", "no primary master")
+	case k.control == "":
+		k.quitPrimary("the primary named no control socket")
+	default:
+		k.requesting = true
+		path, primary, timeout, request := k.control, k.primary, k.stopTimeout, k.sys.requestStop
+		k.log.Info("graceful stop: asking the primary master to stop every generation", "event", "keeper.stop_request", "pid", primary, "path", path)
+		// Off the loop: a master slow to answer must not hold up the
+		// operator's signals or the reaping.
+		go func() {
+			k.stopped <- stopResult{primary: primary, path: path, err: request(path, primary, timeout)}
+		}()
+	}
 }
 
-// continueStop moves a graceful stop on. QUIT to an old master whose
-// upgrade is in flight would commit the upgrade, so a new master not yet
-// committed gets QUIT first (it aborts; the old master rolls back and says
-// READY=1: rolledBack), then the primary. A master that becomes primary
-// later (an upgrade that was already committing) gets its QUIT too.
-func (k *keeper) continueStop(rolledBack bool) {
-	if k.stopping != syscall.SIGQUIT {
+// onStopResult ends a stop request: the masters carry the stop out, or,
+// if the primary could not be asked, it gets SIGQUIT.
+func (k *keeper) onStopResult(r stopResult) {
+	k.requesting = false
+	if r.err == nil {
+		k.log.Info("graceful stop: the primary master took the request", "event", "keeper.stop_requested", "pid", r.primary, "path", r.path)
 		return
 	}
-	if c := k.uncommittedChild(); c != 0 {
-		if !k.quitSent[c] {
-			k.quitSent[c] = true
-			k.log.Info("graceful stop: aborting the upgrade in flight first", "new_pid", c)
-			k.signalChild(c, syscall.SIGQUIT)
-			return
-		}
-		if !rolledBack {
-			return
-		}
-	}
-	if p := k.primary; p != 0 && !k.quitSent[p] {
-		k.quitSent[p] = true
-		if err := k.signal(p, syscall.SIGQUIT); err != nil {
-			k.log.Warn("graceful stop: QUIT not sent", "pid", p, "error", err)
-		}
-	}
+	k.quitPrimary(fmt.Sprintf("stop request to master %d on %s: %v", r.primary, r.path, r.err))
 }
 
-// uncommittedChild returns a master started by the primary's upgrade: a
-// child of the primary in the keeper's process group (workers and
-// pre-flight runs have groups of their own), or 0.
-func (k *keeper) uncommittedChild() int {
+// quitPrimary is the fallback of a graceful stop: QUIT to the primary.
+func (k *keeper) quitPrimary(why string) {
 	if k.primary == 0 {
-		return 0
+		k.log.Warn("graceful stop: no primary master known; QUIT not sent", "event", "keeper.stop_failed", "reason", why)
+		return
 	}
-	pgrp := unix.Getpgrp()
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppid, pg, ok := procfs.Parent(pid); ok && ppid == k.primary && pg == pgrp {
-			return pid
-		}
+	k.log.Warn("graceful stop: sending QUIT to the primary master instead", "event", "keeper.stop_fallback", "pid", k.primary, "reason", why)
+	if err := k.signal(k.primary, syscall.SIGQUIT); err != nil {
+		k.log.Warn("graceful stop: QUIT not sent", "event", "keeper.stop_failed", "pid", k.primary, "reason", err.Error())
 	}
-	return 0
+}
+
+// requestStop sends StopAllRequest to the control socket at path, served
+// by the master primary (SO_PEERCRED: root or the keeper's uid, and that
+// very process), and waits, at most timeout in all, for its final reply.
+func requestStop(path string, primary int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	conn, cred, err := ctlclient.Dial(path, timeout)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if int(cred.Pid) != primary {
+		return fmt.Errorf("the control socket %s is served by pid %d, not the primary master %d", path, cred.Pid, primary)
+	}
+	var refused error
+	err = ctlclient.Exchange(conn, json.RawMessage(StopAllRequest), time.Until(deadline), func(line []byte) (bool, error) {
+		var r struct {
+			OK    bool   `json:"ok"`
+			Done  bool   `json:"done"`
+			Error string `json:"error"`
+		}
+		if err := json.Unmarshal(line, &r); err != nil {
+			return false, fmt.Errorf("bad reply: %w", err)
+		}
+		if r.Done && !r.OK {
+			refused = fmt.Errorf("refused: %q", r.Error)
+		}
+		return r.Done, nil
+	})
+	if err != nil {
+		return err
+	}
+	return refused
 }
 
 // readNotify reads the keeper's notify socket and passes on what masters
-// send. Every sender is checked here, before anything reaches the loop:
-// a flood of strangers' datagrams costs a getsid each and a log line per
-// interval, and never queues ahead of the operator's signals.
-func (k *keeper) readNotify(sock *notify.Socket, rejected *notify.Rejected, notices chan<- notify.Msg) {
+// send, until read fails (the socket is closed) or done is closed; then
+// it closes notices. Every sender is checked here, before anything
+// reaches the loop: a flood of strangers' datagrams costs a getsid each
+// and a log line per interval, and never queues ahead of the operator's
+// signals.
+func (k *keeper) readNotify(read func() (notify.Msg, error), reject func(pid int, why string), notices chan<- notify.Msg, done <-chan struct{}) {
+	defer close(notices)
 	for {
-		n, err := sock.Read()
+		n, err := read()
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				k.log.Error("notify socket failed; masters can no longer report", "error", err)
+				k.log.Error("notify socket failed; masters can no longer report", "event", "keeper.notify_failed", "error", err)
 			}
 			return
 		}
 		if ok, why := k.procs.isMaster(n.Pid); !ok {
-			rejected.Add(n.Pid, why)
+			reject(n.Pid, why)
 			continue
 		}
 		if n.Err != nil {
-			rejected.Add(n.Pid, n.Err.Error())
+			reject(n.Pid, n.Err.Error())
 			continue
 		}
-		notices <- n
+		select {
+		case notices <- n:
+		case <-done:
+			return
+		}
 	}
 }
 
@@ -450,12 +562,12 @@ func (k *keeper) holdMaster(pid int) error {
 	if ok, why := k.procs.isMaster(pid); !ok {
 		return errors.New(why)
 	}
-	fd, err := unix.PidfdOpen(pid, 0)
+	fd, err := k.sys.pidfdOpen(pid)
 	if err != nil {
 		return fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
 	if ok, why := k.procs.isMaster(pid); !ok {
-		_ = unix.Close(fd)
+		k.sys.closeFD(fd)
 		return errors.New(why)
 	}
 	k.masters[pid] = fd
@@ -480,16 +592,23 @@ func (k *keeper) onNotice(n notify.Msg) {
 		}
 		if err != nil {
 			k.log.Warn("MAINPID rejected", "event", "keeper.mainpid_rejected", "pid", n.Pid, "mainpid", v, "reason", err.Error())
-		} else {
-			if pid != k.primary {
-				k.log.Info("primary master", "event", "keeper.primary", "pid", pid, "previous", k.primary)
-			}
-			k.primary = pid
-			k.continueStop(false)
+		} else if pid != k.primary {
+			k.setPrimary(pid, k.primary)
 		}
 	}
 	if n.Pid != k.primary {
+		if _, ok := msg.Get(FieldControlSocket); ok {
+			k.log.Warn(FieldControlSocket+" rejected", "event", "keeper.control_rejected", "pid", n.Pid, "reason", "not from the primary master")
+		}
 		return // an old master retiring, a new one not committed: not the service
+	}
+	if v, ok := msg.Get(FieldControlSocket); ok {
+		if !filepath.IsAbs(v) {
+			k.log.Warn(FieldControlSocket+" rejected", "event", "keeper.control_rejected", "pid", n.Pid, "path", v, "reason", "not an absolute path")
+		} else if p := filepath.Clean(v); p != k.control {
+			k.control = p
+			k.log.Debug("the primary's control socket", "event", "keeper.control", "pid", n.Pid, "path", p)
+		}
 	}
 	var up []string
 	if msg.Is("RELOADING", "1") {
@@ -498,11 +617,10 @@ func (k *keeper) onNotice(n notify.Msg) {
 		up = append(up, "RELOADING=1", "MONOTONIC_USEC="+mono)
 	}
 	if msg.Is("READY", "1") {
-		k.continueStop(true)
 		up = append(up, "READY=1")
 		if !k.ready {
 			k.ready = true
-			k.log.Info("the service is ready", "master_pid", n.Pid)
+			k.log.Info("the service is ready", "event", "keeper.ready", "master_pid", n.Pid)
 		}
 	}
 	if msg.Is("STOPPING", "1") && !k.stopSent {
