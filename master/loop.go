@@ -21,7 +21,6 @@ type Master struct {
 	done   chan struct{} // closed when the loop has returned
 
 	phase     phase
-	role      role
 	gen       int
 	hand      *upgrade.Handover
 	pidFile   *pidFile
@@ -52,10 +51,24 @@ type Master struct {
 	seq   int
 	sys   sysOps
 
-	rl      *reload // a reload in flight
-	old     oldSide // this master as the old generation of an upgrade
-	new     newSide // this master as the new generation, before its commit
-	exitErr error   // what Run returns once stopped
+	rl *reload // a reload in flight
+	// old is this master as the old generation of an upgrade (every
+	// master may start one); new, this master as the new generation of
+	// the upgrade that started it (nil if none did). dance.go.
+	old *upgrade.OldSide
+	new *upgrade.NewSide
+	// children is the channel to the new masters this one starts;
+	// parent, to the old master that started this one.
+	children, parent *upgrade.Channel
+	// parentNames: the old master's listener names (its configuration);
+	// moved: inherited listeners whose name this configuration moved to
+	// another address, closed at the commit.
+	parentNames []string
+	moved       []*listener
+	// watchers are "molt ctl upgrade --wait" connections: they get every
+	// step, and a final reply when the upgrade ends.
+	watchers []chan CtlReply
+	exitErr  error // what Run returns once stopped
 }
 
 // sysOps are the loop's process and timer operations: the one seam that
@@ -167,26 +180,31 @@ func (m *Master) loop(ctx context.Context) error {
 			case timerFired:
 				m.onTimer(ev)
 			case upgradeDone:
-				m.onUpgradeDone(ev)
+				_ = m.toOld(upgrade.UpgradeDone{Err: ev.err})
 			case fromChild:
 				m.onChildMsg(ev)
 			case fromParent:
 				m.onParentMsg(ev)
 			case parentExited:
-				m.onParentExited()
+				_ = m.toNew(upgrade.ParentExited{})
 			case ctlEvent:
 				m.onCtl(ev)
 			case preflightDone:
-				m.onPreflightDone(ev)
+				_ = m.toOld(upgrade.PreflightDone{Out: ev.out, Err: ev.err})
 			case keeperExited:
 				m.log.Warn("the keeper has exited; this master serves on without it", "keeper_pid", ev.pid)
 			case successorExited:
-				m.onSuccessorExited(ev)
+				_ = m.toOld(upgrade.SuccessorExited{Pid: ev.pid})
 			}
 		case <-ctxDone:
 			ctxDone = nil
 			m.log.Info("context cancelled", "action", "graceful shutdown")
 			m.shutdown(false)
+		}
+	}
+	if m.exitErr == nil && m.new != nil {
+		if e := m.new.Exit(); e != nil {
+			return e
 		}
 	}
 	return m.exitErr

@@ -12,6 +12,8 @@ import (
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
 // fakeSys scripts the master's process operations: no processes, no
@@ -60,6 +62,7 @@ func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fa
 		},
 		after: func(d time.Duration, ev event) { f.timers = append(f.timers, armedTimer{d, ev.(timerFired)}) },
 	}
+	m.old = upgrade.NewOldSide(upgrade.OldConfig{ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, nil)
 	m.phase = phaseStarting
 	m.spec = newSpec(m.cfg, nil)
 	for i := 0; i < workers; i++ {
@@ -216,9 +219,9 @@ func TestLoop_QuitDrainsKillsLateWorkersAndStops(t *testing.T) {
 	if m.phase != phaseStarting || len(f.signals) != 0 {
 		t.Fatalf("QUIT drained before the settle window: phase %v, signals %v", m.phase, f.signals)
 	}
-	settle := f.lastTimer(t, quitSettled)
-	if settle.d != quitSettle {
-		t.Fatalf("settle window %v, want %v", settle.d, quitSettle)
+	settle := f.lastTimer(t, upgradeTimer)
+	if settle.ev.ut != upgrade.TimerSettle || settle.d != upgrade.QuitSettle {
+		t.Fatalf("settle window %v %v, want %v", settle.ev.ut, settle.d, upgrade.QuitSettle)
 	}
 	m.onTimer(settle.ev)
 	if m.phase != phaseDraining || len(f.signals) != 2 {

@@ -2,6 +2,7 @@ package master
 
 import (
 	"fmt"
+	"os"
 	"syscall"
 	"time"
 
@@ -114,12 +115,12 @@ func (m *Master) onChildExited(ev childExited) {
 	if s != nil {
 		s.pid, s.lastExit = 0, how
 	}
-	if s == nil || !m.phase.running() || m.old.standby {
+	if s == nil || !m.phase.running() || m.old.Standby() {
 		log.Info("worker exited")
 		if s == nil && m.phase.running() && (ev.state == nil || !ev.state.Success()) {
 			// Even announced (STOPPING=1), a failing exit is no way to pass
 			// probation.
-			m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+			m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 		}
 		m.finishIfIdle()
 		return
@@ -137,7 +138,7 @@ func (m *Master) onChildExited(ev childExited) {
 	log.Error("worker exited unexpectedly; replacing it", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
 	// A new generation has no business committing with a worker that dies.
-	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+	m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 }
 
 // slotOf returns the slot p fills, or nil if p was retired (TTOU, a
@@ -185,17 +186,17 @@ func (m *Master) markReady(p *proc, how string) {
 		// the old socket, which nobody can connect to any more.
 		m.recycle(p, "listener restored")
 	}
-	if m.role == roleNew {
+	if m.newUncommitted() {
 		m.tellParent(upgrade.Msg{Kind: upgrade.KindProgress, Ready: m.readyCount(), Workers: len(m.slots)})
 	}
 	if m.phase == phaseStarting && m.allReady() {
 		m.phase = phaseServing
 		m.log.Info("serving", "workers", len(m.slots))
-		if m.role == roleNew {
-			m.onNewServing()
+		if m.newUncommitted() {
+			_ = m.toNew(upgrade.Serving{PIDFileErr: m.pidFile.write(os.Getpid())})
 		} else {
 			m.supervisorReady("serving, %d workers", len(m.slots))
-			m.releaseIfServing()
+			_ = m.toOld(upgrade.WorkersServing{})
 		}
 	}
 }
