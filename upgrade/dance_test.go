@@ -1,11 +1,15 @@
 package upgrade
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
 )
 
 // The dance's unit tests: both sides' machines, wired to each other
@@ -42,6 +46,7 @@ type world struct {
 	finals     []Finish
 	cfg        OldConfig
 	ncfg       NewConfig
+	logger     hclog.Logger // nil: none
 }
 
 func newWorld(t *testing.T, tweak func(*OldConfig, *NewConfig)) *world {
@@ -53,7 +58,7 @@ func newWorld(t *testing.T, tweak func(*OldConfig, *NewConfig)) *world {
 	if tweak != nil {
 		tweak(&w.cfg, &w.ncfg)
 	}
-	w.old = NewOldSide(w.cfg, nil)
+	w.old = NewOldSide(w.cfg, w.logger)
 	return w
 }
 
@@ -96,7 +101,7 @@ func (w *world) doOld(acts []Action) {
 			w.timers = append(w.timers, armed{"old", a.Timer, a.D, a.Seq})
 		case Begin:
 			w.upgradeRun = true
-			w.new = NewNewSide(w.ncfg, nil)
+			w.new = NewNewSide(w.ncfg, w.logger)
 			w.nenv = Env{Running: true}
 			w.doNew(w.new.Start())
 		case Tell:
@@ -610,5 +615,57 @@ func TestDance_QuitWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	w.wantRolledBack("could not bind a listener")
 	if w.did("old:upgrade.Shutdown") {
 		t.Fatal("the QUIT outlived its failed upgrade")
+	}
+}
+
+// TestDance_EveryTransitionIsLogged: each change of state is one line with
+// event=upgrade.state, side, from, to and why; the stable keys operators
+// alert on are there.
+func TestDance_EveryTransitionIsLogged(t *testing.T) {
+	var buf bytes.Buffer
+	log := hclog.New(&hclog.LoggerOptions{Output: &buf, JSONFormat: true, Level: hclog.Info})
+	w := newWorld(t, nil)
+	w.logger = log
+	w.old.SetLogger(log)
+	w.start()
+	w.fire("new", TimerProbation)
+	w.toNew(ParentExited{})
+	var path = map[string][]string{}
+	events := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		var l map[string]any
+		if err := json.Unmarshal([]byte(line), &l); err != nil {
+			t.Fatalf("%q: %v", line, err)
+		}
+		ev, _ := l["event"].(string)
+		if ev == "" {
+			t.Errorf("a line without an event key: %s", line)
+		}
+		events[ev] = true
+		if ev != "upgrade.state" {
+			continue
+		}
+		side, from, to, why := l["side"].(string), l["from"].(string), l["to"].(string), l["why"].(string)
+		if why == "" || from == to {
+			t.Errorf("transition without a why, or to itself: %s", line)
+		}
+		if p := path[side]; len(p) > 0 && p[len(p)-1] != from {
+			t.Errorf("%s side: from %s, but it was in %s", side, from, p[len(p)-1])
+		}
+		if len(path[side]) == 0 {
+			path[side] = []string{from}
+		}
+		path[side] = append(path[side], to)
+	}
+	if got, want := strings.Join(path["old"], " "), "idle starting serving-both retiring"; got != want {
+		t.Errorf("old side went %s, want %s", got, want)
+	}
+	if got, want := strings.Join(path["new"], " "), "awaiting-config starting probation committed primary"; got != want {
+		t.Errorf("new side went %s, want %s", got, want)
+	}
+	for _, ev := range []string{"upgrade.new_master", "upgrade.serving", "upgrade.committed", "upgrade.primary", "upgrade.configured"} {
+		if !events[ev] {
+			t.Errorf("no %s line", ev)
+		}
 	}
 }
