@@ -595,6 +595,15 @@ func TestDance_StopAll(t *testing.T) {
 			t.Fatalf("actions %v", w.acts)
 		}
 	})
+	t.Run("to a new master whose old one died", func(t *testing.T) {
+		w := newWorld(t, nil)
+		w.toOld(SigUSR2{})
+		w.toNew(ParentExited{})
+		w.toNew(StopAll{})
+		if !w.did("new:upgrade.Shutdown{Fast:false}") {
+			t.Fatalf("actions %v", w.acts)
+		}
+	})
 	t.Run("to a committed master", func(t *testing.T) {
 		w := newWorld(t, nil)
 		w.start()

@@ -174,11 +174,16 @@ func (n *NewSide) Handle(env Env, ev Event) []Action {
 			n.to(NewStopping, "TERM")
 		}
 	case StopAll:
-		if n.Uncommitted() {
+		if n.Uncommitted() && !n.parentGone {
+			// The old master drains; this one gives up, and the old one
+			// releases it at once.
 			n.tell(Msg{Kind: KindStopAll})
 			n.fail(env, ExitAborted, "every generation stops (stop --all)")
+			if n.state != NewFailing {
+				n.do(Shutdown{}) // failing already, or stopping: end anyway
+			}
 		} else {
-			n.do(Shutdown{})
+			n.do(Shutdown{}) // the only generation left, or committed
 		}
 	case SigUSR2:
 		n.onUSR2()
