@@ -233,6 +233,24 @@ func (m *Master) onDanceTimer(ev timerFired) {
 	}
 }
 
+// nowServing: every slot has a ready worker, the first time since the
+// master started or respawned them. A new master writes its pid file
+// and tells its new side (the probation begins); any other is the
+// primary and serves, which its old side may wait for (a failed new
+// master's release).
+func (m *Master) nowServing() {
+	if m.newUncommitted() {
+		_ = m.toNew(upgrade.Serving{PIDFileErr: m.pidFile.write(os.Getpid())})
+		return
+	}
+	m.supervisorReady("serving, %d workers", len(m.slots))
+	_ = m.toOld(upgrade.WorkersServing{})
+}
+
+// reportReady tells an uncommitted new side that one more worker is
+// ready (it reports k of N to the old master).
+func (m *Master) reportReady() { _ = m.toNew(upgrade.WorkerReady{}) }
+
 // workerFailed tells an uncommitted new side that a worker died or was
 // not ready in time: it gives up (before its commit only).
 func (m *Master) workerFailed(code int, reason string) {

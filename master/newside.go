@@ -98,8 +98,8 @@ func (m *Master) shutDownDropped() {
 	}
 }
 
-// reportWorkers tells the old master this generation's worker process
-// groups, so that at a deadline it can kill them with this master.
+// reportWorkers tells the new side this generation's worker process
+// groups, which it reports to the old master before the commit.
 func (m *Master) reportWorkers() {
 	if !m.newUncommitted() {
 		return
@@ -109,5 +109,5 @@ func (m *Master) reportWorkers() {
 		pgids = append(pgids, pid)
 	}
 	sort.Ints(pgids)
-	m.tellParent(upgrade.Msg{Kind: upgrade.KindWorkers, PGIDs: pgids})
+	_ = m.toNew(upgrade.WorkersChanged{PGIDs: pgids})
 }

@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"github.com/molt-server/molt/master/internal/notify"
+
+	"github.com/hashicorp/go-hclog"
 )
 
 // Each worker gets a notify socket of its own, bound before it starts in
@@ -99,11 +101,12 @@ func (m *Master) workerNotifySocket(sp *workerSpec) (*notify.Socket, error) {
 }
 
 // dropNotifySocket closes a worker's socket, which ends its reader, and
-// removes its file. Called from any goroutine.
-func (m *Master) dropNotifySocket(s *notify.Socket) {
+// removes its file. Called from any goroutine, with the logger the loop
+// had when it started it (the loop may replace m.log meanwhile).
+func dropNotifySocket(log hclog.Logger, s *notify.Socket) {
 	_ = s.Close()
 	if err := notify.RemoveSocketFile(s.Addr); err != nil {
-		m.log.Warn("notify socket not removed", "path", s.Addr, "error", err)
+		log.Warn("notify socket not removed", "path", s.Addr, "error", err)
 	}
 }
 
@@ -114,13 +117,13 @@ func (m *Master) dropNotifySocket(s *notify.Socket) {
 // queues ahead of the operator's signals. What passes waits for the loop
 // to apply it before the next datagram is read: one message per worker
 // at most in the loop's queue.
-func (m *Master) readNotify(s *notify.Socket, worker int) {
+func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 	ack := make(chan struct{}, 1)
 	for {
 		msg, err := s.Read()
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				m.log.Error("notify socket failed; this worker can no longer report", "worker_pid", worker, "error", err)
+				log.Error("notify socket failed; this worker can no longer report", "worker_pid", worker, "error", err)
 			}
 			return
 		}

@@ -2,11 +2,8 @@ package master
 
 import (
 	"fmt"
-	"os"
 	"syscall"
 	"time"
-
-	"github.com/molt-server/molt/upgrade"
 )
 
 // maxWorkers bounds TTIN: a runaway script cannot fork-bomb the host.
@@ -79,10 +76,11 @@ func (m *Master) launch(s *slot) (*proc, error) {
 
 // watch reaps p in a goroutine of its own and reports its exit.
 func (m *Master) watch(p *proc) {
+	log := m.log // the loop may replace m.log meanwhile (setLogger)
 	go func() {
 		state, err := p.p.Wait()
 		if p.notify != nil {
-			m.dropNotifySocket(p.notify)
+			dropNotifySocket(log, p.notify)
 		}
 		m.send(childExited{pid: p.pid, state: state, err: err})
 	}()
@@ -186,18 +184,11 @@ func (m *Master) markReady(p *proc, how string) {
 		// the old socket, which nobody can connect to any more.
 		m.recycle(p, "listener restored")
 	}
-	if m.newUncommitted() {
-		m.tellParent(upgrade.Msg{Kind: upgrade.KindProgress, Ready: m.readyCount(), Workers: len(m.slots)})
-	}
+	m.reportReady()
 	if m.phase == phaseStarting && m.allReady() {
 		m.phase = phaseServing
 		m.log.Info("serving", "workers", len(m.slots))
-		if m.newUncommitted() {
-			_ = m.toNew(upgrade.Serving{PIDFileErr: m.pidFile.write(os.Getpid())})
-		} else {
-			m.supervisorReady("serving, %d workers", len(m.slots))
-			_ = m.toOld(upgrade.WorkersServing{})
-		}
+		m.nowServing()
 	}
 }
 

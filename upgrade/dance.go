@@ -6,9 +6,9 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-// The dance (DESIGN §4) as two state machines, one per side: Old is the
-// master that starts an upgrade, New the master an upgrade started, until
-// it is primary. Each is a pure core: the master feeds it events (the
+// The dance (DESIGN §4) as two state machines, one per side: OldSide is
+// the master that starts an upgrade (every master has one), NewSide the
+// master an upgrade started, until it is primary. Each is a pure core: the master feeds it events (the
 // signals as they concern the upgrade, the channel's messages, Upgrade's
 // result, deadlines, its workers' readiness as numbers) and carries out
 // the actions it returns (start or stop workers, set their count, move the
@@ -33,40 +33,6 @@ type Env struct {
 	Workers, ReadyWorkers int
 }
 
-// Ready is the number of slots with a ready worker.
-func (e Env) Ready() int { return e.ReadyWorkers }
-
-// Event is something that happened to a master, as it concerns the
-// upgrade.
-type Event interface{ event() }
-
-// Signals, as they concern the upgrade.
-type (
-	SigUSR2  struct{}
-	SigQUIT  struct{}
-	SigTERM  struct{} // TERM or INT: a fast stop
-	SigWINCH struct{}
-	// SigHUP is HUP to an old master in standby: the manual rollback.
-	SigHUP struct{}
-	// StopAll is the control request {"cmd":"stop","all":true}: every
-	// live generation ends gracefully.
-	StopAll struct{}
-)
-
-// TimerFired is a deadline the machine armed (Arm) coming due.
-type TimerFired struct {
-	Timer Timer
-	Seq   int
-}
-
-func (SigUSR2) event()    {}
-func (SigQUIT) event()    {}
-func (SigTERM) event()    {}
-func (SigWINCH) event()   {}
-func (SigHUP) event()     {}
-func (StopAll) event()    {}
-func (TimerFired) event() {}
-
 // Timer names a deadline of the dance.
 type Timer int
 
@@ -89,35 +55,6 @@ const (
 var timerNames = [...]string{"upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline"}
 
 func (t Timer) String() string { return timerNames[t] }
-
-// Action is something a machine asks its master to do.
-type Action interface{ action() }
-
-// Actions common to both sides.
-type (
-	// Arm asks for TimerFired{Timer, Seq} after D.
-	Arm struct {
-		Timer Timer
-		D     time.Duration
-		Seq   int
-	}
-	// Tell sends Msg to the other side over the channel (the master sets
-	// Pid on a new master's messages).
-	Tell struct{ Msg Msg }
-	// Shutdown stops this master's workers: drained, or killed if Fast.
-	Shutdown struct{ Fast bool }
-	// SetWorkers sets the number of slots (new: the old master's count).
-	SetWorkers struct{ N int }
-	// SupervisorReady: tell the supervisor this master is the primary and
-	// serves (MAINPID=, READY=1), with Status.
-	SupervisorReady struct{ Status string }
-)
-
-func (Arm) action()             {}
-func (Tell) action()            {}
-func (Shutdown) action()        {}
-func (SetWorkers) action()      {}
-func (SupervisorReady) action() {}
 
 // Settings of the dance.
 const (

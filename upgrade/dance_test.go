@@ -678,3 +678,43 @@ func TestDance_EveryTransitionIsLogged(t *testing.T) {
 		}
 	}
 }
+
+// TestDance_NewSideReportsUntilItsCommit: k of N ready and the worker
+// process groups reach the old master before the commit, and stop after.
+func TestDance_NewSideReportsUntilItsCommit(t *testing.T) {
+	w := newWorld(t, nil)
+	w.toOld(SigUSR2{})
+	w.nenv.ReadyWorkers = 1
+	w.toNew(WorkerReady{})
+	w.toNew(WorkersChanged{PGIDs: []int{201, 202}})
+	if a := w.old.Attempt(); a.Ready != 1 || a.Want != 2 || len(a.PGIDs) != 2 {
+		t.Fatalf("the old side follows %+v", a)
+	}
+	w.newReady()
+	w.fire("new", TimerProbation)
+	w.wantCommitted()
+	n := len(w.acts)
+	w.toNew(WorkerReady{})
+	w.toNew(WorkersChanged{PGIDs: []int{203}})
+	if len(w.acts) != n {
+		t.Fatalf("reports after the commit: %v", w.acts[n:])
+	}
+}
+
+// TestDance_ScaleDuringAnUpgrade: a TTIN to the old master before the
+// new generation serves reaches it; once it serves, the count is its own.
+func TestDance_ScaleDuringAnUpgrade(t *testing.T) {
+	w := newWorld(t, nil)
+	w.toOld(SigUSR2{})
+	w.oenv.Workers = 3
+	w.toOld(Scaled{})
+	if w.nenv.Workers != 3 {
+		t.Fatalf("the new generation runs %d workers, want 3", w.nenv.Workers)
+	}
+	w.newReady()
+	w.oenv.Workers = 4
+	w.toOld(Scaled{})
+	if w.nenv.Workers != 3 {
+		t.Fatalf("a TTIN after the new generation served changed its count to %d", w.nenv.Workers)
+	}
+}

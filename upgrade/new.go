@@ -36,49 +36,6 @@ var newStateNames = [...]string{"awaiting-config", "starting", "probation", "fai
 
 func (s NewState) String() string { return newStateNames[s] }
 
-// Events a new master's machine takes, besides the signals.
-type (
-	// FromParent is a message from the old master. ConfigErr is, for
-	// the first configuration, why the master cannot take it (a socket
-	// activated listener dropped or moved).
-	FromParent struct {
-		Msg       Msg
-		ConfigErr error
-	}
-	// ParentExited: the old master has exited.
-	ParentExited struct{}
-	// Serving: every worker of this generation is ready, the first time.
-	// PIDFileErr is the failure to write the pid file, if it failed.
-	Serving struct{ PIDFileErr error }
-	// WorkerFailed: a worker died or was not ready in time (Code says
-	// which).
-	WorkerFailed struct {
-		Code   int
-		Reason string
-	}
-)
-
-func (FromParent) event()   {}
-func (ParentExited) event() {}
-func (Serving) event()      {}
-func (WorkerFailed) event() {}
-
-// Actions of a new master's machine, besides the common ones.
-type (
-	// Commit: close the listeners this configuration dropped and call
-	// Handover.Ready: the old master's Upgrade returns nil.
-	Commit struct{}
-	// BecomePrimary: remove the .oldbin pid file a dead old master
-	// (ParentPid) left.
-	BecomePrimary struct{ ParentPid int }
-	// Deferred: a USR2 deferred while the old master drained is due.
-	Deferred struct{}
-)
-
-func (Commit) action()        {}
-func (BecomePrimary) action() {}
-func (Deferred) action()      {}
-
 // NewConfig is a new master's settings of the dance.
 type NewConfig struct {
 	Pid          int // this master's
@@ -166,6 +123,14 @@ func (n *NewSide) Handle(env Env, ev Event) []Action {
 		n.onServing(env, ev.PIDFileErr)
 	case WorkerFailed:
 		n.fail(env, ev.Code, ev.Reason)
+	case WorkerReady:
+		if n.Uncommitted() {
+			n.tell(Msg{Kind: KindProgress, Ready: env.ReadyWorkers, Workers: env.Workers})
+		}
+	case WorkersChanged:
+		if n.Uncommitted() {
+			n.tell(Msg{Kind: KindWorkers, PGIDs: ev.PGIDs})
+		}
 	case SigQUIT:
 		n.fail(env, ExitAborted, "QUIT to the new master before its commit")
 	case SigTERM:
@@ -299,7 +264,7 @@ func (n *NewSide) onTimer(env Env, ev TimerFired) {
 		}
 	case TimerReady:
 		if n.Uncommitted() && env.Running && !env.Serving {
-			n.fail(env, ExitNotReady, fmt.Sprintf("%d of %d workers ready within the ready timeout (%v)", env.Ready(), env.Workers, n.cfg.ReadyTimeout))
+			n.fail(env, ExitNotReady, fmt.Sprintf("%d of %d workers ready within the ready timeout (%v)", env.ReadyWorkers, env.Workers, n.cfg.ReadyTimeout))
 		}
 	case TimerProbation:
 		if n.state != NewProbation || !env.Running {
