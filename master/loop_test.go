@@ -615,3 +615,29 @@ func TestLoop_WorkersStoppingRightAfterStartBackOff(t *testing.T) {
 		}
 	}
 }
+
+// TestLoop_RespawnAllRefillsEverySlotOnce: the end of a standby, a
+// rollback from it, and a take-back start one fresh worker in every slot
+// whose worker is gone or stopping; a stopping one's later exit is no
+// failure of its slot, and a ready one is kept.
+func TestLoop_RespawnAllRefillsEverySlotOnce(t *testing.T) {
+	m, f := newTestMaster(t, 3, nil)
+	for _, pid := range f.started {
+		m.markReady(m.procs[pid], "test")
+	}
+	stopping, gone, kept := f.started[0], f.started[1], f.started[2]
+	m.stopWorker(m.procs[stopping])
+	m.slots[1].pid = 0
+	delete(m.procs, gone)
+	m.respawnAll()
+	if m.phase != phaseStarting || len(f.started) != 5 {
+		t.Fatalf("phase %v, %d starts, want starting and 2 fresh workers", m.phase, len(f.started))
+	}
+	if m.slots[2].pid != kept {
+		t.Fatalf("slot 2 holds %d, want its ready worker %d kept", m.slots[2].pid, kept)
+	}
+	m.onChildExited(exited(stopping))
+	if len(f.started) != 5 || m.slots[0].restarts != 0 {
+		t.Fatalf("the stopping worker's exit counted: %d starts, %d restarts", len(f.started), m.slots[0].restarts)
+	}
+}
