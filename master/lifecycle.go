@@ -24,10 +24,11 @@ func (m *Master) start() error {
 	if err := closeOnExecAll(); err != nil {
 		return fmt.Errorf("mark inherited fds close-on-exec: %w", err)
 	}
-	var err error
-	if m.hand, err = upgrade.New(m.log.Named("upgrade")); err != nil {
+	hand, err := upgrade.New(m.log.Named("upgrade"))
+	if err != nil {
 		return err
 	}
+	m.hand = hand
 	m.old = upgrade.NewOldSide(upgrade.OldConfig{Pid: os.Getpid(), Preflight: len(m.cfg.Preflight) > 0,
 		ManualCommit: m.cfg.ManualCommit, ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, m.log)
 	if m.hand.HasParent() {

@@ -22,7 +22,7 @@ type Master struct {
 
 	phase     phase
 	gen       int
-	hand      *upgrade.Handover
+	hand      handover
 	pidFile   *pidFile
 	listeners []*listener
 	// listenerEpoch counts listeners replaced by a new socket
@@ -83,6 +83,22 @@ type sysOps struct {
 	signal func(pid int, sig syscall.Signal) error
 	// after sends ev to the loop once d has passed.
 	after func(d time.Duration, ev event)
+}
+
+// handover is what the master uses of its upgrade.Handover: with sysOps,
+// the seam unit tests replace (a scripted tableflip).
+type handover interface {
+	HasParent() bool
+	Listener(name string, bind func() (*os.File, error)) (f *os.File, inherited bool, err error)
+	InheritedListener(name string) (*os.File, error)
+	Replace(name string, f *os.File) error
+	Ready() error
+	PassFile(name string, f *os.File) error
+	InheritedFile(name string) (*os.File, error)
+	Parent() (*upgrade.Channel, error)
+	Children() (*upgrade.Channel, error)
+	Upgrade() error
+	WaitForParent(ctx context.Context) error
 }
 
 // listener is one open listening socket of the master. The master never

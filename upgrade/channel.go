@@ -129,6 +129,17 @@ func newChannelPair() (*Channel, *os.File, error) {
 // and the message is lost (the deadlines of the dance then decide).
 const SendTimeout = 200 * time.Millisecond
 
+// NewPair returns the two connected ends of a channel: the old master's
+// and the one a new master inherits. Tests of a master script the other
+// master with it.
+func NewPair() (*Channel, *Channel, error) {
+	c, f, err := newChannelPair()
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, &Channel{f: f}, nil
+}
+
 // Send writes one message, waiting at most SendTimeout for room in the
 // socket buffer; errors wrap the kind (os.ErrDeadlineExceeded when the
 // peer does not read).
