@@ -199,9 +199,9 @@ func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 		t.Errorf("GET after the upgrade: %d", r.Status)
 	}
 	u.stop(t, test.Event("reload.refused", "reason", "listeners"),
-		test.Msg("upgrade failed; rolled back: this generation keeps serving"),
-		test.Msg("new generation gives up; handing back to the old one"),
-		test.Msg("new generation gave up"))
+		test.Event("upgrade.rolled_back"),
+		test.Event("upgrade.giving_up"),
+		test.Event("upgrade.new_gave_up"))
 }
 
 // TestActivation_UnclaimedSocketIsAnError: a passed socket that matches

@@ -70,7 +70,7 @@ func TestDance_ManualCommit(t *testing.T) {
 	u.install(t, bins.molt2, byRename)
 	u.Signal(syscall.SIGUSR2)
 	nw := u.waitNewServing(t, old)
-	test.WaitLog(t, u.log, stepTimeout, 1, "probation over", test.Msg("probation over; waiting for QUIT to the old master to commit"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "probation over", test.Event("upgrade.probation_over", "manual", "true"))
 	if len(workersOf(old, nw)) != 2 {
 		t.Fatalf("old master's workers: %v, want 2 still serving before WINCH", workersOf(old, nw))
 	}
@@ -123,7 +123,7 @@ func TestDance_ManualRollback(t *testing.T) {
 	if err := syscall.Kill(nw, quit); err != nil {
 		t.Fatal(err)
 	}
-	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
 	test.WaitFor(t, stepTimeout, "the new master to exit", func() error {
 		if test.Alive(nw) {
 			return fmt.Errorf("still running")
@@ -140,9 +140,9 @@ func TestDance_ManualRollback(t *testing.T) {
 
 // rollbackLines are the error lines a rollback logs by design.
 var rollbackLines = []func(test.Line) bool{
-	test.Msg("upgrade failed; rolled back: this generation keeps serving"),
-	test.Msg("new generation gave up"),
-	test.Msg("new generation gives up; handing back to the old one"),
+	test.Event("upgrade.rolled_back"),
+	test.Event("upgrade.new_gave_up"),
+	test.Event("upgrade.giving_up"),
 }
 
 // TestDance_RefusalsDuringAnUpgrade: a second USR2 to the old master, a
@@ -201,7 +201,7 @@ func TestDance_QuitToTheNewMasterRollsBack(t *testing.T) {
 	u.Signal(syscall.SIGUSR2)
 	nw := u.waitNewServing(t, u.Pid)
 	syscall.Kill(nw, quit)
-	lines := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	lines := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
 	if !strings.Contains(lines[0].Str("reason"), "QUIT to the new master") {
 		t.Errorf("rollback reason %q", lines[0].Str("reason"))
 	}
@@ -238,12 +238,12 @@ func TestDance_USR2AndQUITBackToBack(t *testing.T) {
 		}},
 		{"QUIT_then_USR2_apart", func(t *testing.T, u *upgradable) {
 			syscall.Kill(u.Pid, quit)
-			test.WaitLog(t, u.log, stepTimeout, 1, "the QUIT settle window", test.Msg("QUIT: graceful shutdown unless a USR2 arrives within the settle window"))
+			test.WaitLog(t, u.log, stepTimeout, 1, "the QUIT settle window", test.Event("upgrade.quit_settling"))
 			syscall.Kill(u.Pid, syscall.SIGUSR2)
 		}},
 		{"USR2_then_QUIT_apart", func(t *testing.T, u *upgradable) {
 			syscall.Kill(u.Pid, syscall.SIGUSR2)
-			test.WaitLog(t, u.log, stepTimeout, 1, "the upgrade to start", test.Msg("upgrade started"))
+			test.WaitLog(t, u.log, stepTimeout, 1, "the upgrade to start", test.Event("upgrade.started"))
 			syscall.Kill(u.Pid, quit)
 		}},
 	}
@@ -340,7 +340,7 @@ func TestDance_OldMasterKilledDuringProbation(t *testing.T) {
 	oldWorkers := workersOf(old, nw)
 	u.Signal(syscall.SIGKILL)
 	u.Wait(stepTimeout)
-	test.WaitLog(t, u.log, stepTimeout, 1, "the new master to commit alone", test.Msg("the old generation exited before the commit; committing now"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the new master to commit alone", test.Event("upgrade.parent_gone", "then", "commit"))
 	test.WaitFor(t, stepTimeout, "the dead master's workers to drain away and its .oldbin to go", func() error {
 		for _, w := range oldWorkers {
 			if test.Alive(w) {
@@ -386,8 +386,8 @@ func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
 	})
 	l.more(t, 32) // the new generation alone serves the load
 	syscall.Kill(nw, quit)
-	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
-	respawned := test.Find(u.log, test.Msg("respawning this generation's workers (it was in standby)"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
+	respawned := test.Find(u.log, test.Event("upgrade.standby_ended"))
 	if len(respawned) != 1 {
 		t.Fatalf("the old master did not respawn its workers by itself: %v", respawned)
 	}
@@ -413,4 +413,45 @@ func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
 	servedOnlyBy(t, addr, old, 10)
 	l.stop(t)
 	u.stop(t, rollbackLines...)
+}
+
+// TestDance_StopAllEndsEveryGeneration: {"cmd":"stop","all":true} (molt
+// ctl stop --all) during an upgrade's probation, to either master, ends
+// both generations gracefully: no commit, the new master aborts (exit 12,
+// reported to the old one) and the old one drains and exits 0.
+func TestDance_StopAllEndsEveryGeneration(t *testing.T) {
+	t.Parallel()
+	for _, to := range []string{"new", "old"} {
+		t.Run("to the "+to+" master", func(t *testing.T) {
+			t.Parallel()
+			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s")
+			u.addr()
+			u.waitServing()
+			u.Signal(syscall.SIGUSR2)
+			nw := u.waitNewServing(t, u.Pid)
+			args := []string{"stop", "--all"}
+			if to == "old" {
+				args = append([]string{"--old"}, args...)
+			}
+			if code, out := ctl(t, u.pidFile, args...); code != 0 || !strings.Contains(out, "every generation") {
+				t.Fatalf("molt ctl %v: exit %d: %s", args, code, out)
+			}
+			if code := u.Wait(stepTimeout); code != 0 {
+				t.Errorf("old master exited %d, want 0", code)
+			}
+			test.WaitFor(t, stepTimeout, "the new master to exit", func() error {
+				if test.Alive(nw) {
+					return fmt.Errorf("still running")
+				}
+				return nil
+			})
+			if n := len(test.Find(u.log, test.Event("upgrade.committed"))); n != 0 {
+				t.Error("stop --all committed the upgrade")
+			}
+			if l := test.Find(u.log, test.Event("upgrade.new_gave_up")); len(l) != 1 || l[0].Str("code") != "12" {
+				t.Errorf("the new master's report: %v", l)
+			}
+			u.checkLogs(rollbackLines...)
+		})
+	}
 }

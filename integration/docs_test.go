@@ -316,4 +316,24 @@ func TestDocs_EventKeysAreDocumented(t *testing.T) {
 			t.Errorf("docs/operating.md's table of events lists %s, which no log line carries", k)
 		}
 	}
+	// docs/upgrades.md lists the upgrade's keys worth an alert: each must
+	// still be logged.
+	b, err = os.ReadFile(filepath.Join(root, "docs", "upgrades.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		m := regexp.MustCompile("^\\| `(upgrade\\.[a-z_]+)` \\|").FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		listed++
+		if _, ok := inCode[m[1]]; !ok {
+			t.Errorf("docs/upgrades.md lists the event %s, which no log line carries", m[1])
+		}
+	}
+	if listed < 5 {
+		t.Errorf("docs/upgrades.md lists %d upgrade events; its table of events to alert on is gone", listed)
+	}
 }

@@ -353,10 +353,10 @@ func TestFaults_SignalStorm(t *testing.T) {
 		}
 	}
 	l.stop(t)
-	u.stop(t, test.Msg("upgrade refused; nothing changed: this generation keeps serving"),
-		test.Msg("upgrade failed; rolled back: this generation keeps serving"),
-		test.Msg("new generation gives up; handing back to the old one"),
-		test.Msg("new generation gave up"))
+	u.stop(t, test.Event("upgrade.refused"),
+		test.Event("upgrade.rolled_back"),
+		test.Event("upgrade.giving_up"),
+		test.Event("upgrade.new_gave_up"))
 }
 
 // notifyAddrOf reads the NOTIFY_SOCKET a worker was given.

@@ -358,7 +358,7 @@ func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 			t.Errorf("master %d outlived the stop", p)
 		}
 	}
-	if n := len(test.Find(u.log, test.Msg("upgrade committed"))); n != 0 {
+	if n := len(test.Find(u.log, test.Event("upgrade.committed"))); n != 0 {
 		t.Error("the stop committed the upgrade instead of aborting it")
 	}
 	if got := test.Find(u.log, test.Event("keeper.stop_requested", "pid", strconv.Itoa(old), "path", filepath.Join(u.dir, "molt.sock.oldbin"))); len(got) != 1 {
@@ -443,7 +443,7 @@ func TestKeeper_PID1OfAPidNamespace(t *testing.T) {
 	if code := m.Wait(stepTimeout); code != 0 {
 		t.Errorf("unshare (the keeper's status) exited %d", code)
 	}
-	if n := len(test.Find(m.log, test.Msg("upgrade committed; this generation retires"))); n != 3 {
+	if n := len(test.Find(m.log, test.Event("upgrade.committed", "side", "old"))); n != 3 {
 		t.Errorf("%d upgrades committed, want 3", n)
 	}
 }

@@ -40,7 +40,7 @@ func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 		if code != 1 || !strings.Contains(out, "upgrade refused: the new binary failed its pre-flight check") || !strings.Contains(out, s.reason) {
 			t.Errorf("%s: ctl upgrade --wait: exit %d:\n%s", s.name, code, out)
 		}
-		lines := test.WaitLog(t, u.log, stepTimeout, i+1, "the refusal", test.Msg("upgrade refused; nothing changed: this generation keeps serving"))
+		lines := test.WaitLog(t, u.log, stepTimeout, i+1, "the refusal", test.Event("upgrade.refused"))
 		if r := lines[i].Str("reason"); !strings.Contains(r, s.reason) {
 			t.Errorf("%s: refusal reason %q lacks %q", s.name, r, s.reason)
 		}
@@ -55,7 +55,7 @@ func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 			t.Errorf("%s: status %+v", s.name, st)
 		}
 	}
-	if n := len(test.Find(u.log, test.Msg("upgrade started"))); n != 0 {
+	if n := len(test.Find(u.log, test.Event("upgrade.started"))); n != 0 {
 		t.Errorf("%d upgrades started; the pre-flight should have stopped each", n)
 	}
 	// A USR2 is refused the same way, and a QUIT waiting for it is cancelled.
@@ -72,6 +72,6 @@ func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 		t.Errorf("after the good upgrade: version %q from master %d", r.Header.Get("X-Molt-Version"), pid)
 	}
 	l.stop(t)
-	u.stop(t, test.Msg("upgrade refused; nothing changed: this generation keeps serving"),
+	u.stop(t, test.Event("upgrade.refused"),
 		func(l test.Line) bool { return strings.HasPrefix(l.Message, "QUIT cancelled") })
 }

@@ -160,9 +160,9 @@ func TestResources_FullDiskLater(t *testing.T) {
 	}
 	l.stop(t)
 	os.Remove(filler)
-	u.stop(t, test.Msg("upgrade failed; rolled back: this generation keeps serving"),
-		test.Msg("new generation gives up; handing back to the old one"),
-		test.Msg("new generation gave up"))
+	u.stop(t, test.Event("upgrade.rolled_back"),
+		test.Event("upgrade.giving_up"),
+		test.Event("upgrade.new_gave_up"))
 
 	logDisk := mountTmpfs(t, "1m")
 	m := startMoltEnv(t, dir, bins.molt, nil, "--listen", "127.0.0.1:0", "--workers", "1", "--log-file", filepath.Join(logDisk, "molt.log"))
@@ -238,5 +238,5 @@ func TestResources_ReadOnlyLater(t *testing.T) {
 	u.waitTakeover(t, u.Pid)
 	l.stop(t)
 	u.stop(t, test.Event("log.reopen_failed"),
-		test.Msg("upgrade not started: the pid file cannot be renamed"))
+		test.Event("upgrade.not_started"))
 }

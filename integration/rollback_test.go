@@ -131,7 +131,7 @@ func testRollback(t *testing.T, c rollbackCase) {
 	if c.during != nil {
 		c.during(t, u)
 	}
-	lines := test.WaitLog(t, u.log, 60*time.Second, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	lines := test.WaitLog(t, u.log, 60*time.Second, 1, "the rollback", test.Event("upgrade.rolled_back"))
 	if !strings.Contains(lines[0].Str("reason"), c.reason) {
 		t.Errorf("rollback reason %q, want one containing %q", lines[0].Str("reason"), c.reason)
 	}
@@ -159,9 +159,9 @@ func testRollback(t *testing.T, c rollbackCase) {
 		t.Errorf("after the good upgrade: answered by master %s, want %d", got, pid)
 	}
 	l.stop(t)
-	u.stop(t, test.Msg("upgrade failed; rolled back: this generation keeps serving"),
-		test.Msg("new generation gave up"), test.Msg("new generation gives up; handing back to the old one"),
-		test.Msg("the new master did not serve in time; killing it and its workers"),
+	u.stop(t, test.Event("upgrade.rolled_back"),
+		test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
+		test.Event("upgrade.deadline"),
 		test.Event("worker.exited_unexpectedly"), test.Event("worker.not_ready"))
 }
 
@@ -186,7 +186,7 @@ func checkNewGenerationGone(t *testing.T, log string) {
 func stopNewMasterOnceItsWorkersRun(t *testing.T, u *upgradable) {
 	t.Helper()
 	l := test.WaitLog(t, u.log, stepTimeout, 2, "the new generation's workers", test.Event("worker.started", "gen", "2"))
-	started := test.WaitLog(t, u.log, stepTimeout, 1, "the new master", test.Msg("new master started"))
+	started := test.WaitLog(t, u.log, stepTimeout, 1, "the new master", test.Event("upgrade.new_master"))
 	newPid := started[0].Int("new_pid")
 	if err := syscall.Kill(newPid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)

@@ -196,7 +196,7 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 		t.Errorf("reopen error %q: want one naming %s as a symlink", e, logPath)
 	}
 	m.Signal(syscall.SIGUSR2)
-	test.WaitLog(t, m.log, 60*time.Second, 1, "the rollback", test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	test.WaitLog(t, m.log, 60*time.Second, 1, "the rollback", test.Event("upgrade.rolled_back"))
 	checkUntouched(t, target)
 	if now := m.waitWorkers(2); fmt.Sprint(now) != fmt.Sprint(workers) {
 		t.Errorf("workers changed from %v to %v", workers, now)
@@ -209,7 +209,7 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 	}
 	test.WaitLog(t, m.log, stepTimeout, 1, "the shared directory's warning", test.Event("files.shared_dir", "path", logPath))
 	l.stop(t)
-	m.stop(test.Event("log.reopen_failed"), test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	m.stop(test.Event("log.reopen_failed"), test.Event("upgrade.rolled_back"))
 }
 
 // fdLimit is a process's RLIMIT_NOFILE as prlimit sets it.
@@ -452,5 +452,5 @@ func TestTrustFiles_DeletedPIDFile(t *testing.T) {
 		t.Errorf("molt.pid after the rollback names %d, want %d", got, g2)
 	}
 	l.stop(t)
-	u.stop(t, test.Msg("upgrade failed; rolled back: this generation keeps serving"))
+	u.stop(t, test.Event("upgrade.rolled_back"))
 }

@@ -110,7 +110,7 @@ func (u *upgradable) commitHolding(t *testing.T, addr string, pid int, hold time
 	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Msg("upgrade committed; this generation retires"))
+	line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Event("upgrade.committed", "side", "old"))
 	nw, err := strconv.Atoi(line[0].Str("new_pid"))
 	if err != nil {
 		t.Fatalf("commit line: %v", err)
@@ -323,8 +323,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 				t.Fatal(err)
 			}
-			tookBack := test.Msg("the new master died after its commit while this generation drained; this master takes the service back with new workers. " +
-				"It cannot start another upgrade: restart molt to deploy again")
+			tookBack := test.Event("upgrade.took_back")
 			test.WaitLog(t, u.log, stepTimeout, 1, "the service taken back", tookBack)
 			test.WaitFor(t, stepTimeout, "the old master serving again", func() error {
 				r, err := test.Get(addr, "/", reqTimeout)
@@ -348,7 +347,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			if st.PID != old || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "taken back" {
 				t.Errorf("status after the take-back: %+v", st)
 			}
-			refused := test.Msg("USR2 refused: this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
+			refused := test.Event("upgrade.usr2_refused", "reason", "this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
 			// Under the keeper, the old master's READY made it the primary
 			// again: the keeper's USR2 goes to it.
 			test.WaitFor(t, stepTimeout, "USR2 refused by the old master", func() error {
@@ -368,7 +367,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			}
 			u.stop(t, tookBack, refused, test.Event("worker.exited_unexpectedly"),
 				// the keeper's USR2s sent while the dead master was still its primary
-				test.Msg("signal not forwarded"), test.Msg("signal not forwarded: no primary master known"))
+				test.Event("keeper.signal_not_forwarded"))
 		})
 	}
 }
@@ -389,7 +388,7 @@ func TestUpgrade_NewMasterStoppedAfterCommit(t *testing.T) {
 				t.Fatal(err)
 			}
 			test.WaitLog(t, u.log, stepTimeout, 1, "the old master told",
-				test.Msg("the new master stops on purpose; this generation will not take the service back"))
+				test.Event("upgrade.successor_stopping"))
 			if status := held.read(t); status != 200 {
 				t.Errorf("the slow request on the old generation: status %d", status)
 			}
@@ -399,8 +398,7 @@ func TestUpgrade_NewMasterStoppedAfterCommit(t *testing.T) {
 			if test.Alive(nw) {
 				t.Errorf("the new master %d still runs", nw)
 			}
-			if n := len(test.Find(u.log, test.Msg("the new master died after its commit while this generation drained; this master takes the service back with new workers. "+
-				"It cannot start another upgrade: restart molt to deploy again"))); n != 0 {
+			if n := len(test.Find(u.log, test.Event("upgrade.took_back"))); n != 0 {
 				t.Error("the old master took the service back from a new master stopped on purpose")
 			}
 			refused(t, "tcp", addr)

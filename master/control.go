@@ -36,7 +36,11 @@ type CtlRequest struct {
 	Wait    bool   `json:"wait,omitempty"`    // upgrade, reload: reply with progress until the end
 	Workers int    `json:"workers,omitempty"` // scale: the exact worker count
 	Fast    bool   `json:"fast,omitempty"`    // stop: TERM instead of QUIT
-	All     bool   `json:"all,omitempty"`     // stop: every generation (the keeper's QUIT)
+	// All (stop): every live generation ends gracefully: an upgrade in
+	// flight is abandoned (its new master rolls back as QUIT to it does)
+	// and the old master drains; a committed master's draining
+	// predecessor does not take the service back.
+	All bool `json:"all,omitempty"`
 }
 
 // CtlReply is one line of a reply.
@@ -323,6 +327,9 @@ func ParseCtlRequest(b []byte) (CtlRequest, error) {
 	}
 	if rest := bytes.TrimSpace(b[dec.InputOffset():]); len(rest) > 0 {
 		return CtlRequest{}, fmt.Errorf("%w: more than one JSON value", ErrCtlRequest)
+	}
+	if req.All && (req.Cmd != "stop" || req.Fast) {
+		return CtlRequest{}, fmt.Errorf("%w: all is for a graceful stop only", ErrCtlRequest)
 	}
 	switch req.Cmd {
 	case "status", "upgrade", "reload", "stop", "reopen-logs":

@@ -18,12 +18,12 @@ import (
 )
 
 func TestParseCtlRequest(t *testing.T) {
-	for _, ok := range []string{`{"cmd":"status"}`, `{"cmd":"upgrade","wait":true}`, `{"cmd":"scale","workers":3}`, `{"cmd":"stop","fast":true}`, "{\"cmd\":\"reopen-logs\"}\n"} {
+	for _, ok := range []string{`{"cmd":"status"}`, `{"cmd":"upgrade","wait":true}`, `{"cmd":"scale","workers":3}`, `{"cmd":"stop","fast":true}`, `{"cmd":"stop","all":true}`, "{\"cmd\":\"reopen-logs\"}\n"} {
 		if _, err := ParseCtlRequest([]byte(ok)); err != nil {
 			t.Errorf("ParseCtlRequest(%s): %v", ok, err)
 		}
 	}
-	for _, bad := range []string{``, `{}`, `nonsense`, `{"cmd":"rm -rf"}`, `{"cmd":"status","extra":1}`, `{"cmd":"scale","workers":0}`, `{"cmd":"scale","workers":100000}`, `{"cmd":"status"} {"cmd":"stop"}x`, strings.Repeat("x", maxCtlRequest+1)} {
+	for _, bad := range []string{``, `{}`, `nonsense`, `{"cmd":"rm -rf"}`, `{"cmd":"status","extra":1}`, `{"cmd":"scale","workers":0}`, `{"cmd":"stop","all":true,"fast":true}`, `{"cmd":"status","all":true}`, `{"cmd":"scale","workers":100000}`, `{"cmd":"status"} {"cmd":"stop"}x`, strings.Repeat("x", maxCtlRequest+1)} {
 		if _, err := ParseCtlRequest([]byte(bad)); !errors.Is(err, ErrCtlRequest) {
 			t.Errorf("ParseCtlRequest(%q) = %v, want ErrCtlRequest", bad, err)
 		}

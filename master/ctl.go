@@ -3,6 +3,8 @@ package master
 import (
 	"fmt"
 	"os"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
 // onCtl answers a control request; replies never block the loop.
@@ -21,9 +23,9 @@ func (m *Master) onCtl(ev ctlEvent) {
 		reply(CtlReply{OK: true, Done: true, Status: m.status()})
 	case "upgrade":
 		if ev.req.Wait {
-			m.old.watchers = append(m.old.watchers, ev.replies)
+			m.watchers = append(m.watchers, ev.replies)
 		}
-		if err := m.onUSR2(false); err != nil {
+		if err := m.onUSR2(); err != nil {
 			m.dropWatcher(ev.replies)
 			fail(err)
 			return
@@ -50,20 +52,22 @@ func (m *Master) onCtl(ev ctlEvent) {
 		}
 		ok(fmt.Sprintf("workers: %d", len(m.slots)))
 	case "stop":
-		ok(fmt.Sprintf("stopping master %d (%s)", os.Getpid(), map[bool]string{true: "fast", false: "graceful"}[ev.req.Fast]))
-		// All is the keeper's QUIT: every generation, gracefully. With no
-		// upgrade in flight this master is the only generation: a plain
-		// graceful stop. (During an upgrade it is, for now, the same as
-		// a QUIT to this master.)
+		how := map[bool]string{true: "fast", false: "graceful"}[ev.req.Fast]
+		if ev.req.All {
+			how = "every generation, graceful"
+		}
+		ok(fmt.Sprintf("stopping master %d (%s)", os.Getpid(), how))
 		switch {
 		case ev.req.Fast:
 			m.onFastStop()
-		case m.role == rolePrimary && m.old.up == nil:
+		case ev.req.All:
+			m.onStopAll()
+		case m.newUncommitted():
+			m.onQUIT()
+		default:
 			// Requests come in order: no settle window for a USR2 that
 			// might have been reordered (that is only for signals).
-			m.shutdown(false)
-		default:
-			m.onQUIT()
+			_ = m.toOld(upgrade.CtlStop{})
 		}
 	case "reopen-logs":
 		m.reopenLogs()
@@ -73,9 +77,9 @@ func (m *Master) onCtl(ev ctlEvent) {
 
 // dropWatcher forgets a watcher whose upgrade did not start.
 func (m *Master) dropWatcher(c chan CtlReply) {
-	for i, w := range m.old.watchers {
+	for i, w := range m.watchers {
 		if w == c {
-			m.old.watchers = append(m.old.watchers[:i], m.old.watchers[i+1:]...)
+			m.watchers = append(m.watchers[:i], m.watchers[i+1:]...)
 			return
 		}
 	}
@@ -83,7 +87,7 @@ func (m *Master) dropWatcher(c chan CtlReply) {
 
 // setWorkers sets the worker count exactly (molt ctl scale N).
 func (m *Master) setWorkers(n int) error {
-	if m.role == roleNew {
+	if m.role() == roleNew {
 		return fmt.Errorf("this master's upgrade is not committed: scale the old master (molt ctl --old scale)")
 	}
 	if !m.phase.running() {

@@ -66,21 +66,9 @@ const (
 	respawnDue
 	// killDeadline: processes killed with SIGKILL must be reaped by now.
 	killDeadline
-	// upgradeDeadline (old master): the new master must serve, or commit,
-	// by now; else it is killed with its workers.
-	upgradeDeadline
-	// quitSettled (old master): the QUIT settle window is over.
-	quitSettled
-	// configDeadline (new master): the old master's configuration must
-	// have arrived by now.
-	configDeadline
-	// newReadyDeadline (new master): every worker must be ready by now.
-	newReadyDeadline
-	// probationOver (new master): probation has passed; commit.
-	probationOver
-	// releaseDeadline (new master): a new master that gave up waits this
-	// long for the old one to serve again before it stops anyway.
-	releaseDeadline
+	// upgradeTimer: a deadline of the upgrade (its upgrade.Timer says
+	// which).
+	upgradeTimer
 	// reloadDeadline: a reload's new workers must all be ready by now.
 	reloadDeadline
 	// watchdogCheck: a ready worker must have pinged (WATCHDOG=1) within
@@ -95,13 +83,14 @@ const (
 )
 
 var timerNames = [...]string{"ready deadline", "ready delay over", "drain deadline", "respawn due",
-	"kill deadline", "upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "reload deadline", "watchdog check", "recycle due", "listener check"}
+	"kill deadline", "upgrade timer", "reload deadline", "watchdog check", "recycle due", "listener check"}
 
 // timerFired is a timer's event. Handlers check that the pid or slot and
 // its sequence number still match: a timer can fire after what it was for
 // has changed, and is then ignored.
 type timerFired struct {
 	kind timerKind
+	ut   upgrade.Timer // upgradeTimer
 	pid  int
 	s    *slot // respawnDue
 	slot int
@@ -109,6 +98,9 @@ type timerFired struct {
 }
 
 func (e timerFired) String() string {
+	if e.kind == upgradeTimer {
+		return "timer " + e.ut.String()
+	}
 	return fmt.Sprintf("timer %s pid=%d slot=%d", timerNames[e.kind], e.pid, e.slot)
 }
 

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"syscall"
 	"time"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
 // onSignals applies a batch in the table's order (signals.go), each by
@@ -19,13 +21,12 @@ func (m *Master) onSignals(ev signalBatch) {
 			log.Info("signal ignored: the master is shutting down", "event", "signal.ignored", "state", m.phase.String())
 			continue
 		}
-		log.Info("signal received", "event", "signal.received", "role", m.role.String())
+		log.Info("signal received", "event", "signal.received", "role", m.role().String())
 		switch a.sig {
 		case syscall.SIGTERM, syscall.SIGINT:
 			m.onFastStop()
 		case syscall.SIGUSR2:
-			_ = m.onUSR2(false) // a refusal is logged
-
+			_ = m.onUSR2() // a refusal is logged
 		case syscall.SIGHUP:
 			m.onHUP()
 		case syscall.SIGWINCH:
@@ -47,7 +48,7 @@ func (m *Master) onSignals(ev signalBatch) {
 func (m *Master) scale(delta int) {
 	name := map[int]string{1: "TTIN", -1: "TTOU"}[delta]
 	switch {
-	case m.role == roleNew:
+	case m.role() == roleNew:
 		m.log.Warn(name+" refused: during an upgrade send it to the old master; the new one follows its count", "event", "pool.scale_refused", "delta", delta, "reason", "upgrade")
 		return
 	case m.rl != nil:
@@ -61,7 +62,7 @@ func (m *Master) scale(delta int) {
 		return
 	}
 	if delta > 0 {
-		if m.old.standby {
+		if m.old.Standby() {
 			m.slots = append(m.slots, &slot{n: len(m.slots), spec: m.spec}) // filled when the standby ends
 		} else {
 			m.addSlot()
@@ -70,9 +71,7 @@ func (m *Master) scale(delta int) {
 		m.removeSlot()
 	}
 	m.log.Info("worker count changed", "event", "pool.scaled", "workers", len(m.slots))
-	if up := m.old.up; up != nil && up.pid != 0 && !up.serving {
-		m.tellChild(m.configMsg())
-	}
+	_ = m.toOld(upgrade.Scaled{})
 }
 
 func (m *Master) reopenLogs() {
@@ -185,7 +184,7 @@ func (m *Master) onTimer(ev timerFired) {
 				"worker", p.slot, "pid", p.pid, "ready_timeout", p.spec.readyTimeout.String(),
 				"hint", "an app that never sends READY=1 needs --ready=delay:DUR")
 			m.stopWorker(p)
-			m.fail(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within the ready timeout (%v)", p.slot, p.pid, p.spec.readyTimeout))
+			m.workerFailed(ExitNotReady, fmt.Sprintf("worker %d (pid %d) not ready within the ready timeout (%v)", p.slot, p.pid, p.spec.readyTimeout))
 		}
 	case readyDelayOver:
 		m.markReady(p, "delay")
@@ -228,23 +227,11 @@ func (m *Master) checkWatchdog(p *proc) {
 	m.kill(p)
 }
 
-// onUpgradeTimer applies the timers of the upgrade's two sides.
+// onUpgradeTimer applies the upgrade's timers, and the reload's.
 func (m *Master) onUpgradeTimer(ev timerFired) bool {
 	switch ev.kind {
-	case upgradeDeadline:
-		m.onUpgradeDeadline(ev)
-	case quitSettled:
-		m.onQuitSettled()
-	case configDeadline:
-		if !m.new.configured {
-			m.fail(ExitNoParent, fmt.Sprintf("no configuration from the old master within %v", configTimeout))
-		}
-	case newReadyDeadline:
-		m.onNewReadyDeadline()
-	case probationOver:
-		m.onProbationOver()
-	case releaseDeadline:
-		m.onReleaseDeadline()
+	case upgradeTimer:
+		m.onDanceTimer(ev)
 	case reloadDeadline:
 		if r := m.rl; r != nil && r.seq == ev.seq {
 			ready := 0

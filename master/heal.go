@@ -31,7 +31,7 @@ const listenerCheckEvery = time.Second
 // checkListeners repairs the listeners and arms the next check.
 func (m *Master) checkListeners() {
 	m.after(listenerCheckEvery, timerFired{kind: listenerCheck})
-	if m.role != rolePrimary || m.old.up != nil || m.old.retiring || m.rl != nil || !m.phase.running() {
+	if m.role() != rolePrimary || m.old.InFlight() || m.old.Retiring() || m.rl != nil || !m.phase.running() {
 		return // an upgrade or a reload may be closing listeners on purpose
 	}
 	relistened := false

@@ -24,20 +24,24 @@ func (m *Master) start() error {
 	if err := closeOnExecAll(); err != nil {
 		return fmt.Errorf("mark inherited fds close-on-exec: %w", err)
 	}
-	var err error
-	if m.hand, err = upgrade.New(m.log.Named("upgrade")); err != nil {
+	hand, err := upgrade.New(m.log.Named("upgrade"))
+	if err != nil {
 		return err
 	}
+	m.hand = hand
+	m.old = upgrade.NewOldSide(upgrade.OldConfig{Pid: os.Getpid(), Preflight: len(m.cfg.Preflight) > 0,
+		ManualCommit: m.cfg.ManualCommit, ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, m.log)
 	if m.hand.HasParent() {
-		m.role = roleNew
+		m.new = upgrade.NewNewSide(upgrade.NewConfig{Pid: os.Getpid(), Version: m.cfg.Version,
+			ManualCommit: m.cfg.ManualCommit, ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, m.log)
 	} else {
-		m.role, m.gen = rolePrimary, 1
-		m.log = m.log.With("gen", m.gen)
+		m.gen = 1
+		m.setLogger(m.log.With("gen", m.gen))
 	}
 	if err := m.lockPIDFile(); err != nil {
 		return err
 	}
-	if m.role == rolePrimary {
+	if m.role() == rolePrimary {
 		socks, err := takeActivation()
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrConfig, err)
@@ -75,7 +79,7 @@ func (m *Master) start() error {
 	m.spec = newSpec(m.cfg, m.listeners)
 	m.phase = phaseStarting
 	m.after(listenerCheckEvery, timerFired{kind: listenerCheck})
-	if m.role == roleNew {
+	if m.role() == roleNew {
 		return m.attachToParent()
 	}
 	if err := m.pidFile.write(os.Getpid()); err != nil {
@@ -96,7 +100,7 @@ func (m *Master) start() error {
 // lockPIDFile takes the pid-file lock, or, in a new master, the one the
 // old master passed (the old master still holds it too).
 func (m *Master) lockPIDFile() error {
-	if m.role == roleNew {
+	if m.role() == roleNew {
 		f, err := m.hand.InheritedFile(lockFileName)
 		if err != nil {
 			return err
@@ -157,8 +161,8 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 			_ = f.Close()
 			return nil, rerr
 		}
-		if m.role == roleNew {
-			m.new.moved = append(m.new.moved, inheritedListener(spec.Name, f)) // closed at the commit
+		if m.role() == roleNew {
+			m.moved = append(m.moved, inheritedListener(spec.Name, f)) // closed at the commit
 		} else {
 			_ = f.Close()
 		}
@@ -184,13 +188,12 @@ func (m *Master) shutdown(fast bool) {
 	case fast && m.phase == phaseStopping, !fast && !m.phase.running():
 		return
 	}
-	m.old.settling = false
-	if m.role == roleCommitted {
+	if m.role() == roleCommitted {
 		// The old generation may still be draining: it must not take the
 		// service back when this master exits on purpose.
 		m.tellParent(upgrade.Msg{Kind: upgrade.KindStopping})
 	}
-	if (m.role == rolePrimary && !m.old.retiring) || m.role == roleCommitted {
+	if (m.role() == rolePrimary && !m.old.Retiring()) || m.role() == roleCommitted {
 		m.tellSupervisor("STOPPING=1", m.supervisorStatus("stopping"))
 	}
 	if r := m.rl; r != nil {
@@ -219,7 +222,7 @@ func (m *Master) shutdown(fast bool) {
 // finishIfIdle ends the master once it is stopping, no worker is left and
 // no new master it started is still running.
 func (m *Master) finishIfIdle() {
-	if m.phase.running() || len(m.procs) > 0 || m.old.up != nil {
+	if m.phase.running() || len(m.procs) > 0 || m.old.InFlight() {
 		return
 	}
 	m.release()
@@ -232,7 +235,7 @@ func (m *Master) finishIfIdle() {
 // master before its commit (the old one goes on), and not an old master
 // whose successor committed (the new one goes on).
 func (m *Master) ownsFiles() bool {
-	return m.role != roleNew && !m.old.retiring
+	return m.role() != roleNew && !m.old.Retiring()
 }
 
 // release closes and removes everything the master holds, in reverse
@@ -250,7 +253,7 @@ func (m *Master) release() {
 			m.log.Warn("control socket not removed", "event", "control.remove_failed", "path", m.control.path, "error", err)
 		}
 	}
-	for _, c := range []*upgrade.Channel{m.old.children, m.new.parent} {
+	for _, c := range []*upgrade.Channel{m.children, m.parent} {
 		if c != nil {
 			_ = c.Close()
 		}

@@ -24,9 +24,8 @@ type Master struct {
 	done   chan struct{} // closed when the loop has returned
 
 	phase     phase
-	role      role
 	gen       int
-	hand      *upgrade.Handover
+	hand      handover
 	pidFile   *pidFile
 	listeners []*listener
 	// listenerEpoch counts listeners replaced by a new socket
@@ -55,10 +54,24 @@ type Master struct {
 	seq   int
 	sys   sysOps
 
-	rl      *reload // a reload in flight
-	old     oldSide // this master as the old generation of an upgrade
-	new     newSide // this master as the new generation, before its commit
-	exitErr error   // what Run returns once stopped
+	rl *reload // a reload in flight
+	// old is this master as the old generation of an upgrade (every
+	// master may start one); new, this master as the new generation of
+	// the upgrade that started it (nil if none did). dance.go.
+	old *upgrade.OldSide
+	new *upgrade.NewSide
+	// children is the channel to the new masters this one starts;
+	// parent, to the old master that started this one.
+	children, parent *upgrade.Channel
+	// parentNames: the old master's listener names (its configuration);
+	// moved: inherited listeners whose name this configuration moved to
+	// another address, closed at the commit.
+	parentNames []string
+	moved       []*listener
+	// watchers are "molt ctl upgrade --wait" connections: they get every
+	// step, and a final reply when the upgrade ends.
+	watchers []chan CtlReply
+	exitErr  error // what Run returns once stopped
 }
 
 // sysOps are the loop's process and timer operations: the one seam that
@@ -73,6 +86,22 @@ type sysOps struct {
 	signal func(pid int, sig syscall.Signal) error
 	// after sends ev to the loop once d has passed.
 	after func(d time.Duration, ev event)
+}
+
+// handover is what the master uses of its upgrade.Handover: with sysOps,
+// the seam unit tests replace (a scripted tableflip).
+type handover interface {
+	HasParent() bool
+	Listener(name string, bind func() (*os.File, error)) (f *os.File, inherited bool, err error)
+	InheritedListener(name string) (*os.File, error)
+	Replace(name string, f *os.File) error
+	Ready() error
+	PassFile(name string, f *os.File) error
+	InheritedFile(name string) (*os.File, error)
+	Parent() (*upgrade.Channel, error)
+	Children() (*upgrade.Channel, error)
+	Upgrade() error
+	WaitForParent(ctx context.Context) error
 }
 
 // listener is one open listening socket of the master. The master never
@@ -170,26 +199,31 @@ func (m *Master) loop(ctx context.Context) error {
 			case timerFired:
 				m.onTimer(ev)
 			case upgradeDone:
-				m.onUpgradeDone(ev)
+				_ = m.toOld(upgrade.UpgradeDone{Err: ev.err})
 			case fromChild:
 				m.onChildMsg(ev)
 			case fromParent:
 				m.onParentMsg(ev)
 			case parentExited:
-				m.onParentExited()
+				_ = m.toNew(upgrade.ParentExited{})
 			case ctlEvent:
 				m.onCtl(ev)
 			case preflightDone:
-				m.onPreflightDone(ev)
+				_ = m.toOld(upgrade.PreflightDone{Out: ev.out, Err: ev.err})
 			case keeperExited:
 				m.log.Warn("the keeper has exited; this master serves on without it", "event", "master.keeper_exited", "keeper_pid", ev.pid)
 			case successorExited:
-				m.onSuccessorExited(ev)
+				_ = m.toOld(upgrade.SuccessorExited{Pid: ev.pid})
 			}
 		case <-ctxDone:
 			ctxDone = nil
 			m.log.Info("context cancelled", "event", "master.cancelled", "action", "graceful shutdown")
 			m.shutdown(false)
+		}
+	}
+	if m.exitErr == nil && m.new != nil {
+		if e := m.new.Exit(); e != nil {
+			return e
 		}
 	}
 	return m.exitErr

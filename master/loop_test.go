@@ -14,6 +14,8 @@ import (
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
 // fakeSys scripts the master's process operations: no processes, no
@@ -62,6 +64,7 @@ func newTestMaster(t *testing.T, workers int, tweak func(*Config)) (*Master, *fa
 		},
 		after: func(d time.Duration, ev event) { f.timers = append(f.timers, armedTimer{d, ev.(timerFired)}) },
 	}
+	m.old = upgrade.NewOldSide(upgrade.OldConfig{ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, nil)
 	m.phase = phaseStarting
 	m.spec = newSpec(m.cfg, nil)
 	for i := 0; i < workers; i++ {
@@ -218,9 +221,9 @@ func TestLoop_QuitDrainsKillsLateWorkersAndStops(t *testing.T) {
 	if m.phase != phaseStarting || len(f.signals) != 0 {
 		t.Fatalf("QUIT drained before the settle window: phase %v, signals %v", m.phase, f.signals)
 	}
-	settle := f.lastTimer(t, quitSettled)
-	if settle.d != quitSettle {
-		t.Fatalf("settle window %v, want %v", settle.d, quitSettle)
+	settle := f.lastTimer(t, upgradeTimer)
+	if settle.ev.ut != upgrade.TimerSettle || settle.d != upgrade.QuitSettle {
+		t.Fatalf("settle window %v %v, want %v", settle.ev.ut, settle.d, upgrade.QuitSettle)
 	}
 	m.onTimer(settle.ev)
 	if m.phase != phaseDraining || len(f.signals) != 2 {
@@ -659,5 +662,31 @@ func TestLoop_StateChangesCarryEventKeys(t *testing.T) {
 				t.Errorf("line %d (%s): %s = %v, want %v", i, w.event, k, got[i][k], v)
 			}
 		}
+	}
+}
+
+// TestLoop_RespawnAllRefillsEverySlotOnce: the end of a standby, a
+// rollback from it, and a take-back start one fresh worker in every slot
+// whose worker is gone or stopping; a stopping one's later exit is no
+// failure of its slot, and a ready one is kept.
+func TestLoop_RespawnAllRefillsEverySlotOnce(t *testing.T) {
+	m, f := newTestMaster(t, 3, nil)
+	for _, pid := range f.started {
+		m.markReady(m.procs[pid], "test")
+	}
+	stopping, gone, kept := f.started[0], f.started[1], f.started[2]
+	m.stopWorker(m.procs[stopping])
+	m.slots[1].pid = 0
+	delete(m.procs, gone)
+	m.respawnAll()
+	if m.phase != phaseStarting || len(f.started) != 5 {
+		t.Fatalf("phase %v, %d starts, want starting and 2 fresh workers", m.phase, len(f.started))
+	}
+	if m.slots[2].pid != kept {
+		t.Fatalf("slot 2 holds %d, want its ready worker %d kept", m.slots[2].pid, kept)
+	}
+	m.onChildExited(exited(stopping))
+	if len(f.started) != 5 || m.slots[0].restarts != 0 {
+		t.Fatalf("the stopping worker's exit counted: %d starts, %d restarts", len(f.started), m.slots[0].restarts)
 	}
 }

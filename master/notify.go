@@ -101,9 +101,9 @@ func (m *Master) workerNotifySocket(sp *workerSpec) (*notify.Socket, error) {
 }
 
 // dropNotifySocket closes a worker's socket, which ends its reader, and
-// removes its file. Called from any goroutine: it logs to log, which the
-// caller took from m.log on the loop (the loop may replace m.log).
-func dropNotifySocket(s *notify.Socket, log hclog.Logger) {
+// removes its file. Called from any goroutine, with the logger the loop
+// had when it started it (the loop may replace m.log meanwhile).
+func dropNotifySocket(log hclog.Logger, s *notify.Socket) {
 	_ = s.Close()
 	if err := safefile.RemoveSocket(s.Addr); err != nil {
 		log.Warn("notify socket not removed", "event", "notify.remove_failed", "path", s.Addr, "error", err)
@@ -116,9 +116,8 @@ func dropNotifySocket(s *notify.Socket, log hclog.Logger) {
 // dropped (a few log lines per interval, whatever the rate), and never
 // queues ahead of the operator's signals. What passes waits for the loop
 // to apply it before the next datagram is read: one message per worker
-// at most in the loop's queue. It runs in a goroutine of its own and logs
-// to log, taken from m.log when it started (the loop may replace m.log).
-func (m *Master) readNotify(s *notify.Socket, worker int, log hclog.Logger) {
+// at most in the loop's queue.
+func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 	ack := make(chan struct{}, 1)
 	for {
 		msg, err := s.Read()

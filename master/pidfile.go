@@ -141,18 +141,6 @@ func (p *pidFile) fromOld(pid int) (missing bool, err error) {
 	return false, nil
 }
 
-// restorePIDFile puts the pid file back after a rollback or a take-back.
-func (m *Master) restorePIDFile() {
-	missing, err := m.pidFile.fromOld(os.Getpid())
-	switch {
-	case err != nil:
-		m.log.Error("pid file not restored", "event", "pidfile.restore_failed", "path", m.pidFile.path, "error", err)
-	case missing:
-		m.log.Warn("pid file restored by writing it afresh: there was no .oldbin to rename back",
-			"event", "pidfile.rewritten", "path", m.pidFile.path)
-	}
-}
-
 // close releases the lock. The lock file stays (see lockPIDFile).
 func (p *pidFile) close() error { return p.lock.Close() }
 

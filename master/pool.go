@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"syscall"
 	"time"
-
-	"github.com/molt-server/molt/upgrade"
 )
 
 // maxWorkers bounds TTIN: a runaway script cannot fork-bomb the host.
@@ -78,11 +76,11 @@ func (m *Master) launch(s *slot) (*proc, error) {
 
 // watch reaps p in a goroutine of its own and reports its exit.
 func (m *Master) watch(p *proc) {
-	log := m.log // the goroutine never reads m.log, which the loop may replace
+	log := m.log // the loop may replace m.log meanwhile (setLogger)
 	go func() {
 		state, err := p.p.Wait()
 		if p.notify != nil {
-			dropNotifySocket(p.notify, log)
+			dropNotifySocket(log, p.notify)
 		}
 		m.send(childExited{pid: p.pid, state: state, err: err})
 	}()
@@ -115,12 +113,12 @@ func (m *Master) onChildExited(ev childExited) {
 	if s != nil {
 		s.pid, s.lastExit = 0, how
 	}
-	if s == nil || !m.phase.running() || m.old.standby {
+	if s == nil || !m.phase.running() || m.old.Standby() {
 		log.Info("worker exited", "event", "worker.exited")
 		if s == nil && m.phase.running() && (ev.state == nil || !ev.state.Success()) {
 			// Even announced (STOPPING=1), a failing exit is no way to pass
 			// probation.
-			m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+			m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 		}
 		m.finishIfIdle()
 		return
@@ -138,7 +136,7 @@ func (m *Master) onChildExited(ev childExited) {
 	log.Error("worker exited unexpectedly; replacing it", "event", "worker.exited_unexpectedly", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
 	// A new generation has no business committing with a worker that dies.
-	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+	m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 }
 
 // slotOf returns the slot p fills, or nil if p was retired (TTOU, a
@@ -186,18 +184,11 @@ func (m *Master) markReady(p *proc, how string) {
 		// the old socket, which nobody can connect to any more.
 		m.recycle(p, "listener restored")
 	}
-	if m.role == roleNew {
-		m.tellParent(upgrade.Msg{Kind: upgrade.KindProgress, Ready: m.readyCount(), Workers: len(m.slots)})
-	}
+	m.reportReady()
 	if m.phase == phaseStarting && m.allReady() {
 		m.phase = phaseServing
 		m.log.Info("serving", "event", "master.serving", "workers", len(m.slots))
-		if m.role == roleNew {
-			m.onNewServing()
-		} else {
-			m.supervisorReady("serving, %d workers", len(m.slots))
-			m.releaseIfServing()
-		}
+		m.nowServing()
 	}
 }
 

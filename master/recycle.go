@@ -33,7 +33,7 @@ func (m *Master) recycle(p *proc, why string) {
 	if s == nil || p.state != workerReady || p.killed || s.successor != 0 || s.pending || !m.phase.running() {
 		return // retired, stopping, or already being recycled
 	}
-	if m.rl != nil || m.old.up != nil || m.old.standby {
+	if m.rl != nil || m.old.InFlight() || m.old.Standby() {
 		// A reload or an upgrade replaces the worker anyway, or the
 		// generation stands by; ask again later.
 		p.recycleWhy = why
@@ -89,7 +89,7 @@ func (m *Master) recycleExited(p *proc, failed bool, how string, log hclog.Logge
 			m.after(recycleRetry, timerFired{kind: recycleDue, pid: old.pid})
 		}
 		if failed {
-			m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+			m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 		}
 		return true
 	}
@@ -99,6 +99,6 @@ func (m *Master) recycleExited(p *proc, failed bool, how string, log hclog.Logge
 	s.pid, s.successor, s.lastExit = s.successor, 0, how
 	s.restarts++
 	log.Error("worker exited unexpectedly; its replacement, already starting, takes the slot", "event", "worker.exited_unexpectedly", "restart_in", "0s", "restarts", s.restarts)
-	m.fail(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
+	m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 	return true
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/master/safefile"
+	"github.com/molt-server/molt/upgrade"
 )
 
 // A reload (HUP, molt ctl reload) replaces the workers within the same
@@ -35,14 +36,13 @@ type reload struct {
 // nil, gets the final reply (molt ctl reload --wait).
 func (m *Master) onReload(watcher chan CtlReply) error {
 	refuse := func(why string) error {
-		m.log.Warn("reload refused: "+why, "event", "reload.refused", "reason", why, "role", m.role.String())
+		m.log.Warn("reload refused: "+why, "event", "reload.refused", "reason", why, "role", m.role().String())
 		return errors.New(why)
 	}
 	switch {
-	case m.old.standby:
-		m.resumeServing() // HUP to a standby old master: the manual rollback step
-		return nil
-	case m.role != rolePrimary || m.old.up != nil:
+	case m.old.Standby():
+		return m.toOld(upgrade.SigHUP{}) // HUP to a standby old master: the manual rollback step
+	case m.role() != rolePrimary || m.old.InFlight():
 		return refuse("an upgrade is in flight; reload once it has ended")
 	case m.rl != nil:
 		return refuse("a reload is already in flight")
@@ -201,14 +201,7 @@ func (m *Master) failReload(reason string) {
 	reloadReply(r, CtlReply{Done: true, Error: "reload failed: " + reason})
 }
 
-func reloadReply(r *reload, final CtlReply) {
-	for _, w := range r.watchers {
-		select {
-		case w <- final:
-		default:
-		}
-	}
-}
+func reloadReply(r *reload, final CtlReply) { broadcast(r.watchers, final) }
 
 // closeListener stops a listener this master no longer uses: shutdown
 // stops it listening in every process that holds it (tableflip keeps a

@@ -101,9 +101,9 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		dir: sp.dir, credential: sp.credential,
 	})
 	if err != nil {
-		dropNotifySocket(sock, m.log)
+		dropNotifySocket(m.log, sock)
 		return nil, err
 	}
-	go m.readNotify(sock, p.Pid, m.log)
+	go m.readNotify(m.log, sock, p.Pid)
 	return &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now(), notify: sock}, nil
 }

@@ -107,4 +107,6 @@ const (
 
 var roleNames = [...]string{"primary", "new", "committed"}
 
+// The role derives from the two sides of the dance: see Master.role.
+
 func (r role) String() string { return roleNames[r] }

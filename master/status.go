@@ -5,6 +5,8 @@ import (
 	"runtime"
 	"sort"
 	"time"
+
+	"github.com/molt-server/molt/upgrade"
 )
 
 // Status is what "molt ctl status" shows: one master, as it sees itself.
@@ -67,17 +69,12 @@ type UpgradeStatus struct {
 }
 
 // UpgradeResult is how the last upgrade ended.
-type UpgradeResult struct {
-	Outcome string    `json:"outcome"` // committed, rolled back, taken back
-	Reason  string    `json:"reason,omitempty"`
-	NewPID  int       `json:"new_pid,omitempty"`
-	At      time.Time `json:"at"`
-}
+type UpgradeResult = upgrade.Result
 
 // status builds the master's Status.
 func (m *Master) status() *Status {
 	st := &Status{
-		PID: os.Getpid(), Version: m.cfg.Version, Gen: m.gen, Role: m.role.String(), State: m.stateName(),
+		PID: os.Getpid(), Version: m.cfg.Version, Gen: m.gen, Role: m.role().String(), State: m.stateName(),
 		Started: m.started, Uptime: time.Since(m.started).Round(time.Second).String(),
 		Workers: len(m.slots), Goroutines: runtime.NumGoroutine(), FDs: countFDs(),
 	}
@@ -112,28 +109,28 @@ func (m *Master) status() *Status {
 	for _, l := range m.listeners {
 		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated})
 	}
-	if up := m.old.up; up != nil {
-		st.Upgrade = &UpgradeStatus{NewPID: up.pid, Serving: up.serving, Ready: up.ready, Want: up.want,
-			Elapsed: time.Since(up.started).Round(time.Millisecond).String()}
+	if up := m.old.Attempt(); up != nil {
+		st.Upgrade = &UpgradeStatus{NewPID: up.Pid, Serving: up.Serving, Ready: up.Ready, Want: up.Want,
+			Elapsed: time.Since(up.Started).Round(time.Millisecond).String()}
 	}
-	st.LastResult = m.old.last
+	st.LastResult = m.old.Last()
 	return st
 }
 
 // stateName is the one-word state of "molt ctl status".
 func (m *Master) stateName() string {
 	switch {
-	case m.phase == phaseDraining && m.old.retiring:
+	case m.phase == phaseDraining && m.old.Retiring():
 		return "retiring"
 	case !m.phase.running():
 		return m.phase.String()
-	case m.old.standby:
+	case m.old.Standby():
 		return "standby"
-	case m.old.up != nil:
+	case m.old.InFlight():
 		return "upgrading"
 	case m.rl != nil:
 		return "reloading"
-	case m.role == roleNew && m.phase == phaseServing:
+	case m.role() == roleNew && m.phase == phaseServing:
 		return "probation"
 	}
 	return m.phase.String()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,6 +30,7 @@ const (
 	KindCommitted = "committed" // Pid: G2 called Ready; G1 retires
 	KindFailed    = "failed"    // Pid, Code, Reason: G2 gives up (rollback)
 	KindStopping  = "stopping"  // Pid: G2, committed, stops on purpose (QUIT or TERM): G1 must not take over when it exits
+	KindStopAll   = "stop-all"  // Pid: G2, uncommitted, was asked to stop every generation: G1 drains, G2 gives up (KindFailed follows)
 )
 
 // Message kinds sent by G1 to G2 (To names the G2).
@@ -36,6 +38,7 @@ const (
 	KindConfig  = "config"  // Workers, Gen, Pid, Names, Activated: how many workers to run, G2's generation, G1's pid and listener names
 	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
 	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
+	KindAbort   = "abort"   // give up as QUIT to G2 does: every generation stops
 )
 
 // KindStop is sent either way: stop fast (TERM/INT to either master stops
@@ -121,12 +124,34 @@ func newChannelPair() (*Channel, *os.File, error) {
 	return &Channel{f: os.NewFile(uintptr(fds[0]), "molt-channel")}, os.NewFile(uintptr(fds[1]), "molt-channel-child"), nil
 }
 
-// Send writes one message. It does not block beyond the socket buffer;
-// errors wrap the kind.
+// SendTimeout bounds one Send: a peer that stopped reading (its socket
+// buffer full) costs the sender's loop at most this long per message,
+// and the message is lost (the deadlines of the dance then decide).
+const SendTimeout = 200 * time.Millisecond
+
+// NewPair returns the two connected ends of a channel: the old master's
+// and the one a new master inherits. Tests of a master script the other
+// master with it.
+func NewPair() (*Channel, *Channel, error) {
+	c, f, err := newChannelPair()
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, &Channel{f: f}, nil
+}
+
+// Send writes one message, waiting at most SendTimeout for room in the
+// socket buffer; errors wrap the kind (os.ErrDeadlineExceeded when the
+// peer does not read).
 func (c *Channel) Send(m Msg) error {
 	b, err := EncodeMsg(m)
 	if err != nil {
 		return err
+	}
+	// Both ends are non-blocking sockets, so the runtime's poller holds
+	// them and the deadline applies.
+	if err := c.f.SetWriteDeadline(time.Now().Add(SendTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+		return fmt.Errorf("upgrade: send %s: %w", m.Kind, err)
 	}
 	if _, err := c.f.Write(b); err != nil {
 		return fmt.Errorf("upgrade: send %s: %w", m.Kind, err)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestChannel_RoundTripAndEOF(t *testing.T) {
@@ -93,4 +94,31 @@ func FuzzDecodeMsg(f *testing.F) {
 			t.Fatalf("re-encoding an accepted message failed: %v", err)
 		}
 	})
+}
+
+// TestChannel_SendDoesNotBlockOnAPeerThatStoppedReading: a Send to a
+// peer whose socket buffer is full gives up within SendTimeout instead of
+// blocking the sender's loop.
+func TestChannel_SendDoesNotBlockOnAPeerThatStoppedReading(t *testing.T) {
+	g1, childEnd, err := newChannelPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g1.Close()
+	defer childEnd.Close() // never read
+	msg := Msg{Kind: KindConfig, Reason: strings.Repeat("x", 4000)}
+	for i := 0; i < 10000; i++ {
+		start := time.Now()
+		err := g1.Send(msg)
+		if took := time.Since(start); took > SendTimeout+time.Second {
+			t.Fatalf("Send %d blocked for %v", i, took)
+		}
+		if err != nil {
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("Send %d to a full buffer: %v, want a deadline error", i, err)
+			}
+			return
+		}
+	}
+	t.Fatal("10000 sends of 4 KB never filled the socket buffer")
 }

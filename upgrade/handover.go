@@ -183,7 +183,8 @@ func (h *Handover) Children() (*Channel, error) {
 // every registered file, and blocks until it commits (nil: this master
 // must retire) or fails: it could not be started, it exited, or Stop was
 // called. It refuses while this master has not called Ready, or while its
-// own parent lives. Run it in a goroutine of its own.
+// own parent lives. Run it in a goroutine of its own. Its errors are
+// *UpgradeError.
 //
 // Each attempt opens two pipes in tableflip (v1.2.3) and leaves the new
 // master's ends of them (its readiness pipe's write end, its names pipe's
@@ -196,7 +197,7 @@ func (h *Handover) Children() (*Channel, error) {
 func (h *Handover) Upgrade() error {
 	if err := h.upg.Upgrade(); err != nil {
 		runtime.GC() // queues the finalizers of the attempt's lost pipe ends
-		return fmt.Errorf("upgrade: %w", err)
+		return classify(err)
 	}
 	return nil
 }

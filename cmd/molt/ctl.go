@@ -27,7 +27,9 @@ Commands:
   upgrade [--wait]          start an upgrade (like USR2); --wait prints each
                             step and exits 0 on commit, 1 on rollback
   scale N                   set the worker count to N
-  stop [--fast]             stop (graceful by default; --fast kills workers)
+  stop [--fast|--all]       stop (graceful by default; --fast kills workers;
+                            --all stops every generation gracefully, an
+                            upgrade in flight included)
   reopen-logs               reopen the log file (like USR1)
   reload [--wait]           reload (not built yet)
 
@@ -101,7 +103,11 @@ func parseCtlCommand(args []string) (req master.CtlRequest, human bool, err erro
 		req.Wait = flagArg("--wait")
 	case "stop":
 		req.Fast = flagArg("--fast")
+		req.All = flagArg("--all")
 		flagArg("--graceful")
+		if req.Fast && req.All {
+			return req, false, errors.New("stop: --fast and --all exclude each other (--fast already stops both generations)")
+		}
 	case "scale":
 		if len(rest) != 1 {
 			return req, false, errors.New("scale needs the worker count: molt ctl scale N")

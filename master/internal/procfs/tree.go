@@ -79,3 +79,16 @@ func All() []int {
 	}
 	return out
 }
+
+// NewMaster finds the new master an old master (parent) started: its one
+// child that is not one of its workers (isWorker), 0 if none. An old
+// master uses it for a new master that never said hello; its hello, when
+// it comes, is checked the other way round (Parent).
+func NewMaster(parent int, isWorker func(pid int) bool) int {
+	for _, c := range Children(parent) {
+		if !isWorker(c) {
+			return c
+		}
+	}
+	return 0
+}

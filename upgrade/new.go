@@ -1,0 +1,356 @@
+package upgrade
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// NewState is where a new master is in the upgrade that started it.
+type NewState int
+
+const (
+	// NewAwaitingConfig: said hello; waits for the old master's
+	// configuration (ConfigTimeout).
+	NewAwaitingConfig NewState = iota
+	// NewStarting: its workers start; all must be ready within the ready
+	// timeout.
+	NewStarting
+	// NewProbation: every worker is ready; it serves alongside the old
+	// generation until the probation ends (or, manual, until QUIT to the
+	// old master).
+	NewProbation
+	// NewFailing: it gave up; the old master serves again and releases
+	// it, or the release deadline passes.
+	NewFailing
+	// NewStopping: stopped before its commit (TERM to either master).
+	NewStopping
+	// NewCommitted: it called Ready; the old master drains.
+	NewCommitted
+	// NewPrimary: committed, and the old master has exited.
+	NewPrimary
+)
+
+var newStateNames = [...]string{"awaiting-config", "starting", "probation", "failing", "stopping", "committed", "primary"}
+
+func (s NewState) String() string { return newStateNames[s] }
+
+// NewConfig is a new master's settings of the dance.
+type NewConfig struct {
+	Pid          int // this master's
+	Version      string
+	ManualCommit bool
+	ReadyTimeout time.Duration
+	Probation    time.Duration
+}
+
+// NewSide is the new master's side of the dance, from its start to being
+// primary.
+type NewSide struct {
+	cfg          NewConfig
+	log          hclog.Logger
+	state        NewState
+	configured   bool
+	parentPid    int // the old master, from its configuration
+	parentGone   bool
+	exit         *ExitError
+	deferredUSR2 bool
+	acts         []Action
+}
+
+// NewNewSide returns the machine of a new master, in NewAwaitingConfig.
+func NewNewSide(cfg NewConfig, log hclog.Logger) *NewSide {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &NewSide{cfg: cfg, log: log}
+}
+
+// Start returns the first actions: the hello and the configuration's
+// deadline.
+func (n *NewSide) Start() []Action {
+	n.log.Info("new master: waiting for the old master's configuration", "event", "upgrade.awaiting_config")
+	return []Action{Tell{Msg: Msg{Kind: KindHello, Version: n.cfg.Version}}, Arm{Timer: TimerConfig, D: ConfigTimeout}}
+}
+
+// SetLogger replaces the logger (the master's gains fields).
+func (n *NewSide) SetLogger(log hclog.Logger) { n.log = log }
+
+// State is the machine's state.
+func (n *NewSide) State() NewState { return n.state }
+
+// Uncommitted reports whether this master has not committed: the old
+// master still decides.
+func (n *NewSide) Uncommitted() bool { return n.state < NewCommitted }
+
+// Configured reports whether the old master's configuration has come.
+func (n *NewSide) Configured() bool { return n.configured }
+
+// ParentGone reports whether the old master has exited.
+func (n *NewSide) ParentGone() bool { return n.parentGone }
+
+// Exit is how this master must exit, if it gave up or was stopped with
+// the old one before its commit; nil otherwise.
+func (n *NewSide) Exit() *ExitError { return n.exit }
+
+func (n *NewSide) to(s NewState, why string) {
+	if s == n.state {
+		return
+	}
+	logTransition(n.log, "new", n.state.String(), s.String(), why)
+	n.state = s
+}
+
+func (n *NewSide) do(a ...Action) { n.acts = append(n.acts, a...) }
+
+func (n *NewSide) tell(m Msg) {
+	if n.parentGone {
+		return
+	}
+	n.do(Tell{Msg: m})
+}
+
+// Handle applies ev and returns what the master must do, in order.
+func (n *NewSide) Handle(env Env, ev Event) []Action {
+	n.acts = nil
+	switch ev := ev.(type) {
+	case FromParent:
+		n.onParentMsg(env, ev)
+	case ParentExited:
+		n.onParentExited(env)
+	case Serving:
+		n.onServing(env, ev.PIDFileErr)
+	case WorkerFailed:
+		n.fail(env, ev.Code, ev.Reason)
+	case WorkerReady:
+		if n.Uncommitted() {
+			n.tell(Msg{Kind: KindProgress, Ready: env.ReadyWorkers, Workers: env.Workers})
+		}
+	case WorkersChanged:
+		if n.Uncommitted() {
+			n.tell(Msg{Kind: KindWorkers, PGIDs: ev.PGIDs})
+		}
+	case SigQUIT:
+		n.fail(env, ExitAborted, "QUIT to the new master before its commit")
+	case SigTERM:
+		if n.Uncommitted() {
+			n.do(Tell{Msg: Msg{Kind: KindStop}})
+			n.to(NewStopping, "TERM")
+		}
+	case StopAll:
+		if n.Uncommitted() && !n.parentGone {
+			// The old master drains; this one gives up, and the old one
+			// releases it at once.
+			n.tell(Msg{Kind: KindStopAll})
+			n.fail(env, ExitAborted, "every generation stops (stop --all)")
+			if n.state != NewFailing {
+				n.do(Shutdown{}) // failing already, or stopping: end anyway
+			}
+		} else {
+			n.do(Shutdown{}) // the only generation left, or committed
+		}
+	case SigUSR2:
+		n.onUSR2()
+	case TimerFired:
+		n.onTimer(env, ev)
+	}
+	return n.acts
+}
+
+func (n *NewSide) onUSR2() {
+	if n.Uncommitted() {
+		why := "this master's own upgrade is not committed yet; send USR2 once it is primary"
+		n.log.Warn("USR2 refused: "+why, "event", "upgrade.usr2_refused", "signal", "SIGUSR2", "reason", why)
+		n.do(Refused{Why: why})
+		return
+	}
+	// Committed: tableflip refuses while the parent lives; its drain is
+	// bounded by the drain timeout, so wait for it rather than refuse an
+	// operator whose script sends USR2 right after a takeover.
+	n.deferredUSR2 = true
+	n.log.Info("USR2 deferred: the old generation is still draining; the upgrade starts once it has exited", "event", "upgrade.usr2_deferred")
+	n.do(Progress{Line: "deferred: the upgrade starts once the old generation has exited"})
+}
+
+func (n *NewSide) onParentMsg(env Env, ev FromParent) {
+	msg := ev.Msg
+	if msg.To != n.cfg.Pid && !(msg.Kind == KindStop && msg.To == 0) {
+		return // meant for an earlier attempt that died before reading it
+	}
+	switch msg.Kind {
+	case KindConfig:
+		n.onConfig(env, msg, ev.ConfigErr)
+	case KindCommit:
+		if n.state == NewProbation {
+			n.log.Info("the old master asks for the commit", "event", "upgrade.commit_asked")
+			n.commit(env, "the old master asks for it")
+		}
+	case KindRelease:
+		if n.state == NewFailing {
+			n.log.Info("the old generation serves again; stopping this one", "event", "upgrade.released")
+			n.do(Shutdown{})
+		}
+	case KindAbort:
+		n.fail(env, ExitAborted, "the old master stops every generation")
+	case KindStop:
+		n.log.Info("the old master stops both generations", "event", "upgrade.stop_both")
+		if n.Uncommitted() {
+			n.exit = &ExitError{Code: ExitStoppedByOld, Reason: "stopped with the old master"}
+			n.to(NewStopping, "stopped with the old master")
+		}
+		n.do(Shutdown{Fast: true})
+	default:
+		n.log.Debug("unknown message from the old master; ignored", "kind", msg.Kind)
+	}
+}
+
+// onConfig takes the old master's worker count (at the start, and after a
+// TTIN/TTOU sent to the old master during the upgrade).
+func (n *NewSide) onConfig(env Env, msg Msg, err error) {
+	want := max(msg.Workers, 1)
+	if !n.configured {
+		n.configured, n.parentPid = true, msg.Pid
+		n.log.Info("configuration from the old master", "event", "upgrade.configured", "workers", want, "ready_timeout", n.cfg.ReadyTimeout.String())
+		if n.state == NewAwaitingConfig {
+			n.to(NewStarting, "configuration from the old master")
+		}
+		n.do(Arm{Timer: TimerReady, D: n.cfg.ReadyTimeout})
+		if err != nil {
+			n.fail(env, ExitUsage, err.Error())
+			return
+		}
+	}
+	if !env.Running {
+		return
+	}
+	n.do(SetWorkers{N: want})
+}
+
+func (n *NewSide) onServing(env Env, pidErr error) {
+	if n.state != NewStarting {
+		return
+	}
+	if pidErr != nil {
+		// Committing would leave no pid file naming the master that
+		// serves (the old one removes its .oldbin): roll back instead,
+		// and the old master renames its pid file back.
+		if !n.parentGone {
+			n.fail(env, ExitPIDFile, "the new master could not write the pid file: "+pidErr.Error())
+			return
+		}
+		n.log.Error("pid file not written; this master serves on, the only generation left", "event", "pidfile.write_failed", "error", pidErr)
+	}
+	n.tell(Msg{Kind: KindServing, Workers: env.Workers})
+	n.to(NewProbation, "every worker is ready")
+	switch {
+	case n.parentGone:
+		n.log.Info("serving; the old generation is gone, so committing at once", "event", "upgrade.serving", "workers", env.Workers)
+		n.commit(env, "the old generation is gone")
+	case n.cfg.ManualCommit:
+		n.log.Info("serving alongside the old generation; QUIT to the old master commits", "event", "upgrade.serving", "workers", env.Workers, "manual", true)
+		n.do(Arm{Timer: TimerProbation, D: n.cfg.Probation})
+	default:
+		n.log.Info("serving alongside the old generation; probation", "event", "upgrade.serving", "workers", env.Workers, "probation", n.cfg.Probation.String())
+		n.do(Arm{Timer: TimerProbation, D: n.cfg.Probation})
+	}
+}
+
+func (n *NewSide) onTimer(env Env, ev TimerFired) {
+	switch ev.Timer {
+	case TimerConfig:
+		if !n.configured {
+			n.fail(env, ExitNoParent, fmt.Sprintf("no configuration from the old master within %v", ConfigTimeout))
+		}
+	case TimerReady:
+		if n.Uncommitted() && env.Running && !env.Serving {
+			n.fail(env, ExitNotReady, fmt.Sprintf("%d of %d workers ready within the ready timeout (%v)", env.ReadyWorkers, env.Workers, n.cfg.ReadyTimeout))
+		}
+	case TimerProbation:
+		if n.state != NewProbation || !env.Running {
+			return
+		}
+		if n.cfg.ManualCommit {
+			n.log.Info("probation over; waiting for QUIT to the old master to commit", "event", "upgrade.probation_over", "manual", true)
+			return
+		}
+		n.log.Info("probation over", "event", "upgrade.probation_over")
+		n.commit(env, "probation over")
+	case TimerRelease:
+		if n.state == NewFailing && env.Running {
+			n.log.Warn("no word from the old master; stopping anyway", "event", "upgrade.release_deadline")
+			n.do(Shutdown{})
+		}
+	}
+}
+
+// commit calls Ready: the old master's Upgrade returns nil and it retires.
+func (n *NewSide) commit(env Env, why string) {
+	if !n.Uncommitted() {
+		return
+	}
+	// The supervisor learns the new main pid before the old master can
+	// learn of the commit (and exit).
+	n.do(SupervisorReady{Status: fmt.Sprintf("serving, %d workers; upgraded", env.Workers)}, Commit{})
+	n.to(NewCommitted, why)
+	n.tell(Msg{Kind: KindCommitted})
+	n.log.Info("upgrade committed", "event", "upgrade.committed", "side", "new")
+	if n.parentGone {
+		n.becomePrimary()
+	}
+}
+
+func (n *NewSide) onParentExited(env Env) {
+	n.parentGone = true
+	switch {
+	case n.state == NewCommitted:
+		n.becomePrimary()
+	case n.state == NewFailing && env.Running:
+		n.log.Warn("the old generation is gone while this one was giving up: this one stays up", "event", "upgrade.parent_gone", "then", "stay up", "reason", n.exit.Reason)
+		n.exit = nil
+		if env.Serving {
+			n.to(NewProbation, "the old generation is gone")
+			n.commit(env, "the old generation is gone")
+		} else {
+			n.to(NewStarting, "the old generation is gone")
+		}
+	case n.state == NewProbation:
+		n.log.Warn("the old generation exited before the commit; committing now", "event", "upgrade.parent_gone", "then", "commit")
+		n.commit(env, "the old generation exited")
+	case n.state == NewAwaitingConfig || n.state == NewStarting:
+		n.log.Warn("the old generation exited before this one serves; it commits once it serves", "event", "upgrade.parent_gone", "then", "commit once serving")
+	}
+}
+
+func (n *NewSide) becomePrimary() {
+	n.to(NewPrimary, "the old generation has exited")
+	n.log.Info("the old generation has exited; this master is primary", "event", "upgrade.primary")
+	n.do(BecomePrimary{ParentPid: n.parentPid})
+	if n.deferredUSR2 {
+		n.deferredUSR2 = false
+		n.do(Deferred{})
+	}
+}
+
+// fail gives up on the upgrade: the old master is told why, serves again,
+// and releases this master, which keeps its workers serving until then
+// (bounded by the ready timeout). A new master whose parent is gone does
+// not give up: it is the only generation left.
+func (n *NewSide) fail(env Env, code int, reason string) {
+	if !n.Uncommitted() || n.state == NewFailing || n.state == NewStopping || !env.Running {
+		return
+	}
+	if n.parentGone {
+		n.log.Error("new generation failing with no old generation left; staying up", "event", "upgrade.no_rollback", "reason", reason)
+		return
+	}
+	n.exit = &ExitError{Code: code, Reason: reason}
+	n.to(NewFailing, reason)
+	n.log.Error("new generation gives up; handing back to the old one", "event", "upgrade.giving_up", "code", code, "reason", reason)
+	n.tell(Msg{Kind: KindFailed, Code: code, Reason: reason})
+	if code == ExitNoParent {
+		n.do(Shutdown{})
+		return
+	}
+	n.do(Arm{Timer: TimerRelease, D: n.cfg.ReadyTimeout + Slack})
+}
