@@ -157,13 +157,9 @@ func TestDance_RefusalsDuringAnUpgrade(t *testing.T) {
 	u.Signal(syscall.SIGUSR2)
 	nw := u.waitNewServing(t, old)
 	u.Signal(syscall.SIGUSR2)
-	test.WaitLog(t, u.log, stepTimeout, 1, "the second USR2 refused", func(l test.Line) bool {
-		return strings.HasPrefix(l.Message, "USR2 refused: an upgrade is already in flight")
-	})
+	test.WaitLog(t, u.log, stepTimeout, 1, "the second USR2 refused", test.Event("upgrade.usr2_refused", "cause", "in_flight"))
 	syscall.Kill(nw, syscall.SIGUSR2)
-	test.WaitLog(t, u.log, stepTimeout, 1, "USR2 to the new master refused", func(l test.Line) bool {
-		return strings.HasPrefix(l.Message, "USR2 refused: this master's own upgrade is not committed yet")
-	})
+	test.WaitLog(t, u.log, stepTimeout, 1, "USR2 to the new master refused", test.Event("upgrade.usr2_refused", "cause", "uncommitted"))
 	syscall.Kill(nw, syscall.SIGTTIN)
 	test.WaitLog(t, u.log, stepTimeout, 1, "TTIN to the new master refused", test.Event("pool.scale_refused", "reason", "upgrade", "delta", "1"))
 	u.Signal(quit)
@@ -311,9 +307,7 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	u.deployFile(t, passesPreflight+"exit 1\n", 0o755)
 	syscall.Kill(u.Pid, syscall.SIGUSR2)
 	syscall.Kill(u.Pid, quit)
-	test.WaitLog(t, u.log, stepTimeout, 1, "the cancelled QUIT", func(l test.Line) bool {
-		return strings.HasPrefix(l.Message, "QUIT cancelled: the upgrade it waited for failed")
-	})
+	test.WaitLog(t, u.log, stepTimeout, 1, "the cancelled QUIT", test.Event("upgrade.quit_cancelled"))
 	// Observation window: a QUIT that was not cancelled would drain now.
 	time.Sleep(2 * time.Second)
 	if len(test.Find(u.log, test.Event("master.shutdown", "mode", "graceful"))) != 0 || !test.Alive(u.Pid) {
@@ -321,7 +315,7 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	}
 	servedOnlyBy(t, addr, u.Pid, 10)
 	l.stop(t)
-	u.stop(t, append(rollbackLines, func(l test.Line) bool { return strings.HasPrefix(l.Message, "QUIT cancelled") })...)
+	u.stop(t, append(rollbackLines, test.Event("upgrade.quit_cancelled"))...)
 }
 
 // TestDance_OldMasterKilledDuringProbation: the old master dies (SIGKILL)
@@ -403,7 +397,7 @@ func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
 		switch {
 		case test.Event("master.serving", "gen", "1")(line):
 			servingAgain = i // the last one: after the respawn
-		case line.Message == "the old generation serves again; stopping this one":
+		case test.Event("upgrade.released")(line):
 			released = i
 		}
 	}

@@ -342,13 +342,15 @@ func TestFaults_SignalStorm(t *testing.T) {
 	// Never two upgrades in flight: every start is followed by its end
 	// before the next start.
 	inFlight := 0
+	started, ended := test.Event("upgrade.started"), test.Event("upgrade.rolled_back")
+	committed := test.Event("upgrade.committed", "side", "old")
 	for _, line := range test.Logs(u.log) {
-		switch line.Message {
-		case "upgrade started":
+		switch {
+		case started(line):
 			if inFlight++; inFlight > 1 {
 				t.Errorf("a second upgrade started while one was in flight: %s", line.Raw)
 			}
-		case "upgrade committed; this generation retires", "upgrade failed; rolled back: this generation keeps serving":
+		case committed(line), ended(line):
 			inFlight--
 		}
 	}

@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -142,9 +141,7 @@ func TestSignals_WINCHOnALoneMasterIsRefused(t *testing.T) {
 	m.waitServing()
 	before := m.waitWorkers(2)
 	m.Signal(syscall.SIGWINCH)
-	test.WaitLog(t, m.log, stepTimeout, 1, "the WINCH refusal", func(l test.Line) bool {
-		return strings.HasPrefix(l.Message, "WINCH refused: no other generation is serving")
-	})
+	test.WaitLog(t, m.log, stepTimeout, 1, "the WINCH refusal", test.Event("upgrade.winch_refused"))
 	if after := m.workers(); fmt.Sprint(after) != fmt.Sprint(before) {
 		t.Errorf("workers changed from %v to %v", before, after)
 	}

@@ -347,7 +347,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			if st.PID != old || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "taken back" {
 				t.Errorf("status after the take-back: %+v", st)
 			}
-			refused := test.Event("upgrade.usr2_refused", "reason", "this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
+			refused := test.Event("upgrade.usr2_refused", "cause", "took_back")
 			// Under the keeper, the old master's READY made it the primary
 			// again: the keeper's USR2 goes to it.
 			test.WaitFor(t, stepTimeout, "USR2 refused by the old master", func() error {

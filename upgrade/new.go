@@ -161,7 +161,7 @@ func (n *NewSide) Handle(env Env, ev Event) []Action {
 func (n *NewSide) onUSR2() {
 	if n.Uncommitted() {
 		why := "this master's own upgrade is not committed yet; send USR2 once it is primary"
-		n.log.Warn("USR2 refused: "+why, "event", "upgrade.usr2_refused", "signal", "SIGUSR2", "reason", why)
+		n.log.Warn("USR2 refused: "+why, "event", "upgrade.usr2_refused", "signal", "SIGUSR2", "cause", "uncommitted", "reason", why)
 		n.do(Refused{Why: why})
 		return
 	}

@@ -204,24 +204,26 @@ func (o *OldSide) Handle(env Env, ev Event) []Action {
 	return o.acts
 }
 
-func (o *OldSide) refuse(why string) {
-	o.log.Warn("USR2 refused: "+why, "event", "upgrade.usr2_refused", "signal", "SIGUSR2", "reason", why)
+// refuse refuses a USR2; cause is the stable short form of why, for
+// alerts and tests (docs/upgrades.md).
+func (o *OldSide) refuse(cause, why string) {
+	o.log.Warn("USR2 refused: "+why, "event", "upgrade.usr2_refused", "signal", "SIGUSR2", "cause", cause, "reason", why)
 	o.do(Refused{Why: why})
 }
 
 func (o *OldSide) onUSR2(env Env) {
 	switch {
 	case o.state == OldTookBack:
-		o.refuse("this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
+		o.refuse("took_back", "this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
 		return
 	case o.up != nil:
-		o.refuse(fmt.Sprintf("an upgrade is already in flight (new master pid %d)", o.up.Pid))
+		o.refuse("in_flight", fmt.Sprintf("an upgrade is already in flight (new master pid %d)", o.up.Pid))
 		return
 	case env.Reloading:
-		o.refuse("a reload is in flight; upgrade once it has ended")
+		o.refuse("reloading", "a reload is in flight; upgrade once it has ended")
 		return
 	case !env.Running || o.state == OldStopping || o.state == OldRetiring:
-		o.refuse("the master is shutting down")
+		o.refuse("shutting_down", "the master is shutting down")
 		return
 	}
 	quitPending := o.state == OldSettling
