@@ -54,7 +54,7 @@ func main() {
 		}
 	}
 	b.run()
-	if err := os.WriteFile(*out, []byte(b.markdown()), 0o644); err != nil {
+	if err := os.WriteFile(*out, []byte(b.markdown()+keptSection(*out)), 0o644); err != nil {
 		fail(err)
 	}
 	fmt.Printf("bench: wrote %s in %v\n", *out, time.Since(b.started).Round(time.Second))
@@ -564,4 +564,22 @@ func machine() string {
 	}
 	lines = append(lines, "- Go: "+runtime.Version(), "- load generator and server share the machine (no isolation): compare ratios, not absolute numbers")
 	return strings.Join(lines, "\n") + "\n"
+}
+
+// longRunsHeading starts the part of RESULTS.md that make bench does not
+// measure: figures of the long runs (make soak, make fuzz, timed
+// integration scenarios) written by hand. Every measured number lives in
+// RESULTS.md, so a rewrite keeps that part as it was.
+const longRunsHeading = "\n## Long runs (by hand)\n"
+
+// keptSection returns the long-runs part of the file at path, or "".
+func keptSection(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	if i := strings.Index(string(b), longRunsHeading); i >= 0 {
+		return string(b[i:])
+	}
+	return ""
 }
