@@ -18,7 +18,7 @@ const lockFileName = "pidlock"
 // start opens everything the master holds. A master with no parent then
 // writes its pid file and starts its workers; a new master started by an
 // upgrade first reports to the old one and waits for its configuration
-// (newside.go). On error the caller releases what was opened.
+// (predecessor.go). On error the caller releases what was opened.
 func (m *Master) start() error {
 	m.log.Info("master starting", "event", "master.starting", "version", m.cfg.Version, "pid", os.Getpid(), "workers", m.cfg.Workers)
 	if err := closeOnExecAll(); err != nil {

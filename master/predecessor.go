@@ -8,7 +8,7 @@ import (
 	"github.com/molt-server/molt/upgrade"
 )
 
-// The new master's means in an upgrade (upgrade.NewSide decides): the
+// What a new master does towards its predecessor in an upgrade (upgrade.NewSide decides): the
 // channel to the old master, the watch on its exit, the listeners the
 // old configuration had, and the reports of its workers.
 

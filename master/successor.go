@@ -14,7 +14,7 @@ import (
 	"github.com/molt-server/molt/upgrade"
 )
 
-// The old master's means in an upgrade (upgrade.OldSide decides): the
+// What an old master does towards its successor in an upgrade (upgrade.OldSide decides): the
 // pre-flight run, the channel to new masters, the configuration it sends
 // them, and the watch on a committed successor.
 
