@@ -8,7 +8,8 @@ import (
 	"github.com/molt-server/molt/upgrade"
 )
 
-// What a new master does towards its predecessor in an upgrade (upgrade.NewSide decides): the
+// What a new master does towards its predecessor in an upgrade
+// (upgrade.NewSide decides): the
 // channel to the old master, the watch on its exit, the listeners the
 // old configuration had, and the reports of its workers.
 

@@ -14,7 +14,8 @@ import (
 	"github.com/molt-server/molt/upgrade"
 )
 
-// What an old master does towards its successor in an upgrade (upgrade.OldSide decides): the
+// What an old master does towards its successor in an upgrade
+// (upgrade.OldSide decides): the
 // pre-flight run, the channel to new masters, the configuration it sends
 // them, and the watch on a committed successor.
 
