@@ -9,9 +9,9 @@ import (
 )
 
 // What a new master does towards its predecessor in an upgrade
-// (upgrade.NewSide decides): the
-// channel to the old master, the watch on its exit, the listeners the
-// old configuration had, and the reports of its workers.
+// (upgrade.NewSide decides): the channel to the old master, the watch on
+// its exit, the listeners the old configuration had, and the reports of
+// its workers.
 
 // attachToParent says hello to the old master and waits (in the loop) for
 // its configuration; the workers start when it arrives.

@@ -15,9 +15,9 @@ import (
 )
 
 // What an old master does towards its successor in an upgrade
-// (upgrade.OldSide decides): the
-// pre-flight run, the channel to new masters, the configuration it sends
-// them, and the watch on a committed successor.
+// (upgrade.OldSide decides): the pre-flight run, the channel to new
+// masters, the configuration it sends them, and the watch on a committed
+// successor.
 
 // preflightTimeout bounds the pre-flight run of a new binary.
 const preflightTimeout = 10 * time.Second
