@@ -316,7 +316,7 @@ func (m *Master) restoreFiles() {
 // stopping (the end of a standby, a rollback, a take-back): the stopping
 // ones no longer hold their slot, so their exit is not a failure.
 func (m *Master) respawnAll() {
-	m.phase = phaseStarting
+	m.setPhase(phaseStarting, "workers respawned")
 	for _, s := range m.slots {
 		if p := m.procs[s.pid]; p == nil || p.state == workerStopping {
 			s.pid = 0

@@ -77,7 +77,7 @@ func (m *Master) start() error {
 	}
 	m.spawner = newSpawner(m.done)
 	m.spec = newSpec(m.cfg, m.listeners)
-	m.phase = phaseStarting
+	m.setPhase(phaseStarting, "listeners open")
 	m.after(listenerCheckEvery, timerFired{kind: listenerCheck})
 	if m.role() == roleNew {
 		return m.attachToParent()
@@ -204,13 +204,13 @@ func (m *Master) shutdown(fast bool) {
 		reloadReply(r, CtlReply{Done: true, Error: "reload abandoned: the master is stopping"})
 	}
 	if fast {
-		m.phase = phaseStopping
+		m.setPhase(phaseStopping, "fast shutdown")
 		m.log.Info("fast shutdown", "event", "master.shutdown", "mode", "fast", "workers", len(m.procs))
 		for _, p := range m.procs {
 			m.kill(p)
 		}
 	} else {
-		m.phase = phaseDraining
+		m.setPhase(phaseDraining, "graceful shutdown")
 		m.log.Info("graceful shutdown", "event", "master.shutdown", "mode", "graceful", "workers", len(m.procs), "drain_timeout", m.cfg.DrainTimeout.String())
 		for _, p := range m.procs {
 			m.stopWorker(p)
@@ -226,7 +226,7 @@ func (m *Master) finishIfIdle() {
 		return
 	}
 	m.release()
-	m.phase = phaseStopped
+	m.setPhase(phaseStopped, "no worker left")
 	m.log.Info("master exited", "event", "master.exited")
 }
 

@@ -644,6 +644,7 @@ func TestLoop_StateChangesCarryEventKeys(t *testing.T) {
 	}{
 		{"worker.ready", map[string]any{"worker": 0.0, "pid": float64(f.started[0]), "how": "notify"}},
 		{"worker.ready", map[string]any{"worker": 1.0, "pid": float64(f.started[1])}},
+		{"master.phase", map[string]any{"from": "starting", "to": "serving"}},
 		{"master.serving", map[string]any{"workers": 2.0}},
 		{"worker.exited_unexpectedly", map[string]any{"worker": 0.0, "pid": float64(f.started[0]), "status": "exit status 1", "restart_in": "0s", "restarts": 1.0}},
 		{"worker.started", map[string]any{"worker": 0.0, "pid": float64(f.started[2])}},

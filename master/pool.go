@@ -186,7 +186,7 @@ func (m *Master) markReady(p *proc, how string) {
 	}
 	m.reportReady()
 	if m.phase == phaseStarting && m.allReady() {
-		m.phase = phaseServing
+		m.setPhase(phaseServing, "every slot has a ready worker")
 		m.log.Info("serving", "event", "master.serving", "workers", len(m.slots))
 		m.nowServing()
 	}

@@ -27,6 +27,17 @@ var phaseNames = [...]string{"starting", "serving", "draining", "stopping", "sto
 
 func (p phase) String() string { return phaseNames[p] }
 
+// setPhase is the one transition of the master's own life: every change
+// is logged once, with from, to and why, under a stable event key
+// (master.phase), as the upgrade's sides log theirs (upgrade.state).
+func (m *Master) setPhase(to phase, why string) {
+	if m.phase == to {
+		return
+	}
+	m.log.Info("master phase", "event", "master.phase", "from", m.phase.String(), "to", to.String(), "why", why)
+	m.phase = to
+}
+
 // running reports whether the master still keeps its slots filled.
 func (p phase) running() bool { return p == phaseStarting || p == phaseServing }
 
