@@ -80,7 +80,7 @@ func TestBadInput_RefusedBeforeAnythingStarts(t *testing.T) {
 // first one is undisturbed.
 func TestBadInput_SecondMasterOnTheSamePidFileIsRefused(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	addr := m.addr()
 	m.waitServing()
 	p := test.Start(t, test.Opts{Path: bins.molt, Dir: m.dir, Log: filepath.Join(m.dir, "second.out"),

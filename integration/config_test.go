@@ -62,7 +62,7 @@ chdir   = %q
 umask   = "0027"
 command = [%q, "serve", "--report", %q]
 `, workDir, bins.fakeapp, reports))
-	m := startMoltIn(t, dir, "--config", conf, "--workers", "2")
+	m := start(t, runOpts{Dir: dir, Args: []string{"--config", conf, "--workers", "2"}})
 	addr := m.addrs(1)["web"]
 	if addr == "" {
 		t.Fatal("no listener called web")
@@ -101,7 +101,7 @@ func TestConfig_HUPWithABrokenFileKeepsServing(t *testing.T) {
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "molt.hcl")
 	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n")
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Dir: dir, Args: []string{"--config", conf}})
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
@@ -142,7 +142,7 @@ func TestConfig_ReloadAddsAndDropsListenersUnderLoad(t *testing.T) {
 	conf := filepath.Join(dir, "molt.hcl")
 	oldSock := filepath.Join(dir, "old.sock")
 	writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\n", oldSock))
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Dir: dir, Args: []string{"--config", conf}})
 	addrs := m.addrs(3)
 	m.waitServing()
 	m.waitWorkers(2)
@@ -216,19 +216,17 @@ func TestConfig_CheckValidatesWithoutStarting(t *testing.T) {
 // unix) no longer listen and the unix path is gone.
 func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 	t.Parallel()
-	u := startUpgradableWith(t, func(dir string) []string {
-		conf := filepath.Join(dir, "molt.hcl")
-		writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n", filepath.Join(dir, "old.sock")))
-		return []string{"--config", conf}
-	})
-	conf := filepath.Join(u.dir, "molt.hcl")
-	oldSock := filepath.Join(u.dir, "old.sock")
+	dir := test.ShortTempDir(t)
+	conf := filepath.Join(dir, "molt.hcl")
+	oldSock := filepath.Join(dir, "old.sock")
+	writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n", oldSock))
+	u := start(t, runOpts{Dir: dir, Deploy: byRename, Args: []string{"--config", conf}})
 	before := u.addrs(3)
 	u.waitServing()
 	l := startLoad(t, before["web"])
 	writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\", \"admin=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n")
-	u.install(t, bins.molt2, byRename)
-	nw := u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	nw := u.upgrade()
 	// gen 1: web, old, oldtcp; gen 2: web (inherited), admin.
 	admin := u.addrs(5)["admin"]
 	if admin == "" {
@@ -246,7 +244,7 @@ func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 	refused(t, "unix", oldSock)
 	refused(t, "tcp", before["oldtcp"])
 	l.stop(t)
-	u.stop(t)
+	u.stop()
 }
 
 // TestConfig_UpgradeMovesAListener: a name whose address the config file
@@ -260,20 +258,19 @@ func TestConfig_UpgradeMovesAListener(t *testing.T) {
 	}
 	target := free.Addr().String()
 	free.Close()
-	u := startUpgradableWith(t, func(dir string) []string {
-		conf := filepath.Join(dir, "molt.hcl")
-		writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n")
-		return []string{"--config", conf}
-	})
+	dir := test.ShortTempDir(t)
+	conf := filepath.Join(dir, "molt.hcl")
+	writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n")
+	u := start(t, runOpts{Dir: dir, Deploy: byRename, Args: []string{"--config", conf}})
 	before := u.addrs(1)["web"]
 	u.waitServing()
 	writeConfig(t, filepath.Join(u.dir, "molt.hcl"), fmt.Sprintf("listen = [\"web=%s\"]\nworkers = 1\nprobation = \"300ms\"\n", target))
-	u.install(t, bins.molt2, byRename)
-	nw := u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	nw := u.upgrade()
 	if r := get(t, target, "/"); r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != fmt.Sprint(nw) {
 		t.Errorf("GET on the moved listener %s: %d from %s, want master %d", target, r.Status, r.Header.Get("X-Molt-Master-Pid"), nw)
 	}
 	refused(t, "tcp", before) // after the commit
 	test.WaitLog(t, u.log, stepTimeout, 1, "the move", test.Event("listener.moved"))
-	u.stop(t)
+	u.stop()
 }

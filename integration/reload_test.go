@@ -16,7 +16,7 @@ import (
 // either connection mode.
 func TestReload_HUPReplacesTheWorkersUnderLoad(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
@@ -48,7 +48,7 @@ func TestReload_ANewAppVersionOrAFailedOne(t *testing.T) {
 	writeScript(t, filepath.Join(appDir, "good.sh"), "exec "+bins.fakeapp+" serve")
 	writeScript(t, filepath.Join(appDir, "hang.sh"), "exec "+bins.fakeapp+" hang")
 	repoint(t, app, filepath.Join(appDir, "good.sh"))
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "2s", "--", app)
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "2s", "--", app}})
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)

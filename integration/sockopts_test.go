@@ -33,7 +33,7 @@ func TestSockopts_BacklogAcrossAReload(t *testing.T) {
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "molt.hcl")
 	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 1\nbacklog = 7\n")
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Dir: dir, Args: []string{"--config", conf}})
 	addr := m.addr()
 	m.waitServing()
 	_, port, _ := net.SplitHostPort(addr)
@@ -56,7 +56,7 @@ func TestSockopts_BacklogAcrossAReload(t *testing.T) {
 func TestSockopts_WildcardIPv6IsIPv6Only(t *testing.T) {
 	t.Parallel()
 	test.Require(t, "IPv6 loopback", test.HasIPv6Loopback(), "[::1] cannot be bound")
-	m := startMolt(t, "--listen", "[::]:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "[::]:0", "--workers", "1"}})
 	addr := m.addr()
 	m.waitServing()
 	_, port, _ := net.SplitHostPort(addr)
