@@ -156,11 +156,9 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	t.Parallel()
 	tcp := freeAddr(t)
-	var conf string
-	dir := test.ShortTempDir(t)
-	conf = filepath.Join(dir, "molt.hcl")
-	writeConfig(t, conf, fmt.Sprintf("listen = [%q, \"other=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n", "web="+tcp))
-	u := start(t, runOpts{Dir: dir, Deploy: byRename, Launcher: activate(t, "web", tcp), Args: []string{"--config", conf}})
+	u := start(t, runOpts{Deploy: byRename, Launcher: activate(t, "web", tcp),
+		Config: fmt.Sprintf("listen = [%q, \"other=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n", "web="+tcp)})
+	conf := u.config
 	firstGet(t, u, 1, tcp)
 	u.waitServing()
 	if u.current() != u.Pid {

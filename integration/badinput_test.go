@@ -91,7 +91,7 @@ func TestBadInput_SecondMasterOnTheSamePidFileIsRefused(t *testing.T) {
 	if !strings.Contains(p.Log(), "already runs") || !strings.Contains(p.Log(), "pid "+strconv.Itoa(m.Pid)) {
 		t.Errorf("second master's message does not name the running one (pid %d):\n%s", m.Pid, p.Log())
 	}
-	if got := readPID(t, m.pidFile); got != m.Pid {
+	if got := m.current(); got != m.Pid {
 		t.Errorf("pid file now %d, want %d", got, m.Pid)
 	}
 	get(t, addr, "/")

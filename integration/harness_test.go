@@ -84,6 +84,9 @@ type runOpts struct {
 	// systemd-socket-activate -l ADDR); the process started is the
 	// launcher's.
 	Launcher []string
+	// Config, if set, is written to Dir/molt.hcl (master.config) and
+	// passed as --config before Args.
+	Config string
 	// Args follow the default arguments.
 	Args []string
 }
@@ -113,6 +116,8 @@ type master struct {
 	// workerLog is the workers' --worker-log ("" if the test gave none:
 	// then they write to molt's stdout and stderr, the Proc's log).
 	workerLog string
+	// config is the config file start wrote (runOpts.Config), "" if none.
+	config string
 	// path is the deployed binary's path under Deploy ("" otherwise).
 	path     string
 	releases int
@@ -149,7 +154,13 @@ func start(t *testing.T, o runOpts) *master {
 	if o.Keeper {
 		full = []string{"run"}
 	}
-	full = append(append(full, "--pid-file", m.pidFile, "--log-file", m.log, "--worker-log", m.workerLog, "--log-json", "--log-level", "debug"), o.Args...)
+	full = append(full, "--pid-file", m.pidFile, "--log-file", m.log, "--worker-log", m.workerLog, "--log-json", "--log-level", "debug")
+	if o.Config != "" {
+		m.config = filepath.Join(dir, "molt.hcl")
+		writeConfig(t, m.config, o.Config)
+		full = append(full, "--config", m.config)
+	}
+	full = append(full, o.Args...)
 	if len(o.Launcher) > 0 {
 		full = append(append(append([]string{}, o.Launcher[1:]...), path), full...)
 		path = o.Launcher[0]
@@ -308,6 +319,19 @@ func get(t *testing.T, addr, path string) test.Response {
 		t.Fatalf("GET %s%s: status %d: %s", addr, path, r.Status, r.Body)
 	}
 	return r
+}
+
+// writeConfig writes an HCL config file atomically (a reload must never
+// read half a file).
+func writeConfig(t *testing.T, path, body string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // readPID reads a pid file.

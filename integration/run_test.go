@@ -25,7 +25,7 @@ func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 	addr := m.addr()
 	m.waitServing()
 	workers := m.waitWorkers(3)
-	if got := readPID(t, m.pidFile); got != m.Pid {
+	if got := m.current(); got != m.Pid {
 		t.Fatalf("pid file says %d, master is %d", got, m.Pid)
 	}
 	seen := map[int]bool{}

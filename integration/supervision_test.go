@@ -204,7 +204,7 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 					}
 				}
 			}
-			if got := readPID(t, n.pidFile); got != n.Pid {
+			if got := n.current(); got != n.Pid {
 				t.Errorf("pid file %d, want the new master %d", got, n.Pid)
 			}
 			n.stop()

@@ -202,7 +202,7 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 	if now := m.waitWorkers(2); fmt.Sprint(now) != fmt.Sprint(workers) {
 		t.Errorf("workers changed from %v to %v", workers, now)
 	}
-	if got := readPID(t, m.pidFile); got != m.Pid {
+	if got := m.current(); got != m.Pid {
 		t.Errorf("molt.pid names %d, want %d", got, m.Pid)
 	}
 	if fileExists(m.pidFile + ".oldbin") {
@@ -450,7 +450,7 @@ func TestTrustFiles_DeletedPIDFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	test.WaitLog(t, u.log, 60*time.Second, 1, "the pid file rewritten at the rollback", test.Event("pidfile.rewritten", "path", u.pidFile))
-	if got := readPID(t, u.pidFile); got != g2 {
+	if got := u.current(); got != g2 {
 		t.Errorf("molt.pid after the rollback names %d, want %d", got, g2)
 	}
 	l.stop(t)

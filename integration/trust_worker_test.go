@@ -263,14 +263,12 @@ func TestTrustWorker_GroupWithoutUserIsRefused(t *testing.T) {
 		t.Error("a refused master wrote a pid file")
 	}
 
-	conf := filepath.Join(dir, "molt.hcl")
-	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n")
-	m := start(t, runOpts{Dir: dir, Args: []string{"--config", conf}})
+	m := start(t, runOpts{Dir: dir, Config: "listen = [\"127.0.0.1:0\"]\nworkers = 2\n"})
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
 	l := startLoad(t, addr)
-	writeConfig(t, conf, fmt.Sprintf("listen = [\"127.0.0.1:0\"]\nworkers = 2\ngroup = %q\n", nobody.Gid))
+	writeConfig(t, m.config, fmt.Sprintf("listen = [\"127.0.0.1:0\"]\nworkers = 2\ngroup = %q\n", nobody.Gid))
 	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code == 0 || !strings.Contains(out, want) {
 		t.Errorf("reload with group alone: exit %d, want an error with %q:\n%s", code, want, out)
 	}

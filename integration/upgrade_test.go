@@ -251,7 +251,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 				Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--drain-timeout", "30s"}})
 			addr := u.addr()
 			u.waitServing()
-			old := readPID(t, u.pidFile)
+			old := u.current()
 			l := startLoad(t, addr)
 			held, nw := u.commitHolding(addr, u.Pid, 8*time.Second)
 			killed := time.Now()
@@ -275,7 +275,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			if status := held.read(t); status != 200 {
 				t.Errorf("the slow request on the old generation: status %d", status)
 			}
-			if got := readPID(t, u.pidFile); got != old {
+			if got := u.current(); got != old {
 				t.Errorf("pid file names %d, want the old master %d", got, old)
 			}
 			st := statusOf(t, u.pidFile)
