@@ -98,17 +98,6 @@ func (l *loadPair) stopAttributed(t *testing.T, k *kills) (ka, pc load.Result) {
 	return ka, pc
 }
 
-// startSteady starts molt (the demo) on 127.0.0.1 with n workers and
-// args, and returns it once its n workers are ready, with its address and
-// the workers.
-func startSteady(t *testing.T, n int, args ...string) (*master, string, []int) {
-	t.Helper()
-	m := start(t, runOpts{Args: append([]string{"--listen", "127.0.0.1:0", "--workers", strconv.Itoa(n)}, args...)})
-	addr := m.addr()
-	m.waitServing()
-	return m, addr, m.waitWorkers(n)
-}
-
 // baseline is the master's own fd and goroutine counts (molt ctl status).
 type baseline struct{ fds, goroutines int }
 

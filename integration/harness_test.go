@@ -2,39 +2,45 @@ package integration
 
 // The harness: how an integration test drives molt.
 //
-// Start molt with start(t, runOpts{...}): it runs "molt run --no-keeper"
-// (runOpts.Keeper: with its keeper) with a pid file, a JSON debug log and
-// a workers' log in the test's directory, then runOpts.Args, and returns
-// a *master without waiting for anything:
+// Start: start(t, runOpts{...}) runs "molt run --no-keeper" (Keeper: with
+// its keeper) with a pid file, a JSON debug log and a workers' log in the
+// test's directory, then Args, and returns a *master without waiting:
 //
 //	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
 //	addr := m.addr()  // waits for the listener.listening line
 //	m.waitServing()   // waits for master.serving: every worker ready
 //	get(t, addr, "/") // one request, must be answered 200
 //
-// To upgrade, start from a deployable path (runOpts.Deploy: byRename or
-// bySymlink installs bins.molt at dir/molt and the master runs that path);
-// then m.install(bins.molt2, byRename) deploys a new binary, m.upgrade()
-// sends USR2 and waits for the takeover (m.waitTakeover, m.waitNewServing
-// wait for a takeover, or for both generations serving, after a USR2 the
-// test sent itself), and m.current() is the master the pid file names.
-// Every generation the test leaves running is stopped at cleanup.
+// startSteady(t, n, args...) is that on 127.0.0.1:0 with n workers,
+// returned once they are ready.
+//
+// runOpts also sets the directory, the binary, the environment, a
+// launcher (socket activation) and a config file (Config, then
+// m.config). m.workers, m.waitWorkers(n) and waitWorkerCount(t, pid, n)
+// look at the workers.
+//
+// Upgrade: start with Deploy (byRename or bySymlink), which installs
+// bins.molt at dir/molt and runs that path. m.install(bins.molt2, how)
+// deploys a new binary; m.upgrade() sends USR2 to the current master
+// (m.current(), the pid file's) and waits for the takeover. After a USR2
+// the test sent itself, m.waitNewServing(old) waits for both generations
+// serving and m.waitTakeover(old) for the new one alone. Every
+// generation still running is stopped at cleanup.
 //
 // Load: l := startLoad(t, addr) runs the standard load (32 paced clients,
-// keep-alive and connection per request) until l.stop(t), which fails the
-// test on any failed request (l.stopWithin, l.stopAttributed: on failures
-// outside an outage the test caused).
+// keep-alive and connection per request); l.stop(t) fails the test on
+// any failed request (l.stopWithin, l.stopAttributed: on failures outside
+// an outage the test caused).
 //
-// Logs: wait on event keys, test.WaitLog(t, m.log, timeout, n, what,
-// test.Event("key", "field", "value")), and read them with test.Find;
-// m.checkLogs(allow...) fails on errors, panics and races in every file
-// molt and its workers wrote to.
+// Logs: wait on event keys, never messages: test.WaitLog(t, m.log,
+// timeout, n, what, test.Event("key", "field", "value")); read with
+// test.Find. m.checkLogs(allow...) fails on panics, races and unexpected
+// error lines in every file molt and its workers wrote to.
 //
 // Stop: m.stop(allow...) sends QUIT to the current master (the process
 // started, or under Deploy the generation the pid file names), waits for
-// a clean exit and checks the logs. Other helpers: ctl/statusOf (molt
-// ctl), runToEnd (a command until it exits), refused (nothing listens),
-// readPID.
+// a clean exit and checks the logs. Also: ctl and statusOf (molt ctl),
+// runToEnd (a command until it exits), refused (nothing listens).
 
 import (
 	"context"
@@ -246,6 +252,17 @@ func (m *master) addr() string {
 func (m *master) waitServing() {
 	m.t.Helper()
 	test.WaitLog(m.t, m.log, startTimeout, 1, "the master serving", test.Event("master.serving"))
+}
+
+// startSteady starts molt (the demo) on 127.0.0.1 with n workers and
+// args, and returns it once its n workers are ready, with its address and
+// the workers.
+func startSteady(t *testing.T, n int, args ...string) (*master, string, []int) {
+	t.Helper()
+	m := start(t, runOpts{Args: append([]string{"--listen", "127.0.0.1:0", "--workers", strconv.Itoa(n)}, args...)})
+	addr := m.addr()
+	m.waitServing()
+	return m, addr, m.waitWorkers(n)
 }
 
 // workers returns the master's live worker pids, sorted, and registers

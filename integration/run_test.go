@@ -21,10 +21,7 @@ const quit = syscall.SIGQUIT
 // the pid file and leaves no process.
 func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 	t.Parallel()
-	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "3"}})
-	addr := m.addr()
-	m.waitServing()
-	workers := m.waitWorkers(3)
+	m, addr, workers := startSteady(t, 3)
 	if got := m.current(); got != m.Pid {
 		t.Fatalf("pid file says %d, master is %d", got, m.Pid)
 	}

@@ -17,10 +17,7 @@ import (
 // away without a single failed request; the last worker stays.
 func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	t.Parallel()
-	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	l := startLoad(t, addr)
 	m.Signal(syscall.SIGTTIN)
 	after := m.waitWorkers(3)
@@ -137,10 +134,7 @@ func TestSignals_USR1ReopensTheLogFile(t *testing.T) {
 // generation serving; it is refused with a log line and changes nothing.
 func TestSignals_WINCHOnALoneMasterIsRefused(t *testing.T) {
 	t.Parallel()
-	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	m.Signal(syscall.SIGWINCH)
 	test.WaitLog(t, m.log, stepTimeout, 1, "the WINCH refusal", test.Event("upgrade.winch_refused"))
 	if after := m.workers(); fmt.Sprint(after) != fmt.Sprint(before) {

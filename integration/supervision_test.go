@@ -23,10 +23,7 @@ import (
 // logs the exit and starts a replacement in the same slot at once.
 func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
 	t.Parallel()
-	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	victim := before[0]
 	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
 		t.Fatal(err)

@@ -521,10 +521,7 @@ func TestTrustNotify_SiblingCannotSpeakForAnother(t *testing.T) {
 	t.Parallel()
 	python, script, reports := attackScript(t)
 	gate := filepath.Join(reports, "go")
-	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--", python, script, "impersonate", reports, bins.fakeapp, gate}})
-	addr := m.addr()
-	m.waitServing()
-	workers := m.waitWorkers(2)
+	m, addr, workers := startSteady(t, 2, "--", python, script, "impersonate", reports, bins.fakeapp, gate)
 	before := statusOf(t, m.pidFile)
 	l := startLoad(t, addr)
 	if err := os.WriteFile(gate, nil, 0o644); err != nil {
