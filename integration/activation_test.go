@@ -92,10 +92,9 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 	sock := filepath.Join(sockDir, "adm.sock")
 	tcp := freeAddr(t)
 	launcher := activate(t, "web", tcp, sock) // the unix socket is unnamed
-	u := startUpgradableVia(t, byRename, launcher, nil, func(string) []string {
-		return []string{withKeeper, "--listen", "adm=unix:" + sock, "--listen", "web=" + tcp, "--workers", "2", "--probation", "300ms"}
-	})
-	firstGet(t, u.master, 2, tcp)
+	u := start(t, runOpts{Deploy: byRename, Launcher: launcher, Keeper: true,
+		Args: []string{"--listen", "adm=unix:" + sock, "--listen", "web=" + tcp, "--workers", "2", "--probation", "300ms"}})
+	firstGet(t, u, 2, tcp)
 	u.waitServing()
 	keeper := u.Pid // the launcher executed molt in its own process
 	for _, l := range test.Find(u.log, test.Event("listener.listening")) {
@@ -103,7 +102,7 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 			t.Errorf("listener %s not adopted from socket activation: %s", l.Str("listener"), l.Raw)
 		}
 	}
-	first := u.masterPid(t)
+	first := u.masterPid()
 	if ppid, _, _ := test.ProcStat(first); ppid != keeper || first == keeper {
 		t.Fatalf("master %d has parent %d, want the keeper %d", first, ppid, keeper)
 	}
@@ -119,11 +118,11 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 		if i%2 == 1 {
 			bin = bins.molt
 		}
-		u.install(t, bin, byRename)
+		u.install(bin, byRename)
 		if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
 			t.Fatal(err)
 		}
-		masters = append(masters, u.waitTakeover(t, masters[len(masters)-1]))
+		masters = append(masters, u.waitTakeover(masters[len(masters)-1]))
 		if got := activatedListeners(statusOf(t, u.pidFile)); got != "adm,web" {
 			t.Errorf("upgrade %d: activated listeners %q, want adm,web", i+1, got)
 		}
@@ -134,7 +133,7 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 		t.Errorf("requests answered by %d masters, want several: %v", len(got), got)
 	}
 	checkMasterSocketsNonBlocking(t, masters[len(masters)-1])
-	if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 	for _, m := range masters {
@@ -157,16 +156,13 @@ func TestActivation_KeeperAdoptsTheSocketsAndUpgradesOnThem(t *testing.T) {
 func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	t.Parallel()
 	tcp := freeAddr(t)
-	var conf string
-	u := startUpgradableVia(t, byRename, activate(t, "web", tcp), nil, func(dir string) []string {
-		conf = filepath.Join(dir, "molt.hcl")
-		writeConfig(t, conf, fmt.Sprintf("listen = [%q, \"other=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n", "web="+tcp))
-		return []string{"--config", conf}
-	})
-	firstGet(t, u.master, 1, tcp)
+	u := start(t, runOpts{Deploy: byRename, Launcher: activate(t, "web", tcp),
+		Config: fmt.Sprintf("listen = [%q, \"other=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n", "web="+tcp)})
+	conf := u.config
+	firstGet(t, u, 1, tcp)
 	u.waitServing()
-	if u.current(t) != u.Pid {
-		t.Fatalf("pid file names %d, want the process the launcher became (%d)", u.current(t), u.Pid)
+	if u.current() != u.Pid {
+		t.Fatalf("pid file names %d, want the process the launcher became (%d)", u.current(), u.Pid)
 	}
 
 	writeConfig(t, conf, "listen = [\"other=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n")
@@ -182,7 +178,7 @@ func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	if code == 0 || !strings.Contains(out, "rolled back") || !strings.Contains(out, "came from socket activation") {
 		t.Errorf("upgrade moving the activated listener: exit %d:\n%s", code, out)
 	}
-	if pid := u.current(t); pid != u.Pid {
+	if pid := u.current(); pid != u.Pid {
 		t.Errorf("after the refused upgrade the pid file names %d, want %d", pid, u.Pid)
 	}
 	get(t, tcp, "/")
@@ -191,14 +187,14 @@ func TestActivation_DropOrMoveIsRefused(t *testing.T) {
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
 		t.Fatalf("upgrade keeping the activated listener: exit %d:\n%s", code, out)
 	}
-	u.waitTakeover(t, u.Pid)
+	u.waitTakeover(u.Pid)
 	if got := activatedListeners(statusOf(t, u.pidFile)); got != "web" {
 		t.Errorf("activated listeners after the upgrade %q, want web", got)
 	}
 	if r := get(t, tcp, "/"); r.Status != 200 {
 		t.Errorf("GET after the upgrade: %d", r.Status)
 	}
-	u.stop(t, test.Event("reload.refused", "reason", "listeners"),
+	u.stop(test.Event("reload.refused", "reason", "listeners"),
 		test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.giving_up"),
 		test.Event("upgrade.new_gave_up"))
@@ -211,7 +207,8 @@ func TestActivation_UnclaimedSocketIsAnError(t *testing.T) {
 	t.Parallel()
 	dir := test.ShortTempDir(t)
 	tcp := freeAddr(t)
-	m := startMoltVia(t, dir, activate(t, "", tcp), bins.molt, nil, withKeeper, "--listen", "unix:"+filepath.Join(dir, "w.sock"))
+	m := start(t, runOpts{Dir: dir, Launcher: activate(t, "", tcp), Keeper: true,
+		Args: []string{"--listen", "unix:" + filepath.Join(dir, "w.sock")}})
 	waitLauncher(t, m, 1)
 	c, err := net.DialTimeout("tcp", tcp, startTimeout)
 	if err != nil {
@@ -289,9 +286,11 @@ func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 	conf := filepath.Join(dir, "app.hcl")
 	writeConfig(t, conf, fmt.Sprintf("listen = [%q]\nworkers = 2\nprobation = \"300ms\"\nlog_file = %q\nworker_log = %q\nlog_json = true\n",
 		sockUnit["FileDescriptorName"]+"="+tcp, filepath.Join(dir, "molt.log"), filepath.Join(dir, "workers.log")))
-	u := &upgradable{path: filepath.Join(dir, "molt")}
-	u.master = &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log"), workerLog: filepath.Join(dir, "workers.log")}
-	u.install(t, bins.molt, byRename)
+	// Not start: the command line is the page's, with none of the
+	// harness's default arguments.
+	u := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log"), workerLog: filepath.Join(dir, "workers.log"),
+		path: filepath.Join(dir, "molt")}
+	u.install(bins.molt, byRename)
 	t.Cleanup(u.stopGenerations)
 	localize := func(cmdline string) []string {
 		r := strings.NewReplacer("/srv/app/molt", u.path, "/etc/molt/app.hcl", conf, "/run/app/", dir+"/")
@@ -302,7 +301,7 @@ func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 	launcher := append(activate(t, sockUnit["FileDescriptorName"], tcp), "-E", "NOTIFY_SOCKET="+sd.path)
 	u.Proc = test.Start(t, test.Opts{Path: launcher[0], Args: append(launcher[1:], start...), Dir: dir,
 		Log: filepath.Join(dir, "molt.out")})
-	firstGet(t, u.master, 1, tcp)
+	firstGet(t, u, 1, tcp)
 	main := u.Pid // Type=notify: the process systemd started is the main pid
 	sd.waitFor(t, "READY=1 from the main pid", 1, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
 	if got := activatedListeners(statusOf(t, u.pidFile)); got != sockUnit["FileDescriptorName"] {
@@ -315,12 +314,12 @@ func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 		t.Fatalf("ExecReload: exit %d:\n%s", code, out)
 	}
 	sd.waitFor(t, "READY=1 after the reload", 2, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
-	old := u.current(t)
-	u.install(t, bins.molt2, byRename) // the page's upgrade procedure
+	old := u.current()
+	u.install(bins.molt2, byRename) // the page's upgrade procedure
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
 		t.Fatalf("upgrade: exit %d:\n%s", code, out)
 	}
-	u.waitTakeover(t, old)
+	u.waitTakeover(old)
 	sd.waitFor(t, "READY=1 after the upgrade", 3, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
 	l.stop(t)
 

@@ -80,7 +80,7 @@ func TestBadInput_RefusedBeforeAnythingStarts(t *testing.T) {
 // first one is undisturbed.
 func TestBadInput_SecondMasterOnTheSamePidFileIsRefused(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	addr := m.addr()
 	m.waitServing()
 	p := test.Start(t, test.Opts{Path: bins.molt, Dir: m.dir, Log: filepath.Join(m.dir, "second.out"),
@@ -91,7 +91,7 @@ func TestBadInput_SecondMasterOnTheSamePidFileIsRefused(t *testing.T) {
 	if !strings.Contains(p.Log(), "already runs") || !strings.Contains(p.Log(), "pid "+strconv.Itoa(m.Pid)) {
 		t.Errorf("second master's message does not name the running one (pid %d):\n%s", m.Pid, p.Log())
 	}
-	if got := readPID(t, m.pidFile); got != m.Pid {
+	if got := m.current(); got != m.Pid {
 		t.Errorf("pid file now %d, want %d", got, m.Pid)
 	}
 	get(t, addr, "/")

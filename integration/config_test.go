@@ -12,19 +12,6 @@ import (
 	"github.com/molt-server/molt/test"
 )
 
-// writeConfig writes an HCL config file atomically (a reload must never
-// read half a file).
-func writeConfig(t *testing.T, path, body string) {
-	t.Helper()
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // waitReports waits for n fakeapp reports in dir and returns them by pid.
 func waitReports(t *testing.T, dir string, n int) map[int]fakeReport {
 	t.Helper()
@@ -62,7 +49,7 @@ chdir   = %q
 umask   = "0027"
 command = [%q, "serve", "--report", %q]
 `, workDir, bins.fakeapp, reports))
-	m := startMoltIn(t, dir, "--config", conf, "--workers", "2")
+	m := start(t, runOpts{Dir: dir, Args: []string{"--config", conf, "--workers", "2"}})
 	addr := m.addrs(1)["web"]
 	if addr == "" {
 		t.Fatal("no listener called web")
@@ -98,10 +85,8 @@ command = [%q, "serve", "--report", %q]
 // then reloads.
 func TestConfig_HUPWithABrokenFileKeepsServing(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "molt.hcl")
-	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n")
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Config: "listen = [\"127.0.0.1:0\"]\nworkers = 2\n"})
+	conf := m.config
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
@@ -139,10 +124,9 @@ func TestConfig_HUPWithABrokenFileKeepsServing(t *testing.T) {
 func TestConfig_ReloadAddsAndDropsListenersUnderLoad(t *testing.T) {
 	t.Parallel()
 	dir := test.ShortTempDir(t)
-	conf := filepath.Join(dir, "molt.hcl")
 	oldSock := filepath.Join(dir, "old.sock")
-	writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\n", oldSock))
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Dir: dir, Config: fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\n", oldSock)})
+	conf := m.config
 	addrs := m.addrs(3)
 	m.waitServing()
 	m.waitWorkers(2)
@@ -216,19 +200,17 @@ func TestConfig_CheckValidatesWithoutStarting(t *testing.T) {
 // unix) no longer listen and the unix path is gone.
 func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 	t.Parallel()
-	u := startUpgradableWith(t, func(dir string) []string {
-		conf := filepath.Join(dir, "molt.hcl")
-		writeConfig(t, conf, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n", filepath.Join(dir, "old.sock")))
-		return []string{"--config", conf}
-	})
-	conf := filepath.Join(u.dir, "molt.hcl")
-	oldSock := filepath.Join(u.dir, "old.sock")
+	dir := test.ShortTempDir(t)
+	oldSock := filepath.Join(dir, "old.sock")
+	u := start(t, runOpts{Dir: dir, Deploy: byRename,
+		Config: fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"old=unix:%s\", \"oldtcp=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n", oldSock)})
+	conf := u.config
 	before := u.addrs(3)
 	u.waitServing()
 	l := startLoad(t, before["web"])
 	writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\", \"admin=127.0.0.1:0\"]\nworkers = 2\nprobation = \"300ms\"\n")
-	u.install(t, bins.molt2, byRename)
-	nw := u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	nw := u.upgrade()
 	// gen 1: web, old, oldtcp; gen 2: web (inherited), admin.
 	admin := u.addrs(5)["admin"]
 	if admin == "" {
@@ -246,7 +228,7 @@ func TestConfig_UpgradeReadsTheFileAnew(t *testing.T) {
 	refused(t, "unix", oldSock)
 	refused(t, "tcp", before["oldtcp"])
 	l.stop(t)
-	u.stop(t)
+	u.stop()
 }
 
 // TestConfig_UpgradeMovesAListener: a name whose address the config file
@@ -260,20 +242,16 @@ func TestConfig_UpgradeMovesAListener(t *testing.T) {
 	}
 	target := free.Addr().String()
 	free.Close()
-	u := startUpgradableWith(t, func(dir string) []string {
-		conf := filepath.Join(dir, "molt.hcl")
-		writeConfig(t, conf, "listen = [\"web=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n")
-		return []string{"--config", conf}
-	})
+	u := start(t, runOpts{Deploy: byRename, Config: "listen = [\"web=127.0.0.1:0\"]\nworkers = 1\nprobation = \"300ms\"\n"})
 	before := u.addrs(1)["web"]
 	u.waitServing()
-	writeConfig(t, filepath.Join(u.dir, "molt.hcl"), fmt.Sprintf("listen = [\"web=%s\"]\nworkers = 1\nprobation = \"300ms\"\n", target))
-	u.install(t, bins.molt2, byRename)
-	nw := u.upgrade(t)
+	writeConfig(t, u.config, fmt.Sprintf("listen = [\"web=%s\"]\nworkers = 1\nprobation = \"300ms\"\n", target))
+	u.install(bins.molt2, byRename)
+	nw := u.upgrade()
 	if r := get(t, target, "/"); r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != fmt.Sprint(nw) {
 		t.Errorf("GET on the moved listener %s: %d from %s, want master %d", target, r.Status, r.Header.Get("X-Molt-Master-Pid"), nw)
 	}
 	refused(t, "tcp", before) // after the commit
 	test.WaitLog(t, u.log, stepTimeout, 1, "the move", test.Event("listener.moved"))
-	u.stop(t)
+	u.stop()
 }

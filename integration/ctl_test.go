@@ -91,7 +91,7 @@ func tryStatus(t *testing.T, pidFile string, extra ...string) (ctlStatus, error)
 // without pid files or signals.
 func TestCtl_StatusAndScale(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "web=127.0.0.1:0", "--workers", "2")
+	m := start(t, runOpts{Args: []string{"--listen", "web=127.0.0.1:0", "--workers", "2"}})
 	addr := m.addrs(1)["web"]
 	m.waitServing()
 	st := statusOf(t, m.pidFile)
@@ -141,11 +141,11 @@ func TestCtl_StatusAndScale(t *testing.T) {
 // step and exits 0 on commit, 1 on rollback, under load, losing nothing.
 func TestCtl_UpgradeWaitIsTheDeployStep(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
-	u.install(t, bins.molt2, byRename)
+	u.install(bins.molt2, byRename)
 	code, out := ctl(t, u.pidFile, "upgrade", "--wait")
 	if code != 0 {
 		t.Fatalf("upgrade --wait of a good binary: exit %d:\n%s", code, out)
@@ -155,8 +155,8 @@ func TestCtl_UpgradeWaitIsTheDeployStep(t *testing.T) {
 			t.Errorf("upgrade --wait output lacks %q:\n%s", step, out)
 		}
 	}
-	nw := u.waitTakeover(t, u.Pid)
-	u.deployFile(t, "#!/bin/sh\nexit 0\n", 0o755)
+	nw := u.waitTakeover(u.Pid)
+	u.deployFile("#!/bin/sh\nexit 0\n", 0o755)
 	code, out = ctl(t, u.pidFile, "upgrade", "--wait")
 	if code != 1 || !strings.Contains(out, "rolled back: the new master exited with status 0") {
 		t.Fatalf("upgrade --wait of a bad binary: exit %d:\n%s", code, out)
@@ -166,7 +166,7 @@ func TestCtl_UpgradeWaitIsTheDeployStep(t *testing.T) {
 		t.Errorf("status after the rollback: %+v", st)
 	}
 	l.stop(t)
-	u.stop(t, rollbackLines...)
+	u.stop(rollbackLines...)
 }
 
 // TestCtl_BothMastersDuringAnUpgrade: while both generations serve, the
@@ -174,13 +174,14 @@ func TestCtl_UpgradeWaitIsTheDeployStep(t *testing.T) {
 // (--old); each tells its side; the control socket is never passed on.
 func TestCtl_BothMastersDuringAnUpgrade(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms"}})
 	u.addr()
 	u.waitServing()
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 || !strings.Contains(out, "manual commit") {
 		t.Fatalf("upgrade --wait in manual mode: exit %d:\n%s", code, out)
 	}
-	nw := u.waitNewServing(t, u.Pid)
+	nw := u.waitNewServing(u.Pid)
 	old := statusOf(t, u.pidFile, "--old")
 	if old.PID != u.Pid || old.State != "upgrading" || old.Upgrade == nil || old.Upgrade.NewPID != nw || !old.Upgrade.Serving {
 		t.Errorf("old master's status: %+v (upgrade %+v)", old, old.Upgrade)
@@ -196,11 +197,11 @@ func TestCtl_BothMastersDuringAnUpgrade(t *testing.T) {
 	if code, _ := ctl(t, u.pidFile, "--old", "stop"); code != 0 {
 		t.Fatal("ctl --old stop failed")
 	}
-	u.waitTakeover(t, u.Pid)
+	u.waitTakeover(u.Pid)
 	if fileExists(filepath.Join(u.dir, "molt.sock.oldbin")) {
 		t.Error("molt.sock.oldbin left after the commit")
 	}
-	u.stop(t)
+	u.stop()
 }
 
 // TestCtl_AnotherUserIsRefused: the control socket is mode 0600, and even
@@ -210,7 +211,7 @@ func TestCtl_AnotherUserIsRefused(t *testing.T) {
 	t.Parallel()
 	test.Require(t, "root", os.Getuid() == 0, "running as another user needs root")
 	setpriv := test.RequireCommand(t, "setpriv")
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	m.waitServing()
 	sock := filepath.Join(m.dir, "molt.sock")
 	fi, err := os.Stat(sock)

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"fmt"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -11,39 +10,6 @@ import (
 
 	"github.com/molt-server/molt/test"
 )
-
-// waitNewServing waits until a new master serves alongside old: molt.pid
-// names it, molt.pid.oldbin names old. It returns the new master's pid.
-func (u *upgradable) waitNewServing(t *testing.T, old int) int {
-	t.Helper()
-	var pid int
-	test.WaitFor(t, 60*time.Second, "the new generation serving", func() error {
-		p, err := pidIn(u.pidFile)
-		if err != nil || p == old {
-			return fmt.Errorf("molt.pid: %d %v", p, err)
-		}
-		o, err := pidIn(u.pidFile + ".oldbin")
-		if err != nil || o != old {
-			return fmt.Errorf("molt.pid.oldbin: %d %v", o, err)
-		}
-		pid = p
-		return nil
-	})
-	test.Track(t, pid)
-	return pid
-}
-
-// workersOf returns the live children of master that are not other
-// masters (an old master's children include the new master).
-func workersOf(master int, notMasters ...int) []int {
-	var out []int
-	for _, p := range test.Children(master) {
-		if test.Alive(p) && !slices.Contains(notMasters, p) {
-			out = append(out, p)
-		}
-	}
-	return out
-}
 
 // servedOnlyBy asserts that n fresh connections are all answered by
 // master pid.
@@ -62,35 +28,31 @@ func servedOnlyBy(t *testing.T, addr string, pid, n int) {
 // fails.
 func TestDance_ManualCommit(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	old := u.Pid
 	l := startLoad(t, addr)
-	u.install(t, bins.molt2, byRename)
+	u.install(bins.molt2, byRename)
 	u.Signal(syscall.SIGUSR2)
-	nw := u.waitNewServing(t, old)
+	nw := u.waitNewServing(old)
 	test.WaitLog(t, u.log, stepTimeout, 1, "probation over", test.Event("upgrade.probation_over", "manual", "true"))
 	if len(workersOf(old, nw)) != 2 {
 		t.Fatalf("old master's workers: %v, want 2 still serving before WINCH", workersOf(old, nw))
 	}
 	u.Signal(syscall.SIGWINCH)
-	test.WaitFor(t, stepTimeout, "the old master's workers to stop", func() error {
-		if w := workersOf(old, nw); len(w) != 0 {
-			return fmt.Errorf("still %v", w)
-		}
-		return nil
-	})
+	waitWorkerCount(t, old, 0, nw)
 	servedOnlyBy(t, addr, nw, 20)
 	if p, _ := pidIn(u.pidFile + ".oldbin"); p != old {
 		t.Errorf("in standby, molt.pid.oldbin names %d, want %d", p, old)
 	}
 	u.Signal(quit)
-	if got := u.waitTakeover(t, old); got != nw {
+	if got := u.waitTakeover(old); got != nw {
 		t.Fatalf("took over: %d, want %d", got, nw)
 	}
 	l.stop(t)
-	u.stop(t)
+	u.stop()
 }
 
 // TestDance_ManualRollback: USR2, WINCH (old), HUP (old: its workers come
@@ -98,27 +60,18 @@ func TestDance_ManualCommit(t *testing.T) {
 // nothing of the new generation is left, and no request fails.
 func TestDance_ManualRollback(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	old := u.Pid
 	l := startLoad(t, addr)
 	u.Signal(syscall.SIGUSR2)
-	nw := u.waitNewServing(t, old)
+	nw := u.waitNewServing(old)
 	u.Signal(syscall.SIGWINCH)
-	test.WaitFor(t, stepTimeout, "the old master's workers to stop", func() error {
-		if w := workersOf(old, nw); len(w) != 0 {
-			return fmt.Errorf("still %v", w)
-		}
-		return nil
-	})
+	waitWorkerCount(t, old, 0, nw)
 	u.Signal(syscall.SIGHUP)
-	test.WaitFor(t, stepTimeout, "the old master's workers to come back", func() error {
-		if w := workersOf(old, nw); len(w) != 2 {
-			return fmt.Errorf("%v", w)
-		}
-		return nil
-	})
+	waitWorkerCount(t, old, 2, nw)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the old generation serving again", test.Event("master.serving", "gen", "1"))
 	if err := syscall.Kill(nw, quit); err != nil {
 		t.Fatal(err)
@@ -135,7 +88,7 @@ func TestDance_ManualRollback(t *testing.T) {
 	}
 	servedOnlyBy(t, addr, old, 20)
 	l.stop(t)
-	u.stop(t, rollbackLines...)
+	u.stop(rollbackLines...)
 }
 
 // rollbackLines are the error lines a rollback logs by design.
@@ -150,12 +103,13 @@ var rollbackLines = []func(test.Line) bool{
 // are refused with a log line; the upgrade then commits on QUIT.
 func TestDance_RefusalsDuringAnUpgrade(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms"}})
 	u.addr()
 	u.waitServing()
 	old := u.Pid
 	u.Signal(syscall.SIGUSR2)
-	nw := u.waitNewServing(t, old)
+	nw := u.waitNewServing(old)
 	u.Signal(syscall.SIGUSR2)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the second USR2 refused", test.Event("upgrade.usr2_refused", "cause", "in_flight"))
 	syscall.Kill(nw, syscall.SIGUSR2)
@@ -163,39 +117,34 @@ func TestDance_RefusalsDuringAnUpgrade(t *testing.T) {
 	syscall.Kill(nw, syscall.SIGTTIN)
 	test.WaitLog(t, u.log, stepTimeout, 1, "TTIN to the new master refused", test.Event("pool.scale_refused", "reason", "upgrade", "delta", "1"))
 	u.Signal(quit)
-	u.waitTakeover(t, old)
-	u.stop(t)
+	u.waitTakeover(old)
+	u.stop()
 }
 
 // TestDance_TTINToTheOldMasterReachesTheNewGeneration: the new generation
 // runs as many workers as the old one runs, TTIN included.
 func TestDance_TTINToTheOldMasterReachesTheNewGeneration(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms"}})
 	u.addr()
 	u.waitServing()
 	u.Signal(syscall.SIGTTIN)
 	u.waitWorkers(2)
-	nw := u.upgrade(t)
-	test.WaitFor(t, stepTimeout, "two workers in the new generation", func() error {
-		if w := workersOf(nw); len(w) != 2 {
-			return fmt.Errorf("%v", w)
-		}
-		return nil
-	})
-	u.stop(t)
+	nw := u.upgrade()
+	waitWorkerCount(t, nw, 2)
+	u.stop()
 }
 
 // TestDance_QuitToTheNewMasterRollsBack: QUIT to a new master during its
 // probation aborts the upgrade; the old generation serves throughout.
 func TestDance_QuitToTheNewMasterRollsBack(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
 	u.Signal(syscall.SIGUSR2)
-	nw := u.waitNewServing(t, u.Pid)
+	nw := u.waitNewServing(u.Pid)
 	syscall.Kill(nw, quit)
 	lines := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
 	if !strings.Contains(lines[0].Str("reason"), "QUIT to the new master") {
@@ -211,7 +160,7 @@ func TestDance_QuitToTheNewMasterRollsBack(t *testing.T) {
 		t.Errorf("molt.pid names %d, want %d", p, u.Pid)
 	}
 	l.stop(t)
-	u.stop(t, rollbackLines...)
+	u.stop(rollbackLines...)
 }
 
 // TestDance_USR2AndQUITBackToBack: "kill -USR2; kill -QUIT" to the old
@@ -222,22 +171,22 @@ func TestDance_USR2AndQUITBackToBack(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
 		name string
-		send func(t *testing.T, u *upgradable)
+		send func(t *testing.T, u *master)
 	}{
-		{"USR2_then_QUIT_together", func(t *testing.T, u *upgradable) {
+		{"USR2_then_QUIT_together", func(t *testing.T, u *master) {
 			syscall.Kill(u.Pid, syscall.SIGUSR2)
 			syscall.Kill(u.Pid, quit)
 		}},
-		{"QUIT_then_USR2_together", func(t *testing.T, u *upgradable) {
+		{"QUIT_then_USR2_together", func(t *testing.T, u *master) {
 			syscall.Kill(u.Pid, quit)
 			syscall.Kill(u.Pid, syscall.SIGUSR2)
 		}},
-		{"QUIT_then_USR2_apart", func(t *testing.T, u *upgradable) {
+		{"QUIT_then_USR2_apart", func(t *testing.T, u *master) {
 			syscall.Kill(u.Pid, quit)
 			test.WaitLog(t, u.log, stepTimeout, 1, "the QUIT settle window", test.Event("upgrade.quit_settling"))
 			syscall.Kill(u.Pid, syscall.SIGUSR2)
 		}},
-		{"USR2_then_QUIT_apart", func(t *testing.T, u *upgradable) {
+		{"USR2_then_QUIT_apart", func(t *testing.T, u *master) {
 			syscall.Kill(u.Pid, syscall.SIGUSR2)
 			test.WaitLog(t, u.log, stepTimeout, 1, "the upgrade to start", test.Event("upgrade.started"))
 			syscall.Kill(u.Pid, quit)
@@ -246,17 +195,18 @@ func TestDance_USR2AndQUITBackToBack(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "30s")
+			u := start(t, runOpts{Deploy: byRename,
+				Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "30s"}})
 			addr := u.addr()
 			u.waitServing()
 			l := startLoad(t, addr)
 			c.send(t, u)
 			// The probation is long: only the pending QUIT can make the
 			// new generation commit in time.
-			nw := u.waitTakeover(t, u.Pid)
+			nw := u.waitTakeover(u.Pid)
 			servedOnlyBy(t, addr, nw, 10)
 			l.stop(t)
-			u.stop(t)
+			u.stop()
 		})
 	}
 }
@@ -267,12 +217,13 @@ func TestDance_TERMDuringAnUpgradeStopsBothGenerations(t *testing.T) {
 	for _, to := range []string{"old", "new"} {
 		t.Run("to_"+to, func(t *testing.T) {
 			t.Parallel()
-			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s")
+			u := start(t, runOpts{Deploy: byRename,
+				Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s"}})
 			u.addr()
 			u.waitServing()
 			old := u.Pid
 			u.Signal(syscall.SIGUSR2)
-			nw := u.waitNewServing(t, old)
+			nw := u.waitNewServing(old)
 			for _, w := range append(workersOf(old, nw), workersOf(nw)...) {
 				test.Track(t, w)
 			}
@@ -300,11 +251,11 @@ func TestDance_TERMDuringAnUpgradeStopsBothGenerations(t *testing.T) {
 // keeps serving; it does not drain into an outage.
 func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
-	u.deployFile(t, passesPreflight+"exit 1\n", 0o755)
+	u.deployFile(passesPreflight+"exit 1\n", 0o755)
 	syscall.Kill(u.Pid, syscall.SIGUSR2)
 	syscall.Kill(u.Pid, quit)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the cancelled QUIT", test.Event("upgrade.quit_cancelled"))
@@ -315,7 +266,7 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 	}
 	servedOnlyBy(t, addr, u.Pid, 10)
 	l.stop(t)
-	u.stop(t, append(rollbackLines, test.Event("upgrade.quit_cancelled"))...)
+	u.stop(append(rollbackLines, test.Event("upgrade.quit_cancelled"))...)
 }
 
 // TestDance_OldMasterKilledDuringProbation: the old master dies (SIGKILL)
@@ -324,13 +275,14 @@ func TestDance_QUITWaitingForAFailedUpgradeIsCancelled(t *testing.T) {
 // no request fails, and the new master can be upgraded in turn.
 func TestDance_OldMasterKilledDuringProbation(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s", "--drain-timeout", "5s")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s", "--drain-timeout", "5s"}})
 	addr := u.addr()
 	u.waitServing()
 	old := u.Pid
 	l := startLoad(t, addr)
 	u.Signal(syscall.SIGUSR2)
-	nw := u.waitNewServing(t, old)
+	nw := u.waitNewServing(old)
 	oldWorkers := workersOf(old, nw)
 	u.Signal(syscall.SIGKILL)
 	u.Wait(stepTimeout)
@@ -354,8 +306,8 @@ func TestDance_OldMasterKilledDuringProbation(t *testing.T) {
 	// long probation).
 	syscall.Kill(nw, syscall.SIGUSR2)
 	syscall.Kill(nw, quit)
-	u.waitTakeover(t, nw)
-	u.stop(t)
+	u.waitTakeover(nw)
+	u.stop()
 }
 
 // TestDance_RollbackFromStandbyOpensNoGap: the old master is in standby
@@ -364,20 +316,16 @@ func TestDance_OldMasterKilledDuringProbation(t *testing.T) {
 // until they are ready. No request fails.
 func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--commit", "manual", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	old := u.Pid
 	l := startLoad(t, addr)
 	u.Signal(syscall.SIGUSR2)
-	nw := u.waitNewServing(t, old)
+	nw := u.waitNewServing(old)
 	u.Signal(syscall.SIGWINCH)
-	test.WaitFor(t, stepTimeout, "the old master's workers to stop", func() error {
-		if w := workersOf(old, nw); len(w) != 0 {
-			return fmt.Errorf("still %v", w)
-		}
-		return nil
-	})
+	waitWorkerCount(t, old, 0, nw)
 	l.more(t, 32) // the new generation alone serves the load
 	syscall.Kill(nw, quit)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
@@ -406,7 +354,7 @@ func TestDance_RollbackFromStandbyOpensNoGap(t *testing.T) {
 	}
 	servedOnlyBy(t, addr, old, 10)
 	l.stop(t)
-	u.stop(t, rollbackLines...)
+	u.stop(rollbackLines...)
 }
 
 // TestDance_StopAllEndsEveryGeneration: {"cmd":"stop","all":true} (molt
@@ -418,11 +366,12 @@ func TestDance_StopAllEndsEveryGeneration(t *testing.T) {
 	for _, to := range []string{"new", "old"} {
 		t.Run("to the "+to+" master", func(t *testing.T) {
 			t.Parallel()
-			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s")
+			u := start(t, runOpts{Deploy: byRename,
+				Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "60s"}})
 			u.addr()
 			u.waitServing()
 			u.Signal(syscall.SIGUSR2)
-			nw := u.waitNewServing(t, u.Pid)
+			nw := u.waitNewServing(u.Pid)
 			args := []string{"stop", "--all"}
 			if to == "old" {
 				args = append([]string{"--old"}, args...)

@@ -30,7 +30,7 @@ type drillReport struct {
 // runs alongside and agrees: the drill is not its own judge.
 func TestDrill_UpgradesMoltUnderItsLoad(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
@@ -58,7 +58,7 @@ func TestDrill_UpgradesMoltUnderItsLoad(t *testing.T) {
 	if len(rep.ByGeneration) != 3 || len(rep.ByWorker) < 6 || rep.LatencyInUpgrades.N == 0 {
 		t.Errorf("generations %v, workers %v, requests in upgrade windows %d", rep.ByGeneration, rep.ByWorker, rep.LatencyInUpgrades.N)
 	}
-	u.stop(t)
+	u.stop()
 }
 
 // TestDrill_BadUsage: bad flags are refused with exit 2 and a reason.

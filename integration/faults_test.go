@@ -98,17 +98,6 @@ func (l *loadPair) stopAttributed(t *testing.T, k *kills) (ka, pc load.Result) {
 	return ka, pc
 }
 
-// startSteady starts molt (the demo) on 127.0.0.1 with n workers and
-// args, and returns it once its n workers are ready, with its address and
-// the workers.
-func startSteady(t *testing.T, n int, args ...string) (*master, string, []int) {
-	t.Helper()
-	m := startMolt(t, append([]string{"--listen", "127.0.0.1:0", "--workers", strconv.Itoa(n)}, args...)...)
-	addr := m.addr()
-	m.waitServing()
-	return m, addr, m.waitWorkers(n)
-}
-
 // baseline is the master's own fd and goroutine counts (molt ctl status).
 type baseline struct{ fds, goroutines int }
 
@@ -284,7 +273,7 @@ func TestFaults_RecyclingUnderLoadNeverDropsCapacity(t *testing.T) {
 // other master or worker left, and no failed request of the load.
 func TestFaults_SignalStorm(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	u.waitWorkers(2)
@@ -355,7 +344,7 @@ func TestFaults_SignalStorm(t *testing.T) {
 		}
 	}
 	l.stop(t)
-	u.stop(t, test.Event("upgrade.refused"),
+	u.stop(test.Event("upgrade.refused"),
 		test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.giving_up"),
 		test.Event("upgrade.new_gave_up"))
@@ -524,7 +513,7 @@ func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
 			// A worker thread that entered accept(2) while the socket was
 			// blocking stays in it until a connection comes: its drain may
 			// need the drain timeout.
-			m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "2s", "--", bins.fakeapp, "serve", "--misuse", kind+":"+once)
+			m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "2s", "--", bins.fakeapp, "serve", "--misuse", kind + ":" + once}})
 			addr := m.addr()
 			m.waitServing()
 			test.WaitLog(t, m.log, stepTimeout, 1, "the repair", repaired)
@@ -563,11 +552,11 @@ func TestFaults_AWorkerMisusesTheListener(t *testing.T) {
 func TestFaults_AWorkerShutsAUnixListenerDown(t *testing.T) {
 	t.Parallel()
 	var sock string
-	u := startUpgradableWith(t, func(dir string) []string {
-		sock = filepath.Join(dir, "w.sock")
-		return []string{"--listen", "web=127.0.0.1:0", "--listen", "adm=unix:" + sock, "--workers", "2", "--drain-timeout", "2s", "--probation", "300ms",
-			"--", bins.fakeapp, "serve", "--misuse", "shutdown:" + filepath.Join(dir, "done")}
-	})
+	dir := test.ShortTempDir(t)
+	sock = filepath.Join(dir, "w.sock")
+	u := start(t, runOpts{Dir: dir, Deploy: byRename,
+		Args: []string{"--listen", "web=127.0.0.1:0", "--listen", "adm=unix:" + sock, "--workers", "2", "--drain-timeout", "2s", "--probation", "300ms",
+			"--", bins.fakeapp, "serve", "--misuse", "shutdown:" + filepath.Join(dir, "done")}})
 	addr := u.addrs(2)["web"]
 	u.waitServing()
 	replaced := test.Event("listener.healed", "fault", "shutdown", "how", "replaced")
@@ -584,10 +573,10 @@ func TestFaults_AWorkerShutsAUnixListenerDown(t *testing.T) {
 		})
 	}
 	l := startLoad(t, addr)
-	pid := u.upgrade(t)
+	pid := u.upgrade()
 	l.stop(t)
 	if r := get(t, "unix:"+sock, "/"); r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(pid) {
 		t.Errorf("the unix listener after the upgrade: answered under master %s, want %d", r.Header.Get("X-Molt-Master-Pid"), pid)
 	}
-	u.stop(t, test.Event("worker.exited_unexpectedly"))
+	u.stop(test.Event("worker.exited_unexpectedly"))
 }

@@ -1,11 +1,55 @@
 package integration
 
+// The harness: how an integration test drives molt.
+//
+// Start: start(t, runOpts{...}) runs "molt run --no-keeper" (Keeper: with
+// its keeper) with a pid file, a JSON debug log and a workers' log in the
+// test's directory, then Args, and returns a *master without waiting:
+//
+//	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
+//	addr := m.addr()  // waits for the listener.listening line
+//	m.waitServing()   // waits for master.serving: every worker ready
+//	get(t, addr, "/") // one request, must be answered 200
+//
+// startSteady(t, n, args...) is that on 127.0.0.1:0 with n workers,
+// returned once they are ready.
+//
+// runOpts also sets the directory, the binary, the environment, a
+// launcher (socket activation) and a config file (Config, then
+// m.config). m.workers, m.waitWorkers(n) and waitWorkerCount(t, pid, n)
+// look at the workers.
+//
+// Upgrade: start with Deploy (byRename or bySymlink), which installs
+// bins.molt at dir/molt and runs that path. m.install(bins.molt2, how)
+// deploys a new binary; m.upgrade() sends USR2 to the current master
+// (m.current(), the pid file's) and waits for the takeover. After a USR2
+// the test sent itself, m.waitNewServing(old) waits for both generations
+// serving and m.waitTakeover(old) for the new one alone. Every
+// generation still running is stopped at cleanup.
+//
+// Load: l := startLoad(t, addr) runs the standard load (32 paced clients,
+// keep-alive and connection per request); l.stop(t) fails the test on
+// any failed request (l.stopWithin, l.stopAttributed: on failures outside
+// an outage the test caused).
+//
+// Logs: wait on event keys, never messages: test.WaitLog(t, m.log,
+// timeout, n, what, test.Event("key", "field", "value")); read with
+// test.Find. m.checkLogs(allow...) fails on panics, races and unexpected
+// error lines in every file molt and its workers wrote to.
+//
+// Stop: m.stop(allow...) sends QUIT to the current master (the process
+// started, or under Deploy the generation the pid file names), waits for
+// a clean exit and checks the logs. Also: ctl and statusOf (molt ctl),
+// runToEnd (a command until it exits), refused (nothing listens).
+
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -14,6 +58,7 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/test"
+	"github.com/molt-server/molt/test/load"
 )
 
 // Generous bounds: the machines are shared and the binaries race-built.
@@ -23,7 +68,51 @@ const (
 	reqTimeout   = 10 * time.Second
 )
 
-// master is a running "molt run" (or embedding program) under test.
+// runOpts says how start runs molt. The zero value runs bins.molt in a
+// fresh directory with the default files and no arguments.
+type runOpts struct {
+	// Dir is where molt runs and writes its files (default: a new
+	// directory, a short one under Deploy). A second master in the same
+	// directory shares the pid file but gets logs of its own.
+	Dir string
+	// Path is the binary (argv[0], what an upgrade re-executes); default
+	// bins.molt, or Dir/molt under Deploy.
+	Path string
+	// Deploy installs bins.molt at Dir/molt that way (byRename,
+	// bySymlink) and runs it from there, so that the test can upgrade it.
+	Deploy deploy
+	// Keeper runs molt with its keeper: the process started (m.Pid) is
+	// the keeper, and the pid file names the master.
+	Keeper bool
+	// Env is added to molt's environment.
+	Env []string
+	// Launcher is a command line that ends by executing molt's (e.g.
+	// systemd-socket-activate -l ADDR); the process started is the
+	// launcher's.
+	Launcher []string
+	// Config, if set, is written to Dir/molt.hcl (master.config) and
+	// passed as --config before Args.
+	Config string
+	// Args follow the default arguments.
+	Args []string
+}
+
+// deploy is how a test puts a new binary in place (runOpts.Deploy,
+// master.install).
+type deploy int
+
+const (
+	noDeploy  deploy = iota // run Path in place; the test does not upgrade it
+	byRename                // a new file renamed over the path
+	bySymlink               // the path is a symlink, re-pointed to a new release
+)
+
+func (d deploy) String() string {
+	return map[deploy]string{noDeploy: "in place", byRename: "new file", bySymlink: "re-pointed symlink"}[d]
+}
+
+// master is molt under test (or an embedding program): the process
+// started, and under Deploy the generations that follow it.
 type master struct {
 	*test.Proc
 	t       *testing.T
@@ -33,40 +122,24 @@ type master struct {
 	// workerLog is the workers' --worker-log ("" if the test gave none:
 	// then they write to molt's stdout and stderr, the Proc's log).
 	workerLog string
+	// config is the config file start wrote (runOpts.Config), "" if none.
+	config string
+	// path is the deployed binary's path under Deploy ("" otherwise).
+	path     string
+	releases int
 }
 
-// startMolt runs bins.molt run with a pid file, a JSON log file and a
-// workers' log in the test's directory, then args. It does not wait for
-// anything.
-func startMolt(t *testing.T, args ...string) *master {
+// start runs molt as o says. It does not wait for anything.
+func start(t *testing.T, o runOpts) *master {
 	t.Helper()
-	dir := t.TempDir()
-	return startMoltIn(t, dir, args...)
-}
-
-func startMoltIn(t *testing.T, dir string, args ...string) *master {
-	t.Helper()
-	return startMoltAt(t, dir, bins.molt, args...)
-}
-
-// startMoltAt runs the molt binary at path (argv[0], what an upgrade
-// re-executes) in dir.
-func startMoltAt(t *testing.T, dir, path string, args ...string) *master {
-	t.Helper()
-	return startMoltEnv(t, dir, path, nil, args...)
-}
-
-// startMoltEnv is startMoltAt with env added to molt's environment.
-func startMoltEnv(t *testing.T, dir, path string, env []string, args ...string) *master {
-	t.Helper()
-	return startMoltVia(t, dir, nil, path, env, args...)
-}
-
-// startMoltVia is startMoltEnv through launcher, a command line that
-// ends by executing molt's (e.g. systemd-socket-activate -l ADDR); the
-// process started is the launcher's.
-func startMoltVia(t *testing.T, dir string, launcher []string, path string, env []string, args ...string) *master {
-	t.Helper()
+	dir := o.Dir
+	switch {
+	case dir != "":
+	case o.Deploy != noDeploy:
+		dir = test.ShortTempDir(t)
+	default:
+		dir = t.TempDir()
+	}
 	// A second master in the same directory (same pid file) gets a log of
 	// its own, so that waits never match the first one's lines.
 	log, workerLog := filepath.Join(dir, "molt.log"), filepath.Join(dir, "workers.log")
@@ -74,17 +147,31 @@ func startMoltVia(t *testing.T, dir string, launcher []string, path string, env 
 		log, workerLog = filepath.Join(dir, fmt.Sprintf("molt-%d.log", i)), filepath.Join(dir, fmt.Sprintf("workers-%d.log", i))
 	}
 	m := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: log, workerLog: workerLog}
-	// The master itself, unless the test asks for the keeper (keeper_test.go).
-	pre := []string{"run", "--no-keeper"}
-	if len(args) > 0 && args[0] == withKeeper {
-		pre, args = []string{"run"}, args[1:]
+	path := o.Path
+	if o.Deploy != noDeploy {
+		m.path = filepath.Join(dir, "molt")
+		m.install(bins.molt, o.Deploy)
+		path = m.path
 	}
-	full := append(append(pre, "--pid-file", m.pidFile, "--log-file", m.log, "--worker-log", m.workerLog, "--log-json", "--log-level", "debug"), args...)
-	if len(launcher) > 0 {
-		full = append(append(append([]string{}, launcher[1:]...), path), full...)
-		path = launcher[0]
+	if path == "" {
+		path = bins.molt
 	}
-	m.Proc = test.Start(t, test.Opts{Path: path, Args: full, Env: env, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
+	full := []string{"run", "--no-keeper"}
+	if o.Keeper {
+		full = []string{"run"}
+	}
+	full = append(full, "--pid-file", m.pidFile, "--log-file", m.log, "--worker-log", m.workerLog, "--log-json", "--log-level", "debug")
+	if o.Config != "" {
+		m.config = filepath.Join(dir, "molt.hcl")
+		writeConfig(t, m.config, o.Config)
+		full = append(full, "--config", m.config)
+	}
+	full = append(full, o.Args...)
+	if len(o.Launcher) > 0 {
+		full = append(append(append([]string{}, o.Launcher[1:]...), path), full...)
+		path = o.Launcher[0]
+	}
+	m.Proc = test.Start(t, test.Opts{Path: path, Args: full, Env: o.Env, Dir: dir, Log: strings.TrimSuffix(log, ".log") + ".out"})
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return
@@ -95,12 +182,11 @@ func startMoltVia(t *testing.T, dir string, launcher []string, path string, env 
 			t.Logf("--- %s:\n%s", m.workerLog, lastLines(string(b), 40))
 		}
 	})
+	if o.Deploy != noDeploy {
+		t.Cleanup(m.stopGenerations)
+	}
 	return m
 }
-
-// withKeeper, as the first argument of startMolt*, runs molt with its
-// keeper: the process started (m.Proc) is then the keeper.
-const withKeeper = "\x00keeper"
 
 // runToEnd runs path with args in dir until it exits (bounded by
 // stepTimeout) and returns its exit code and output.
@@ -168,19 +254,51 @@ func (m *master) waitServing() {
 	test.WaitLog(m.t, m.log, startTimeout, 1, "the master serving", test.Event("master.serving"))
 }
 
+// startSteady starts molt (the demo) on 127.0.0.1 with n workers and
+// args, and returns it once its n workers are ready, with its address and
+// the workers.
+func startSteady(t *testing.T, n int, args ...string) (*master, string, []int) {
+	t.Helper()
+	m := start(t, runOpts{Args: append([]string{"--listen", "127.0.0.1:0", "--workers", strconv.Itoa(n)}, args...)})
+	addr := m.addr()
+	m.waitServing()
+	return m, addr, m.waitWorkers(n)
+}
+
 // workers returns the master's live worker pids, sorted, and registers
 // each for the leak check at cleanup.
 func (m *master) workers() []int {
 	m.t.Helper()
-	var pids []int
-	for _, p := range test.Children(m.Pid) {
-		if test.Alive(p) {
-			pids = append(pids, p)
-			test.Track(m.t, p)
-		}
+	pids := workersOf(m.Pid)
+	for _, p := range pids {
+		test.Track(m.t, p)
 	}
 	sort.Ints(pids)
 	return pids
+}
+
+// workersOf returns the live children of master that are not other
+// masters (an old master's children include the new master).
+func workersOf(master int, notMasters ...int) []int {
+	var out []int
+	for _, p := range test.Children(master) {
+		if test.Alive(p) && !slices.Contains(notMasters, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// waitWorkerCount waits until master (any generation, not only the
+// process started) has n live workers, children other than notMasters.
+func waitWorkerCount(t *testing.T, master, n int, notMasters ...int) {
+	t.Helper()
+	test.WaitFor(t, stepTimeout, fmt.Sprintf("%d workers of %d", n, master), func() error {
+		if w := workersOf(master, notMasters...); len(w) != n {
+			return fmt.Errorf("%d workers: %v", len(w), w)
+		}
+		return nil
+	})
 }
 
 // waitWorkers waits until the master has exactly n live workers and every
@@ -220,28 +338,16 @@ func get(t *testing.T, addr, path string) test.Response {
 	return r
 }
 
-// stop sends QUIT and waits for a clean exit, then checks the log.
-func (m *master) stop(allow ...func(test.Line) bool) {
-	m.t.Helper()
-	m.Signal(quit)
-	if code := m.Wait(stepTimeout); code != 0 {
-		m.t.Errorf("master exited %d after QUIT, want 0", code)
+// writeConfig writes an HCL config file atomically (a reload must never
+// read half a file).
+func writeConfig(t *testing.T, path, body string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	m.checkLogs(allow...)
-}
-
-// checkLogs runs test.CheckLogs on every file the master and its workers
-// write to: molt's log, the workers' log, and the process's stdout and
-// stderr (where a master under a keeper, and workers without a
-// --worker-log, write their panics and races).
-func (m *master) checkLogs(allow ...func(test.Line) bool) {
-	m.t.Helper()
-	test.CheckLogs(m.t, m.log, allow...)
-	if m.workerLog != "" {
-		test.CheckLogs(m.t, m.workerLog, allow...)
-	}
-	if m.Proc != nil {
-		test.CheckLogs(m.t, m.LogPath, allow...)
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -267,4 +373,232 @@ func pidIn(path string) (int, error) {
 func fileExists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
+}
+
+// install puts bin at m.path, atomically, the way a deploy does: a new
+// file renamed over the path, or a new release directory and the path
+// (a symlink) re-pointed to it, also by rename. Never cp onto the path:
+// that fails with ETXTBSY on a running binary (golang/go#22315).
+func (m *master) install(bin string, how deploy) {
+	t := m.t
+	t.Helper()
+	target := m.path
+	if how == bySymlink {
+		m.releases++
+		rel := filepath.Join(m.dir, "releases", strconv.Itoa(m.releases))
+		if err := os.MkdirAll(rel, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		target = filepath.Join(rel, "molt")
+	}
+	tmp := target + ".tmp"
+	if err := os.Link(bin, tmp); err != nil {
+		t.Fatalf("install %s: %v", bin, err)
+	}
+	if how == bySymlink {
+		if err := os.Rename(tmp, target); err != nil {
+			t.Fatal(err)
+		}
+		tmp = m.path + ".tmp"
+		if err := os.Symlink(target, tmp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Rename(tmp, m.path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// deployFile puts an arbitrary file (a broken "new version") at m.path.
+func (m *master) deployFile(content string, mode os.FileMode) {
+	t := m.t
+	t.Helper()
+	tmp := m.path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(content), mode); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(tmp, mode)
+	if err := os.Rename(tmp, m.path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// current returns the pid in the pid file: the current master.
+func (m *master) current() int {
+	m.t.Helper()
+	return readPID(m.t, m.pidFile)
+}
+
+// upgrade sends USR2 to the current master and waits until a new master
+// has taken over: the pid file names it, the old master is gone, and no
+// .oldbin is left. It returns the new pid.
+func (m *master) upgrade() int {
+	m.t.Helper()
+	old := m.current()
+	if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
+		m.t.Fatal(err)
+	}
+	return m.waitTakeover(old)
+}
+
+// waitTakeover waits until a master other than old owns the pid file,
+// old is gone and no .oldbin is left; it returns the new master.
+func (m *master) waitTakeover(old int) int {
+	t := m.t
+	t.Helper()
+	var pid int
+	test.WaitFor(t, 60*time.Second, fmt.Sprintf("a new master to take over from %d", old), func() error {
+		b, err := os.ReadFile(m.pidFile)
+		if err != nil {
+			return err
+		}
+		pid, err = strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid == old {
+			return fmt.Errorf("pid file names %q", b)
+		}
+		if test.Alive(old) {
+			return fmt.Errorf("old master %d still running", old)
+		}
+		if fileExists(m.pidFile + ".oldbin") {
+			return fmt.Errorf(".oldbin still there")
+		}
+		return nil
+	})
+	test.Track(t, pid)
+	return pid
+}
+
+// waitNewServing waits until a new master serves alongside old: molt.pid
+// names it, molt.pid.oldbin names old. It returns the new master's pid.
+func (m *master) waitNewServing(old int) int {
+	t := m.t
+	t.Helper()
+	var pid int
+	test.WaitFor(t, 60*time.Second, "the new generation serving", func() error {
+		p, err := pidIn(m.pidFile)
+		if err != nil || p == old {
+			return fmt.Errorf("molt.pid: %d %v", p, err)
+		}
+		o, err := pidIn(m.pidFile + ".oldbin")
+		if err != nil || o != old {
+			return fmt.Errorf("molt.pid.oldbin: %d %v", o, err)
+		}
+		pid = p
+		return nil
+	})
+	test.Track(t, pid)
+	return pid
+}
+
+// stop sends QUIT to the current master and waits for a clean exit, then
+// checks the logs. The current master is the process started or, under
+// Deploy, the one the pid file names (not the test's own child once the
+// first master has exited).
+func (m *master) stop(allow ...func(test.Line) bool) {
+	m.t.Helper()
+	if m.path != "" {
+		if pid := m.current(); pid != m.Pid {
+			if sig := test.StopPID(pid, 20*time.Second); sig != syscall.SIGQUIT {
+				m.t.Errorf("master %d needed %v to stop", pid, sig)
+			}
+			m.checkLogs(allow...)
+			return
+		}
+	}
+	m.Signal(quit)
+	if code := m.Wait(stepTimeout); code != 0 {
+		m.t.Errorf("master exited %d after QUIT, want 0", code)
+	}
+	m.checkLogs(allow...)
+}
+
+// stopGenerations stops every master named by the pid files other than
+// the first one (which test.Start stops), at cleanup.
+func (m *master) stopGenerations() {
+	for _, f := range []string{m.pidFile, m.pidFile + ".oldbin"} {
+		pid, err := pidIn(f)
+		if err != nil || pid == m.Pid {
+			continue
+		}
+		if sig := test.StopPID(pid, 20*time.Second); sig != 0 && sig != syscall.SIGQUIT {
+			m.t.Errorf("master %d needed %v to stop", pid, sig)
+		}
+	}
+}
+
+// checkLogs runs test.CheckLogs on every file the master and its workers
+// write to: molt's log, the workers' log, and the process's stdout and
+// stderr (where a master under a keeper, and workers without a
+// --worker-log, write their panics and races).
+func (m *master) checkLogs(allow ...func(test.Line) bool) {
+	m.t.Helper()
+	test.CheckLogs(m.t, m.log, allow...)
+	if m.workerLog != "" {
+		test.CheckLogs(m.t, m.workerLog, allow...)
+	}
+	if m.Proc != nil {
+		test.CheckLogs(m.t, m.LogPath, allow...)
+	}
+}
+
+// loadPair runs the integration tests' standard load: keep-alive and
+// connection-per-request clients, 32 in all, paced (STYLE.md §5).
+type loadPair struct {
+	ka, pc *load.Run
+	cancel context.CancelFunc
+}
+
+// startLoad starts the load and returns once both kinds of client have
+// been answered, so that what the test does next happens under load.
+func startLoad(t *testing.T, addr string) *loadPair {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	network := "tcp"
+	if len(addr) > 5 && addr[:5] == "unix:" {
+		network, addr = "unix", addr[5:]
+	}
+	l := &loadPair{
+		ka:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160, KeepAlive: true}),
+		pc:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160}),
+		cancel: cancel,
+	}
+	l.more(t, 32)
+	return l
+}
+
+// more waits until each kind of client has had n more answers.
+func (l *loadPair) more(t *testing.T, n int) {
+	t.Helper()
+	ka, pc := l.ka.Snapshot().OK, l.pc.Snapshot().OK
+	test.WaitFor(t, stepTimeout, fmt.Sprintf("%d more answers to the load", n), func() error {
+		a, b := l.ka.Snapshot(), l.pc.Snapshot()
+		if a.OK < ka+n || b.OK < pc+n {
+			return fmt.Errorf("keep-alive %d, per-connection %d answers", a.OK-ka, b.OK-pc)
+		}
+		return nil
+	})
+}
+
+// stop lets the load run on for a moment (so that it spans whatever the
+// test just did), ends it and fails the test on any failed request; it
+// returns how many answers each master gave.
+func (l *loadPair) stop(t *testing.T) (masters map[int]int) {
+	t.Helper()
+	defer l.cancel()
+	l.more(t, 32)
+	masters = map[int]int{}
+	for name, r := range map[string]*load.Run{"keep-alive": l.ka, "connection per request": l.pc} {
+		res := r.Stop()
+		t.Logf("%s load: %v", name, res)
+		if res.Failed() != 0 {
+			t.Errorf("%s load: %d failed requests: %v", name, res.Failed(), res.Samples)
+		}
+		if res.OK == 0 {
+			t.Errorf("%s load: no request answered", name)
+		}
+		for m, n := range res.ByMaster {
+			masters[m] += n
+		}
+	}
+	return masters
 }

@@ -118,20 +118,14 @@ func (f *fakeSystemd) waitFor(t *testing.T, what string, n int, ok func(notifyRe
 	return all
 }
 
-// startKept is startUpgradable with the keeper: u.Pid is the keeper's
-// pid, the pid file names the master.
-func startKept(t *testing.T, env []string, args ...string) *upgradable {
-	t.Helper()
-	return startUpgradableIn(t, byRename, env, func(string) []string { return append([]string{withKeeper}, args...) })
-}
-
 // masterPid waits for the pid file and returns the master it names.
-func (u *upgradable) masterPid(t *testing.T) int {
+func (m *master) masterPid() int {
+	t := m.t
 	t.Helper()
 	var pid int
 	test.WaitFor(t, startTimeout, "the pid file", func() error {
 		var err error
-		pid, err = pidIn(u.pidFile)
+		pid, err = pidIn(m.pidFile)
 		return err
 	})
 	test.Track(t, pid)
@@ -139,12 +133,13 @@ func (u *upgradable) masterPid(t *testing.T) int {
 }
 
 // stopKeeper sends sig to the keeper and waits for its exit code.
-func (u *upgradable) stopKeeper(t *testing.T, sig syscall.Signal) int {
+func (m *master) stopKeeper(sig syscall.Signal) int {
+	t := m.t
 	t.Helper()
-	if err := syscall.Kill(u.Pid, sig); err != nil {
+	if err := syscall.Kill(m.Pid, sig); err != nil {
 		t.Fatal(err)
 	}
-	return u.Wait(stepTimeout)
+	return m.Wait(stepTimeout)
 }
 
 // TestKeeper_StablePidAcrossFiveUpgradesUnderLoad: USR2 to the keeper
@@ -154,11 +149,12 @@ func (u *upgradable) stopKeeper(t *testing.T, sig syscall.Signal) int {
 // with exit 0.
 func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 	t.Parallel()
-	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	keeper := u.Pid
-	masters := []int{u.masterPid(t)}
+	masters := []int{u.masterPid()}
 	if masters[0] == keeper {
 		t.Fatal("the keeper is the master")
 	}
@@ -171,12 +167,12 @@ func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 		if i%2 == 1 {
 			bin = bins.molt
 		}
-		u.install(t, bin, byRename)
+		u.install(bin, byRename)
 		old := masters[len(masters)-1]
 		if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
 			t.Fatal(err)
 		}
-		nw := u.waitTakeover(t, old)
+		nw := u.waitTakeover(old)
 		masters = append(masters, nw)
 		// Re-parented once the old master's last thread has exited.
 		test.WaitFor(t, stepTimeout, "the new master re-parented to the keeper", func() error {
@@ -193,7 +189,7 @@ func TestKeeper_StablePidAcrossFiveUpgradesUnderLoad(t *testing.T) {
 	if len(got) < 2 {
 		t.Errorf("requests answered by %d masters, want several: %v", len(got), got)
 	}
-	if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 	for _, m := range masters {
@@ -219,24 +215,24 @@ func TestKeeper_UnderFakeSystemd(t *testing.T) {
 	t.Parallel()
 	sd := startFakeSystemd(t)
 	reports := test.ShortTempDir(t)
-	u := startKept(t, []string{"NOTIFY_SOCKET=" + sd.path}, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms",
-		"--", bins.fakeapp, "serve", "--report", reports)
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Env: []string{"NOTIFY_SOCKET=" + sd.path},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms", "--", bins.fakeapp, "serve", "--report", reports}})
 	u.addr()
 	u.waitServing()
 	sd.waitFor(t, "READY=1", 1, func(r notifyRecord) bool { return r.has("READY=1") })
 	for i := range 3 {
-		old := u.masterPid(t)
+		old := u.masterPid()
 		if err := syscall.Kill(u.Pid, syscall.SIGUSR2); err != nil {
 			t.Fatal(err)
 		}
-		u.waitTakeover(t, old)
+		u.waitTakeover(old)
 		sd.waitFor(t, "READY=1 after the upgrade", i+2, func(r notifyRecord) bool { return r.has("READY=1") })
 	}
 	if err := syscall.Kill(u.Pid, syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	sd.waitFor(t, "READY=1 after the reload", 5, func(r notifyRecord) bool { return r.has("READY=1") })
-	if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d", code)
 	}
 	recs := sd.waitFor(t, "STOPPING=1", 1, func(r notifyRecord) bool { return r.has("STOPPING=1") })
@@ -278,14 +274,13 @@ func TestKeeper_UnderFakeSystemd(t *testing.T) {
 func TestKeeper_NoKeeperSendsMAINPID(t *testing.T) {
 	t.Parallel()
 	sd := startFakeSystemd(t)
-	u := startUpgradableIn(t, byRename, []string{"NOTIFY_SOCKET=" + sd.path}, func(string) []string {
-		return []string{"--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms"}
-	})
+	u := start(t, runOpts{Deploy: byRename, Env: []string{"NOTIFY_SOCKET=" + sd.path},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms"}})
 	u.addr()
 	u.waitServing()
 	first := u.Pid
 	sd.waitFor(t, "MAINPID of the first master", 1, func(r notifyRecord) bool { return r.get("MAINPID") == strconv.Itoa(first) && r.has("READY=1") })
-	second := u.upgrade(t)
+	second := u.upgrade()
 	recs := sd.waitFor(t, "MAINPID of the new master", 1, func(r notifyRecord) bool { return r.get("MAINPID") == strconv.Itoa(second) && r.has("READY=1") })
 	var reloading bool
 	for _, r := range recs {
@@ -299,7 +294,7 @@ func TestKeeper_NoKeeperSendsMAINPID(t *testing.T) {
 	if !reloading {
 		t.Errorf("no RELOADING=1 from the old master: %v", recs)
 	}
-	u.stop(t)
+	u.stop()
 }
 
 // TestKeeper_ForwardsSignalsToThePrimary: TTIN, TTOU and HUP sent to the
@@ -307,33 +302,22 @@ func TestKeeper_NoKeeperSendsMAINPID(t *testing.T) {
 // everything, as Ctrl-C in a terminal does.
 func TestKeeper_ForwardsSignalsToThePrimary(t *testing.T) {
 	t.Parallel()
-	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "1")
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	u.addr()
 	u.waitServing()
-	m := u.masterPid(t)
+	m := u.masterPid()
 	syscall.Kill(u.Pid, syscall.SIGTTIN)
 	waitWorkerCount(t, m, 2)
 	syscall.Kill(u.Pid, syscall.SIGTTOU)
 	waitWorkerCount(t, m, 1)
 	syscall.Kill(u.Pid, syscall.SIGHUP)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the reload", test.Event("reload.done"))
-	if code := u.stopKeeper(t, syscall.SIGINT); code != 0 {
+	if code := u.stopKeeper(syscall.SIGINT); code != 0 {
 		t.Errorf("keeper exit %d after INT", code)
 	}
 	if test.Alive(m) {
 		t.Error("the master outlived the keeper's INT")
 	}
-}
-
-// waitWorkerCount waits until master has n live workers.
-func waitWorkerCount(t *testing.T, master, n int) {
-	t.Helper()
-	test.WaitFor(t, stepTimeout, fmt.Sprintf("%d workers of %d", n, master), func() error {
-		if got := len(workersOf(master)); got != n {
-			return fmt.Errorf("%d workers", got)
-		}
-		return nil
-	})
 }
 
 // TestKeeper_GracefulStopDuringAnUpgrade: QUIT to the keeper while an
@@ -344,13 +328,14 @@ func waitWorkerCount(t *testing.T, master, n int) {
 // exits 0.
 func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 	t.Parallel()
-	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "1", "--commit", "manual", "--probation", "200ms")
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--commit", "manual", "--probation", "200ms"}})
 	u.addr()
 	u.waitServing()
-	old := u.masterPid(t)
+	old := u.masterPid()
 	syscall.Kill(u.Pid, syscall.SIGUSR2)
-	nw := u.waitNewServing(t, old)
-	if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+	nw := u.waitNewServing(old)
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d", code)
 	}
 	for _, p := range []int{old, nw} {
@@ -372,10 +357,10 @@ func TestKeeper_GracefulStopDuringAnUpgrade(t *testing.T) {
 // exits 0; so does the keeper.
 func TestKeeper_QuitFallsBackToSIGQUIT(t *testing.T) {
 	t.Parallel()
-	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "1")
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	u.addr()
 	u.waitServing()
-	m := u.masterPid(t)
+	m := u.masterPid()
 	sock := filepath.Join(u.dir, "molt.sock")
 	// The primary named its control socket (with its READY=1) before the
 	// pid file was written, so the keeper knows it by now.
@@ -383,7 +368,7 @@ func TestKeeper_QuitFallsBackToSIGQUIT(t *testing.T) {
 	if err := os.Remove(sock); err != nil {
 		t.Fatal(err)
 	}
-	if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 	if test.Alive(m) {
@@ -490,10 +475,10 @@ func zombiesUnder(root int) []int {
 // exits with the master's status, 137, for systemd's Restart= to see.
 func TestKeeper_MasterKilled(t *testing.T) {
 	t.Parallel()
-	u := startKept(t, nil, "--listen", "127.0.0.1:0", "--workers", "2")
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
 	u.addr()
 	u.waitServing()
-	master := u.masterPid(t)
+	master := u.masterPid()
 	waitWorkerCount(t, master, 2)
 	workers := workersOf(master)
 	if err := syscall.Kill(master, syscall.SIGKILL); err != nil {

@@ -18,7 +18,7 @@ import (
 // next good binary upgrades.
 func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
@@ -35,7 +35,7 @@ func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 		{"hangs", "#!/bin/sh\nsleep 3600\n", 0o755, "did not finish within 10s"},
 	}
 	for i, s := range steps {
-		u.deployFile(t, s.content, os.FileMode(s.mode))
+		u.deployFile(s.content, os.FileMode(s.mode))
 		code, out := ctl(t, u.pidFile, "upgrade", "--wait")
 		if code != 1 || !strings.Contains(out, "upgrade refused: the new binary failed its pre-flight check") || !strings.Contains(out, s.reason) {
 			t.Errorf("%s: ctl upgrade --wait: exit %d:\n%s", s.name, code, out)
@@ -44,7 +44,7 @@ func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 		if r := lines[i].Str("reason"); !strings.Contains(r, s.reason) {
 			t.Errorf("%s: refusal reason %q lacks %q", s.name, r, s.reason)
 		}
-		if got := u.current(t); got != u.Pid {
+		if got := u.current(); got != u.Pid {
 			t.Errorf("%s: molt.pid names %d, want %d", s.name, got, u.Pid)
 		}
 		if fileExists(u.pidFile+".oldbin") || fileExists(filepath.Join(u.dir, "molt.sock.oldbin")) {
@@ -59,17 +59,17 @@ func TestPreflight_ABrokenBinaryIsRefusedBeforeAnythingChanges(t *testing.T) {
 		t.Errorf("%d upgrades started; the pre-flight should have stopped each", n)
 	}
 	// A USR2 is refused the same way, and a QUIT waiting for it is cancelled.
-	u.deployFile(t, steps[0].content, 0o755)
+	u.deployFile(steps[0].content, 0o755)
 	u.Signal(syscall.SIGUSR2)
 	u.Signal(quit)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the cancelled QUIT", test.Event("upgrade.quit_cancelled"))
 	servedOnlyBy(t, addr, u.Pid, 10)
-	u.install(t, bins.molt2, byRename)
-	pid := u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	pid := u.upgrade()
 	if r := get(t, addr, "/"); r.Header.Get("X-Molt-Version") != nextVersion() {
 		t.Errorf("after the good upgrade: version %q from master %d", r.Header.Get("X-Molt-Version"), pid)
 	}
 	l.stop(t)
-	u.stop(t, test.Event("upgrade.refused"),
+	u.stop(test.Event("upgrade.refused"),
 		test.Event("upgrade.quit_cancelled"))
 }

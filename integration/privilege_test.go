@@ -26,11 +26,7 @@ func TestPrivilege_WorkersRunAsAnUnprivilegedUser(t *testing.T) {
 	// nobody must be able to run the app and write its reports.
 	reports := test.ShortTempDir(t)
 	os.Chmod(reports, 0o777)
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
-		"--", bins.fakeapp, "serve", "--report", reports)
-	addr := m.addr()
-	m.waitServing()
-	workers := m.waitWorkers(2)
+	m, addr, workers := startSteady(t, 2, "--user", "nobody", "--", bins.fakeapp, "serve", "--report", reports)
 	reps := waitReports(t, reports, 2)
 	for _, w := range workers {
 		r, ok := reps[w]

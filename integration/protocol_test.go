@@ -75,8 +75,8 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 	dir := t.TempDir()
 	reports := filepath.Join(dir, "reports")
 	os.Mkdir(reports, 0o755)
-	m := startMoltIn(t, dir, "--listen", "web=127.0.0.1:0", "--listen", "admin=127.0.0.1:0", "--workers", "2",
-		"--drain-timeout", "7s", "--worker-stop-signal", "INT", "--", bins.fakeapp, "serve", "--report", reports)
+	m := start(t, runOpts{Dir: dir,
+		Args: []string{"--listen", "web=127.0.0.1:0", "--listen", "admin=127.0.0.1:0", "--workers", "2", "--drain-timeout", "7s", "--worker-stop-signal", "INT", "--", bins.fakeapp, "serve", "--report", reports}})
 	addrs := m.addrs(2)
 	m.waitServing()
 	first := m.waitWorkers(2)
@@ -204,7 +204,7 @@ func checkMasterSocketsNonBlocking(t *testing.T, pid int) {
 func TestProtocol_UnixSocketListener(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(test.ShortTempDir(t), "app.sock")
-	m := startMolt(t, "--listen", "unix:"+path, "--socket-mode", "0660", "--workers", "2")
+	m := start(t, runOpts{Args: []string{"--listen", "unix:" + path, "--socket-mode", "0660", "--workers", "2"}})
 	addr := m.addr()
 	if addr != "unix:"+path {
 		t.Fatalf("listening on %s, want unix:%s", addr, path)
@@ -234,7 +234,7 @@ func TestProtocol_PythonWorker(t *testing.T) {
 				test.RequireCommand(t, "systemd-notify")
 				args = append(args, "--systemd-notify")
 			}
-			m := startMolt(t, args...)
+			m := start(t, runOpts{Args: args})
 			addr := m.addr()
 			m.waitServing()
 			workers := m.waitWorkers(2)
@@ -259,7 +259,8 @@ func TestProtocol_NotifyFromAStrangerIsIgnored(t *testing.T) {
 	dir := t.TempDir()
 	reports := filepath.Join(dir, "reports")
 	os.Mkdir(reports, 0o755)
-	m := startMoltIn(t, dir, "--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "serve", "--no-notify", "--report", reports)
+	m := start(t, runOpts{Dir: dir,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "serve", "--no-notify", "--report", reports}})
 	m.addr()
 	var sock string
 	test.WaitFor(t, stepTimeout, "a worker report", func() error {

@@ -16,10 +16,7 @@ import (
 // either connection mode.
 func TestReload_HUPReplacesTheWorkersUnderLoad(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	l := startLoad(t, addr)
 	m.Signal(syscall.SIGHUP)
 	test.WaitLog(t, m.log, stepTimeout, 1, "the reload", test.Event("reload.done"))
@@ -48,10 +45,7 @@ func TestReload_ANewAppVersionOrAFailedOne(t *testing.T) {
 	writeScript(t, filepath.Join(appDir, "good.sh"), "exec "+bins.fakeapp+" serve")
 	writeScript(t, filepath.Join(appDir, "hang.sh"), "exec "+bins.fakeapp+" hang")
 	repoint(t, app, filepath.Join(appDir, "good.sh"))
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "2s", "--", app)
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2, "--ready-timeout", "2s", "--", app)
 	l := startLoad(t, addr)
 	repoint(t, app, filepath.Join(appDir, "hang.sh"))
 	code, out := ctl(t, m.pidFile, "reload", "--wait")

@@ -140,9 +140,8 @@ func TestResources_FullDiskLater(t *testing.T) {
 	t.Parallel()
 	disk := mountTmpfs(t, "1m")
 	dir := t.TempDir()
-	u := startUpgradableWith(t, func(string) []string {
-		return []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--pid-file", filepath.Join(disk, "molt.pid")}
-	})
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--pid-file", filepath.Join(disk, "molt.pid")}})
 	u.pidFile = filepath.Join(disk, "molt.pid")
 	addr := u.addr()
 	u.waitServing()
@@ -152,7 +151,7 @@ func TestResources_FullDiskLater(t *testing.T) {
 	if code != 1 || !strings.Contains(out, "rolled back: the new master could not write the pid file") || !strings.Contains(out, "no space left on device") {
 		t.Errorf("upgrade on a full disk: exit %d:\n%s", code, out)
 	}
-	if pid := u.current(t); pid != u.Pid {
+	if pid := u.current(); pid != u.Pid {
 		t.Errorf("pid file names %d after the rollback, want %d", pid, u.Pid)
 	}
 	if fileExists(u.pidFile + ".oldbin") {
@@ -160,12 +159,13 @@ func TestResources_FullDiskLater(t *testing.T) {
 	}
 	l.stop(t)
 	os.Remove(filler)
-	u.stop(t, test.Event("upgrade.rolled_back"),
+	u.stop(test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.giving_up"),
 		test.Event("upgrade.new_gave_up"))
 
 	logDisk := mountTmpfs(t, "1m")
-	m := startMoltEnv(t, dir, bins.molt, nil, "--listen", "127.0.0.1:0", "--workers", "1", "--log-file", filepath.Join(logDisk, "molt.log"))
+	m := start(t, runOpts{Dir: dir,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--log-file", filepath.Join(logDisk, "molt.log")}})
 	m.log = filepath.Join(logDisk, "molt.log") // the harness's --log-file came first; the last one counts
 	addr = m.addr()
 	m.waitServing()
@@ -212,10 +212,9 @@ func TestResources_FullDiskLater(t *testing.T) {
 func TestResources_ReadOnlyLater(t *testing.T) {
 	t.Parallel()
 	disk := mountTmpfs(t, "1m")
-	u := startUpgradableWith(t, func(string) []string {
-		return []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms",
-			"--pid-file", filepath.Join(disk, "molt.pid"), "--log-file", filepath.Join(disk, "molt.log")}
-	})
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms",
+			"--pid-file", filepath.Join(disk, "molt.pid"), "--log-file", filepath.Join(disk, "molt.log")}})
 	u.pidFile, u.log = filepath.Join(disk, "molt.pid"), filepath.Join(disk, "molt.log")
 	addr := u.addr()
 	u.waitServing()
@@ -235,8 +234,8 @@ func TestResources_ReadOnlyLater(t *testing.T) {
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
 		t.Fatalf("upgrade once writable: exit %d:\n%s", code, out)
 	}
-	u.waitTakeover(t, u.Pid)
+	u.waitTakeover(u.Pid)
 	l.stop(t)
-	u.stop(t, test.Event("log.reopen_failed"),
+	u.stop(test.Event("log.reopen_failed"),
 		test.Event("upgrade.not_started"))
 }

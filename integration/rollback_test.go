@@ -46,9 +46,9 @@ type rollbackCase struct {
 	// case re-points (a generation resolves it when it starts).
 	app bool
 	// breakIt deploys the failure; it runs after the first generation serves.
-	breakIt func(t *testing.T, u *upgradable, appDir string)
+	breakIt func(t *testing.T, u *master, appDir string)
 	// during runs after USR2, before the rollback is awaited.
-	during func(t *testing.T, u *upgradable)
+	during func(t *testing.T, u *master)
 	// reason must appear in the rollback's log line.
 	reason string
 	// extra flags.
@@ -68,37 +68,37 @@ func TestRollback_EveryFailureBeforeCommit(t *testing.T) {
 		// The first three sabotage themselves during the pre-flight, as a
 		// deploy racing the upgrade would.
 		{name: "binary missing", reason: "no such file or directory",
-			breakIt: func(t *testing.T, u *upgradable, _ string) {
-				u.deployFile(t, "#!/bin/sh\nrm -f \"$0\"\necho molt test\n", 0o755)
+			breakIt: func(t *testing.T, u *master, _ string) {
+				u.deployFile("#!/bin/sh\nrm -f \"$0\"\necho molt test\n", 0o755)
 			}},
 		{name: "binary not executable", reason: "permission denied",
-			breakIt: func(t *testing.T, u *upgradable, _ string) {
-				u.deployFile(t, "#!/bin/sh\nchmod 644 \"$0\"\necho molt test\n", 0o755)
+			breakIt: func(t *testing.T, u *master, _ string) {
+				u.deployFile("#!/bin/sh\nchmod 644 \"$0\"\necho molt test\n", 0o755)
 			}},
 		{name: "not an ELF for this machine", reason: "exec format error",
-			breakIt: func(t *testing.T, u *upgradable, _ string) {
-				u.deployFile(t, "#!/bin/sh\nprintf '\\177ELF garbage' > \"$0.x\" && chmod 755 \"$0.x\" && mv \"$0.x\" \"$0\"\necho molt test\n", 0o755)
+			breakIt: func(t *testing.T, u *master, _ string) {
+				u.deployFile("#!/bin/sh\nprintf '\\177ELF garbage' > \"$0.x\" && chmod 755 \"$0.x\" && mv \"$0.x\" \"$0\"\necho molt test\n", 0o755)
 			}},
 		{name: "crashes at start", reason: "killed by signal: segmentation fault",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, passesPreflight+"kill -SEGV $$\n", 0o755) }},
+			breakIt: func(t *testing.T, u *master, _ string) { u.deployFile(passesPreflight+"kill -SEGV $$\n", 0o755) }},
 		{name: "exits 0 at start", reason: "exited with status 0",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, "#!/bin/sh\nexit 0\n", 0o755) }},
+			breakIt: func(t *testing.T, u *master, _ string) { u.deployFile("#!/bin/sh\nexit 0\n", 0o755) }},
 		{name: "refuses its flags", reason: "refused its flags or configuration (exit status 2)",
-			breakIt: func(t *testing.T, u *upgradable, _ string) { u.deployFile(t, passesPreflight+"exit 2\n", 0o755) }},
+			breakIt: func(t *testing.T, u *master, _ string) { u.deployFile(passesPreflight+"exit 2\n", 0o755) }},
 		{name: "hangs before serving", reason: "did not serve in time and was killed",
-			breakIt: func(t *testing.T, u *upgradable, _ string) {
-				u.deployFile(t, passesPreflight+"exec sleep 3600\n", 0o755)
+			breakIt: func(t *testing.T, u *master, _ string) {
+				u.deployFile(passesPreflight+"exec sleep 3600\n", 0o755)
 			}},
 		{name: "workers never ready", app: true, reason: "ready within the ready timeout",
-			breakIt: func(t *testing.T, u *upgradable, dir string) {
+			breakIt: func(t *testing.T, u *master, dir string) {
 				repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "hang.sh"))
 			}},
 		{name: "worker exits during probation", app: true, reason: "exited before the commit", flags: []string{"--probation", "5s"},
-			breakIt: func(t *testing.T, u *upgradable, dir string) {
+			breakIt: func(t *testing.T, u *master, dir string) {
 				repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "dies.sh"))
 			}},
 		{name: "new master hangs with its workers", app: true, reason: "did not serve in time and was killed",
-			breakIt: func(t *testing.T, u *upgradable, dir string) {
+			breakIt: func(t *testing.T, u *master, dir string) {
 				repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "hang.sh"))
 			},
 			during: stopNewMasterOnceItsWorkersRun},
@@ -121,7 +121,7 @@ func testRollback(t *testing.T, c rollbackCase) {
 		repoint(t, filepath.Join(appDir, "app"), filepath.Join(appDir, "good.sh"))
 		args = append(args, "--", filepath.Join(appDir, "app"))
 	}
-	u := startUpgradable(t, byRename, args...)
+	u := start(t, runOpts{Deploy: byRename, Args: args})
 	addr := u.addr()
 	u.waitServing()
 	workers := u.waitWorkers(2)
@@ -135,7 +135,7 @@ func testRollback(t *testing.T, c rollbackCase) {
 	if !strings.Contains(lines[0].Str("reason"), c.reason) {
 		t.Errorf("rollback reason %q, want one containing %q", lines[0].Str("reason"), c.reason)
 	}
-	if got := u.current(t); got != u.Pid {
+	if got := u.current(); got != u.Pid {
 		t.Errorf("molt.pid names %d after the rollback, want the old master %d", got, u.Pid)
 	}
 	if fileExists(u.pidFile + ".oldbin") {
@@ -149,8 +149,8 @@ func testRollback(t *testing.T, c rollbackCase) {
 	if c.app {
 		repoint(t, filepath.Join(appDir, "app"), filepath.Join(appDir, "good.sh"))
 	}
-	u.install(t, bins.molt2, byRename)
-	pid := u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	pid := u.upgrade()
 	r := get(t, addr, "/")
 	if !c.app && r.Header.Get("X-Molt-Version") != nextVersion() {
 		t.Errorf("after the good upgrade: version %q", r.Header.Get("X-Molt-Version"))
@@ -159,7 +159,7 @@ func testRollback(t *testing.T, c rollbackCase) {
 		t.Errorf("after the good upgrade: answered by master %s, want %d", got, pid)
 	}
 	l.stop(t)
-	u.stop(t, test.Event("upgrade.rolled_back"),
+	u.stop(test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
 		test.Event("upgrade.deadline"),
 		test.Event("worker.exited_unexpectedly"), test.Event("worker.not_ready"))
@@ -183,7 +183,7 @@ func checkNewGenerationGone(t *testing.T, log string) {
 // stopNewMasterOnceItsWorkersRun freezes the new master (SIGSTOP) once its
 // workers have started, so that it can neither serve nor give up: the old
 // master's deadline must kill it and its workers.
-func stopNewMasterOnceItsWorkersRun(t *testing.T, u *upgradable) {
+func stopNewMasterOnceItsWorkersRun(t *testing.T, u *master) {
 	t.Helper()
 	l := test.WaitLog(t, u.log, stepTimeout, 2, "the new generation's workers", test.Event("worker.started", "gen", "2"))
 	started := test.WaitLog(t, u.log, stepTimeout, 1, "the new master", test.Event("upgrade.new_master"))

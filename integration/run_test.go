@@ -21,11 +21,8 @@ const quit = syscall.SIGQUIT
 // the pid file and leaves no process.
 func TestRun_DemoServesThroughSeveralWorkers(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "3")
-	addr := m.addr()
-	m.waitServing()
-	workers := m.waitWorkers(3)
-	if got := readPID(t, m.pidFile); got != m.Pid {
+	m, addr, workers := startSteady(t, 3)
+	if got := m.current(); got != m.Pid {
 		t.Fatalf("pid file says %d, master is %d", got, m.Pid)
 	}
 	seen := map[int]bool{}
@@ -65,7 +62,7 @@ func TestRun_VersionFromTheBuild(t *testing.T) {
 	if err != nil || strings.TrimSpace(string(out)) != "molt "+version {
 		t.Errorf("molt version: %q, %v; want %q", out, err, "molt "+version)
 	}
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	l := test.WaitLog(t, m.log, startTimeout, 1, "the startup line", test.Event("master.starting"))
 	if l[0].Str("version") != version || l[0].Int("pid") != m.Pid {
 		t.Errorf("startup line %s: want version %s and pid %d", l[0].Raw, version, m.Pid)

@@ -17,10 +17,7 @@ import (
 // away without a single failed request; the last worker stays.
 func TestSignals_TTINAndTTOUScaleButKeepOneWorker(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	l := startLoad(t, addr)
 	m.Signal(syscall.SIGTTIN)
 	after := m.waitWorkers(3)
@@ -49,7 +46,8 @@ func TestSignals_QuitLetsAnInFlightRequestFinish(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	hits := filepath.Join(dir, "hits")
-	m := startMoltIn(t, dir, "--listen", "127.0.0.1:0", "--workers", "2", "--", bins.fakeapp, "serve", "--hit-file", hits)
+	m := start(t, runOpts{Dir: dir,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--", bins.fakeapp, "serve", "--hit-file", hits}})
 	addr := m.addr()
 	m.waitServing()
 	m.waitWorkers(2)
@@ -84,7 +82,7 @@ func TestSignals_QuitLetsAnInFlightRequestFinish(t *testing.T) {
 // drain (a slow request is cut) and the master exits 0.
 func TestSignals_TermStopsEverythingAtOnce(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "60s")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "60s"}})
 	m.addr()
 	m.waitServing()
 	m.waitWorkers(2)
@@ -103,7 +101,7 @@ func TestSignals_TermStopsEverythingAtOnce(t *testing.T) {
 // TestSignals_INTStopsLikeTERM (a terminal's Ctrl-C).
 func TestSignals_INTStopsLikeTERM(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	m.addr()
 	m.waitServing()
 	m.waitWorkers(1)
@@ -117,7 +115,7 @@ func TestSignals_INTStopsLikeTERM(t *testing.T) {
 // the master write to a new file at the configured path.
 func TestSignals_USR1ReopensTheLogFile(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
 	m.addr()
 	m.waitServing()
 	rotated := m.log + ".1"
@@ -136,10 +134,7 @@ func TestSignals_USR1ReopensTheLogFile(t *testing.T) {
 // generation serving; it is refused with a log line and changes nothing.
 func TestSignals_WINCHOnALoneMasterIsRefused(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	m.Signal(syscall.SIGWINCH)
 	test.WaitLog(t, m.log, stepTimeout, 1, "the WINCH refusal", test.Event("upgrade.winch_refused"))
 	if after := m.workers(); fmt.Sprint(after) != fmt.Sprint(before) {

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -30,17 +29,14 @@ func listenBacklog(t *testing.T, ss, port string) string {
 func TestSockopts_BacklogAcrossAReload(t *testing.T) {
 	t.Parallel()
 	ss := test.RequireCommand(t, "ss")
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "molt.hcl")
-	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 1\nbacklog = 7\n")
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Config: "listen = [\"127.0.0.1:0\"]\nworkers = 1\nbacklog = 7\n"})
 	addr := m.addr()
 	m.waitServing()
 	_, port, _ := net.SplitHostPort(addr)
 	if got := listenBacklog(t, ss, port); got != "7" {
 		t.Errorf("backlog %s, want 7", got)
 	}
-	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 1\nbacklog = 9\n")
+	writeConfig(t, m.config, "listen = [\"127.0.0.1:0\"]\nworkers = 1\nbacklog = 9\n")
 	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code != 0 {
 		t.Fatalf("reload: exit %d:\n%s", code, out)
 	}
@@ -56,7 +52,7 @@ func TestSockopts_BacklogAcrossAReload(t *testing.T) {
 func TestSockopts_WildcardIPv6IsIPv6Only(t *testing.T) {
 	t.Parallel()
 	test.Require(t, "IPv6 loopback", test.HasIPv6Loopback(), "[::1] cannot be bound")
-	m := startMolt(t, "--listen", "[::]:0", "--workers", "1")
+	m := start(t, runOpts{Args: []string{"--listen", "[::]:0", "--workers", "1"}})
 	addr := m.addr()
 	m.waitServing()
 	_, port, _ := net.SplitHostPort(addr)

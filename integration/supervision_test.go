@@ -23,10 +23,7 @@ import (
 // logs the exit and starts a replacement in the same slot at once.
 func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2")
-	addr := m.addr()
-	m.waitServing()
-	before := m.waitWorkers(2)
+	m, addr, before := startSteady(t, 2)
 	victim := before[0]
 	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -55,7 +52,7 @@ func TestSupervision_KilledWorkerIsReplaced(t *testing.T) {
 // restarted with growing delays, and the master keeps running.
 func TestSupervision_CrashLoopBacksOff(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "crash")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "crash"}})
 	m.addr()
 	crashes := test.WaitLog(t, m.log, stepTimeout, 5, "five crashes", test.Event("worker.exited_unexpectedly"))
 	var delays []time.Duration
@@ -102,12 +99,12 @@ func TestSupervision_CrashLoopBacksOff(t *testing.T) {
 // --ready=delay:DUR the same app counts as ready.
 func TestSupervision_ReadyTimeoutAndReadyDelay(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--ready-timeout", "1s", "--", bins.fakeapp, "serve", "--no-notify")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--ready-timeout", "1s", "--", bins.fakeapp, "serve", "--no-notify"}})
 	m.addr()
 	test.WaitLog(t, m.log, stepTimeout, 2, "two workers stopped for not being ready", test.Event("worker.not_ready"))
 	m.stop(test.Event("worker.not_ready"), test.Event("worker.exited_unexpectedly"))
 
-	d := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--ready", "delay:300ms", "--", bins.fakeapp, "serve", "--no-notify")
+	d := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--ready", "delay:300ms", "--", bins.fakeapp, "serve", "--no-notify"}})
 	addr := d.addr()
 	d.waitServing()
 	for _, l := range test.Find(d.log, test.Event("worker.ready")) {
@@ -124,7 +121,7 @@ func TestSupervision_ReadyTimeoutAndReadyDelay(t *testing.T) {
 // with exit 0.
 func TestSupervision_DrainTimeoutKillsAStubbornWorker(t *testing.T) {
 	t.Parallel()
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--drain-timeout", "1s", "--", bins.fakeapp, "serve", "--ignore-stop")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--drain-timeout", "1s", "--", bins.fakeapp, "serve", "--ignore-stop"}})
 	m.addr()
 	m.waitServing()
 	w := m.waitWorkers(1)
@@ -155,7 +152,7 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 	}
 	for name, app := range cases {
 		t.Run(strings.ReplaceAll(name, " ", "_"), func(t *testing.T) {
-			m := startMolt(t, append([]string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "3s"}, app...)...)
+			m := start(t, runOpts{Args: append([]string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "3s"}, app...)})
 			addr := m.addr()
 			m.waitServing()
 			workers := m.waitWorkers(2)
@@ -191,7 +188,7 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 			// A new master can start on the same pid file: the lock died
 			// with the old one, and the stale pid file is replaced.
 			// ... and on the same address.
-			n := startMoltIn(t, m.dir, append([]string{"--listen", addr, "--workers", "1"}, app...)...)
+			n := start(t, runOpts{Dir: m.dir, Args: append([]string{"--listen", addr, "--workers", "1"}, app...)})
 			n.addr()
 			n.waitServing()
 			serving := time.Now()
@@ -204,7 +201,7 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 					}
 				}
 			}
-			if got := readPID(t, n.pidFile); got != n.Pid {
+			if got := n.current(); got != n.Pid {
 				t.Errorf("pid file %d, want the new master %d", got, n.Pid)
 			}
 			n.stop()

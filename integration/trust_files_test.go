@@ -136,7 +136,8 @@ func TestTrustFiles_PlantedFilesAreRefused(t *testing.T) {
 	// Root's stale socket is molt's own leftover: replaced, and molt
 	// serves, with a warning about the shared directory.
 	staleSocket(t, sock, 0)
-	m := startMoltIn(t, private, "--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", filepath.Join(shared, "molt.pid"))
+	m := start(t, runOpts{Dir: private,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--pid-file", filepath.Join(shared, "molt.pid")}})
 	m.pidFile = filepath.Join(shared, "molt.pid")
 	get(t, m.addr(), "/")
 	test.WaitLog(t, m.log, stepTimeout, 1, "the shared directory's warning", test.Event("files.shared_dir", "path", m.pidFile))
@@ -177,7 +178,7 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 	t.Parallel()
 	shared, target := sharedDir(t)
 	logPath := filepath.Join(shared, "molt.log")
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2", "--log-file", logPath, "--ready-timeout", "5s")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--log-file", logPath, "--ready-timeout", "5s"}})
 	m.log = logPath // the last --log-file counts
 	addr := m.addr()
 	m.waitServing()
@@ -201,7 +202,7 @@ func TestTrustFiles_LogFileSymlinkedAfterRotation(t *testing.T) {
 	if now := m.waitWorkers(2); fmt.Sprint(now) != fmt.Sprint(workers) {
 		t.Errorf("workers changed from %v to %v", workers, now)
 	}
-	if got := readPID(t, m.pidFile); got != m.Pid {
+	if got := m.current(); got != m.Pid {
 		t.Errorf("molt.pid names %d, want %d", got, m.Pid)
 	}
 	if fileExists(m.pidFile + ".oldbin") {
@@ -413,7 +414,8 @@ func TestTrustFiles_CtlRefusesAServerOfAnotherUser(t *testing.T) {
 // afresh. Under load, with no failed request.
 func TestTrustFiles_DeletedPIDFile(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "10s", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "10s", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	u.waitWorkers(2)
@@ -421,12 +423,12 @@ func TestTrustFiles_DeletedPIDFile(t *testing.T) {
 	if err := os.Remove(u.pidFile); err != nil {
 		t.Fatal(err)
 	}
-	u.install(t, bins.molt2, byRename)
+	u.install(bins.molt2, byRename)
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
 		t.Fatalf("molt ctl upgrade --wait with molt.pid deleted: exit %d:\n%s", code, out)
 	}
 	test.WaitLog(t, u.log, stepTimeout, 1, "the missing pid file logged", test.Event("pidfile.missing", "path", u.pidFile))
-	g2 := u.waitTakeover(t, u.Pid)
+	g2 := u.waitTakeover(u.Pid)
 	if r := get(t, addr, "/"); r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(g2) {
 		t.Errorf("answered by master %s, want %d", r.Header.Get("X-Molt-Master-Pid"), g2)
 	}
@@ -435,7 +437,7 @@ func TestTrustFiles_DeletedPIDFile(t *testing.T) {
 	if err := os.Remove(u.pidFile); err != nil {
 		t.Fatal(err)
 	}
-	u.deployFile(t, passesPreflight+fmt.Sprintf(
+	u.deployFile(passesPreflight+fmt.Sprintf(
 		"i=0; while [ -e %q ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; exit 3\n", u.pidFile+".oldbin"), 0o755)
 	if err := syscall.Kill(g2, syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
@@ -448,9 +450,9 @@ func TestTrustFiles_DeletedPIDFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	test.WaitLog(t, u.log, 60*time.Second, 1, "the pid file rewritten at the rollback", test.Event("pidfile.rewritten", "path", u.pidFile))
-	if got := readPID(t, u.pidFile); got != g2 {
+	if got := u.current(); got != g2 {
 		t.Errorf("molt.pid after the rollback names %d, want %d", got, g2)
 	}
 	l.stop(t)
-	u.stop(t, test.Event("upgrade.rolled_back"))
+	u.stop(test.Event("upgrade.rolled_back"))
 }

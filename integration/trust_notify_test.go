@@ -272,10 +272,11 @@ func TestTrustNotify_WorkerCannotBecomeTheKeepersPrimary(t *testing.T) {
 			if as == "nobody" {
 				args = append(args, "--user", "nobody")
 			}
-			u := startKept(t, nil, append(args, "--", python, script, "keeper", rep, bins.fakeapp)...)
+			u := start(t, runOpts{Deploy: byRename, Keeper: true,
+				Args: append(args, "--", python, script, "keeper", rep, bins.fakeapp)})
 			addr := u.addr()
 			u.waitServing()
-			first := u.masterPid(t)
+			first := u.masterPid()
 			keeperSock := notifyAddrOf(t, first)
 			if !strings.Contains(keeperSock, "/molt-keeper-") {
 				t.Errorf("the master's NOTIFY_SOCKET is %q, want the keeper's socket path", keeperSock)
@@ -341,7 +342,7 @@ func TestTrustNotify_WorkerCannotBecomeTheKeepersPrimary(t *testing.T) {
 			}
 			test.WaitLog(t, u.log, stepTimeout, 1, "USR2 forwarded to the master",
 				test.Event("keeper.signal_forwarded", "signal", "SIGUSR2", "pid", strconv.Itoa(first)))
-			second := u.waitTakeover(t, first)
+			second := u.waitTakeover(first)
 			test.WaitLog(t, u.log, stepTimeout, 1, "the new master primary", test.Event("keeper.primary", "pid", strconv.Itoa(second)))
 			attackers = waitAttackReports(t, rep, "", 6)
 			l.stop(t)
@@ -351,7 +352,7 @@ func TestTrustNotify_WorkerCannotBecomeTheKeepersPrimary(t *testing.T) {
 					t.Errorf("the keeper took pid %s as primary, not a master: %s", p, ln.Raw)
 				}
 			}
-			if code := u.stopKeeper(t, syscall.SIGQUIT); code != 0 {
+			if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 				t.Errorf("keeper exit %d after QUIT, want 0", code)
 			}
 			for _, p := range []int{first, second} {
@@ -402,8 +403,7 @@ func TestTrustNotify_FloodDelaysNoSibling(t *testing.T) {
 	test.Require(t, "root", os.Geteuid() == 0, "the stranger runs as another uid")
 	python, script, reports := attackScript(t)
 	gate := filepath.Join(reports, "go")
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "1", "--watchdog", "1s",
-		"--", python, script, "flood", reports, bins.fakeapp, gate)
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--watchdog", "1s", "--", python, script, "flood", reports, bins.fakeapp, gate}})
 	addr := m.addr()
 	m.waitServing()
 	w0 := m.waitWorkers(1)[0]
@@ -521,11 +521,7 @@ func TestTrustNotify_SiblingCannotSpeakForAnother(t *testing.T) {
 	t.Parallel()
 	python, script, reports := attackScript(t)
 	gate := filepath.Join(reports, "go")
-	m := startMolt(t, "--listen", "127.0.0.1:0", "--workers", "2",
-		"--", python, script, "impersonate", reports, bins.fakeapp, gate)
-	addr := m.addr()
-	m.waitServing()
-	workers := m.waitWorkers(2)
+	m, addr, workers := startSteady(t, 2, "--", python, script, "impersonate", reports, bins.fakeapp, gate)
 	before := statusOf(t, m.pidFile)
 	l := startLoad(t, addr)
 	if err := os.WriteFile(gate, nil, 0o644); err != nil {

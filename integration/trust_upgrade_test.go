@@ -65,11 +65,12 @@ func TestTrust_CtlStatusEscapesWorkerText(t *testing.T) {
 	t.Parallel()
 	py, err := exec.LookPath("python3")
 	test.Require(t, "python3", err == nil, "the worker that sends a hostile STATUS= is a python3 script")
-	u := startUpgradable(t, byRename, "--workers", "1", "--probation", "300ms", "--", py, "-c", statusWorker, hostileStatus)
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--workers", "1", "--probation", "300ms", "--", py, "-c", statusWorker, hostileStatus}})
 	u.waitServing()
 	// A new binary that fails its pre-flight with hostile output.
 	const output = "broken\x1b[2J\nforged line\x1b]0;pwned\x07"
-	u.deployFile(t, "#!/bin/sh\nprintf 'broken\\033[2J\\nforged line\\033]0;pwned\\007'\nexit 1\n", 0o755)
+	u.deployFile("#!/bin/sh\nprintf 'broken\\033[2J\\nforged line\\033]0;pwned\\007'\nexit 1\n", 0o755)
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 1 || rawControl(out) != "" {
 		t.Errorf("ctl upgrade --wait: exit %d, raw control: %s:\n%q", code, rawControl(out), out)
 	}
@@ -136,7 +137,7 @@ func TestTrust_CtlStatusEscapesWorkerText(t *testing.T) {
 	if l := test.Find(u.log, test.Event("worker.status")); len(l) == 0 || l[0].Str("status") != hostileStatus {
 		t.Errorf("the worker's status in the JSON log: %v, want the raw value", l)
 	}
-	u.stop(t, test.Event("upgrade.refused"))
+	u.stop(test.Event("upgrade.refused"))
 }
 
 // TestTrust_RollbackKillsTheHungMastersWholeTree: a new binary that forks
@@ -146,12 +147,13 @@ func TestTrust_CtlStatusEscapesWorkerText(t *testing.T) {
 // generation serves throughout, with no failed request.
 func TestTrust_RollbackKillsTheHungMastersWholeTree(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "2s", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--ready-timeout", "2s", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
 	pids := filepath.Join(u.dir, "hung.pids")
-	u.deployFile(t, passesPreflight+fmt.Sprintf(`p=%s
+	u.deployFile(passesPreflight+fmt.Sprintf(`p=%s
 sleep 3600 & echo $! >> "$p"
 sh -c 'sleep 3600 & echo $! >> "$1"; wait' sh "$p" & echo $! >> "$p"
 sh -c 'while :; do sleep 3600 & echo $! >> "$1"; sleep 0.05; done' sh "$p" & echo $! >> "$p"
@@ -190,14 +192,14 @@ exec sleep 3600
 			return nil
 		})
 	}
-	if got := u.current(t); got != u.Pid {
+	if got := u.current(); got != u.Pid {
 		t.Errorf("molt.pid names %d after the rollback, want %d", got, u.Pid)
 	}
 	servedOnlyBy(t, addr, u.Pid, 10)
-	u.install(t, bins.molt2, byRename)
-	u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	u.upgrade()
 	l.stop(t)
-	u.stop(t, test.Event("upgrade.deadline"), test.Event("upgrade.rolled_back"))
+	u.stop(test.Event("upgrade.deadline"), test.Event("upgrade.rolled_back"))
 }
 
 // fdCount is the number of pid's open descriptors (/proc/PID/fd).
@@ -217,7 +219,7 @@ func fdCount(t *testing.T, pid int) int {
 // garbage collection of its own, and the next good binary upgrades.
 func TestTrust_FailedUpgradesLeakNoDescriptors(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	u.waitWorkers(2)
@@ -226,10 +228,10 @@ func TestTrust_FailedUpgradesLeakNoDescriptors(t *testing.T) {
 	fail := func(i int) {
 		t.Helper()
 		if i%2 == 0 {
-			u.deployFile(t, "#!/bin/sh\necho broken >&2\nexit 1\n", 0o755)
+			u.deployFile("#!/bin/sh\necho broken >&2\nexit 1\n", 0o755)
 			refused++
 		} else {
-			u.deployFile(t, passesPreflight+"exit 1\n", 0o755)
+			u.deployFile(passesPreflight+"exit 1\n", 0o755)
 			rolledBack++
 		}
 		u.Signal(syscall.SIGUSR2)
@@ -260,13 +262,13 @@ func TestTrust_FailedUpgradesLeakNoDescriptors(t *testing.T) {
 		return nil
 	})
 	t.Logf("after %d failed upgrades (%d refused, %d rolled back, with the first two): %d descriptors, baseline %d", n, refused, rolledBack, got, base)
-	u.install(t, bins.molt2, byRename)
-	pid := u.upgrade(t)
+	u.install(bins.molt2, byRename)
+	pid := u.upgrade()
 	if r := get(t, addr, "/"); r.Header.Get("X-Molt-Version") != nextVersion() || r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(pid) {
 		t.Errorf("after the good upgrade: master %s version %s", r.Header.Get("X-Molt-Master-Pid"), r.Header.Get("X-Molt-Version"))
 	}
 	l.stop(t)
-	u.stop(t, test.Event("upgrade.refused"), test.Event("upgrade.rolled_back"))
+	u.stop(test.Event("upgrade.refused"), test.Event("upgrade.rolled_back"))
 }
 
 // fdList names pid's descriptors, for a failure's message.

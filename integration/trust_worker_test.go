@@ -81,9 +81,8 @@ func TestTrustWorker_NobodyGetsACleanEnvironmentAndCannotTouchMoltsLog(t *testin
 	os.Chmod(reports, 0o777)
 	env := []string{secretEnv, "HOME=/root", "USER=root", "LOGNAME=root", "MOLT_TEST_BY_NAME=passed",
 		"GOMAXPROCS=3", "TZ=UTC", "LC_ALL=C"}
-	u := startKept(t, env, "--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
-		"--env", "MOLT_TEST_BY_NAME", "--env", "APP_ENV=prod",
-		"--", bins.fakeapp, "serve", "--report", reports, "--tamper")
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Env: env,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody", "--env", "MOLT_TEST_BY_NAME", "--env", "APP_ENV=prod", "--", bins.fakeapp, "serve", "--report", reports, "--tamper"}})
 	addr := u.addr()
 	u.waitServing()
 	if u.workerLog == "" {
@@ -170,7 +169,7 @@ func TestTrustWorker_NobodyGetsACleanEnvironmentAndCannotTouchMoltsLog(t *testin
 		}
 	}
 	l.stop(t)
-	if code := u.stopKeeper(t, quit); code != 0 {
+	if code := u.stopKeeper(quit); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 	u.checkLogs()
@@ -205,8 +204,8 @@ func TestTrustWorker_SameUserEnvironmentAndNoNewPrivs(t *testing.T) {
 				args = append(args, strings.ReplaceAll(a, "CONF", conf))
 			}
 			// An exec'd app.
-			m := startMoltEnv(t, dir, bins.molt, append([]string{secretEnv}, ident...),
-				append(args, "--", bins.fakeapp, "serve", "--report", reports)...)
+			m := start(t, runOpts{Dir: dir, Env: append([]string{secretEnv}, ident...),
+				Args: append(args, "--", bins.fakeapp, "serve", "--report", reports)})
 			addr := m.addr()
 			m.waitServing()
 			w := m.waitWorkers(1)[0]
@@ -229,7 +228,7 @@ func TestTrustWorker_SameUserEnvironmentAndNoNewPrivs(t *testing.T) {
 			m.stop()
 
 			// molt's own Go app, self-executed (RunChild's worker role).
-			d := startMoltEnv(t, dir, bins.molt, []string{secretEnv}, args...)
+			d := start(t, runOpts{Dir: dir, Env: []string{secretEnv}, Args: args})
 			addr = d.addr()
 			d.waitServing()
 			w = d.waitWorkers(1)[0]
@@ -264,14 +263,12 @@ func TestTrustWorker_GroupWithoutUserIsRefused(t *testing.T) {
 		t.Error("a refused master wrote a pid file")
 	}
 
-	conf := filepath.Join(dir, "molt.hcl")
-	writeConfig(t, conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n")
-	m := startMoltIn(t, dir, "--config", conf)
+	m := start(t, runOpts{Dir: dir, Config: "listen = [\"127.0.0.1:0\"]\nworkers = 2\n"})
 	addr := m.addr()
 	m.waitServing()
 	before := m.waitWorkers(2)
 	l := startLoad(t, addr)
-	writeConfig(t, conf, fmt.Sprintf("listen = [\"127.0.0.1:0\"]\nworkers = 2\ngroup = %q\n", nobody.Gid))
+	writeConfig(t, m.config, fmt.Sprintf("listen = [\"127.0.0.1:0\"]\nworkers = 2\ngroup = %q\n", nobody.Gid))
 	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code == 0 || !strings.Contains(out, want) {
 		t.Errorf("reload with group alone: exit %d, want an error with %q:\n%s", code, want, out)
 	}
@@ -294,7 +291,7 @@ func TestTrustWorker_GroupWithoutUserIsRefused(t *testing.T) {
 func TestTrustWorker_USR1ReopensTheWorkerLog(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	m := startMoltIn(t, dir, "--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "serve")
+	m := start(t, runOpts{Dir: dir, Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--", bins.fakeapp, "serve"}})
 	addr := m.addr()
 	m.waitServing()
 	old := m.waitWorkers(1)[0]

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -15,68 +14,6 @@ import (
 	"github.com/molt-server/molt/test"
 	"github.com/molt-server/molt/test/load"
 )
-
-// loadPair runs the integration tests' standard load: keep-alive and
-// connection-per-request clients, 32 in all, paced (STYLE.md §5).
-type loadPair struct {
-	ka, pc *load.Run
-	cancel context.CancelFunc
-}
-
-// startLoad starts the load and returns once both kinds of client have
-// been answered, so that what the test does next happens under load.
-func startLoad(t *testing.T, addr string) *loadPair {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	network := "tcp"
-	if len(addr) > 5 && addr[:5] == "unix:" {
-		network, addr = "unix", addr[5:]
-	}
-	l := &loadPair{
-		ka:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160, KeepAlive: true}),
-		pc:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160}),
-		cancel: cancel,
-	}
-	l.more(t, 32)
-	return l
-}
-
-// more waits until each kind of client has had n more answers.
-func (l *loadPair) more(t *testing.T, n int) {
-	t.Helper()
-	ka, pc := l.ka.Snapshot().OK, l.pc.Snapshot().OK
-	test.WaitFor(t, stepTimeout, fmt.Sprintf("%d more answers to the load", n), func() error {
-		a, b := l.ka.Snapshot(), l.pc.Snapshot()
-		if a.OK < ka+n || b.OK < pc+n {
-			return fmt.Errorf("keep-alive %d, per-connection %d answers", a.OK-ka, b.OK-pc)
-		}
-		return nil
-	})
-}
-
-// stop lets the load run on for a moment (so that it spans whatever the
-// test just did), ends it and fails the test on any failed request; it
-// returns how many answers each master gave.
-func (l *loadPair) stop(t *testing.T) (masters map[int]int) {
-	t.Helper()
-	defer l.cancel()
-	l.more(t, 32)
-	masters = map[int]int{}
-	for name, r := range map[string]*load.Run{"keep-alive": l.ka, "connection per request": l.pc} {
-		res := r.Stop()
-		t.Logf("%s load: %v", name, res)
-		if res.Failed() != 0 {
-			t.Errorf("%s load: %d failed requests: %v", name, res.Failed(), res.Samples)
-		}
-		if res.OK == 0 {
-			t.Errorf("%s load: no request answered", name)
-		}
-		for m, n := range res.ByMaster {
-			masters[m] += n
-		}
-	}
-	return masters
-}
 
 // stopWithin ends the load and fails the test on every failed request
 // outside [from, to], the outage the test caused (what names it); it
@@ -101,16 +38,17 @@ func (l *loadPair) stopWithin(t *testing.T, what string, from, to time.Time) (ka
 // forwards it) with a slow request in flight on the current generation,
 // and returns that request's connection and the new master once it has
 // committed, while the old generation still drains for the slow request.
-func (u *upgradable) commitHolding(t *testing.T, addr string, pid int, hold time.Duration) (*keepAlive, int) {
+func (m *master) commitHolding(addr string, pid int, hold time.Duration) (*keepAlive, int) {
+	t := m.t
 	t.Helper()
 	held := dialKeepAlive(t, addr)
 	held.get(t, "/")
 	held.send(t, fmt.Sprintf("/sleep?ms=%d", hold.Milliseconds()))
-	u.install(t, bins.molt2, byRename)
+	m.install(bins.molt2, byRename)
 	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	line := test.WaitLog(t, u.log, stepTimeout, 1, "the commit", test.Event("upgrade.committed", "side", "old"))
+	line := test.WaitLog(t, m.log, stepTimeout, 1, "the commit", test.Event("upgrade.committed", "side", "old"))
 	nw, err := strconv.Atoi(line[0].Str("new_pid"))
 	if err != nil {
 		t.Fatalf("commit line: %v", err)
@@ -127,7 +65,7 @@ func (u *upgradable) commitHolding(t *testing.T, addr string, pid int, hold time
 // the masters' fd and goroutine counts stay flat.
 func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 	t.Parallel()
-	u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "2", "--probation", "500ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "500ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
@@ -140,8 +78,8 @@ func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 			bin, want = bins.molt, version
 		}
 		how := deploy(i % 2) // a symlink, then a file, then a symlink...
-		u.install(t, bin, how)
-		pid := u.upgrade(t)
+		u.install(bin, how)
+		pid := u.upgrade()
 		pids = append(pids, pid)
 		// Each new master holds what the one before it held: fds and
 		// goroutines stay flat across upgrades (the first master, which
@@ -166,7 +104,7 @@ func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 	if fileExists(u.pidFile + ".oldbin") {
 		t.Error("molt.pid.oldbin left behind")
 	}
-	u.stop(t)
+	u.stop()
 }
 
 // TestUpgrade_UnixSocketSurvivesUpgrades: a unix-socket listener across
@@ -176,7 +114,7 @@ func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 func TestUpgrade_UnixSocketSurvivesUpgrades(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(test.ShortTempDir(t), "app.sock")
-	u := startUpgradable(t, byRename, "--listen", "unix:"+path, "--workers", "2", "--probation", "300ms")
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "unix:" + path, "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
@@ -200,7 +138,7 @@ func TestUpgrade_UnixSocketSurvivesUpgrades(t *testing.T) {
 		}
 	}()
 	for i := 0; i < 3; i++ {
-		u.upgrade(t)
+		u.upgrade()
 	}
 	close(stop)
 	<-watched
@@ -210,7 +148,7 @@ func TestUpgrade_UnixSocketSurvivesUpgrades(t *testing.T) {
 	default:
 	}
 	l.stop(t)
-	u.stop(t)
+	u.stop()
 	if _, err := os.Lstat(path); err == nil {
 		t.Error("the socket path was left after the last master stopped")
 	}
@@ -223,11 +161,11 @@ func TestUpgrade_UnixSocketSurvivesUpgrades(t *testing.T) {
 func TestUpgrade_WorkersOfANewGenerationGetExactlyTheProtocolFDs(t *testing.T) {
 	t.Parallel()
 	reports := t.TempDir()
-	u := startUpgradable(t, byRename, "--listen", "web=127.0.0.1:0", "--workers", "2", "--probation", "300ms",
-		"--", bins.fakeapp, "serve", "--report", reports)
+	u := start(t, runOpts{Deploy: byRename,
+		Args: []string{"--listen", "web=127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--", bins.fakeapp, "serve", "--report", reports}})
 	u.addrs(1)
 	u.waitServing()
-	nw := u.upgrade(t)
+	nw := u.upgrade()
 	workers := workersOf(nw)
 	if len(workers) != 2 {
 		t.Fatalf("new generation's workers: %v", workers)
@@ -257,7 +195,7 @@ func TestUpgrade_WorkersOfANewGenerationGetExactlyTheProtocolFDs(t *testing.T) {
 		}
 	}
 	checkMasterSocketsNonBlocking(t, nw)
-	u.stop(t)
+	u.stop()
 }
 
 // TestUpgrade_EmbeddedProgramUpgradesItself: a Go program embedding the
@@ -309,16 +247,13 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 	t.Parallel()
 	for _, keeper := range []bool{false, true} {
 		t.Run(map[bool]string{false: "no_keeper", true: "keeper"}[keeper], func(t *testing.T) {
-			args := []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--drain-timeout", "30s"}
-			if keeper {
-				args = append([]string{withKeeper}, args...)
-			}
-			u := startUpgradable(t, byRename, args...)
+			u := start(t, runOpts{Deploy: byRename, Keeper: keeper,
+				Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--drain-timeout", "30s"}})
 			addr := u.addr()
 			u.waitServing()
-			old := readPID(t, u.pidFile)
+			old := u.current()
 			l := startLoad(t, addr)
-			held, nw := u.commitHolding(t, addr, u.Pid, 8*time.Second)
+			held, nw := u.commitHolding(addr, u.Pid, 8*time.Second)
 			killed := time.Now()
 			if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 				t.Fatal(err)
@@ -340,7 +275,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 			if status := held.read(t); status != 200 {
 				t.Errorf("the slow request on the old generation: status %d", status)
 			}
-			if got := readPID(t, u.pidFile); got != old {
+			if got := u.current(); got != old {
 				t.Errorf("pid file names %d, want the old master %d", got, old)
 			}
 			st := statusOf(t, u.pidFile)
@@ -365,7 +300,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 					t.Errorf("%s load: the old master answered nothing: %v", name, res.ByMaster)
 				}
 			}
-			u.stop(t, tookBack, refused, test.Event("worker.exited_unexpectedly"),
+			u.stop(tookBack, refused, test.Event("worker.exited_unexpectedly"),
 				// the keeper's USR2s sent while the dead master was still its primary
 				test.Event("keeper.signal_not_forwarded"))
 		})
@@ -380,10 +315,11 @@ func TestUpgrade_NewMasterStoppedAfterCommit(t *testing.T) {
 	t.Parallel()
 	for _, sig := range []syscall.Signal{syscall.SIGQUIT, syscall.SIGTERM} {
 		t.Run(sig.String(), func(t *testing.T) {
-			u := startUpgradable(t, byRename, "--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms", "--drain-timeout", "30s")
+			u := start(t, runOpts{Deploy: byRename,
+				Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--probation", "300ms", "--drain-timeout", "30s"}})
 			addr := u.addr()
 			u.waitServing()
-			held, nw := u.commitHolding(t, addr, u.Pid, 4*time.Second)
+			held, nw := u.commitHolding(addr, u.Pid, 4*time.Second)
 			if err := syscall.Kill(nw, sig); err != nil {
 				t.Fatal(err)
 			}
