@@ -5,6 +5,8 @@ import (
 	"os"
 	"strconv"
 
+	"github.com/molt-server/molt/master/internal/unpoll"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -33,4 +35,26 @@ func closeOnExecAll() error {
 		}
 	}
 	return nil
+}
+
+// unpoll takes every descriptor this master holds of the listening
+// sockets in files (the files themselves, and tableflip's copies,
+// inherited and kept for the next upgrade) out of the Go runtime's
+// poller: the master never accepts on them, and a registration would
+// wake it on every burst of new connections (issue 13; package unpoll).
+// newListener calls it for every listener it makes, at the start and in
+// a reload.
+func (m *Master) unpoll(files ...*os.File) {
+	fds := make([]int, 0, len(files))
+	for _, f := range files {
+		if fd, err := rawFD(f); err == nil {
+			fds = append(fds, fd)
+		}
+	}
+	n, err := unpoll.Sockets(fds...)
+	if err != nil {
+		m.log.Warn("listener left in the runtime's poller: the master wakes on its new connections", "event", "listener.unpoll_failed", "error", err)
+		return
+	}
+	m.log.Debug("listener out of the runtime's poller", "event", "listener.unpolled", "registrations", n)
 }

@@ -163,6 +163,7 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 		}
 		if m.role() == roleNew {
 			m.moved = append(m.moved, inheritedListener(spec.Name, f)) // closed at the commit
+			m.unpoll(f)
 		} else {
 			_ = f.Close()
 		}
@@ -176,6 +177,7 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 		_ = f.Close()
 		return nil, &BindError{Spec: spec, Err: err}
 	}
+	m.unpoll(f)
 	m.log.Info("listening", "event", "listener.listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited, "activated", activated)
 	return &listener{spec: spec, file: f, addr: addr, inherited: inherited, activated: activated}, nil
 }

@@ -292,3 +292,15 @@ func StopPID(pid int, wait time.Duration) syscall.Signal {
 	}
 	return syscall.SIGKILL
 }
+
+// CPUTicks returns pid's user plus system CPU time so far, in clock ticks
+// (utime + stime of /proc/pid/stat; 100 a second on Linux).
+func CPUTicks(pid int) (int, bool) {
+	f, _, ok := statFields(pid)
+	if !ok || len(f) < 13 {
+		return 0, false
+	}
+	u, err1 := strconv.Atoi(f[11])
+	s, err2 := strconv.Atoi(f[12])
+	return u + s, err1 == nil && err2 == nil
+}
