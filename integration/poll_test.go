@@ -14,6 +14,7 @@ import (
 
 	"github.com/molt-server/molt/test"
 	"github.com/molt-server/molt/test/load"
+	"golang.org/x/sys/unix"
 )
 
 // listenerInodes returns the inodes of the listening sockets at the TCP
@@ -58,7 +59,9 @@ func listenerInodes(t *testing.T, tcpAddrs, unixPaths []string) map[uint64]strin
 			out[ino] = fields[7]
 		}
 	})
-	if len(out) != len(tcpAddrs)+len(unixPaths) {
+	// A unix path names every socket ever bound there that is still open
+	// (one the master replaced, held by its workers, too): at least one.
+	if len(out) < len(tcpAddrs)+len(unixPaths) {
 		t.Fatalf("listening sockets found in /proc/net: %v, want %d (%v %v)", out, len(tcpAddrs)+len(unixPaths), tcpAddrs, unixPaths)
 	}
 	return out
@@ -266,4 +269,82 @@ func TestPoll_ActivatedSocketsUnwatched(t *testing.T) {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 	u.checkLogs()
+}
+
+// TestPoll_ReloadedAndRepairedListenersUnwatched: a listener a reload
+// adds, and the unix socket the master puts in place of one that was shut
+// down (its repair: a new socket dup3'ed over the old descriptors), are
+// not watched by the master's runtime either.
+func TestPoll_ReloadedAndRepairedListenersUnwatched(t *testing.T) {
+	t.Parallel()
+	test.Require(t, "root", os.Geteuid() == 0, "pidfd_getfd of the master's listener needs ptrace rights over it")
+	dir := test.ShortTempDir(t)
+	sock := filepath.Join(dir, "w.sock")
+	m := start(t, runOpts{Dir: dir, Config: fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"adm=unix:%s\"]\nworkers = 1\n", sock)})
+	addrs := m.addrs(2)
+	m.waitServing()
+	writeConfig(t, m.config, fmt.Sprintf("listen = [\"web=127.0.0.1:0\", \"adm=unix:%s\", \"new=127.0.0.1:0\"]\nworkers = 1\n", sock))
+	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code != 0 {
+		t.Fatalf("reload: exit %d:\n%s", code, out)
+	}
+	added := m.addrs(3)["new"]
+	get(t, added, "/")
+	checkUnpolled(t, "master after a reload", m.Pid, listenerInodes(t, []string{addrs["web"], added}, []string{sock}), 6)
+
+	// Shut the unix listener down from outside, through a duplicate of
+	// the master's descriptor: the master replaces the socket.
+	before := listenerInodes(t, nil, []string{sock})
+	var fd int
+	for ino := range before {
+		fd = fdOfInode(t, m.Pid, ino)
+	}
+	pidfd, err := unix.PidfdOpen(m.Pid, 0)
+	if err != nil {
+		t.Fatalf("pidfd_open %d: %v", m.Pid, err)
+	}
+	defer unix.Close(pidfd)
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		t.Fatalf("pidfd_getfd %d fd %d: %v", m.Pid, fd, err)
+	}
+	if err := unix.Shutdown(dup, unix.SHUT_RDWR); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	unix.Close(dup)
+	test.WaitLog(t, m.log, stepTimeout, 1, "the unix listener replaced",
+		test.Event("listener.healed", "fault", "shutdown", "how", "replaced"))
+	get(t, "unix:"+sock, "/")
+	after := listenerInodes(t, nil, []string{sock})
+	fresh := false
+	for ino := range after {
+		fresh = fresh || before[ino] == ""
+	}
+	if !fresh {
+		t.Fatalf("no new socket at %s: before %v, after %v", sock, before, after)
+	}
+	all := listenerInodes(t, []string{addrs["web"], added}, []string{sock})
+	for ino, a := range before {
+		all[ino] = a // the old socket too: none of its descriptors may be watched
+	}
+	checkUnpolled(t, "master after the repair", m.Pid, all, 6)
+	m.stop()
+}
+
+// fdOfInode returns a descriptor of pid that holds the socket ino.
+func fdOfInode(t *testing.T, pid int, ino uint64) int {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		link, _ := os.Readlink(filepath.Join(dir, e.Name()))
+		if link == fmt.Sprintf("socket:[%d]", ino) {
+			n, _ := strconv.Atoi(e.Name())
+			return n
+		}
+	}
+	t.Fatalf("process %d holds no descriptor of socket %d", pid, ino)
+	return -1
 }
