@@ -18,6 +18,7 @@ func TestParseListen(t *testing.T) {
 	tests := []struct {
 		in                string
 		name, net, addr   string
+		blocking          bool
 		wantErrContaining string
 	}{
 		{in: "127.0.0.1:8080", name: "l3", net: "tcp", addr: "127.0.0.1:8080"},
@@ -37,6 +38,12 @@ func TestParseListen(t *testing.T) {
 		{in: "unix:/" + strings.Repeat("x", 200), wantErrContaining: "longer than"},
 		{in: "bad name=127.0.0.1:1", wantErrContaining: "listener name"},
 		{in: "=127.0.0.1:1", wantErrContaining: "1 to 255"},
+		{in: "web=127.0.0.1:80,blocking", name: "web", net: "tcp", addr: "127.0.0.1:80", blocking: true},
+		{in: "[::1]:0,blocking", name: "l3", net: "tcp", addr: "[::1]:0", blocking: true},
+		{in: "unix:/run/a,b.sock,blocking", name: "l3", net: "unix", addr: "/run/a,b.sock", blocking: true},
+		{in: "unix:/run/a,b.sock", name: "l3", net: "unix", addr: "/run/a,b.sock"},
+		{in: "127.0.0.1:80,nonblocking", wantErrContaining: `unknown listen option "nonblocking"`},
+		{in: "127.0.0.1:80,blocking,blocking", wantErrContaining: "unknown listen option"},
 	}
 	for _, tt := range tests {
 		got, err := ParseListen(tt.in, 3)
@@ -50,8 +57,11 @@ func TestParseListen(t *testing.T) {
 			t.Errorf("ParseListen(%q): %v", tt.in, err)
 			continue
 		}
-		if got.Name != tt.name || got.Network != tt.net || got.Address != tt.addr {
-			t.Errorf("ParseListen(%q) = %+v, want name=%s net=%s addr=%s", tt.in, got, tt.name, tt.net, tt.addr)
+		if got.Name != tt.name || got.Network != tt.net || got.Address != tt.addr || got.Blocking != tt.blocking {
+			t.Errorf("ParseListen(%q) = %+v, want name=%s net=%s addr=%s blocking=%v", tt.in, got, tt.name, tt.net, tt.addr, tt.blocking)
+		}
+		if again, err := ParseListen(got.String(), 3); err != nil || again != got {
+			t.Errorf("ParseListen(%q).String() = %q parses as %+v, %v", tt.in, got.String(), again, err)
 		}
 	}
 }

@@ -109,6 +109,16 @@ func (m *Master) planListeners(r *reload) error {
 					m.log.Warn("backlog not changed", "event", "listener.backlog_failed", "listener", spec.Name, "error", err)
 				}
 			}
+			if spec.Blocking != l.spec.Blocking {
+				// The mode is the socket's: the old workers, still
+				// draining, get it too.
+				if _, err := setBlocking(l.file, spec.Blocking); err != nil {
+					m.log.Warn("blocking mode not changed", "event", "listener.mode_failed", "listener", spec.Name, "blocking", spec.Blocking, "error", err)
+				} else {
+					l.spec.Blocking = spec.Blocking
+					m.log.Info("listener mode changed", "event", "listener.mode_changed", "listener", spec.Name, "blocking", spec.Blocking)
+				}
+			}
 			continue
 		}
 		l, err := m.newListener(spec, r.cfg.SocketMode, r.cfg.Backlog)
