@@ -1,0 +1,110 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// fdNonBlocking reads whether fd of pid has O_NONBLOCK, from
+// /proc/pid/fdinfo (flags in octal).
+func fdNonBlocking(t *testing.T, pid, fd int) bool {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%d", pid, fd))
+	if err != nil {
+		t.Fatalf("fdinfo of worker %d fd %d: %v", pid, fd, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "flags:"); ok {
+			fl, err := strconv.ParseInt(strings.TrimSpace(v), 8, 64)
+			if err != nil {
+				t.Fatalf("fdinfo of worker %d fd %d: flags %q", pid, fd, v)
+			}
+			return fl&0o4000 != 0 // O_NONBLOCK
+		}
+	}
+	t.Fatalf("fdinfo of worker %d fd %d has no flags:\n%s", pid, fd, b)
+	return false
+}
+
+// TestBlocking_PythonBlockingAcceptThroughAnUpgradeUnderLoad: a Python
+// worker written for systemd-socket-activate (setblocking(True), then
+// accept in a loop) on a listener with the option ",blocking" serves
+// through an upgrade under load, in both connection modes, with no failed
+// request: its socket stays blocking in both generations (the master never
+// switches it back), and the old workers' drain ends when their stop
+// signal interrupts the blocked accept, long before --drain-timeout.
+func TestBlocking_PythonBlockingAcceptThroughAnUpgradeUnderLoad(t *testing.T) {
+	t.Parallel()
+	app := pyApp(t)
+	m := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "web=127.0.0.1:0,blocking", "--workers", "2", "--probation", "2s",
+		"--drain-timeout", "60s", "--", "python3", app, "--blocking-accept"}})
+	addr := m.addr()
+	m.waitServing()
+	old := m.waitWorkers(2)
+	for _, w := range old {
+		if fdNonBlocking(t, w, 3) {
+			t.Errorf("worker %d: its listener is non-blocking", w)
+		}
+	}
+	l := startLoad(t, addr)
+	n := m.upgrade()
+	test.WaitFor(t, stepTimeout, "the old workers to exit", func() error {
+		for _, w := range old {
+			if test.Alive(w) {
+				return fmt.Errorf("worker %d still alive", w)
+			}
+		}
+		return nil
+	})
+	l.stop(t)
+	for _, w := range workersOf(n) {
+		test.Track(t, w)
+		if fdNonBlocking(t, w, 3) {
+			t.Errorf("new worker %d: its listener is non-blocking", w)
+		}
+	}
+	if got := test.Find(m.log, test.Event("worker.drain_timeout")); len(got) != 0 {
+		t.Errorf("a drain reached --drain-timeout: %v", got)
+	}
+	if got := test.Find(m.log, test.Event("listener.healed")); len(got) != 0 {
+		t.Errorf("the master switched the blocking listener's mode: %v", got)
+	}
+	if got := get(t, addr, "/"); got.Status != 200 {
+		t.Errorf("GET after the upgrade: %d", got.Status)
+	}
+	m.stop()
+}
+
+// TestBlocking_WithoutTheOptionABlockingAcceptWorkerDies: without the
+// option, the same worker's setblocking(True) switches the shared socket
+// to blocking mode; the master switches it back (listener.healed, fault
+// blocking) and the worker's next accept fails with EAGAIN: it dies, as
+// issue 13 saw. molt does not guess the app's intent (a Go worker that
+// switched it by mistake would hang its drains); the warning names the
+// option.
+func TestBlocking_WithoutTheOptionABlockingAcceptWorkerDies(t *testing.T) {
+	t.Parallel()
+	app := pyApp(t)
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1", "--", "python3", app, "--blocking-accept"}})
+	addr := m.addr()
+	m.waitServing()
+	m.waitWorkers(1)
+	test.WaitLog(t, m.log, stepTimeout, 1, "the master to switch the listener back", test.Event("listener.healed", "fault", "blocking"))
+	// The worker's accept blocked before the switch returns with the next
+	// connection; the one after fails. Requests may fail here: that is
+	// the failure this test shows.
+	test.WaitFor(t, stepTimeout, "the blocking worker to die", func() error {
+		_, _ = test.Get(addr, "/", 200*time.Millisecond)
+		if len(test.Find(m.log, test.Event("worker.exited_unexpectedly"))) == 0 {
+			return fmt.Errorf("no worker.exited_unexpectedly yet")
+		}
+		return nil
+	})
+	m.stop(test.Event("worker.exited_unexpectedly"))
+}
