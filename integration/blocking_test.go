@@ -53,6 +53,10 @@ func TestBlocking_PythonBlockingAcceptThroughAnUpgradeUnderLoad(t *testing.T) {
 		}
 	}
 	l := startLoad(t, addr)
+	// Observation window, not synchronization: the primary checks its
+	// listeners every second; over 2.5s under load it must leave this one
+	// blocking, and the workers keep serving.
+	time.Sleep(2500 * time.Millisecond)
 	n := m.upgrade()
 	test.WaitFor(t, stepTimeout, "the old workers to exit", func() error {
 		for _, w := range old {
@@ -62,6 +66,8 @@ func TestBlocking_PythonBlockingAcceptThroughAnUpgradeUnderLoad(t *testing.T) {
 		}
 		return nil
 	})
+	// The same window under the new primary.
+	time.Sleep(2500 * time.Millisecond)
 	l.stop(t)
 	for _, w := range workersOf(n) {
 		test.Track(t, w)
