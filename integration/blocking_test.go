@@ -114,3 +114,52 @@ func TestBlocking_WithoutTheOptionABlockingAcceptWorkerDies(t *testing.T) {
 	})
 	m.stop(test.Event("worker.exited_unexpectedly"))
 }
+
+// TestBlocking_AReloadSwitchesTheModeUnderLoad: a reload that adds the
+// option ",blocking" to a kept listener and starts blocking-accept Python
+// workers switches the socket before they start (listener.mode_changed);
+// the old workers (select then accept) drain, the new ones serve and the
+// master leaves the socket blocking, and no request fails.
+func TestBlocking_AReloadSwitchesTheModeUnderLoad(t *testing.T) {
+	t.Parallel()
+	app := pyApp(t)
+	conf := func(opt, arg string) string {
+		return fmt.Sprintf("listen = [\"web=127.0.0.1:0%s\"]\nworkers = 2\ndrain_timeout = \"60s\"\ncommand = [\"python3\", %q%s]\n", opt, app, arg)
+	}
+	m := start(t, runOpts{Dir: test.ShortTempDir(t), Config: conf("", "")})
+	addr := m.addr()
+	m.waitServing()
+	old := m.waitWorkers(2)
+	l := startLoad(t, addr)
+	writeConfig(t, m.config, conf(",blocking", `, "--blocking-accept"`))
+	if code, out := ctl(t, m.pidFile, "reload", "--wait"); code != 0 {
+		t.Fatalf("reload: exit %d:\n%s", code, out)
+	}
+	test.WaitLog(t, m.log, stepTimeout, 1, "the mode switch", test.Event("listener.mode_changed", "listener", "web"))
+	test.WaitFor(t, stepTimeout, "the old workers to exit", func() error {
+		for _, w := range old {
+			if test.Alive(w) {
+				return fmt.Errorf("worker %d still alive", w)
+			}
+		}
+		return nil
+	})
+	// Observation window, not synchronization: the master checks its
+	// listeners every second and must leave this one blocking.
+	time.Sleep(2500 * time.Millisecond)
+	l.stop(t)
+	for _, w := range m.waitWorkers(2) {
+		if fdNonBlocking(t, w, 3) {
+			t.Errorf("new worker %d: its listener is non-blocking", w)
+		}
+	}
+	if st := statusOf(t, m.pidFile); len(st.Listeners) != 1 || !st.Listeners[0].Blocking {
+		t.Errorf("status listeners %+v, want web blocking", st.Listeners)
+	}
+	for _, bad := range []string{"listener.healed", "worker.drain_timeout"} {
+		if got := test.Find(m.log, test.Event(bad)); len(got) != 0 {
+			t.Errorf("%s: %v", bad, got)
+		}
+	}
+	m.stop()
+}
