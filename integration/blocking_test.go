@@ -163,3 +163,39 @@ func TestBlocking_AReloadSwitchesTheModeUnderLoad(t *testing.T) {
 	}
 	m.stop()
 }
+
+// TestBlocking_AFailedReloadSwitchesTheModeBack: a reload that adds the
+// option and starts workers that fail switches the socket to blocking and,
+// when it fails, back: the old Go workers serve on, under load, on a
+// non-blocking socket, and the master's checks find nothing to repair.
+func TestBlocking_AFailedReloadSwitchesTheModeBack(t *testing.T) {
+	t.Parallel()
+	m := start(t, runOpts{Dir: test.ShortTempDir(t), Config: "listen = [\"web=127.0.0.1:0\"]\nworkers = 2\nready_timeout = \"5s\"\n"})
+	addr := m.addr()
+	m.waitServing()
+	old := m.waitWorkers(2)
+	l := startLoad(t, addr)
+	writeConfig(t, m.config, "listen = [\"web=127.0.0.1:0,blocking\"]\nworkers = 2\nready_timeout = \"5s\"\ncommand = [\"/bin/false\"]\n")
+	if code, _ := ctl(t, m.pidFile, "reload", "--wait"); code == 0 {
+		t.Fatal("a reload whose workers fail succeeded")
+	}
+	if got := test.Find(m.log, test.Event("listener.mode_changed", "blocking", "false")); len(got) != 1 {
+		t.Errorf("%d listener.mode_changed lines back to non-blocking, want 1", len(got))
+	}
+	// Observation window, not synchronization: the master checks its
+	// listeners every second and finds the socket as the configuration
+	// (the old one) says.
+	time.Sleep(2500 * time.Millisecond)
+	l.stop(t)
+	for _, w := range old {
+		if !test.Alive(w) {
+			t.Errorf("old worker %d is gone", w)
+		} else if !fdNonBlocking(t, w, 3) {
+			t.Errorf("old worker %d: its listener is still blocking", w)
+		}
+	}
+	if got := test.Find(m.log, test.Event("listener.healed")); len(got) != 0 {
+		t.Errorf("listener.healed: %v", got)
+	}
+	m.stop(test.Event("reload.failed"), test.Event("worker.exited_unexpectedly"))
+}
