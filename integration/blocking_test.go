@@ -199,3 +199,36 @@ func TestBlocking_AFailedReloadSwitchesTheModeBack(t *testing.T) {
 	}
 	m.stop(test.Event("reload.failed"), test.Event("worker.exited_unexpectedly"))
 }
+
+// TestBlocking_SocketActivationKeepsItBlocking: under
+// systemd-socket-activate (which passes a blocking socket) a listener with
+// the option stays blocking once molt adopts it, and blocking-accept
+// Python workers serve on it under load: the first connection, queued
+// before molt ran, is answered too.
+func TestBlocking_SocketActivationKeepsItBlocking(t *testing.T) {
+	t.Parallel()
+	app := pyApp(t)
+	tcp := freeAddr(t)
+	m := start(t, runOpts{Launcher: activate(t, "web", tcp), Keeper: true,
+		Args: []string{"--listen", "web=" + tcp + ",blocking", "--workers", "2", "--", "python3", app, "--blocking-accept"}})
+	firstGet(t, m, 1, tcp)
+	m.waitServing()
+	if got := activatedListeners(statusOf(t, m.pidFile)); got != "web" {
+		t.Errorf("activated listeners %q, want web", got)
+	}
+	l := startLoad(t, tcp)
+	// Observation window, not synchronization: the master checks its
+	// listeners every second and must leave this one blocking.
+	time.Sleep(2500 * time.Millisecond)
+	l.stop(t)
+	for _, w := range workersOf(m.masterPid()) {
+		test.Track(t, w)
+		if fdNonBlocking(t, w, 3) {
+			t.Errorf("worker %d: its listener is non-blocking", w)
+		}
+	}
+	if got := test.Find(m.log, test.Event("listener.healed")); len(got) != 0 {
+		t.Errorf("listener.healed: %v", got)
+	}
+	m.stop()
+}
