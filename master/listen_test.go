@@ -335,3 +335,27 @@ func TestSwapUnix(t *testing.T) {
 	}
 	unix.Close(int(nfd))
 }
+
+// TestSetBlocking: the mode is set through the raw fd, reported changed
+// only when it was the other one, and read back by fcntl.
+func TestSetBlocking(t *testing.T) {
+	f, err := bind(ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := rawFD(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct{ blocking, changed bool }{{true, true}, {true, false}, {false, true}, {false, false}} {
+		changed, err := setBlocking(f, step.blocking)
+		if err != nil || changed != step.changed {
+			t.Errorf("setBlocking(%v) = %v, %v; want changed %v", step.blocking, changed, err, step.changed)
+		}
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		if err != nil || (fl&unix.O_NONBLOCK == 0) != step.blocking {
+			t.Errorf("after setBlocking(%v): flags %#x, %v", step.blocking, fl, err)
+		}
+	}
+}
