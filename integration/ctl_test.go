@@ -48,7 +48,7 @@ type ctlStatus struct {
 	} `json:"procs"`
 	Listeners []struct {
 		Name, Network, Addr string
-		Activated           bool
+		Activated, Blocking bool
 	} `json:"listeners"`
 	Upgrade *struct {
 		NewPID  int  `json:"new_pid"`

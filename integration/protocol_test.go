@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,6 +36,8 @@ type fakeReport struct {
 	NoNewPrivs string
 	// Tampered is what "fakeapp serve --tamper" did.
 	Tampered []string
+	// GOMAXPROCS is the worker's runtime.GOMAXPROCS(0).
+	GOMAXPROCS int
 }
 
 func (r fakeReport) env(k string) (string, bool) {
@@ -285,4 +288,35 @@ func TestProtocol_NotifyFromAStrangerIsIgnored(t *testing.T) {
 		t.Error("a stranger's READY=1 made a worker ready")
 	}
 	m.stop()
+}
+
+// TestProtocol_WorkersShareTheCPUsInGOMAXPROCS: where the user sets no
+// GOMAXPROCS, each Go worker runs with the CPUs shared out among the
+// --workers (at least 1); --env GOMAXPROCS=N is kept as it is.
+func TestProtocol_WorkersShareTheCPUsInGOMAXPROCS(t *testing.T) {
+	t.Parallel()
+	want := strconv.Itoa(max(1, runtime.NumCPU()/2))
+	if v, ok := os.LookupEnv("GOMAXPROCS"); ok {
+		want = v // molt inherits the test's, and passes it on
+	}
+	for _, c := range []struct {
+		name string
+		env  []string
+		want string
+	}{{"default", nil, want}, {"--env", []string{"--env", "GOMAXPROCS=3"}, "3"}} {
+		reports := test.ShortTempDir(t)
+		args := append([]string{"--listen", "127.0.0.1:0", "--workers", "2"}, c.env...)
+		m := start(t, runOpts{Args: append(args, "--", bins.fakeapp, "serve", "--report", reports)})
+		m.waitServing()
+		m.waitWorkers(2)
+		for pid, r := range waitReports(t, reports, 2) {
+			if v, _ := r.env("GOMAXPROCS"); v != c.want {
+				t.Errorf("%s: worker %d has GOMAXPROCS=%q, want %q", c.name, pid, v, c.want)
+			}
+			if n, _ := strconv.Atoi(c.want); r.GOMAXPROCS != n {
+				t.Errorf("%s: worker %d runs with runtime.GOMAXPROCS %d, want %s", c.name, pid, r.GOMAXPROCS, c.want)
+			}
+		}
+		m.stop()
+	}
 }

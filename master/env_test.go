@@ -90,3 +90,39 @@ func TestLoginShell(t *testing.T) {
 		t.Errorf("no passwd file: %q", got)
 	}
 }
+
+// TestWorkerEnv_DefaultGOMAXPROCS: where neither molt's environment nor
+// Config.Env sets GOMAXPROCS, workers get the CPUs shared out among the
+// configured workers, at least 1; a GOMAXPROCS the user set, even empty
+// (Go's own default), is kept as it is.
+func TestWorkerEnv_DefaultGOMAXPROCS(t *testing.T) {
+	for _, c := range []struct{ cpus, workers, want int }{
+		{1, 1, 1}, {2, 1, 2}, {2, 2, 1}, {2, 4, 1}, {8, 2, 4}, {8, 3, 2}, {16, 4, 4}, {4, 0, 4},
+	} {
+		if got := defaultGOMAXPROCS(c.cpus, c.workers); got != c.want {
+			t.Errorf("defaultGOMAXPROCS(%d cpus, %d workers) = %d, want %d", c.cpus, c.workers, got, c.want)
+		}
+	}
+	env := withGOMAXPROCS(workerEnv([]string{"PATH=/bin"}, nil, []string{"APP=1"}), 8, 2)
+	if v := lookup(env, "GOMAXPROCS"); v != "4" {
+		t.Errorf("unset: GOMAXPROCS=%q, want 4 (in %q)", v, env)
+	}
+	for _, c := range []struct {
+		name      string
+		base, cfg []string
+		want      string
+	}{
+		{"molt's environment", []string{"GOMAXPROCS=3"}, nil, "3"},
+		{"--env", nil, []string{"GOMAXPROCS=5"}, "5"},
+		{"--env over molt's", []string{"GOMAXPROCS=3"}, []string{"GOMAXPROCS=5"}, "5"},
+		{"--env empty", nil, []string{"GOMAXPROCS="}, ""},
+	} {
+		env := mergeEnv(withGOMAXPROCS(workerEnv(c.base, nil, c.cfg), 8, 2))
+		if v := lookup(env, "GOMAXPROCS"); v != c.want {
+			t.Errorf("%s: GOMAXPROCS=%q, want %q (in %q)", c.name, v, c.want, env)
+		}
+		if n := strings.Count(strings.Join(env, "\n"), "GOMAXPROCS="); n != 1 {
+			t.Errorf("%s: GOMAXPROCS %d times in %q", c.name, n, env)
+		}
+	}
+}

@@ -15,15 +15,27 @@ import (
 // A listening socket is shared by every process that holds it, and so is
 // what one of them does to it: shutdown(2) stops it listening for all, and
 // a switch to blocking mode makes every worker's Close unable to interrupt
-// its accept (DESIGN §4). A worker that does either by mistake would harm
-// the others for good. The primary master checks its listeners every
-// second and undoes both: it sets non-blocking mode again, and listens
+// its accept (DESIGN §4); on a listener with the blocking option, a switch
+// to non-blocking mode makes every blocking accept(2) fail with EAGAIN. A
+// worker that does either by mistake would harm the others for good. The
+// primary master checks its listeners every second and undoes both: it
+// sets the listener's mode again, and listens
 // again on a socket that was shut down (listen(2) on the same bound
 // socket), then recycles its workers, whose servers ended when accept
 // failed. A unix listener shut down cannot be undone that way (it still
 // listens, yet refuses every connect): the master puts a new socket at
 // its path in place of the old one (replaceUnix) and recycles the
 // workers.
+
+// faultMode names, in listener.healed and listener.heal_failed, a socket
+// found in the mode its listener does not have: "blocking" for a
+// non-blocking listener, "nonblocking" for one with the blocking option.
+func faultMode(blocking bool) string {
+	if blocking {
+		return "nonblocking"
+	}
+	return "blocking"
+}
 
 // listenerCheckEvery is how often the primary master checks its listeners.
 const listenerCheckEvery = time.Second
@@ -40,12 +52,12 @@ func (m *Master) checkListeners() {
 		if err != nil {
 			continue
 		}
-		if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil && fl&unix.O_NONBLOCK == 0 {
-			if err := unix.SetNonblock(fd, true); err != nil {
-				m.log.Error("listener in blocking mode, and it cannot be switched back", "event", "listener.heal_failed", "fault", "blocking", "listener", l.spec.Name, "error", err)
-			} else {
-				m.log.Warn("a process switched the listener to blocking mode; switched back", "event", "listener.healed", "fault", "blocking", "listener", l.spec.Name, "addr", l.addr)
-			}
+		if changed, err := setBlocking(l.file, l.spec.Blocking); err != nil {
+			m.log.Error("listener in the wrong blocking mode, and it cannot be switched back", "event", "listener.heal_failed", "fault", faultMode(l.spec.Blocking), "listener", l.spec.Name, "blocking", l.spec.Blocking, "error", err)
+		} else if changed && l.spec.Blocking {
+			m.log.Warn("a process switched the blocking listener to non-blocking mode (a Go program's net.FileListener does); switched back", "event", "listener.healed", "fault", faultMode(true), "listener", l.spec.Name, "addr", l.addr, "blocking", true)
+		} else if changed {
+			m.log.Warn("a process switched the listener to blocking mode; switched back (a worker that accepts in blocking mode needs the listen option ,blocking)", "event", "listener.healed", "fault", faultMode(false), "listener", l.spec.Name, "addr", l.addr, "blocking", false)
 		}
 		if l.spec.Network == "unix" && !l.shutTold && unixShutDown(fd) {
 			if err := m.replaceUnix(l, fd); err != nil {

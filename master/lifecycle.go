@@ -173,12 +173,18 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 	if err == nil && backlog > 0 {
 		err = setBacklog(f, backlog)
 	}
+	if err == nil {
+		// Inherited from a generation with the other mode, or adopted
+		// from systemd (adopt made it non-blocking): the mode is this
+		// configuration's.
+		_, err = setBlocking(f, spec.Blocking)
+	}
 	if err != nil {
 		_ = f.Close()
 		return nil, &BindError{Spec: spec, Err: err}
 	}
 	m.unpoll(f)
-	m.log.Info("listening", "event", "listener.listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited, "activated", activated)
+	m.log.Info("listening", "event", "listener.listening", "listener", spec.Name, "network", spec.Network, "addr", addr, "inherited", inherited, "activated", activated, "blocking", spec.Blocking)
 	return &listener{spec: spec, file: f, addr: addr, inherited: inherited, activated: activated}, nil
 }
 

@@ -24,19 +24,35 @@ type ListenSpec struct {
 	Network string
 	// Address is host:port for tcp, a filesystem path for unix.
 	Address string
+	// Blocking (the listen option ",blocking") puts the socket in
+	// blocking mode, for workers that accept(2) in blocking mode as
+	// systemd-socket-activate allows. The mode belongs to the socket, so
+	// every process holding it shares it; the master keeps it blocking
+	// (heal.go). Workers of the Go worker package refuse such a listener
+	// (worker.Listeners). Without the option the socket is non-blocking.
+	Blocking bool
 }
+
+// optBlocking is the listen option that sets ListenSpec.Blocking.
+const optBlocking = "blocking"
 
 // String formats the spec as it is written on the command line.
 func (s ListenSpec) String() string {
+	out := s.Name + "=" + s.Address
 	if s.Network == "unix" {
-		return s.Name + "=unix:" + s.Address
+		out = s.Name + "=unix:" + s.Address
 	}
-	return s.Name + "=" + s.Address
+	if s.Blocking {
+		out += "," + optBlocking
+	}
+	return out
 }
 
 // ParseListen parses one --listen value: ADDR or NAME=ADDR, where ADDR is
-// host:port, [v6addr]:port, :port or unix:/path. index gives the default
-// name "l<index>". Host names are resolved only when binding.
+// host:port, [v6addr]:port, :port or unix:/path, optionally followed by
+// the option ",blocking". index gives the default name "l<index>". Host
+// names are resolved only when binding. A unix path may hold commas: only
+// a trailing ",blocking" is taken as the option.
 func ParseListen(value string, index int) (ListenSpec, error) {
 	spec := ListenSpec{Name: "l" + strconv.Itoa(index)}
 	addr := value
@@ -45,6 +61,9 @@ func ParseListen(value string, index int) (ListenSpec, error) {
 			return ListenSpec{}, fmt.Errorf("listen %q: %w", value, err)
 		}
 		spec.Name, addr = name, rest
+	}
+	if rest, ok := strings.CutSuffix(addr, ","+optBlocking); ok {
+		spec.Blocking, addr = true, rest
 	}
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
 		if path == "" {
@@ -55,6 +74,11 @@ func ParseListen(value string, index int) (ListenSpec, error) {
 		}
 		spec.Network, spec.Address = "unix", path
 		return spec, nil
+	}
+	if a, opt, ok := strings.Cut(addr, ","); ok {
+		if _, _, err := net.SplitHostPort(a); err == nil {
+			return ListenSpec{}, fmt.Errorf("listen %q: unknown listen option %q (there is only %q)", value, opt, optBlocking)
+		}
 	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -288,6 +312,27 @@ func setBacklog(f *os.File, backlog int) error {
 		return fmt.Errorf("set backlog %d: %w", backlog, err)
 	}
 	return nil
+}
+
+// setBlocking puts the socket in f in blocking mode (ListenSpec.Blocking)
+// or in non-blocking mode, for every process holding it, through the raw
+// fd. It reports whether it changed the mode.
+func setBlocking(f *os.File, blocking bool) (bool, error) {
+	fd, err := rawFD(f)
+	if err != nil {
+		return false, err
+	}
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return false, fmt.Errorf("get the blocking mode: %w", err)
+	}
+	if (fl&unix.O_NONBLOCK == 0) == blocking {
+		return false, nil
+	}
+	if err := unix.SetNonblock(fd, !blocking); err != nil {
+		return false, fmt.Errorf("set blocking mode %v: %w", blocking, err)
+	}
+	return true, nil
 }
 
 // specMatches reports whether a socket bound at addr (its getsockname)

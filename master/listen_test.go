@@ -18,6 +18,7 @@ func TestParseListen(t *testing.T) {
 	tests := []struct {
 		in                string
 		name, net, addr   string
+		blocking          bool
 		wantErrContaining string
 	}{
 		{in: "127.0.0.1:8080", name: "l3", net: "tcp", addr: "127.0.0.1:8080"},
@@ -37,6 +38,12 @@ func TestParseListen(t *testing.T) {
 		{in: "unix:/" + strings.Repeat("x", 200), wantErrContaining: "longer than"},
 		{in: "bad name=127.0.0.1:1", wantErrContaining: "listener name"},
 		{in: "=127.0.0.1:1", wantErrContaining: "1 to 255"},
+		{in: "web=127.0.0.1:80,blocking", name: "web", net: "tcp", addr: "127.0.0.1:80", blocking: true},
+		{in: "[::1]:0,blocking", name: "l3", net: "tcp", addr: "[::1]:0", blocking: true},
+		{in: "unix:/run/a,b.sock,blocking", name: "l3", net: "unix", addr: "/run/a,b.sock", blocking: true},
+		{in: "unix:/run/a,b.sock", name: "l3", net: "unix", addr: "/run/a,b.sock"},
+		{in: "127.0.0.1:80,nonblocking", wantErrContaining: `unknown listen option "nonblocking"`},
+		{in: "127.0.0.1:80,blocking,blocking", wantErrContaining: "unknown listen option"},
 	}
 	for _, tt := range tests {
 		got, err := ParseListen(tt.in, 3)
@@ -50,8 +57,11 @@ func TestParseListen(t *testing.T) {
 			t.Errorf("ParseListen(%q): %v", tt.in, err)
 			continue
 		}
-		if got.Name != tt.name || got.Network != tt.net || got.Address != tt.addr {
-			t.Errorf("ParseListen(%q) = %+v, want name=%s net=%s addr=%s", tt.in, got, tt.name, tt.net, tt.addr)
+		if got.Name != tt.name || got.Network != tt.net || got.Address != tt.addr || got.Blocking != tt.blocking {
+			t.Errorf("ParseListen(%q) = %+v, want name=%s net=%s addr=%s blocking=%v", tt.in, got, tt.name, tt.net, tt.addr, tt.blocking)
+		}
+		if again, err := ParseListen(got.String(), 3); err != nil || again != got {
+			t.Errorf("ParseListen(%q).String() = %q parses as %+v, %v", tt.in, got.String(), again, err)
 		}
 	}
 }
@@ -324,4 +334,28 @@ func TestSwapUnix(t *testing.T) {
 		t.Fatalf("accept on the registered duplicate: %v", errno)
 	}
 	unix.Close(int(nfd))
+}
+
+// TestSetBlocking: the mode is set through the raw fd, reported changed
+// only when it was the other one, and read back by fcntl.
+func TestSetBlocking(t *testing.T) {
+	f, err := bind(ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := rawFD(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct{ blocking, changed bool }{{true, true}, {true, false}, {false, true}, {false, false}} {
+		changed, err := setBlocking(f, step.blocking)
+		if err != nil || changed != step.changed {
+			t.Errorf("setBlocking(%v) = %v, %v; want changed %v", step.blocking, changed, err, step.changed)
+		}
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		if err != nil || (fl&unix.O_NONBLOCK == 0) != step.blocking {
+			t.Errorf("after setBlocking(%v): flags %#x, %v", step.blocking, fl, err)
+		}
+	}
 }

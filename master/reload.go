@@ -27,6 +27,7 @@ type reload struct {
 	listeners []*listener // the new configuration's, in its order
 	added     []*listener // bound for it
 	dropped   []*listener // the current ones it no longer has
+	switched  []*listener // kept ones whose blocking mode it switched
 	started   time.Time
 	seq       int
 	watchers  []chan CtlReply
@@ -100,6 +101,7 @@ func (m *Master) reloadedConfig() (Config, error) {
 // listener it bound is closed again.
 func (m *Master) planListeners(r *reload) error {
 	keep := map[*listener]bool{}
+	var switched []*listener // kept listeners whose ",blocking" option changed
 	for _, spec := range r.cfg.Listeners {
 		if l := m.listenerFor(spec); l != nil {
 			keep[l] = true
@@ -108,6 +110,9 @@ func (m *Master) planListeners(r *reload) error {
 				if err := setBacklog(l.file, r.cfg.Backlog); err != nil {
 					m.log.Warn("backlog not changed", "event", "listener.backlog_failed", "listener", spec.Name, "error", err)
 				}
+			}
+			if spec.Blocking != l.spec.Blocking {
+				switched = append(switched, l)
 			}
 			continue
 		}
@@ -132,6 +137,14 @@ func (m *Master) planListeners(r *reload) error {
 				m.closeListener(a)
 			}
 			return activatedDropped(l)
+		}
+	}
+	// The mode is the socket's: it changes before the new workers start
+	// (a worker may refuse the other mode), for the old ones too, and a
+	// failed reload switches it back (failReload).
+	for _, l := range switched {
+		if m.switchMode(l) {
+			r.switched = append(r.switched, l)
 		}
 	}
 	return nil
@@ -196,9 +209,25 @@ func (m *Master) failReload(reason string) {
 	for _, l := range r.added {
 		m.closeListener(l)
 	}
+	for _, l := range r.switched {
+		m.switchMode(l)
+	}
 	m.log.Error("reload failed; the old workers keep serving under the old configuration", "event", "reload.failed", "reason", reason)
 	m.supervisorReady("serving, %d workers; reload failed: %s", len(m.slots), reason)
 	reloadReply(r, CtlReply{Done: true, Error: "reload failed: " + reason})
+}
+
+// switchMode switches the kept listener l to the other blocking mode
+// (ListenSpec.Blocking), socket and spec; it reports whether it did.
+func (m *Master) switchMode(l *listener) bool {
+	want := !l.spec.Blocking
+	if _, err := setBlocking(l.file, want); err != nil {
+		m.log.Warn("blocking mode not changed", "event", "listener.mode_failed", "listener", l.spec.Name, "blocking", want, "error", err)
+		return false
+	}
+	l.spec.Blocking = want
+	m.log.Info("listener mode changed", "event", "listener.mode_changed", "listener", l.spec.Name, "blocking", want)
+	return true
 }
 
 func reloadReply(r *reload, final CtlReply) { broadcast(r.watchers, final) }

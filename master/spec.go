@@ -2,6 +2,7 @@ package master
 
 import (
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -35,7 +36,7 @@ type workerSpec struct {
 func newSpec(cfg Config, ls []*listener) *workerSpec {
 	sp := &workerSpec{
 		listeners: ls, command: cfg.Command, workerArgs: cfg.WorkerArgs,
-		env: workerEnv(os.Environ(), cfg.Credential, cfg.Env), newPrivs: cfg.AllowNewPrivileges,
+		env: withGOMAXPROCS(workerEnv(os.Environ(), cfg.Credential, cfg.Env), runtime.NumCPU(), cfg.Workers), newPrivs: cfg.AllowNewPrivileges,
 		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
 		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay, watchdog: cfg.Watchdog, lifetime: cfg.MaxWorkerLifetime,
 		credential: cfg.Credential, dir: cfg.WorkerDir, umask: cfg.Umask,
@@ -44,6 +45,30 @@ func newSpec(cfg Config, ls []*listener) *workerSpec {
 		sp.execPath = cfg.execPath()
 	}
 	return sp
+}
+
+// defaultGOMAXPROCS is the GOMAXPROCS a worker gets where the user set
+// none: the CPUs molt may run on (its affinity mask, as runtime.NumCPU
+// counts them) shared out among the configured workers, at least 1. Go's
+// own default, every CPU in each of N workers, has N times as many
+// runnable threads as cores competing under load.
+func defaultGOMAXPROCS(cpus, workers int) int {
+	if workers < 1 {
+		workers = 1
+	}
+	return max(1, cpus/workers)
+}
+
+// withGOMAXPROCS adds GOMAXPROCS=defaultGOMAXPROCS(cpus, workers) to env,
+// a worker environment (workerEnv), unless it already sets GOMAXPROCS:
+// from molt's own environment or from Config.Env, which win.
+func withGOMAXPROCS(env []string, cpus, workers int) []string {
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); k == "GOMAXPROCS" {
+			return env
+		}
+	}
+	return append(env, "GOMAXPROCS="+strconv.Itoa(defaultGOMAXPROCS(cpus, workers)))
 }
 
 // startWorker forks the worker of slot s with the protocol's fds and

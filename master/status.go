@@ -57,6 +57,9 @@ type ListenerStatus struct {
 	Inherited bool   `json:"inherited"`
 	// Activated: the socket was passed by socket activation (systemd).
 	Activated bool `json:"activated"`
+	// Blocking: the listener has the option ",blocking" (its socket is
+	// in blocking mode).
+	Blocking bool `json:"blocking,omitempty"`
 }
 
 // UpgradeStatus is an upgrade in flight, as the old master follows it.
@@ -107,7 +110,7 @@ func (m *Master) status() *Status {
 		return a.PID < b.PID
 	})
 	for _, l := range m.listeners {
-		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated})
+		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated, Blocking: l.spec.Blocking})
 	}
 	if up := m.old.Attempt(); up != nil {
 		st.Upgrade = &UpgradeStatus{NewPID: up.Pid, Serving: up.Serving, Ready: up.Ready, Want: up.Want,

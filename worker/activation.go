@@ -96,6 +96,14 @@ func ActivationNames(forPID func(pid int) bool) ([]string, error) {
 // listener is a duplicate of the inherited fd (net.FileListener), which
 // leaves the shared socket's blocking mode alone. Closing a listener stops
 // this process accepting; other processes sharing the socket go on.
+//
+// A socket in blocking mode (molt's listen option ",blocking", or
+// systemd-socket-activate) is refused with an error: net.FileListener
+// would switch the shared socket to non-blocking mode for every process
+// holding it, making the other workers' blocking accept(2) fail with
+// EAGAIN, and Close could not interrupt an accept blocked in the kernel, so
+// a drain would wait for the next connection. Serve such a listener with a
+// worker that accepts in blocking mode itself.
 func Listeners() (map[string][]net.Listener, error) {
 	listenersOnce.Do(func() { listeners, listenersErr = makeListeners() })
 	return listeners, listenersErr
@@ -108,6 +116,11 @@ func makeListeners() (map[string][]net.Listener, error) {
 	}
 	out := map[string][]net.Listener{}
 	for _, f := range fs {
+		if blocking, err := blockingListener(f); err != nil {
+			return nil, err
+		} else if blocking {
+			return nil, fmt.Errorf("worker: listener %q (fd %d) is in blocking mode (molt's listen option \",blocking\"?): the worker package serves only non-blocking listeners, since making a net.Listener of it would switch the socket shared with every other process to non-blocking mode", f.Name(), fdOf(f))
+		}
 		ln, err := net.FileListener(f)
 		if err != nil {
 			// Not a listening stream socket (a datagram socket, a FIFO):
@@ -142,4 +155,38 @@ func Listener(name string) (net.Listener, error) {
 		return nil, fmt.Errorf("worker: no listener %q; there are: %s", name, strings.Join(have, ", "))
 	}
 	return nil, fmt.Errorf("worker: %d listeners are called %q; use Listeners", len(lns), name)
+}
+
+// blockingListener reports whether f is a listening stream socket in
+// blocking mode, read through the raw fd (os.File.Fd would itself switch
+// the socket to blocking mode).
+func blockingListener(f *os.File) (bool, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return false, nil // not a socket: net.FileListener skips it
+	}
+	var fl, acc int
+	var ferr, aerr error
+	if err := raw.Control(func(fd uintptr) {
+		fl, ferr = unix.FcntlInt(fd, unix.F_GETFL, 0)
+		acc, aerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	}); err != nil {
+		return false, nil
+	}
+	if aerr != nil || acc == 0 {
+		return false, nil // not a listener: net.FileListener skips it
+	}
+	if ferr != nil {
+		return false, fmt.Errorf("worker: listener %q: get its blocking mode: %w", f.Name(), ferr)
+	}
+	return fl&unix.O_NONBLOCK == 0, nil
+}
+
+// fdOf returns f's descriptor number for messages, without os.File.Fd.
+func fdOf(f *os.File) int {
+	fd := -1
+	if raw, err := f.SyscallConn(); err == nil {
+		_ = raw.Control(func(u uintptr) { fd = int(u) })
+	}
+	return fd
 }

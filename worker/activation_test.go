@@ -122,6 +122,32 @@ func TestListeners_ByNameInAChildLeavesTheSocketNonBlocking(t *testing.T) {
 	}
 }
 
+// TestListeners_RefusesABlockingSocketAndLeavesItBlocking: a listener in
+// blocking mode (molt's ",blocking" option) makes Listeners fail with an
+// error that names it, and the shared socket stays blocking for the
+// processes that accept on it in blocking mode.
+func TestListeners_RefusesABlockingSocketAndLeavesItBlocking(t *testing.T) {
+	web, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer web.Close()
+	fd := rawFDOf(t, web.(syscall.Conn))
+	if err := unix.SetNonblock(int(fd), false); err != nil {
+		t.Fatal(err)
+	}
+	rep := runActivation(t, []string{"WORKER_TEST_FIX_PID=1", "LISTEN_FDS=1", "LISTEN_FDNAMES=web"}, web)
+	if !strings.Contains(rep.Err, `listener "web"`) || !strings.Contains(rep.Err, "blocking mode") {
+		t.Errorf("Listeners error %q, want one naming web in blocking mode", rep.Err)
+	}
+	if len(rep.Names) != 0 {
+		t.Errorf("Listeners returned %v", rep.Names)
+	}
+	if fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK != 0 {
+		t.Errorf("the shared socket was switched to non-blocking in the child (flags %#x, %v)", fl, err)
+	}
+}
+
 func TestListeners_NotForThisPID(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

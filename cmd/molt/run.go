@@ -104,7 +104,7 @@ const defaultListen = "127.0.0.1:8080"
 func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("molt run", flag.ContinueOnError)
 	fs.SetOutput(out)
-	fs.Var(listFlag{&f.listen}, "listen", "`ADDR` to listen on, repeatable: host:port, [::1]:port, :port or unix:/path,\noptionally named NAME=ADDR (names default to l0, l1, ... in flag order) (default "+defaultListen+")")
+	fs.Var(listFlag{&f.listen}, "listen", "`ADDR` to listen on, repeatable: host:port, [::1]:port, :port or unix:/path,\noptionally named NAME=ADDR (names default to l0, l1, ... in flag order); ADDR,blocking gives\nworkers the socket in blocking mode (docs/deploying.md) (default "+defaultListen+")")
 	fs.StringVar(&f.socketMode, "socket-mode", "", "permission `MODE` of unix-socket listeners, in octal (e.g. 0660)")
 	fs.IntVar(&f.workers, "workers", runtime.NumCPU(), "number of worker processes `N`")
 	fs.StringVar(&f.pidFile, "pid-file", master.DefaultPIDFile, "pid file `PATH`; its lock is PATH.lock")

@@ -32,6 +32,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -120,6 +121,9 @@ type report struct {
 	NoNewPrivs string
 	// Tampered is what --tamper did: "fd N TARGET: ..." lines.
 	Tampered []string
+	// GOMAXPROCS is runtime.GOMAXPROCS(0): what the Go runtime made of
+	// the environment.
+	GOMAXPROCS int
 }
 
 // forged is a line made to pass for one of molt's JSON log lines.
@@ -181,7 +185,7 @@ func tamper() []string {
 }
 
 func writeReport(dir string, tampered []string) error {
-	r := report{Tampered: tampered}
+	r := report{Tampered: tampered, GOMAXPROCS: runtime.GOMAXPROCS(0)}
 	r.Pid = os.Getpid()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {

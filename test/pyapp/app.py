@@ -10,6 +10,15 @@ exits. The listening socket is shared with other workers and is
 non-blocking: it waits with select and treats BlockingIOError as "another
 worker took that connection"; it never calls setblocking on the listener,
 which would change the mode for every process sharing it.
+
+With --blocking-accept it is instead a worker written for
+systemd-socket-activate: it calls setblocking(True) on the listener and
+accept()s in a loop, as molt's listen option ",blocking" allows. Its stop
+signal interrupts a blocked accept (the handler raises there: Python
+retries a syscall a signal interrupted unless the handler raises, PEP 475),
+so that its drain ends at once. Without the option, molt switches the
+shared socket back to non-blocking and accept raises BlockingIOError
+(EAGAIN): the worker dies with it, as the C worker of issue 13 did.
 """
 import os
 import select
@@ -19,11 +28,18 @@ import subprocess
 import sys
 
 stopping = False
+in_accept = False
+
+
+class Stop(Exception):
+    """Raised by the stop signal's handler into a blocked accept."""
 
 
 def on_term(signum, frame):
     global stopping
     stopping = True
+    if in_accept:
+        raise Stop()
 
 
 def notify(state):
@@ -53,6 +69,11 @@ def main():
         subprocess.run(["systemd-notify", "--ready", "--status=python worker up"], check=True)
     else:
         notify("READY=1\nSTATUS=python worker up")
+    if "--blocking-accept" in sys.argv:
+        ln.setblocking(True)
+        blocking_loop(ln, names)
+        notify("STOPPING=1")
+        return
     while not stopping:
         try:
             r, _, _ = select.select([ln], [], [], 0.2)
@@ -64,20 +85,42 @@ def main():
             conn, _ = ln.accept()
         except (BlockingIOError, InterruptedError):
             continue  # another worker accepted it
-        conn.setblocking(True)  # the accepted socket is this process's alone
-        conn.settimeout(10)
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            body = ("pyapp %d listeners %s\n" % (os.getpid(), names)).encode()
-            head = ("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
-                    "X-Molt-Worker-Pid: %d\r\nX-Molt-App: python\r\n\r\n" % (len(body), os.getpid()))
-            conn.sendall(head.encode() + body)
+        answer(conn, names)
     notify("STOPPING=1")
+
+
+def blocking_loop(ln, names):
+    """Accept in blocking mode until the stop signal. BlockingIOError is
+    not caught: on a non-blocking socket it is fatal, as in a C worker."""
+    global in_accept
+    while not stopping:
+        try:
+            in_accept = True
+            if stopping:
+                break  # the signal came before in_accept was set
+            conn, _ = ln.accept()
+            in_accept = False
+        except Stop:
+            break
+        finally:
+            in_accept = False
+        answer(conn, names)
+
+
+def answer(conn, names):
+    conn.setblocking(True)  # the accepted socket is this process's alone
+    conn.settimeout(10)
+    with conn:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        body = ("pyapp %d listeners %s\n" % (os.getpid(), names)).encode()
+        head = ("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
+                "X-Molt-Worker-Pid: %d\r\nX-Molt-App: python\r\n\r\n" % (len(body), os.getpid()))
+        conn.sendall(head.encode() + body)
 
 
 if __name__ == "__main__":
