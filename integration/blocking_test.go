@@ -58,14 +58,7 @@ func TestBlocking_PythonBlockingAcceptThroughAnUpgradeUnderLoad(t *testing.T) {
 	// blocking, and the workers keep serving.
 	time.Sleep(2500 * time.Millisecond)
 	n := m.upgrade()
-	test.WaitFor(t, stepTimeout, "the old workers to exit", func() error {
-		for _, w := range old {
-			if test.Alive(w) {
-				return fmt.Errorf("worker %d still alive", w)
-			}
-		}
-		return nil
-	})
+	waitGone(t, "the old workers to exit", old)
 	// The same window under the new primary.
 	time.Sleep(2500 * time.Millisecond)
 	l.stop(t)
@@ -139,14 +132,7 @@ func TestBlocking_AReloadSwitchesTheModeUnderLoad(t *testing.T) {
 		t.Fatalf("reload: exit %d:\n%s", code, out)
 	}
 	test.WaitLog(t, m.log, stepTimeout, 1, "the mode switch", test.Event("listener.mode_changed", "listener", "web"))
-	test.WaitFor(t, stepTimeout, "the old workers to exit", func() error {
-		for _, w := range old {
-			if test.Alive(w) {
-				return fmt.Errorf("worker %d still alive", w)
-			}
-		}
-		return nil
-	})
+	waitGone(t, "the old workers to exit", old)
 	// Observation window, not synchronization: the master checks its
 	// listeners every second and must leave this one blocking.
 	time.Sleep(2500 * time.Millisecond)

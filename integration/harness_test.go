@@ -602,3 +602,17 @@ func (l *loadPair) stop(t *testing.T) (masters map[int]int) {
 	}
 	return masters
 }
+
+// waitGone waits until every process in pids has exited; what names
+// them in the failure message.
+func waitGone(t *testing.T, what string, pids []int) {
+	t.Helper()
+	test.WaitFor(t, stepTimeout, what, func() error {
+		for _, pid := range pids {
+			if test.Alive(pid) {
+				return fmt.Errorf("pid %d still alive", pid)
+			}
+		}
+		return nil
+	})
+}

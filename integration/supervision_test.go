@@ -177,14 +177,7 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 					t.Errorf("the request in flight when the master died: status %d", status)
 				}
 			}
-			test.WaitFor(t, stepTimeout, "workers to exit after their master died", func() error {
-				for _, w := range workers {
-					if test.Alive(w) {
-						return fmt.Errorf("worker %d still alive", w)
-					}
-				}
-				return nil
-			})
+			waitGone(t, "workers to exit after their master died", workers)
 			// A new master can start on the same pid file: the lock died
 			// with the old one, and the stale pid file is replaced.
 			// ... and on the same address.
