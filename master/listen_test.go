@@ -90,15 +90,7 @@ func TestParseListeners_NamesAndDuplicates(t *testing.T) {
 }
 
 func TestBind_KeepsNonBlockingAndCloseOnExec(t *testing.T) {
-	f, err := bind(ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fd, err := rawFD(f)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, fd := bindLoopback(t)
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -339,15 +331,7 @@ func TestSwapUnix(t *testing.T) {
 // TestSetBlocking: the mode is set through the raw fd, reported changed
 // only when it was the other one, and read back by fcntl.
 func TestSetBlocking(t *testing.T) {
-	f, err := bind(ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fd, err := rawFD(f)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, fd := bindLoopback(t)
 	for _, step := range []struct{ blocking, changed bool }{{true, true}, {true, false}, {false, true}, {false, false}} {
 		changed, err := setBlocking(f, step.blocking)
 		if err != nil || changed != step.changed {
@@ -358,4 +342,20 @@ func TestSetBlocking(t *testing.T) {
 			t.Errorf("after setBlocking(%v): flags %#x, %v", step.blocking, fl, err)
 		}
 	}
+}
+
+// bindLoopback binds a TCP listener on 127.0.0.1:0, closed at the end of
+// the test, and returns it with its raw descriptor.
+func bindLoopback(t *testing.T) (*os.File, int) {
+	t.Helper()
+	f, err := bind(ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	fd, err := rawFD(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, fd
 }
