@@ -41,6 +41,16 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "integration:", err)
 		os.Exit(1)
 	}
+	// Masters make their notify socket directories here rather than in
+	// /tmp: a master a test kills leaves its directory behind, and this
+	// one is removed with the binaries. Workers run as another user must
+	// be able to reach it (0711).
+	run := filepath.Join(dir, "run")
+	if err := os.Mkdir(run, 0o711); err != nil {
+		fmt.Fprintln(os.Stderr, "integration:", err)
+		os.Exit(1)
+	}
+	os.Setenv("RUNTIME_DIRECTORY", run)
 	bins.dir = dir
 	bins.molt = filepath.Join(dir, "molt")
 	bins.fakeapp = filepath.Join(dir, "fakeapp")
