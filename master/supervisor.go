@@ -33,7 +33,9 @@ import (
 // sends the primary its stop request there (systemd ignores the field).
 //
 // An old master retiring after a commit and a new master giving up say
-// nothing: they are not the service.
+// nothing: they are not the service. The variable stays in the master's
+// environment, so that the masters of later upgrades find it too; workers
+// never see it (workerEnv).
 //
 // Under the keeper, the primary also pushes its listening sockets to the
 // keeper's fd store (systemd's protocol, sd_notify(3)), one datagram per
@@ -43,13 +45,13 @@ import (
 //	every READY=1 above (commit, reload...)  the same, for the whole current set
 //	a listener dropped (reload, commit)      FDSTOREREMOVE=1 FDNAME=<name>
 //
-// The keeper keeps one copy per name, so pushing the set again is cheap.
+// with MOLT_ACTIVATED=1 beside FDSTORE=1 for a socket from socket
+// activation (the keeper keeps it out of systemd's own store). The
+// keeper keeps one copy per name, so pushing the set again is cheap.
 // With --no-keeper nothing is pushed to systemd's own store: with the
 // NotifyAccess=all the masters need there, every worker could push to or
 // remove from it too, and socket activation already keeps the sockets
-// across restarts of the service (docs/deploying.md). The variable stays in the master's
-// environment, so that the masters of later upgrades find it too; workers
-// never see it (workerEnv).
+// across restarts of the service (docs/deploying.md).
 
 // monotonicUsec is CLOCK_MONOTONIC in microseconds, for MONOTONIC_USEC=
 // (systemd matches RELOADING=1 with it).
@@ -111,7 +113,11 @@ func (m *Master) storeListeners() {
 	for _, l := range m.listeners {
 		fd, err := rawFD(l.file)
 		if err == nil {
-			err = notify.SendFDs(m.supervisor, "FDSTORE=1\nFDNAME="+l.spec.Name, []int{fd}, storeWait)
+			msg := "FDSTORE=1\nFDNAME=" + l.spec.Name
+			if l.activated {
+				msg += "\n" + keeper.FieldActivated + "=1"
+			}
+			err = notify.SendFDs(m.supervisor, msg, []int{fd}, storeWait)
 		}
 		runtime.KeepAlive(l.file)
 		if err != nil {

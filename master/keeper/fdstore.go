@@ -21,6 +21,11 @@ import (
 //	FDSTORE=1 FDNAME=<listener name>        + the socket (SCM_RIGHTS)
 //	FDSTOREREMOVE=1 FDNAME=<listener name>  a listener dropped
 //
+// plus MOLT_ACTIVATED=1 (FieldActivated) beside FDSTORE=1 for a socket
+// that came from socket activation: the keeper keeps it too, but never
+// forwards it to systemd's store (its socket unit holds it already, and
+// would pass it twice at the next start).
+//
 // Only the primary master is heard (kernel credentials, as for MAINPID;
 // its first datagram after a commit names it with MAINPID=): descriptors
 // from any other sender are closed at once, and so are descriptors that
@@ -38,6 +43,10 @@ import (
 // whole service keeps the sockets: systemd passes them back at the next
 // start in LISTEN_FDS, beside any socket-activated ones, and the prefix
 // tells them apart (Config.ActivatedNames).
+
+// FieldActivated marks, beside FDSTORE=1, a socket that came from
+// socket activation (systemd ignores the field).
+const FieldActivated = "MOLT_ACTIVATED"
 
 // FDStoreMax bounds how many sockets the keeper stores (names): far more
 // listeners than a master has, few enough that no master can exhaust
@@ -62,8 +71,9 @@ const upstreamWait = time.Second
 
 // storedFD is one stored socket.
 type storedFD struct {
-	fd       int
-	dev, ino uint64 // the socket's inode: its identity across duplicates
+	fd        int
+	dev, ino  uint64 // the socket's inode: its identity across duplicates
+	activated bool   // from socket activation (FieldActivated)
 }
 
 // fdStore is the keeper's store of listening sockets, by name.
@@ -85,12 +95,12 @@ func (s *fdStore) put(name string, fd int, id storedFD) (action string, old stor
 		return "unchanged", storedFD{}, false, nil
 	case ok:
 		_ = unix.Close(cur.fd)
-		s.fds[name] = storedFD{fd: fd, dev: id.dev, ino: id.ino}
+		s.fds[name] = storedFD{fd: fd, dev: id.dev, ino: id.ino, activated: id.activated}
 		return "replaced", cur, true, nil
 	case len(s.fds) >= s.max:
 		return "", storedFD{}, false, fmt.Errorf("the store is full (%d sockets)", s.max)
 	}
-	s.fds[name] = storedFD{fd: fd, dev: id.dev, ino: id.ino}
+	s.fds[name] = storedFD{fd: fd, dev: id.dev, ino: id.ino, activated: id.activated}
 	return "stored", storedFD{}, true, nil
 }
 
@@ -208,6 +218,7 @@ func (k *keeper) onFDStore(n *notify.Msg) {
 		k.rejectFDs(n, "FDNAME="+name+": "+err.Error())
 		return
 	}
+	id.activated = msg.Is(FieldActivated, "1")
 	action, _, taken, err := k.store.put(name, n.FDs[0], id)
 	if err != nil {
 		k.rejectFDs(n, "FDNAME="+name+": "+err.Error())
@@ -220,12 +231,14 @@ func (k *keeper) onFDStore(n *notify.Msg) {
 		k.log.Debug("stored socket pushed again", "event", "keeper.fdstore", "action", action, "name", name, "pid", n.Pid)
 		return
 	}
-	k.log.Info("listening socket stored", "event", "keeper.fdstore", "action", action, "name", name,
+	k.log.Info("listening socket stored", "event", "keeper.fdstore", "action", action, "name", name, "activated", id.activated,
 		"pid", n.Pid, "count", len(k.store.fds), "names", strings.Join(k.store.names(), " "))
 	if action == "replaced" {
 		k.upstreamFDs("FDSTOREREMOVE=1\nFDNAME="+StoredNamePrefix+name, nil, name)
 	}
-	k.upstreamFDs("FDSTORE=1\nFDNAME="+StoredNamePrefix+name, []int{id.fd}, name)
+	if !id.activated {
+		k.upstreamFDs("FDSTORE=1\nFDNAME="+StoredNamePrefix+name, []int{id.fd}, name)
+	}
 }
 
 // rejectFDs closes the descriptors of a message and logs why (at most

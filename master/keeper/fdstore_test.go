@@ -292,12 +292,18 @@ func (s *sdStore) next() (string, []uint64) {
 
 // TestFDStore_Upstream: with systemd's fd store ($FDSTORE), every change
 // goes on to it under the prefixed name; a replace removes the old one
-// first (systemd would keep both under one name).
+// first (systemd would keep both under one name). Socket-activated
+// sockets are not forwarded.
 func TestFDStore_Upstream(t *testing.T) {
 	sd := newSDStore(t)
 	k, _ := testKeeper(t, &fakeSys{}, nil)
 	k.cfg.Notify, k.cfg.FDStore = sd.path, 16
-	a, b := listenFD(t), listenFD(t)
+	a, b, c := listenFD(t), listenFD(t), listenFD(t)
+	// Socket-activated: kept, but systemd's socket unit holds it already.
+	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=sys\n"+FieldActivated+"=1", dupFD(t, c)))
+	if !k.store.fds["sys"].activated {
+		t.Error("an activated socket not marked so")
+	}
 	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=web", dupFD(t, a)))
 	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=web", dupFD(t, a))) // unchanged: nothing sent
 	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=web", dupFD(t, b)))
