@@ -3,10 +3,13 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -334,4 +337,229 @@ func sendDgram(path, text string, fds []int) error {
 	}
 	defer unix.Close(fd)
 	return unix.Sendmsg(fd, []byte(text), unix.UnixRights(fds...), &unix.SockaddrUnix{Name: path}, 0)
+}
+
+// fdRecorder is a fake systemd NOTIFY_SOCKET with an fd store: it
+// records each message and keeps the sockets FDSTORE=1 passes, by
+// FDNAME, as systemd would (FDSTOREREMOVE=1 drops them).
+type fdRecorder struct {
+	path  string
+	mu    sync.Mutex
+	texts []string
+	store map[string][]int
+}
+
+func startFDRecorder(t *testing.T) *fdRecorder {
+	t.Helper()
+	r := &fdRecorder{path: filepath.Join(test.ShortTempDir(t), "notify"), store: map[string][]int{}}
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: r.path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for _, fds := range r.store {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}
+	})
+	go func() {
+		buf, oob := make([]byte, 8192), make([]byte, unix.CmsgSpace(4*16))
+		for {
+			n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			text := string(buf[:n])
+			var fds []int
+			if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, c := range cmsgs {
+					if f, err := unix.ParseUnixRights(&c); err == nil {
+						fds = append(fds, f...)
+					}
+				}
+			}
+			name := ""
+			for _, l := range strings.Split(text, "\n") {
+				if v, ok := strings.CutPrefix(l, "FDNAME="); ok {
+					name = v
+				}
+			}
+			r.mu.Lock()
+			r.texts = append(r.texts, text)
+			switch {
+			case strings.Contains(text, "FDSTOREREMOVE=1"):
+				for _, fd := range r.store[name] {
+					unix.Close(fd)
+				}
+				delete(r.store, name)
+			case strings.Contains(text, "FDSTORE=1"):
+				r.store[name] = append(r.store[name], fds...)
+				fds = nil
+			}
+			r.mu.Unlock()
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}
+	}()
+	return r
+}
+
+// stored returns the inodes of the sockets stored under name.
+func (r *fdRecorder) stored(t *testing.T, name string) []uint64 {
+	t.Helper()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []uint64
+	for _, fd := range r.store[name] {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err == nil {
+			out = append(out, st.Ino)
+		}
+	}
+	return out
+}
+
+// fdStoreMessages returns the fd-store messages received.
+func (r *fdRecorder) fdStoreMessages() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, text := range r.texts {
+		if strings.Contains(text, "FDSTORE") {
+			out = append(out, text)
+		}
+	}
+	return out
+}
+
+// serveStore passes the sockets stored under name, once, to whoever
+// connects to the unix socket it returns (the launcher of the restart:
+// systemd passing its fd store to the service's next start).
+func (r *fdRecorder) serveStore(t *testing.T, name string) string {
+	t.Helper()
+	path := filepath.Join(test.ShortTempDir(t), "store")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	r.mu.Lock()
+	fds := append([]int(nil), r.store[name]...)
+	r.mu.Unlock()
+	go func() {
+		_ = ln.SetDeadline(time.Now().Add(startTimeout))
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _, _ = c.WriteMsgUnix([]byte("x"), unix.UnixRights(fds...), nil)
+	}()
+	return path
+}
+
+// launchStoredPy starts molt as systemd starts a service with a stored
+// fd store: it fetches the sockets from STORE, puts them at 3, 4, ...
+// and sets LISTEN_PID (its own pid: it executes molt), LISTEN_FDS and
+// LISTEN_FDNAMES.
+//
+//	launch.py STORE NAMES MOLT ARGS...
+const launchStoredPy = `
+import array, fcntl, os, socket, sys
+store, names, molt = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(store)
+msg, anc, flags, addr = s.recvmsg(16, socket.CMSG_SPACE(4 * 16))
+s.close()
+fds = []
+for level, typ, data in anc:
+    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+        a = array.array("i")
+        a.frombytes(data[:len(data) - len(data) % 4])
+        fds += list(a)
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i, inheritable=True)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=names)
+os.execv(molt, [molt] + sys.argv[4:])
+`
+
+// TestFDStore_SystemdStoreKeepsTheSocketsAcrossARestart: under systemd
+// with an fd store ($FDSTORE), the keeper forwards each stored socket to
+// it, named molt-fdstore.<name>. After a stop of the whole service the
+// socket still queues connections (systemd holds it); the next start
+// gets it back in LISTEN_FDS, the keeper stores it again, the master
+// adopts it as its own listener (not as socket-activated), and the
+// connection that queued meanwhile is answered.
+func TestFDStore_SystemdStoreKeepsTheSocketsAcrossARestart(t *testing.T) {
+	t.Parallel()
+	python, _, reports := attackScript(t)
+	launcher := filepath.Join(filepath.Dir(reports), "launch.py")
+	if err := os.WriteFile(launcher, []byte(launchStoredPy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sd := startFDRecorder(t)
+	args := []string{"--listen", "web=127.0.0.1:0", "--workers", "2"}
+	u := start(t, runOpts{Keeper: true, Env: []string{"NOTIFY_SOCKET=" + sd.path, "FDSTORE=16"}, Args: args})
+	addr := u.addr()
+	u.waitServing()
+	web := listenerInodes(t, []string{addr}, nil)
+	test.WaitFor(t, stepTimeout, "the keeper to pass the listener to systemd's store", func() error {
+		got := sd.stored(t, "molt-fdstore.web")
+		if len(got) != 1 || web[got[0]] == "" {
+			return fmt.Errorf("systemd's store holds %v under molt-fdstore.web, want the listener %v; messages %q", got, web, sd.fdStoreMessages())
+		}
+		return nil
+	})
+	if code := u.stopKeeper(quit); code != 0 {
+		t.Fatalf("keeper exit %d after QUIT", code)
+	}
+	u.checkLogs()
+
+	// The service is down; systemd's store holds the socket: a client's
+	// connection queues.
+	c, err := net.DialTimeout("tcp", addr, reqTimeout)
+	if err != nil {
+		t.Fatalf("connect while the service is down: %v (the stored socket does not listen)", err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+
+	sd2 := startFDRecorder(t)
+	store := sd.serveStore(t, "molt-fdstore.web")
+	r := start(t, runOpts{Keeper: true, Env: []string{"NOTIFY_SOCKET=" + sd2.path, "FDSTORE=16"},
+		Launcher: []string{python, launcher, store, "molt-fdstore.web"}, Args: args})
+	test.WaitLog(t, r.log, startTimeout, 1, "the stored socket back in the keeper's store", test.Event("keeper.fdstore", "action", "restored", "name", "web"))
+	ln := test.WaitLog(t, r.log, startTimeout, 1, "the listener", test.Event("listener.listening", "listener", "web"))[0]
+	if got := ln.Str("addr"); got != addr || ln.Raw == "" || strings.Contains(ln.Raw, `"activated":true`) {
+		t.Errorf("the restarted master listens %s on %s, want the stored socket on %s, not as an activated one", ln.Raw, got, addr)
+	}
+	_ = c.SetDeadline(time.Now().Add(reqTimeout))
+	resp, err := io.ReadAll(c)
+	if err != nil || !strings.HasPrefix(string(resp), "HTTP/1.1 200") {
+		t.Errorf("the connection queued while the service was down: %q, %v; want a 200", resp, err)
+	}
+	r.waitServing()
+	test.WaitLog(t, r.log, stepTimeout, 1, "the master's push of the same socket", test.Event("keeper.fdstore", "action", "unchanged", "name", "web"))
+	if msgs := sd2.fdStoreMessages(); len(msgs) != 0 {
+		t.Errorf("the keeper passed systemd's own socket back to it: %q", msgs)
+	}
+	st := statusOf(t, r.pidFile)
+	if a := activatedListeners(st); a != "" {
+		t.Errorf("listeners marked socket-activated: %s; the stored socket is molt's own", a)
+	}
+	if code := r.stopKeeper(quit); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+	r.checkLogs()
 }

@@ -26,7 +26,8 @@ import (
 // own sockets, not activated ones: each goes back to the listener of its
 // name if it is still at that address, as if bound anew (a reload or
 // upgrade may drop or move it later), and one the configuration no
-// longer has is closed and removed from the keeper's store.
+// longer has (or a unix socket whose path is gone) is closed and removed
+// from the keeper's store.
 
 // activatedSocket is one listening socket passed by socket activation.
 type activatedSocket struct {
@@ -162,7 +163,7 @@ func splitStored(specs []ListenSpec, socks []*activatedSocket) (map[string]*acti
 		}
 		taken := false
 		for _, spec := range specs {
-			if spec.Name == s.name && out[spec.Name] == nil && spec.Network == s.network && specMatches(spec, s.addr) {
+			if spec.Name == s.name && out[spec.Name] == nil && spec.Network == s.network && specMatches(spec, s.addr) && reachable(s) {
 				s.taken, out[spec.Name], taken = true, s, true
 				break
 			}
@@ -172,6 +173,19 @@ func splitStored(specs []ListenSpec, socks []*activatedSocket) (map[string]*acti
 		}
 	}
 	return out, rest, unused
+}
+
+// reachable: clients can still reach a stored socket. A unix socket's
+// path is removed when the last generation stops (a stop of the whole
+// service, whose restart brings the socket back from systemd's store),
+// and nothing can connect to a socket without its path: it is bound anew
+// instead.
+func reachable(s *activatedSocket) bool {
+	if s.network != "unix" {
+		return true
+	}
+	fi, err := os.Lstat(s.addr)
+	return err == nil && fi.Mode()&os.ModeSocket != 0
 }
 
 // matchActivated pairs each passed socket with a configured listener:
