@@ -214,7 +214,8 @@ func Run(cfg Config) int {
 	sock.AcceptFDs(fdsPerDatagram)
 	rejected := notify.NewRejected(k.log, sock.Addr, notify.RejectedLogEvery)
 	defer rejected.Close()
-	k.fdRejected = notify.NewRejectedAs(k.log, sock.Addr, notify.RejectedLogEvery, "keeper.fdstore_rejected", "fd-store messages rejected; their descriptors closed")
+	k.fdRejected = notify.NewRejectedAs(k.log, sock.Addr, notify.RejectedLogEvery, "fd-store messages rejected; their descriptors closed",
+		"event", "keeper.fdstore_rejected")
 	defer k.fdRejected.Close()
 	notices := make(chan notify.Msg, 64)
 	done := make(chan struct{})

@@ -268,8 +268,8 @@ type Rejected struct {
 	log      hclog.Logger
 	interval time.Duration
 	socket   string
-	event    string // the log line's event key
 	message  string
+	event    []any // the log line's "event" key and value
 
 	mu      sync.Mutex
 	count   int
@@ -281,13 +281,14 @@ type Rejected struct {
 
 // NewRejected logs to log, at most once per interval, about socket.
 func NewRejected(log hclog.Logger, socket string, interval time.Duration) *Rejected {
-	return NewRejectedAs(log, socket, interval, "notify.rejected", "notify messages rejected")
+	return NewRejectedAs(log, socket, interval, "notify messages rejected", "event", "notify.rejected")
 }
 
-// NewRejectedAs is NewRejected with another event key and message, for
-// another kind of rejection on the same socket.
-func NewRejectedAs(log hclog.Logger, socket string, interval time.Duration, event, message string) *Rejected {
-	return &Rejected{log: log, socket: socket, interval: interval, event: event, message: message}
+// NewRejectedAs is NewRejected with another message and event (the log
+// line's "event" key and its value), for another kind of rejection on
+// the same socket.
+func NewRejectedAs(log hclog.Logger, socket string, interval time.Duration, message string, event ...any) *Rejected {
+	return &Rejected{log: log, socket: socket, interval: interval, message: message, event: event}
 }
 
 // Add counts one rejected datagram.
@@ -308,8 +309,8 @@ func (r *Rejected) flushLocked() {
 		r.armed = false
 		return
 	}
-	r.log.Warn(r.message, "event", r.event, "count", r.count,
-		"last_pid", r.lastPid, "reason", r.reason, "socket", r.socket)
+	r.log.Warn(r.message, append(append([]any{}, r.event...), "count", r.count,
+		"last_pid", r.lastPid, "reason", r.reason, "socket", r.socket)...)
 	r.count = 0
 	r.armed = true
 	time.AfterFunc(r.interval, func() {
