@@ -46,8 +46,10 @@ import (
 //	a listener dropped (reload, commit)      FDSTOREREMOVE=1 FDNAME=<name>
 //
 // with MOLT_ACTIVATED=1 beside FDSTORE=1 for a socket from socket
-// activation (the keeper keeps it out of systemd's own store). The
-// keeper keeps one copy per name, so pushing the set again is cheap.
+// activation (the keeper keeps it out of systemd's own store), and after
+// each push of the set MOLT_FDSTORE_SET=<name>:<name>... (the keeper
+// forgets any other name). The keeper keeps one copy per name, so
+// pushing the set again is cheap.
 // With --no-keeper nothing is pushed to systemd's own store: with the
 // NotifyAccess=all the masters need there, every worker could push to or
 // remove from it too, and socket activation already keeps the sockets
@@ -125,6 +127,20 @@ func (m *Master) storeListeners() {
 			continue
 		}
 		m.log.Debug("listener pushed to the keeper's fd store", "event", "listener.stored", "listener", l.spec.Name)
+	}
+	// The set, so that the keeper forgets any other name (one a successor
+	// that died had added, after a take-back).
+	names := make([]string, 0, len(m.listeners))
+	for _, l := range m.listeners {
+		names = append(names, l.spec.Name)
+	}
+	set := keeper.FieldStoreSet + "=" + strings.Join(names, ":")
+	if len(set) > worker.MaxNotifySize {
+		m.log.Warn("listener names too long to send as one set; the keeper's fd store forgets dropped names only by FDSTOREREMOVE", "event", "listener.store_failed", "listener", "", "error", "set too long")
+		return
+	}
+	if err := notify.SendFDs(m.supervisor, set, nil, storeWait); err != nil {
+		m.log.Warn("listener set not sent to the keeper's fd store", "event", "listener.store_failed", "listener", "", "error", err)
 	}
 }
 

@@ -24,7 +24,12 @@ import (
 // plus MOLT_ACTIVATED=1 (FieldActivated) beside FDSTORE=1 for a socket
 // that came from socket activation: the keeper keeps it too, but never
 // forwards it to systemd's store (its socket unit holds it already, and
-// would pass it twice at the next start).
+// would pass it twice at the next start). After pushing its whole set,
+// the primary names it (FieldStoreSet, MOLT_FDSTORE_SET=a:b:c), and the
+// keeper forgets every other name: a master that takes the service back
+// after its successor died has no way to know which listeners that
+// successor added, and their sockets must not stay queueing connections
+// nobody accepts.
 //
 // Only the primary master is heard (kernel credentials, as for MAINPID;
 // its first datagram after a commit names it with MAINPID=): descriptors
@@ -47,6 +52,11 @@ import (
 // FieldActivated marks, beside FDSTORE=1, a socket that came from
 // socket activation (systemd ignores the field).
 const FieldActivated = "MOLT_ACTIVATED"
+
+// FieldStoreSet names, after a push of the whole set, every listener of
+// the primary (names joined by ':', as in LISTEN_FDNAMES): the keeper
+// removes any other name from its store.
+const FieldStoreSet = "MOLT_FDSTORE_SET"
 
 // FDStoreMax bounds how many sockets the keeper stores (names): far more
 // listeners than a master has, few enough that no master can exhaust
@@ -175,7 +185,8 @@ func isFDStore(n *notify.Msg) bool {
 	}
 	_, store := n.Fields.Get("FDSTORE")
 	_, remove := n.Fields.Get("FDSTOREREMOVE")
-	return store || remove
+	_, set := n.Fields.Get(FieldStoreSet)
+	return store || remove || set
 }
 
 // onFDStore takes the fd-store part of a message from the primary
@@ -185,6 +196,14 @@ func (k *keeper) onFDStore(n *notify.Msg) {
 	msg := n.Fields
 	remove, store := msg.Is("FDSTOREREMOVE", "1"), msg.Is("FDSTORE", "1")
 	name, _ := msg.Get("FDNAME")
+	if set, ok := msg.Get(FieldStoreSet); ok && !remove && !store {
+		if len(n.FDs) > 0 || n.FDsDiscarded {
+			k.rejectFDs(n, FieldStoreSet+"= carries no descriptors")
+			return
+		}
+		k.keepOnly(n.Pid, set)
+		return
+	}
 	switch {
 	case !remove && !store:
 		k.rejectFDs(n, "descriptors without FDSTORE=1")
@@ -238,6 +257,24 @@ func (k *keeper) onFDStore(n *notify.Msg) {
 	}
 	if !id.activated {
 		k.upstreamFDs("FDSTORE=1\nFDNAME="+StoredNamePrefix+name, []int{id.fd}, name)
+	}
+}
+
+// keepOnly removes from the store every name that set (names joined by
+// ':') does not list.
+func (k *keeper) keepOnly(pid int, set string) {
+	keep := map[string]bool{}
+	for _, name := range strings.Split(set, ":") {
+		keep[name] = true
+	}
+	for _, name := range k.store.names() {
+		if keep[name] {
+			continue
+		}
+		k.store.remove(name)
+		k.log.Info("stored socket removed: not in the primary's set", "event", "keeper.fdstore", "action", "removed", "name", name,
+			"pid", pid, "count", len(k.store.fds), "names", strings.Join(k.store.names(), " "))
+		k.upstreamFDs("FDSTOREREMOVE=1\nFDNAME="+StoredNamePrefix+name, nil, name)
 	}
 }
 

@@ -343,3 +343,41 @@ func TestRestoreStored(t *testing.T) {
 	}
 	k.store.closeAll()
 }
+
+// TestFDStore_SetForgetsOtherNames: after pushing its whole set, the
+// primary names it, and the keeper forgets (and closes) every other
+// name: what a successor that died had added, after a take-back. Only
+// the primary is heard.
+func TestFDStore_SetForgetsOtherNames(t *testing.T) {
+	sd := newSDStore(t)
+	k, lb := testKeeper(t, &fakeSys{}, nil)
+	k.cfg.Notify, k.cfg.FDStore = sd.path, 16
+	k.masters[12] = 1012
+	a, b, c := listenFD(t), listenFD(t), listenFD(t)
+	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=a", dupFD(t, a)))
+	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=b", dupFD(t, b)))
+	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=c", dupFD(t, c)))
+	for i := 0; i < 3; i++ {
+		sd.next()
+	}
+	base := openFDs(t)
+	k.onNotice(msg(t, 12, FieldStoreSet+"=a")) // not the primary
+	if len(k.store.fds) != 3 || countEvent(lb, "keeper.fdstore_rejected") != 1 {
+		t.Fatalf("a non-primary's set: stored %v, events %v", k.store.names(), lb.events())
+	}
+	k.onNotice(msg(t, 11, FieldStoreSet+"=a:c"))
+	if got := k.store.names(); !slices.Equal(got, []string{"a", "c"}) || openFDs(t) != base-1 {
+		t.Errorf("after the set a:c: stored %v, %d descriptors (want %d)", got, openFDs(t), base-1)
+	}
+	if text, _ := sd.next(); text != "FDSTOREREMOVE=1\nFDNAME="+StoredNamePrefix+"b" {
+		t.Errorf("systemd got %q, want the removal of b", text)
+	}
+	k.onNotice(withFDs(t, 11, FieldStoreSet+"=a", dupFD(t, b)))
+	if len(k.store.fds) != 2 || openFDs(t) != base-1 {
+		t.Errorf("a set with descriptors: stored %v, %d descriptors (want %d)", k.store.names(), openFDs(t), base-1)
+	}
+	k.onNotice(msg(t, 11, FieldStoreSet+"="))
+	if len(k.store.fds) != 0 {
+		t.Errorf("an empty set: stored %v", k.store.names())
+	}
+}
