@@ -17,7 +17,9 @@
 // every generation gracefully (over its control socket; SIGQUIT to it if
 // that fails), relays a summary to systemd when it runs under it, and
 // exits with the last master's exit status once no process of its tree is
-// left.
+// left. It also keeps a copy of every listening socket of the primary,
+// pushed with systemd's fd-store protocol, and passes them on to
+// systemd's own fd store when the service has one (fdstore.go).
 package keeper
 
 import (
