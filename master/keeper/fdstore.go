@@ -135,6 +135,27 @@ func (s *fdStore) names() []string {
 	return out
 }
 
+// listenFDs is the store as a new master takes it (sd_listen_fds(3)):
+// the descriptors, in name order, for positions 3, 4, ... of a master
+// the keeper starts, and their LISTEN_FDNAMES entries. A socket of molt's
+// own is named StoredNamePrefix+<name>, which the master adopts for the
+// listener of that name as its own (master/activation.go, splitStored);
+// one from socket activation keeps its plain name, and so is adopted as
+// activated again. The store keeps its copies: StartProcess duplicates
+// them into the child.
+func (s *fdStore) listenFDs() (fds []int, names []string) {
+	for _, n := range s.names() {
+		c := s.fds[n]
+		fds = append(fds, c.fd)
+		if c.activated {
+			names = append(names, n)
+		} else {
+			names = append(names, StoredNamePrefix+n)
+		}
+	}
+	return fds, names
+}
+
 // closeAll closes every stored copy.
 func (s *fdStore) closeAll() {
 	for n, c := range s.fds {

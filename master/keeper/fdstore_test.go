@@ -381,3 +381,19 @@ func TestFDStore_SetForgetsOtherNames(t *testing.T) {
 		t.Errorf("an empty set: stored %v", k.store.names())
 	}
 }
+
+// TestFDStore_ListenFDs: the store hands its sockets to a new master as
+// socket activation would, molt's own under the prefix (adopted as the
+// master's own), activated ones under their plain names.
+func TestFDStore_ListenFDs(t *testing.T) {
+	k, _ := testKeeper(t, &fakeSys{}, nil)
+	a, b := listenFD(t), listenFD(t)
+	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=web", dupFD(t, a)))
+	k.onNotice(withFDs(t, 11, "FDSTORE=1\nFDNAME=sys\n"+FieldActivated+"=1", dupFD(t, b)))
+	fds, names := k.store.listenFDs()
+	if !slices.Equal(names, []string{"sys", StoredNamePrefix + "web"}) || len(fds) != 2 ||
+		inode(t, fds[0]) != inode(t, b) || inode(t, fds[1]) != inode(t, a) {
+		t.Errorf("listenFDs: %v %v", fds, names)
+	}
+	k.store.closeAll()
+}
