@@ -18,6 +18,16 @@ import (
 // activated, because its address and unix path belong to whoever created
 // it: molt never unlinks its path, and a reload or an upgrade that would
 // drop or move it is refused.
+//
+// The same variables also bring back the sockets the keeper stored in
+// systemd's fd store (keeper/fdstore.go) when the whole service
+// restarts: systemd passes both kinds in one list, and the stored ones
+// are named keeper.StoredNamePrefix+<listener name>. Those are molt's
+// own sockets, not activated ones: each goes back to the listener of its
+// name if it is still at that address, as if bound anew (a reload or
+// upgrade may drop or move it later), and one the configuration no
+// longer has (or a unix socket whose path is gone) is closed and removed
+// from the keeper's store.
 
 // activatedSocket is one listening socket passed by socket activation.
 type activatedSocket struct {
@@ -27,6 +37,9 @@ type activatedSocket struct {
 	addr    string // its getsockname, as localAddr formats it
 	file    *os.File
 	taken   bool
+	// stored: from the keeper's store in systemd's (name without the
+	// prefix), not from socket activation.
+	stored bool
 }
 
 func (s *activatedSocket) String() string {
@@ -89,6 +102,9 @@ func activation(forPID func(pid int) bool) ([]*activatedSocket, error) {
 		if socks[i], err = checkFD(fd, name); err != nil {
 			return nil, fmt.Errorf("socket activation (%s=%d): fd %d (name %q): %w", worker.EnvListenFDs, len(names), fd, name, err)
 		}
+		if n, ok := strings.CutPrefix(name, keeper.StoredNamePrefix); ok {
+			socks[i].name, socks[i].stored = n, true
+		}
 	}
 	return socks, nil
 }
@@ -130,6 +146,46 @@ func checkFD(fd int, name string) (*activatedSocket, error) {
 	}
 	unix.CloseOnExec(fd)
 	return &activatedSocket{fd: fd, name: name, network: network, addr: addr}, nil
+}
+
+// splitStored matches the sockets that came back from the fd store
+// (stored) to the listeners of their names at their addresses, and
+// returns them by listener name, the other sockets (activated ones, for
+// matchActivated), and the stored sockets no listener takes, which the
+// caller closes (their listener was dropped or moved meanwhile).
+func splitStored(specs []ListenSpec, socks []*activatedSocket) (map[string]*activatedSocket, []*activatedSocket, []*activatedSocket) {
+	out := map[string]*activatedSocket{}
+	var rest, unused []*activatedSocket
+	for _, s := range socks {
+		if !s.stored {
+			rest = append(rest, s)
+			continue
+		}
+		taken := false
+		for _, spec := range specs {
+			if spec.Name == s.name && out[spec.Name] == nil && spec.Network == s.network && specMatches(spec, s.addr) && reachable(s) {
+				s.taken, out[spec.Name], taken = true, s, true
+				break
+			}
+		}
+		if !taken {
+			unused = append(unused, s)
+		}
+	}
+	return out, rest, unused
+}
+
+// reachable: clients can still reach a stored socket. A unix socket's
+// path is removed when the last generation stops (a stop of the whole
+// service, whose restart brings the socket back from systemd's store),
+// and nothing can connect to a socket without its path: it is bound anew
+// instead.
+func reachable(s *activatedSocket) bool {
+	if s.network != "unix" {
+		return true
+	}
+	fi, err := os.Lstat(s.addr)
+	return err == nil && fi.Mode()&os.ModeSocket != 0
 }
 
 // matchActivated pairs each passed socket with a configured listener:

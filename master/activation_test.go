@@ -2,6 +2,7 @@ package master
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -176,5 +177,41 @@ func TestActivatedFDs_NotForThisProcess(t *testing.T) {
 		if fds, err := ActivatedFDs(); fds != nil || err != nil {
 			t.Errorf("LISTEN_PID=%q: %v, %v; want nil, nil", pid, fds, err)
 		}
+	}
+}
+
+// TestSplitStored: sockets back from the keeper's store in systemd's go
+// to the listener of their name at their address only; one whose
+// listener was dropped or moved is left over (closed by the caller), and
+// socket-activated ones go on to matchActivated untouched.
+func TestSplitStored(t *testing.T) {
+	sock := func(fd int, name, addr string, stored bool) *activatedSocket {
+		return &activatedSocket{fd: fd, name: name, network: "tcp", addr: addr, stored: stored}
+	}
+	specs := []ListenSpec{
+		{Name: "web", Network: "tcp", Address: "127.0.0.1:8080"},
+		{Name: "api", Network: "tcp", Address: "127.0.0.1:9091"}, // moved from 9090
+		{Name: "sys", Network: "tcp", Address: "127.0.0.1:7070"},
+	}
+	socks := []*activatedSocket{
+		sock(3, "molt.socket", "127.0.0.1:7070", false),
+		sock(4, "web", "127.0.0.1:8080", true),
+		sock(5, "api", "127.0.0.1:9090", true),
+		sock(6, "old", "127.0.0.1:6060", true),
+		sock(7, "sys2", "127.0.0.1:7070", true), // same address, another name: not by address
+	}
+	stored, rest, unused := splitStored(specs, socks)
+	if len(stored) != 1 || stored["web"] == nil || stored["web"].fd != 4 {
+		t.Errorf("stored %v", stored)
+	}
+	if len(rest) != 1 || rest[0].fd != 3 {
+		t.Errorf("activated %v", rest)
+	}
+	var left []int
+	for _, s := range unused {
+		left = append(left, s.fd)
+	}
+	if fmt.Sprint(left) != "[5 6 7]" {
+		t.Errorf("unused %v, want [5 6 7]", left)
 	}
 }

@@ -41,22 +41,36 @@ func (m *Master) start() error {
 	if err := m.lockPIDFile(); err != nil {
 		return err
 	}
+	var unstored []string // names of sockets back from the fd store that no listener takes
 	if m.role() == rolePrimary {
 		socks, err := takeActivation()
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrConfig, err)
 		}
-		if m.adopt, err = matchActivated(m.cfg.Listeners, socks); err != nil {
+		stored, activated, unused := splitStored(m.cfg.Listeners, socks)
+		if m.adopt, err = matchActivated(m.cfg.Listeners, activated); err != nil {
 			for _, s := range socks {
 				_ = s.file.Close()
 			}
 			return err
+		}
+		for name, s := range stored {
+			m.adopt[name] = s
+		}
+		for _, s := range unused {
+			m.log.Info("socket from the fd store no longer configured; closed", "event", "listener.store_dropped", "listener", s.name, "addr", s.addr)
+			_ = s.file.Close()
+			unstored = append(unstored, s.name)
 		}
 	}
 	for _, spec := range m.cfg.Listeners {
 		if err := m.openListener(spec); err != nil {
 			return err
 		}
+	}
+	if m.role() == rolePrimary {
+		m.storeListeners()
+		m.unstoreListeners(unstored...)
 	}
 	if m.control, err = openControlSocket(m.cfg.ControlSocket, m.log.Named("control")); err != nil {
 		return err
@@ -140,7 +154,7 @@ func (m *Master) newListener(spec ListenSpec, mode os.FileMode, backlog int) (*l
 	activated := false
 	if s := m.adopt[spec.Name]; s != nil {
 		delete(m.adopt, spec.Name)
-		open, activated = func() (*os.File, error) { return s.file, nil }, true
+		open, activated = func() (*os.File, error) { return s.file, nil }, !s.stored
 	}
 	f, inherited, err := m.hand.Listener(spec.Name, open)
 	if err != nil {

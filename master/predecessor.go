@@ -94,9 +94,12 @@ func (m *Master) shutDownDropped() {
 			old = append(old, inheritedListener(name, f))
 		}
 	}
+	names := make([]string, 0, len(old))
 	for _, l := range old {
 		m.closeListener(l)
+		names = append(names, l.spec.Name)
 	}
+	m.unstoreListeners(names...)
 }
 
 // reportWorkers tells the new side this generation's worker process

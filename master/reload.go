@@ -191,6 +191,11 @@ func (m *Master) onReloadWorkerReady() {
 		m.closeListener(l)
 	}
 	m.supervisorReady("serving, %d workers; reloaded", len(m.slots))
+	dropped := make([]string, 0, len(r.dropped))
+	for _, l := range r.dropped {
+		dropped = append(dropped, l.spec.Name)
+	}
+	m.unstoreListeners(dropped...)
 	m.log.Info("reload done: new workers serve, the old ones drain", "event", "reload.done", "workers", len(m.slots),
 		"elapsed", time.Since(r.started).Round(time.Millisecond).String())
 	reloadReply(r, CtlReply{OK: true, Done: true, Message: fmt.Sprintf("reloaded: %d new workers serve", len(m.slots))})

@@ -4,9 +4,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/keeper"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
@@ -33,6 +36,24 @@ import (
 // nothing: they are not the service. The variable stays in the master's
 // environment, so that the masters of later upgrades find it too; workers
 // never see it (workerEnv).
+//
+// Under the keeper, the primary also pushes its listening sockets to the
+// keeper's fd store (systemd's protocol, sd_notify(3)), one datagram per
+// listener, so that the keeper holds a copy of each (keeper/fdstore.go):
+//
+//	the first master, its listeners bound   FDSTORE=1 FDNAME=<name> + the socket, for each
+//	every READY=1 above (commit, reload...)  the same, for the whole current set
+//	a listener dropped (reload, commit)      FDSTOREREMOVE=1 FDNAME=<name>
+//
+// with MOLT_ACTIVATED=1 beside FDSTORE=1 for a socket from socket
+// activation (the keeper keeps it out of systemd's own store), and after
+// each push of the set MOLT_FDSTORE_SET=<name>:<name>... (the keeper
+// forgets any other name). The keeper keeps one copy per name, so
+// pushing the set again is cheap.
+// With --no-keeper nothing is pushed to systemd's own store: with the
+// NotifyAccess=all the masters need there, every worker could push to or
+// remove from it too, and socket activation already keeps the sockets
+// across restarts of the service (docs/deploying.md).
 
 // monotonicUsec is CLOCK_MONOTONIC in microseconds, for MONOTONIC_USEC=
 // (systemd matches RELOADING=1 with it).
@@ -72,6 +93,79 @@ func (m *Master) supervisorStatus(format string, a ...any) string {
 // supervisorReady: this master is the primary and serves.
 func (m *Master) supervisorReady(format string, a ...any) {
 	m.tellSupervisor("MAINPID="+strconv.Itoa(os.Getpid()), "READY=1", m.controlLine(), m.supervisorStatus(format, a...))
+	m.storeListeners()
+}
+
+// storeWait bounds each fd-store datagram to the keeper: its notify
+// queue is short (net.unix.max_dgram_qlen), and a set pushed at once
+// may have to wait for the keeper to read.
+const storeWait = time.Second
+
+// underKeeper: the supervisor is molt's keeper, which stores sockets.
+func (m *Master) underKeeper() bool {
+	return m.supervisor != "" && os.Getenv(keeper.EnvKeeperPID) != ""
+}
+
+// storeListeners pushes every listener of this master to the keeper's fd
+// store (FDSTORE=1, FDNAME=<listener name>, the socket by SCM_RIGHTS).
+func (m *Master) storeListeners() {
+	if !m.underKeeper() {
+		return
+	}
+	for _, l := range m.listeners {
+		fd, err := rawFD(l.file)
+		if err == nil {
+			msg := "FDSTORE=1\nFDNAME=" + l.spec.Name
+			if l.activated {
+				msg += "\n" + keeper.FieldActivated + "=1"
+			}
+			err = notify.SendFDs(m.supervisor, msg, []int{fd}, storeWait)
+		}
+		runtime.KeepAlive(l.file)
+		if err != nil {
+			m.log.Warn("listener not pushed to the keeper's fd store", "event", "listener.store_failed", "listener", l.spec.Name, "error", err)
+			continue
+		}
+		m.log.Debug("listener pushed to the keeper's fd store", "event", "listener.stored", "listener", l.spec.Name)
+	}
+	// The set, so that the keeper forgets any other name (one a successor
+	// that died had added, after a take-back).
+	names := make([]string, 0, len(m.listeners))
+	for _, l := range m.listeners {
+		names = append(names, l.spec.Name)
+	}
+	set := keeper.FieldStoreSet + "=" + strings.Join(names, ":")
+	if len(set) > worker.MaxNotifySize {
+		m.log.Warn("listener names too long to send as one set; the keeper's fd store forgets dropped names only by FDSTOREREMOVE", "event", "listener.store_failed", "listener", "", "error", "set too long")
+		return
+	}
+	if err := notify.SendFDs(m.supervisor, set, nil, storeWait); err != nil {
+		m.log.Warn("listener set not sent to the keeper's fd store", "event", "listener.store_failed", "listener", "", "error", err)
+	}
+}
+
+// unstoreListeners tells the keeper's fd store to forget the listeners
+// named, which this master dropped (FDSTOREREMOVE=1), leaving out any
+// name it still listens on (a listener moved to another address keeps
+// its name: the push of its new socket replaced the old one).
+func (m *Master) unstoreListeners(names ...string) {
+	if !m.underKeeper() {
+		return
+	}
+	mine := map[string]bool{}
+	for _, l := range m.listeners {
+		mine[l.spec.Name] = true
+	}
+	for _, name := range names {
+		if mine[name] {
+			continue
+		}
+		if err := notify.SendFDs(m.supervisor, "FDSTOREREMOVE=1\nFDNAME="+name, nil, storeWait); err != nil {
+			m.log.Warn("dropped listener not removed from the keeper's fd store", "event", "listener.store_failed", "listener", name, "error", err)
+			continue
+		}
+		m.log.Debug("listener removed from the keeper's fd store", "event", "listener.unstored", "listener", name)
+	}
 }
 
 // controlLine is MOLT_CONTROL_SOCKET=<absolute path>, or "" (no line)

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master"
 	"github.com/molt-server/molt/master/keeper"
+	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
 
@@ -468,6 +469,16 @@ func runKeeper(log hclog.Logger, lf *logFile) int {
 		}
 	}
 	cfg := keeper.Config{Path: path, Args: os.Args[1:], Env: env, Notify: notify, Logger: log, Activated: activated}
+	if activated != nil {
+		// Checked by ActivatedFDs: the same list, now with its names
+		// (those of the keeper's own store in systemd's come back too).
+		cfg.ActivatedNames, _ = worker.ActivationNames(func(pid int) bool { return pid == os.Getpid() })
+	}
+	if notify != "" {
+		// systemd's fd store for the service (FileDescriptorStoreMax=):
+		// the keeper keeps its stored sockets there too.
+		cfg.FDStore = keeper.FDStoreFromEnv(os.Getenv("FDSTORE"))
+	}
 	if lf != nil {
 		cfg.Reopen = lf.Reopen
 		// The masters get the keeper's own stdout and stderr, never the

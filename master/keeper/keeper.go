@@ -17,7 +17,9 @@
 // every generation gracefully (over its control socket; SIGQUIT to it if
 // that fails), relays a summary to systemd when it runs under it, and
 // exits with the last master's exit status once no process of its tree is
-// left.
+// left. It also keeps a copy of every listening socket of the primary,
+// pushed with systemd's fd-store protocol, and passes them on to
+// systemd's own fd store when the service has one (fdstore.go).
 package keeper
 
 import (
@@ -68,6 +70,15 @@ type Config struct {
 	// with LISTEN_PID (the keeper's pid), LISTEN_FDS and LISTEN_FDNAMES
 	// left in Env; the keeper then closes its copies.
 	Activated []int
+	// ActivatedNames are their names (LISTEN_FDNAMES). Those named
+	// StoredNamePrefix+<name> come from systemd's fd store, where the
+	// keeper put them (FDStore): the keeper stores them again under
+	// <name>, and the master adopts them as its own, not as activated.
+	ActivatedNames []string
+	// FDStore is the size of systemd's fd store for the service
+	// ($FDSTORE, from FileDescriptorStoreMax=); 0: none, nothing is
+	// forwarded there.
+	FDStore int
 }
 
 // FieldControlSocket is the notify field with which a master tells its
@@ -113,7 +124,11 @@ type keeper struct {
 	ready       bool          // READY=1 sent upstream once
 	stopSent    bool          // STOPPING=1 sent upstream
 	status      int           // exit code of the last master reaped
-	turns       int           // turns of the loop, for tests
+	// store holds a copy of every listening socket of the primary
+	// (fdstore.go); fdRejected logs, throttled, what it refused.
+	store      *fdStore
+	fdRejected *notify.Rejected
+	turns      int // turns of the loop, for tests
 }
 
 // sysOps is what the keeper asks of the kernel, a seam for tests.
@@ -160,7 +175,7 @@ type stopResult struct {
 
 func newKeeper(cfg Config, procs procView, sys sysOps) *keeper {
 	return &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), procs: procs, sys: sys, masters: map[int]int{},
-		stopped: make(chan stopResult, 1), stopTimeout: stopRequestTimeout}
+		stopped: make(chan stopResult, 1), stopTimeout: stopRequestTimeout, store: newFDStore(FDStoreMax)}
 }
 
 // Run starts the first master and keeps it, and every master after it,
@@ -171,6 +186,7 @@ func Run(cfg Config) int {
 		for _, fd := range k.masters {
 			k.sys.closeFD(fd)
 		}
+		k.store.closeAll()
 	}()
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		k.log.Error("cannot become a child subreaper", "error", err)
@@ -195,17 +211,24 @@ func Run(cfg Config) int {
 		return 1
 	}
 	defer sock.Close()
+	// Masters push their listening sockets (fdstore.go): the reader takes
+	// a few descriptors per datagram, and closes those of anyone else.
+	sock.AcceptFDs(fdsPerDatagram)
 	rejected := notify.NewRejected(k.log, sock.Addr, notify.RejectedLogEvery)
 	defer rejected.Close()
+	k.fdRejected = notify.NewRejectedAs(k.log, sock.Addr, notify.RejectedLogEvery, "fd-store messages rejected; their descriptors closed",
+		"event", "keeper.fdstore_rejected")
+	defer k.fdRejected.Close()
 	notices := make(chan notify.Msg, 64)
 	done := make(chan struct{})
 	defer close(done) // before the socket's close: the reader ends either way
-	go k.readNotify(sock.Read, rejected.Add, notices, done)
+	go k.readNotify(sock.Read, rejected.Add, k.fdRejected.Add, notices, done)
 
 	sigC := make(chan os.Signal, 16)
 	signal.Notify(sigC, append(append([]os.Signal{syscall.SIGCHLD}, forwarded...), stops...)...)
 	defer signal.Stop(sigC)
 
+	k.restoreStored(cfg.Activated, cfg.ActivatedNames)
 	env := append(append([]string{}, cfg.Env...), "NOTIFY_SOCKET="+sock.Addr, EnvKeeperPID+"="+strconv.Itoa(os.Getpid()))
 	pid, err := startMaster(cfg, env)
 	if err != nil {
@@ -475,8 +498,10 @@ func requestStop(path string, primary int, timeout time.Duration) error {
 // it closes notices. Every sender is checked here, before anything
 // reaches the loop: a flood of strangers' datagrams costs a getsid each
 // and a log line per interval, and never queues ahead of the operator's
-// signals.
-func (k *keeper) readNotify(read func() (notify.Msg, error), reject func(pid int, why string), notices chan<- notify.Msg, done <-chan struct{}) {
+// signals. Descriptors a stranger passes are closed here at once
+// (rejectFDs logs them); those of a master go on to the loop, which
+// keeps or closes them.
+func (k *keeper) readNotify(read func() (notify.Msg, error), reject, rejectFDs func(pid int, why string), notices chan<- notify.Msg, done <-chan struct{}) {
 	defer close(notices)
 	for {
 		n, err := read()
@@ -486,17 +511,23 @@ func (k *keeper) readNotify(read func() (notify.Msg, error), reject func(pid int
 			}
 			return
 		}
-		if ok, why := k.procs.isMaster(n.Pid); !ok {
-			reject(n.Pid, why)
-			continue
+		ok, why := k.procs.isMaster(n.Pid)
+		if ok && n.Err != nil {
+			ok, why = false, n.Err.Error()
 		}
-		if n.Err != nil {
-			reject(n.Pid, n.Err.Error())
+		if !ok {
+			if len(n.FDs) > 0 || n.FDsDiscarded {
+				n.CloseFDs()
+				rejectFDs(n.Pid, why)
+			} else {
+				reject(n.Pid, why)
+			}
 			continue
 		}
 		select {
 		case notices <- n:
 		case <-done:
+			n.CloseFDs()
 			return
 		}
 	}
@@ -575,7 +606,9 @@ func (k *keeper) holdMaster(pid int) error {
 }
 
 // onNotice takes a master's message (readNotify checked the sender).
+// The descriptors it carries are closed unless the store keeps them.
 func (k *keeper) onNotice(n notify.Msg) {
+	defer n.CloseFDs()
 	msg := n.Fields
 	if v, ok := msg.Get("MAINPID"); ok {
 		// Only a master may be named: the sender itself, or a master the
@@ -594,6 +627,13 @@ func (k *keeper) onNotice(n notify.Msg) {
 			k.log.Warn("MAINPID rejected", "event", "keeper.mainpid_rejected", "pid", n.Pid, "mainpid", v, "reason", err.Error())
 		} else if pid != k.primary {
 			k.setPrimary(pid, k.primary)
+		}
+	}
+	if isFDStore(&n) {
+		if n.Pid == k.primary {
+			k.onFDStore(&n)
+		} else {
+			k.rejectFDs(&n, "not from the primary master")
 		}
 	}
 	if n.Pid != k.primary {

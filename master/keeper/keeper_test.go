@@ -550,7 +550,7 @@ func TestReadNotify(t *testing.T) {
 	}
 	var rejected []string
 	notices := make(chan notify.Msg, 8)
-	k.readNotify(read, func(pid int, why string) { rejected = append(rejected, fmt.Sprint(pid)) }, notices, make(chan struct{}))
+	k.readNotify(read, func(pid int, why string) { rejected = append(rejected, fmt.Sprint(pid)) }, func(int, string) {}, notices, make(chan struct{}))
 	var got []int
 	for n := range notices { // closed by the reader
 		got = append(got, n.Pid)
@@ -565,7 +565,7 @@ func TestReadNotify(t *testing.T) {
 	close(done)
 	blocked := make(chan notify.Msg) // nobody reads
 	ended := make(chan struct{})
-	go func() { k.readNotify(endless, func(int, string) {}, blocked, done); close(ended) }()
+	go func() { k.readNotify(endless, func(int, string) {}, func(int, string) {}, blocked, done); close(ended) }()
 	select {
 	case <-ended:
 	case <-time.After(5 * time.Second):

@@ -32,6 +32,9 @@ type Socket struct {
 	f *os.File
 	// Addr is the socket's path: what NOTIFY_SOCKET says.
 	Addr string
+	// maxFDs is how many descriptors Read takes from one datagram
+	// (AcceptFDs); 0: none, the kernel closes them unread.
+	maxFDs int
 }
 
 // Msg is one datagram as the reader saw it.
@@ -41,8 +44,22 @@ type Msg struct {
 	Err    error // malformed datagram or missing credentials
 	// FDsDiscarded: the sender passed descriptors; the kernel closed them
 	// unread (the receive buffer has room for credentials only). That
-	// close is what systemd-notify's BARRIER=1 waits for.
+	// close is what systemd-notify's BARRIER=1 waits for. On a socket
+	// that accepts descriptors (AcceptFDs), it means the sender passed
+	// more than fit: the kernel closed those beyond FDs.
 	FDsDiscarded bool
+	// FDs are the descriptors the datagram carried (SCM_RIGHTS), on a
+	// socket that accepts them (AcceptFDs): installed close-on-exec in
+	// this process, and the receiver's to close (CloseFDs) or keep.
+	FDs []int
+}
+
+// CloseFDs closes the descriptors the datagram carried, and forgets them.
+func (m *Msg) CloseFDs() {
+	for _, fd := range m.FDs {
+		_ = unix.Close(fd)
+	}
+	m.FDs = nil
 }
 
 // oobSize is room for the credentials and nothing else: descriptors a
@@ -50,6 +67,18 @@ type Msg struct {
 // instead of installing them in the receiver (scm_detach_fds). A flood
 // of datagrams carrying fds can then never raise the receiver's fd count.
 var oobSize = unix.CmsgSpace(unix.SizeofUcred)
+
+// AcceptFDs makes Read take up to max descriptors per datagram into
+// Msg.FDs instead of leaving the kernel to close them unread: the
+// receive buffer gets room for them (the kernel closes any beyond, and
+// reports it: Msg.FDsDiscarded). Call it before the first Read. The
+// caller must close or keep every descriptor of every Msg; at most max
+// are open at a time per Read, whoever sends them.
+func (s *Socket) AcceptFDs(max int) {
+	if max > 0 {
+		s.maxFDs = max
+	}
+}
 
 // MaxPathLen is the longest socket path sockaddr_un can hold.
 const MaxPathLen = len(unix.RawSockaddrUnix{}.Path) - 1
@@ -119,7 +148,11 @@ func PrivateDir(prefix string, mode os.FileMode) (string, error) {
 // Msg with Err set.
 func (s *Socket) Read() (Msg, error) {
 	buf := make([]byte, worker.MaxNotifySize+1)
-	oob := make([]byte, oobSize)
+	size := oobSize
+	if s.maxFDs > 0 {
+		size += unix.CmsgSpace(4 * s.maxFDs)
+	}
+	oob := make([]byte, size)
 	rc, err := s.f.SyscallConn()
 	if err != nil {
 		return Msg{}, err
@@ -148,7 +181,10 @@ func (s *Socket) Read() (Msg, error) {
 		return Msg{}, fmt.Errorf("notify socket: recvmsg: %w", rerr)
 	}
 	m := ParseDatagram(buf[:n], oob[:oobn], flags)
-	closeInstalled(oob[:oobn])
+	if s.maxFDs == 0 && len(m.FDs) > 0 {
+		closeInstalled(oob[:oobn])
+		m.FDs, m.FDsDiscarded = nil, true
+	}
 	return m, nil
 }
 
@@ -171,6 +207,9 @@ func closeInstalled(oob []byte) {
 
 // ParseDatagram interprets one datagram and its control messages. It
 // never closes anything: the descriptors a fuzzer names are not ours.
+// The descriptors of SCM_RIGHTS are listed in FDs; FDsDiscarded says the
+// kernel discarded some (MSG_CTRUNC). A socket that does not accept
+// descriptors (Read) closes any listed and reports them discarded.
 func ParseDatagram(data, oob []byte, flags int) Msg {
 	var m Msg
 	cmsgs, err := unix.ParseSocketControlMessage(oob)
@@ -188,7 +227,9 @@ func ParseDatagram(data, oob []byte, flags int) Msg {
 		// parser of outside input must not be able to panic.
 		switch c.Header.Type {
 		case unix.SCM_RIGHTS:
-			m.FDsDiscarded = true
+			for i := 0; i+4 <= len(c.Data); i += 4 {
+				m.FDs = append(m.FDs, int(int32(binary.NativeEndian.Uint32(c.Data[i:]))))
+			}
 		case unix.SCM_CREDENTIALS:
 			if len(c.Data) >= unix.SizeofUcred { // struct ucred: pid, uid, gid
 				m.Pid = int(int32(binary.NativeEndian.Uint32(c.Data)))
@@ -227,6 +268,8 @@ type Rejected struct {
 	log      hclog.Logger
 	interval time.Duration
 	socket   string
+	message  string
+	event    []any // the log line's "event" key and value
 
 	mu      sync.Mutex
 	count   int
@@ -238,7 +281,14 @@ type Rejected struct {
 
 // NewRejected logs to log, at most once per interval, about socket.
 func NewRejected(log hclog.Logger, socket string, interval time.Duration) *Rejected {
-	return &Rejected{log: log, socket: socket, interval: interval}
+	return NewRejectedAs(log, socket, interval, "notify messages rejected", "event", "notify.rejected")
+}
+
+// NewRejectedAs is NewRejected with another message and event (the log
+// line's "event" key and its value), for another kind of rejection on
+// the same socket.
+func NewRejectedAs(log hclog.Logger, socket string, interval time.Duration, message string, event ...any) *Rejected {
+	return &Rejected{log: log, socket: socket, interval: interval, message: message, event: event}
 }
 
 // Add counts one rejected datagram.
@@ -259,8 +309,8 @@ func (r *Rejected) flushLocked() {
 		r.armed = false
 		return
 	}
-	r.log.Warn("notify messages rejected", "event", "notify.rejected", "count", r.count,
-		"last_pid", r.lastPid, "reason", r.reason, "socket", r.socket)
+	r.log.Warn(r.message, append(append([]any{}, r.event...), "count", r.count,
+		"last_pid", r.lastPid, "reason", r.reason, "socket", r.socket)...)
 	r.count = 0
 	r.armed = true
 	time.AfterFunc(r.interval, func() {

@@ -333,3 +333,58 @@ func TestNotifySocket_SystemdNotifyBarrier(t *testing.T) {
 		t.Error("systemd-notify still waits for its barrier")
 	}
 }
+
+// TestNotifySocket_AcceptFDs: a socket that accepts descriptors gets
+// those of SendFDs in Msg.FDs (installed close-on-exec, the receiver's
+// to close); beyond its bound per datagram the kernel closes the rest
+// and the message says so. A flood of many-fd datagrams never raises the
+// receiver's count beyond what it has not closed yet.
+func TestNotifySocket_AcceptFDs(t *testing.T) {
+	s := openTest(t)
+	s.AcceptFDs(2)
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devnull.Close()
+	fdCount := func() int {
+		ents, _ := os.ReadDir("/proc/self/fd")
+		return len(ents)
+	}
+	if err := SendFDs(s.Addr, "FDSTORE=1\nFDNAME=x", []int{int(devnull.Fd())}, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.Read()
+	if err != nil || m.Err != nil || m.Pid != os.Getpid() {
+		t.Fatal(err, m.Err, m.Pid)
+	}
+	if len(m.FDs) != 1 || m.FDsDiscarded || !m.Fields.Is("FDSTORE", "1") {
+		t.Fatalf("message %+v", m)
+	}
+	if fl, err := unix.FcntlInt(uintptr(m.FDs[0]), unix.F_GETFD, 0); err != nil || fl&unix.FD_CLOEXEC == 0 {
+		t.Errorf("received fd %d: flags %#x, %v: want close-on-exec", m.FDs[0], fl, err)
+	}
+	m.CloseFDs()
+
+	before := fdCount()
+	many := make([]int, 200)
+	for i := range many {
+		many[i] = int(devnull.Fd())
+	}
+	for i := 0; i < 20; i++ {
+		if err := SendFDs(s.Addr, "FDSTORE=1\nFDNAME=x", many, time.Second); err != nil {
+			t.Fatal(err)
+		}
+		m, err := s.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m.FDs) != 2 || !m.FDsDiscarded {
+			t.Fatalf("200 fds to a socket taking 2: got %d, discarded %v", len(m.FDs), m.FDsDiscarded)
+		}
+		m.CloseFDs()
+	}
+	if after := fdCount(); after != before {
+		t.Errorf("fd count %d after the flood, was %d", after, before)
+	}
+}
