@@ -35,6 +35,7 @@ func main() {
 	upgrades := flag.Int("upgrades", 20, "upgrades per zero-downtime run")
 	rounds := flag.Int("rounds", 3, "rounds of the throughput measurement (each runs every setup once in each mode)")
 	runFor := flag.Duration("run", 5*time.Second, "length of one throughput run")
+	nginx := flag.String("nginx", "", "the nginx `binary` to compare upgrades with (default: /usr/sbin/nginx or nginx on PATH; \"none\" skips it)")
 	only := flag.String("only", "", "run only these sections, comma-separated: "+strings.Join(sectionNames, ", ")+" (default all)")
 	flag.Parse()
 	abs, err := filepath.Abs(*moltBin)
@@ -42,7 +43,7 @@ func main() {
 		fail(err)
 	}
 	raiseFileLimit()
-	b := &bench{molt: abs, upgrades: *upgrades, rounds: max(1, *rounds), runFor: *runFor, started: time.Now(), cpu: cpuBudget()}
+	b := &bench{molt: abs, upgrades: *upgrades, rounds: max(1, *rounds), runFor: *runFor, started: time.Now(), cpu: cpuBudget(), nginx: *nginx}
 	b.cpu.pinSelf()
 	if *only != "" {
 		b.only = map[string]bool{}
@@ -118,6 +119,7 @@ type bench struct {
 	molt             string
 	upgrades, rounds int
 	runFor           time.Duration
+	nginx            string // -nginx
 	cpu              budget
 	started          time.Time
 	commands         []string

@@ -277,14 +277,25 @@ func (s *server) stop() {
 	}
 }
 
-// nginxBinary is Debian's nginx, if installed.
-func nginxBinary() (string, error) {
-	for _, p := range []string{"/usr/sbin/nginx"} {
-		if _, err := os.Stat(p); err == nil {
+// nginxBinary is the nginx to compare with: flag (-nginx) if given, else
+// Debian's, if installed.
+func nginxBinary(flag string) (string, error) {
+	switch flag {
+	case "none":
+		return "", errors.New("-nginx none")
+	case "":
+		if _, err := os.Stat("/usr/sbin/nginx"); err == nil {
+			return "/usr/sbin/nginx", nil
+		}
+		if p, err := exec.LookPath("nginx"); err == nil {
 			return p, nil
 		}
+		return "", errors.New("nginx is not installed (Debian: apt-get install nginx-light)")
 	}
-	return exec.LookPath("nginx")
+	if _, err := os.Stat(flag); err != nil {
+		return "", fmt.Errorf("-nginx %s: %w", flag, err)
+	}
+	return flag, nil
 }
 
 // nginxConf is the reference server: a fixed answer naming the worker.

@@ -263,7 +263,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	targets = append(targets, fmt.Sprintf("| (e) connections per worker CV ≤ 0.10, keep-alive | %.3f | %s |", ccv, verdict(ccv <= 0.10)))
 	rcv := cvOf(e, func(r tputRun) float64 { return r.reqsCV })
 	targets = append(targets, fmt.Sprintf("| (e) requests per worker CV ≤ 0.10, keep-alive | %.3f | %s |", rcv, verdict(rcv <= 0.10)))
-	targets = append(targets, fmt.Sprintf("| master and keeper CPU over one run of (c), (d), (e) ~ 0 (0–1 ticks) | at most %d ticks | %s |", maxTicks, verdict(maxTicks >= 0 && maxTicks <= 1)))
+	targets = append(targets, fmt.Sprintf("| master and keeper CPU over one run of (c), (d), (e) ~ 0 (0–1 ticks) | at most %d tick(s) in a run | %s |", maxTicks, verdict(maxTicks >= 0 && maxTicks <= 1)))
 	defNote := fmt.Sprintf("(d) runs molt without `--workers`: its default is `runtime.NumCPU()` of its own affinity mask, here %d", def)
 	if b.cpu.server != "" {
 		defNote += " since molt is pinned to one CPU"

@@ -47,9 +47,9 @@ func (b *bench) upgradeLatency() {
 		return res
 	}
 	nginxSkip := ""
-	bin, err := nginxBinary()
+	bin, err := nginxBinary(b.nginx)
 	if err != nil {
-		nginxSkip = "nginx is not installed (`apt-get install nginx-light` on Debian): skipped"
+		nginxSkip = fmt.Sprintf("skipped: %v", err)
 	}
 	for _, mode := range modes {
 		for i, sys := range molts {
