@@ -1,7 +1,10 @@
 // Command bench is "make bench": it measures molt serving its demo app
 // with molt drill (the same engine operators use) and writes
-// test/bench/RESULTS.md: zero downtime across upgrades, the overhead
-// against the same app run bare, memory, balance across workers, and
+// test/bench/RESULTS.md, on a fixed CPU budget (server and load generator
+// pinned to different CPUs): throughput and p99 in both connection modes
+// against the same app run bare, with the balance across workers and the
+// CPU time of molt's master and keeper; memory; the upgrade latency
+// against nginx's binary upgrade; zero downtime across upgrades; and
 // upgrades at scale. It runs on the machine it is given and says which.
 // Numbers are what they are: a target missed is reported as missed.
 package main
