@@ -1,7 +1,10 @@
 // Command bench is "make bench": it measures molt serving its demo app
 // with molt drill (the same engine operators use) and writes
-// test/bench/RESULTS.md: zero downtime across upgrades, the overhead
-// against the same app run bare, memory, balance across workers, and
+// test/bench/RESULTS.md, on a fixed CPU budget (server and load generator
+// pinned to different CPUs): throughput and p99 in both connection modes
+// against the same app run bare, with the balance across workers and the
+// CPU time of molt's master and keeper; memory; the upgrade latency
+// against nginx's binary upgrade; zero downtime across upgrades; and
 // upgrades at scale. It runs on the machine it is given and says which.
 // Numbers are what they are: a target missed is reported as missed.
 package main
@@ -15,11 +18,11 @@ import (
 	"flag"
 	"fmt"
 	"math"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -33,24 +36,26 @@ func main() {
 	moltBin := flag.String("molt", "bin/molt", "the molt binary to measure")
 	out := flag.String("out", "test/bench/RESULTS.md", "where to write the results")
 	upgrades := flag.Int("upgrades", 20, "upgrades per zero-downtime run")
-	repeats := flag.Int("repeats", 6, "alternating repeats of each overhead measurement")
-	only := flag.String("only", "", "run only these sections, comma-separated: zero-downtime, overhead, scale (default all)")
+	rounds := flag.Int("rounds", 3, "rounds of the throughput measurement (each runs every setup once in each mode)")
+	runFor := flag.Duration("run", 5*time.Second, "length of one throughput run")
+	nginx := flag.String("nginx", "", "the nginx `binary` to compare upgrades with (default: /usr/sbin/nginx or nginx on PATH; \"none\" skips it)")
+	only := flag.String("only", "", "run only these sections, comma-separated: "+strings.Join(sectionNames, ", ")+" (default all)")
 	flag.Parse()
 	abs, err := filepath.Abs(*moltBin)
 	if err != nil {
 		fail(err)
 	}
 	raiseFileLimit()
-	b := &bench{molt: abs, upgrades: *upgrades, repeats: *repeats, started: time.Now()}
+	b := &bench{molt: abs, upgrades: *upgrades, rounds: max(1, *rounds), runFor: *runFor, started: time.Now(), cpu: cpuBudget(), nginx: *nginx}
+	b.cpu.pinSelf()
 	if *only != "" {
 		b.only = map[string]bool{}
 		for _, s := range strings.Split(*only, ",") {
-			switch s = strings.TrimSpace(s); s {
-			case "zero-downtime", "overhead", "scale":
-				b.only[s] = true
-			default:
-				fail(fmt.Errorf("-only %q: want zero-downtime, overhead or scale", s))
+			s = strings.TrimSpace(s)
+			if !slices.Contains(sectionNames, s) {
+				fail(fmt.Errorf("-only %q: want one of %s", s, strings.Join(sectionNames, ", ")))
 			}
+			b.only[s] = true
 		}
 	}
 	b.run()
@@ -92,9 +97,10 @@ type report struct {
 		OldGoneMs    float64 `json:"old_gone_ms"`
 		Error        string  `json:"error"`
 	}
-	ByWorker   map[string]int `json:"by_worker"`
-	IdleConns  int            `json:"idle_conns"`
-	IdleClosed int            `json:"idle_closed_by_server"`
+	ByWorker      map[string]int `json:"by_worker"`
+	ConnsByWorker map[string]int `json:"conns_by_worker"`
+	IdleConns     int            `json:"idle_conns"`
+	IdleClosed    int            `json:"idle_closed_by_server"`
 }
 
 type percentiles struct {
@@ -112,21 +118,16 @@ func (r report) perSec() float64 {
 	return t
 }
 
-// server is a molt master (or bare demo processes) the bench started.
-type server struct {
-	dir     string
-	addr    string
-	pidFile string
-	procs   []*exec.Cmd
-}
-
 type bench struct {
-	molt              string
-	upgrades, repeats int
-	started           time.Time
-	commands          []string
-	sections          []string
-	only              map[string]bool // nil: every section
+	molt             string
+	upgrades, rounds int
+	runFor           time.Duration
+	nginx            string // -nginx
+	cpu              budget
+	started          time.Time
+	commands         []string
+	sections         []string
+	only             map[string]bool // nil: every section
 }
 
 func (b *bench) log(format string, a ...any) {
@@ -141,114 +142,14 @@ func freeAddr() string {
 	return a
 }
 
-// startMolt starts "molt run" with the demo app on a free port, from a
-// copy of the binary in a directory of its own (an upgrade re-executes
-// that path), and waits until it serves.
-func (b *bench) startMolt(workers int) *server {
-	dir, err := os.MkdirTemp("", "molt-bench")
-	if err != nil {
-		fail(err)
-	}
-	bin := filepath.Join(dir, "molt")
-	data, err := os.ReadFile(b.molt)
-	if err != nil {
-		fail(err)
-	}
-	if err := os.WriteFile(bin, data, 0o755); err != nil {
-		fail(err)
-	}
-	s := &server{dir: dir, addr: freeAddr(), pidFile: filepath.Join(dir, "molt.pid")}
-	args := []string{"run", "--no-keeper", "--listen", s.addr, "--workers", strconv.Itoa(workers),
-		"--pid-file", s.pidFile, "--log-file", filepath.Join(dir, "molt.log"), "--probation", "200ms"}
-	b.note("molt run " + strings.Join(args[1:], " "))
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = dir
-	if err := cmd.Start(); err != nil {
-		fail(err)
-	}
-	s.procs = []*exec.Cmd{cmd}
-	s.waitServing(workers)
-	return s
-}
-
-// startBare starts n "molt demo --reuseport" processes on one port.
-func (b *bench) startBare(n int) *server {
-	s := &server{addr: freeAddr()}
-	b.note(fmt.Sprintf("%d x molt demo --reuseport --listen %s", n, s.addr))
-	for range n {
-		cmd := exec.Command(b.molt, "demo", "--reuseport", "--listen", s.addr)
-		if err := cmd.Start(); err != nil {
-			fail(err)
-		}
-		s.procs = append(s.procs, cmd)
-	}
-	s.waitServing(0)
-	return s
-}
-
-// waitServing waits until GET / answers (and, for molt, the pid file
-// names a master with the given number of workers).
-func (s *server) waitServing(workers int) {
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		r, err := http.Get("http://" + s.addr + "/")
-		if err == nil {
-			r.Body.Close()
-			if workers == 0 || len(test.Children(s.masterPid())) >= workers {
-				return
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	fail(fmt.Errorf("nothing serves on %s after 60s (see %s)", s.addr, s.dir))
-}
-
-func (s *server) masterPid() int {
-	b, _ := os.ReadFile(s.pidFile)
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	return pid
-}
-
-// stop ends the server: QUIT to the current master (or TERM to the bare
-// processes) and a bounded wait.
-func (s *server) stop() {
-	pids := []int{}
-	if s.pidFile != "" {
-		pids = append(pids, s.masterPid())
-		_ = syscall.Kill(s.masterPid(), syscall.SIGQUIT)
-	} else {
-		for _, c := range s.procs {
-			pids = append(pids, c.Process.Pid)
-			_ = c.Process.Signal(syscall.SIGTERM)
-		}
-	}
-	for _, c := range s.procs {
-		done := make(chan struct{})
-		go func() { _ = c.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(40 * time.Second):
-			_ = c.Process.Kill()
-		}
-	}
-	for _, pid := range pids { // a master started by an upgrade is not our child
-		for i := 0; i < 400 && pid > 0 && syscall.Kill(pid, 0) == nil; i++ {
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	if s.dir != "" {
-		_ = os.RemoveAll(s.dir)
-	}
-}
-
 // drill runs molt drill --json against s.
 func (b *bench) drill(s *server, args ...string) report {
 	full := append([]string{"drill", "--json"}, args...)
 	full = append(full, "http://"+s.addr+"/")
-	b.note("molt " + strings.Join(full, " "))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, b.molt, full...)
+	cmd, shown := command(ctx, b.cpu.load, b.molt, full...)
+	b.note(shown)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -346,13 +247,13 @@ func verdict(ok bool) string {
 	return "**missed**"
 }
 
+// sectionNames are the sections, in the order they run.
+var sectionNames = []string{"throughput", "upgrade-latency", "zero-downtime", "scale"}
+
 func (b *bench) run() {
-	for _, sec := range []struct {
-		name string
-		run  func()
-	}{{"zero-downtime", b.zeroDowntime}, {"overhead", b.overhead}, {"scale", b.scale}} {
-		if b.only == nil || b.only[sec.name] {
-			sec.run()
+	for i, run := range []func(){b.throughput, b.upgradeLatency, b.zeroDowntime, b.scale} {
+		if b.only == nil || b.only[sectionNames[i]] {
+			run()
 		}
 	}
 }
@@ -365,7 +266,7 @@ func (b *bench) zeroDowntime() {
 	}
 	for _, clients := range []int{32, 256} {
 		for _, mode := range []string{"keep-alive", "close"} {
-			s := b.startMolt(runtime.NumCPU())
+			s := b.startMolt(moltOpts{workers: 2})
 			b.log("zero downtime: %d clients, %s, %d upgrades", clients, mode, b.upgrades)
 			r := b.drill(s, "--clients", strconv.Itoa(clients), "--mode", mode, "--upgrades", strconv.Itoa(b.upgrades),
 				"--interval", "1s", "--ctl", s.pidFile)
@@ -378,7 +279,7 @@ func (b *bench) zeroDowntime() {
 		}
 	}
 	b.section("Zero downtime: "+strconv.Itoa(b.upgrades)+" upgrades under load",
-		append([]string{fmt.Sprintf("molt with %d workers (the demo app), `molt ctl upgrade --wait` every second, probation 200 ms; the clients go as fast as they can. Target: 0 failed requests; p99 inside upgrade windows at most 1.5 × steady state. An upgrade window runs from the trigger until the old generation's last answer.", runtime.NumCPU()), ""}, rows...)...)
+		append([]string{"molt with 2 workers (the demo app, `--no-keeper`), `molt ctl upgrade --wait` every second, probation 200 ms; one `molt drill` run per row, the clients as fast as they can. Target: 0 failed requests; p99 inside upgrade windows at most 1.5 × steady state. An upgrade window runs from the trigger until the old generation's last answer.", ""}, rows...)...)
 }
 
 func failureClasses(r report) string {
@@ -393,78 +294,6 @@ func failureClasses(r report) string {
 	return "(" + strings.Join(cls, ", ") + ")"
 }
 
-// overhead: molt with N workers against N bare SO_REUSEPORT processes of
-// the same app, alternating; then memory and balance.
-func (b *bench) overhead() {
-	n := runtime.NumCPU()
-	var moltRate, bareRate, moltP99, bareP99, ratios []float64
-	var last report
-	var masterRSS, workerRSS float64
-	// Both run side by side for the whole measurement, warm. The drills
-	// alternate in the order molt, bare, bare, molt, ... so that neither
-	// always goes first, and each pair of neighbouring drills gives one
-	// ratio: whatever else the shared machine does drifts slower than that.
-	molt, bare := b.startMolt(n), b.startBare(n)
-	for i := range b.repeats {
-		order := []*server{molt, bare}
-		if i%2 == 1 {
-			order = []*server{bare, molt}
-		}
-		var pair [2]float64
-		for _, s := range order {
-			b.log("overhead: repeat %d, %s", i+1, map[bool]string{true: "bare", false: "molt"}[s == bare])
-			r := b.drill(s, "--clients", "32", "--mode", "keep-alive", "--duration", "5s")
-			if s == bare {
-				bareRate, bareP99 = append(bareRate, r.perSec()), append(bareP99, r.Latency.P99)
-				pair[1] = r.perSec()
-				continue
-			}
-			moltRate, moltP99 = append(moltRate, r.perSec()), append(moltP99, r.Latency.P99)
-			pair[0] = r.perSec()
-			last = r
-			if m := s.masterPid(); m > 0 {
-				masterRSS = rssMB(m)
-				if ws := test.Children(m); len(ws) > 0 {
-					workerRSS = rssMB(ws[0])
-				}
-			}
-		}
-		ratios = append(ratios, pair[0]/pair[1])
-	}
-	molt.stop()
-	bare.stop()
-	mr, mrl, mrh := stats(moltRate)
-	br, brl, brh := stats(bareRate)
-	mp, mpl, mph := stats(moltP99)
-	bp, bpl, bph := stats(bareP99)
-	ratio, rl, rh := stats(ratios)
-	b.section("Overhead against the bare app",
-		fmt.Sprintf("The demo app under molt (%d workers) against the same app as %d bare `molt demo --reuseport` processes on one port, both running side by side; 32 keep-alive clients as fast as they go, 5 s each, %d drills of each in the order molt, bare, bare, molt, ... (median [min–max]). The ratio is the median of the %d ratios of neighbouring drills. Target: throughput ratio ≥ 0.97.", n, n, b.repeats, b.repeats),
-		"",
-		"| | requests/s | p99 (ms) |",
-		"|---|---|---|",
-		fmt.Sprintf("| molt | %.0f [%.0f–%.0f] | %.2f [%.2f–%.2f] |", mr, mrl, mrh, mp, mpl, mph),
-		fmt.Sprintf("| bare | %.0f [%.0f–%.0f] | %.2f [%.2f–%.2f] |", br, brl, brh, bp, bpl, bph),
-		fmt.Sprintf("| ratio | %.3f [%.3f–%.3f] (%s) | %.2f |", ratio, rl, rh, verdict(ratio >= 0.97), mp/bp),
-	)
-	b.section("Memory",
-		"Resident set size after the load above (`VmRSS`). Target: master ≤ 15 MB.",
-		"",
-		"| process | RSS (MB) |",
-		"|---|---|",
-		fmt.Sprintf("| master | %.1f (%s) |", masterRSS, verdict(masterRSS <= 15)),
-		fmt.Sprintf("| one worker (demo app) | %.1f |", workerRSS),
-	)
-	var counts []float64
-	for _, c := range last.ByWorker {
-		counts = append(counts, float64(c))
-	}
-	mean, sd := meanSD(counts)
-	b.section("Balance",
-		fmt.Sprintf("Requests per worker in the last molt run above (%d workers, keep-alive: a connection stays with the worker that accepted it). Coefficient of variation: %.3f (requests per worker: %v).", len(counts), sd/mean, sortedInts(counts)),
-	)
-}
-
 func meanSD(xs []float64) (mean, sd float64) {
 	if len(xs) == 0 {
 		return math.NaN(), math.NaN()
@@ -477,15 +306,6 @@ func meanSD(xs []float64) (mean, sd float64) {
 		sd += (x - mean) * (x - mean)
 	}
 	return mean, math.Sqrt(sd / float64(len(xs)))
-}
-
-func sortedInts(xs []float64) []int {
-	out := make([]int, len(xs))
-	for i, x := range xs {
-		out[i] = int(x)
-	}
-	sort.Ints(out)
-	return out
 }
 
 // scale: upgrades with 1, 8 and 32 workers, and with 5,000 idle keep-alive
@@ -506,7 +326,7 @@ func (b *bench) scale() {
 		{"32 workers", 32, nil},
 		{"2 workers, 5,000 idle keep-alive connections", 2, []string{"--idle-conns", "5000"}},
 	} {
-		s := b.startMolt(c.workers)
+		s := b.startMolt(moltOpts{workers: c.workers})
 		b.log("scale: %s", c.name)
 		args := append([]string{"--clients", "16", "--upgrades", "5", "--interval", "2s", "--ctl", s.pidFile}, c.extra...)
 		r := b.drill(s, args...)
@@ -520,21 +340,23 @@ func (b *bench) scale() {
 			c.name, r.Requests, r.Failed, failureClasses(r), bad, len(r.Upgrades), spread(ns), spread(og), idle))
 	}
 	b.section("Scale",
-		append([]string{"5 upgrades every 2 s under 16 clients of each mode, as fast as they go. Idle connections are opened before the first upgrade and never used again; the old generation closes them once they have been idle for 2 s while it drains (a client would reconnect)."}, append([]string{""}, rows...)...)...)
+		append([]string{"molt (`--no-keeper`) with the demo app: 5 upgrades (`molt ctl upgrade --wait`) every 2 s under 16 clients of each mode side by side, as fast as they go; one `molt drill` run per row. Idle connections are opened before the first upgrade and never used again; the old generation closes them once they have been idle for 2 s while it drains (a client would reconnect)."}, append([]string{""}, rows...)...)...)
 }
 
 func (b *bench) markdown() string {
+	budget := "## CPU budget\n\n" + b.cpu.note + ". Numbers from a shared machine (other builds and tests running) are indicative: compare the ratios measured side by side, not absolute numbers.\n\n"
 	var sb strings.Builder
 	sb.WriteString("# molt benchmark results\n\n")
 	sb.WriteString("Written by `make bench` (test/bench). Every number comes from `molt drill`, the engine operators use; a target missed says so.\n\n")
 	sb.WriteString("## Machine\n\n")
 	sb.WriteString(machine())
 	sb.WriteString("\n")
+	sb.WriteString(budget)
 	for _, s := range b.sections {
 		sb.WriteString(s)
 		sb.WriteString("\n")
 	}
-	sb.WriteString("## How\n\n`make bench` (`go run ./test/bench -molt bin/molt`), " + fmt.Sprintf("%v in all", time.Since(b.started).Round(time.Second)) + ". The commands it ran:\n\n```\n")
+	sb.WriteString("## How\n\n`make bench` (`go run ./test/bench -molt bin/molt`), " + fmt.Sprintf("%v in all", time.Since(b.started).Round(time.Second)) + ". The commands it ran (temp paths and ports vary; each repeated run listed once):\n\n```\n")
 	for _, c := range b.commands {
 		sb.WriteString(c + "\n")
 	}
@@ -562,7 +384,7 @@ func machine() string {
 			lines = append(lines, "- "+strings.Join(strings.Fields(l), " "))
 		}
 	}
-	lines = append(lines, "- Go: "+runtime.Version(), "- load generator and server share the machine (no isolation): compare ratios, not absolute numbers")
+	lines = append(lines, "- Go: "+runtime.Version())
 	return strings.Join(lines, "\n") + "\n"
 }
 

@@ -61,7 +61,9 @@ type Config struct {
 	Interval time.Duration
 	Trigger  Trigger
 	// Header names the serving generation in answers (X-Molt-Master-Pid);
-	// WorkerHeader the serving worker (X-Molt-Worker-Pid), for balance.
+	// WorkerHeader the serving worker (X-Molt-Worker-Pid), for balance:
+	// requests per worker, and connections per worker (the worker that
+	// answered a connection's first request).
 	Header, WorkerHeader string
 	// IdleConns are keep-alive connections opened at the start (one
 	// request each) and left idle for the whole run.
@@ -85,6 +87,9 @@ type sample struct {
 	class      Class // "" when answered 200
 	served     string
 	worker     string
+	// first: the first request on a connection the client dialed for it
+	// (every request in close mode).
+	first bool
 }
 
 // Class is a kind of failure.
@@ -301,8 +306,9 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 			}
 		}
 		start := time.Since(c.began)
+		first := c.conn == nil
 		resp, err := c.do()
-		s := sample{start: start, end: time.Since(c.began), mode: c.mode}
+		s := sample{start: start, end: time.Since(c.began), mode: c.mode, first: first}
 		if err != nil {
 			s.class = classify(err)
 		} else {

@@ -2,7 +2,9 @@ package drill
 
 import (
 	"context"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -116,5 +118,53 @@ func TestParseTarget(t *testing.T) {
 		if _, _, _, _, err := parseTarget(bad, ""); err == nil {
 			t.Errorf("%s accepted", bad)
 		}
+	}
+}
+
+// TestRun_CountsConnectionsByWorker serves each connection as one of two
+// "workers" by the order it was accepted in: a connection counts once, for
+// the worker that answered its first request, however many requests it
+// carried afterwards.
+func TestRun_CountsConnectionsByWorker(t *testing.T) {
+	t.Parallel()
+	type connKey struct{}
+	var accepted atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Molt-Worker-Pid", r.Context().Value(connKey{}).(string))
+	}))
+	srv.Config.ConnContext = func(ctx context.Context, _ net.Conn) context.Context {
+		return context.WithValue(ctx, connKey{}, "w"+strconv.FormatInt(accepted.Add(1)%2, 10))
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	for _, c := range []struct {
+		mode    Mode
+		clients int
+	}{{KeepAlive, 4}, {Close, 2}} {
+		t.Run(string(c.mode), func(t *testing.T) {
+			before := accepted.Load()
+			rep, err := Run(context.Background(), Config{Target: srv.URL + "/", Clients: c.clients, Rate: 200,
+				Duration: 500 * time.Millisecond, Modes: []Mode{c.mode}, WorkerHeader: "X-Molt-Worker-Pid"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			conns := int(accepted.Load() - before)
+			if rep.Failed != 0 || rep.OK < 40 || rep.ByWorker["w0"]+rep.ByWorker["w1"] != rep.OK {
+				t.Fatalf("ok %d, failed %d %v, by worker %v", rep.OK, rep.Failed, rep.Failures, rep.ByWorker)
+			}
+			got := rep.ConnsByWorker["w0"] + rep.ConnsByWorker["w1"]
+			switch c.mode {
+			case KeepAlive:
+				// One connection per client, alternately accepted as w1, w0.
+				if conns != c.clients || got != conns || rep.ConnsByWorker["w0"] != c.clients/2 {
+					t.Errorf("%d connections accepted, conns by worker %v", conns, rep.ConnsByWorker)
+				}
+			case Close:
+				// A connection per request: connections are requests.
+				if got != rep.OK || rep.ConnsByWorker["w0"] != rep.ByWorker["w0"] || rep.ConnsByWorker["w1"] != rep.ByWorker["w1"] {
+					t.Errorf("conns by worker %v, requests by worker %v", rep.ConnsByWorker, rep.ByWorker)
+				}
+			}
+		})
 	}
 }

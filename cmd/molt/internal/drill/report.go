@@ -12,25 +12,29 @@ import (
 // Report is what a drill saw. Times are in milliseconds (…Ms) or seconds
 // since the start (…S); -1 means unknown (no generation header).
 type Report struct {
-	Target     string               `json:"target"`
-	Modes      []string             `json:"modes"`
-	Clients    int                  `json:"clients_per_mode"`
-	Rate       float64              `json:"rate_per_mode"`
-	ElapsedS   float64              `json:"elapsed_s"`
-	Requests   int                  `json:"requests"`
-	OK         int                  `json:"ok"`
-	Failed     int                  `json:"failed"`
-	Failures   map[Class]int        `json:"failures"`
-	ByMode     map[string]ModeStats `json:"by_mode"`
-	Latency    Percentiles          `json:"latency"`
-	Steady     Percentiles          `json:"latency_steady"`
-	InUpgrade  Percentiles          `json:"latency_in_upgrades"`
-	Upgrades   []Upgrade            `json:"upgrades"`
-	Timeline   []Span               `json:"generations"`
-	ByServed   map[string]int       `json:"by_generation"`
-	ByWorker   map[string]int       `json:"by_worker"`
-	IdleConns  int                  `json:"idle_conns"`
-	IdleClosed int                  `json:"idle_closed_by_server"`
+	Target    string               `json:"target"`
+	Modes     []string             `json:"modes"`
+	Clients   int                  `json:"clients_per_mode"`
+	Rate      float64              `json:"rate_per_mode"`
+	ElapsedS  float64              `json:"elapsed_s"`
+	Requests  int                  `json:"requests"`
+	OK        int                  `json:"ok"`
+	Failed    int                  `json:"failed"`
+	Failures  map[Class]int        `json:"failures"`
+	ByMode    map[string]ModeStats `json:"by_mode"`
+	Latency   Percentiles          `json:"latency"`
+	Steady    Percentiles          `json:"latency_steady"`
+	InUpgrade Percentiles          `json:"latency_in_upgrades"`
+	Upgrades  []Upgrade            `json:"upgrades"`
+	Timeline  []Span               `json:"generations"`
+	ByServed  map[string]int       `json:"by_generation"`
+	ByWorker  map[string]int       `json:"by_worker"`
+	// ConnsByWorker counts connections by the worker that answered their
+	// first request (a connection whose first request failed counts for
+	// none).
+	ConnsByWorker map[string]int `json:"conns_by_worker"`
+	IdleConns     int            `json:"idle_conns"`
+	IdleClosed    int            `json:"idle_closed_by_server"`
 
 	Elapsed time.Duration `json:"-"`
 }
@@ -81,7 +85,7 @@ func ms(d time.Duration) float64 { return math.Round(float64(d)/float64(time.Mil
 
 func (r *Report) analyze(samples []sample) {
 	r.ElapsedS = math.Round(r.Elapsed.Seconds()*100) / 100
-	r.Failures, r.ByMode, r.ByServed, r.ByWorker = map[Class]int{}, map[string]ModeStats{}, map[string]int{}, map[string]int{}
+	r.Failures, r.ByMode, r.ByServed, r.ByWorker, r.ConnsByWorker = map[Class]int{}, map[string]ModeStats{}, map[string]int{}, map[string]int{}, map[string]int{}
 	sort.Slice(samples, func(i, j int) bool { return samples[i].end < samples[j].end })
 	for _, s := range samples {
 		r.Requests++
@@ -95,6 +99,9 @@ func (r *Report) analyze(samples []sample) {
 			}
 			if s.worker != "" {
 				r.ByWorker[s.worker]++
+				if s.first {
+					r.ConnsByWorker[s.worker]++
+				}
 			}
 		} else {
 			r.Failed++
@@ -283,6 +290,18 @@ func (r *Report) Print(w io.Writer) {
 			line += "; trigger failed: " + u.Error
 		}
 		fmt.Fprintln(w, line)
+	}
+	if len(r.ByWorker) > 0 {
+		var ws []string
+		for w := range r.ByWorker {
+			ws = append(ws, w)
+		}
+		sort.Strings(ws)
+		var parts []string
+		for _, w := range ws {
+			parts = append(parts, fmt.Sprintf("%s %d (%d conns)", w, r.ByWorker[w], r.ConnsByWorker[w]))
+		}
+		fmt.Fprintf(w, "workers    %s\n", strings.Join(parts, ", "))
 	}
 	if len(r.Timeline) > 0 {
 		var parts []string

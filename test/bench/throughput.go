@@ -1,0 +1,284 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+
+	"github.com/molt-server/molt/test"
+)
+
+// setup is one way of serving the demo app in the throughput section.
+type setup struct {
+	name  string
+	multi bool // several serving processes: report the balance
+	start func() *server
+	s     *server
+	runs  map[string][]tputRun // by mode, one per round
+}
+
+// tputRun is one drill against one setup.
+type tputRun struct {
+	rate, p99       float64
+	connsCV, reqsCV float64 // over the serving processes; NaN for one
+	workers         int
+	master, keeper  int // CPU ticks over the run; -1 unknown
+	note            string
+}
+
+var modes = []string{"keep-alive", "close"}
+
+// throughput: the demo app as one bare process, as 2 bare --reuseport
+// processes, and under molt (1 worker, the default count, 2 workers) with
+// its keeper, all running side by side on the server's CPU; 32 clients,
+// each mode, the setups alternating in rounds.
+func (b *bench) throughput() {
+	def := b.cpu.serverCPUs
+	setups := []*setup{
+		{name: "(a) one bare process (`molt demo`)", start: func() *server { return b.startBare(1, false) }},
+		{name: "(b) 2 bare `molt demo --reuseport` processes", multi: true, start: func() *server { return b.startBare(2, true) }},
+		{name: "(c) molt, `--workers 1`", start: func() *server { return b.startMolt(moltOpts{workers: 1, keeper: true}) }},
+		{name: fmt.Sprintf("(d) molt, default workers (%d)", def), multi: def > 1, start: func() *server { return b.startMolt(moltOpts{keeper: true}) }},
+		{name: "(e) molt, `--workers 2`", multi: true, start: func() *server { return b.startMolt(moltOpts{workers: 2, keeper: true}) }},
+	}
+	for _, st := range setups {
+		st.s, st.runs = st.start(), map[string][]tputRun{}
+	}
+	for round := 1; round <= b.rounds; round++ {
+		for _, mode := range modes {
+			for _, st := range setups {
+				b.log("throughput: round %d of %d, %s, %s", round, b.rounds, mode, st.name)
+				st.runs[mode] = append(st.runs[mode], b.tputRun(st.s, mode))
+			}
+		}
+	}
+	b.throughputSection(setups, def)
+	b.memory(setups[4].s, setups[0].s)
+	for _, st := range setups {
+		st.s.stop()
+	}
+}
+
+// tputRun drills s for b.runFor with 32 clients in one mode, reading the
+// CPU time of molt's master and keeper around it.
+func (b *bench) tputRun(s *server, mode string) tputRun {
+	workers := s.workerPids()
+	master, keeper := 0, s.keeper
+	if s.kind == "molt" {
+		master = s.masterPid()
+	}
+	m0, k0 := ticks(master), ticks(keeper)
+	r := b.drill(s, "--clients", "32", "--mode", mode, "--duration", b.runFor.String())
+	m1, k1 := ticks(master), ticks(keeper)
+	run := tputRun{rate: r.perSec(), p99: r.Latency.P99, workers: len(workers), master: diff(m0, m1), keeper: diff(k0, k1)}
+	run.connsCV, run.reqsCV = cv(workers, r.ConnsByWorker), cv(workers, r.ByWorker)
+	if after := s.workerPids(); !samePids(workers, after) {
+		run.note = fmt.Sprintf("workers changed during the run: %v, then %v", workers, after)
+	}
+	if r.Failed > 0 {
+		run.note += fmt.Sprintf(" %d requests failed %s", r.Failed, failureClasses(r))
+	}
+	return run
+}
+
+// ticks is pid's CPU time so far (utime+stime, clock ticks), -1 if pid is
+// 0 or unknown.
+func ticks(pid int) int {
+	if pid <= 0 {
+		return -1
+	}
+	t, ok := test.CPUTicks(pid)
+	if !ok {
+		return -1
+	}
+	return t
+}
+
+func diff(before, after int) int {
+	if before < 0 || after < 0 {
+		return -1
+	}
+	return after - before
+}
+
+// cv is the coefficient of variation of counts over the given processes:
+// one that served nothing counts as 0 (counts holds only those that
+// answered). NaN for fewer than 2 processes.
+func cv(pids []int, counts map[string]int) float64 {
+	if len(pids) < 2 {
+		return math.NaN()
+	}
+	var xs []float64
+	for _, p := range pids {
+		xs = append(xs, float64(counts[strconv.Itoa(p)]))
+	}
+	mean, sd := meanSD(xs)
+	return sd / mean
+}
+
+func samePids(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	in := map[int]bool{}
+	for _, p := range a {
+		in[p] = true
+	}
+	for _, p := range b {
+		if !in[p] {
+			return false
+		}
+	}
+	return true
+}
+
+// memory records the resident set of molt's keeper, master and one
+// worker, and of the bare process, after the throughput runs.
+func (b *bench) memory(molt, bare *server) {
+	rss := func(pid int) string {
+		if pid <= 0 {
+			return "n/a"
+		}
+		return fmt.Sprintf("%.1f", rssMB(pid))
+	}
+	master := molt.masterPid()
+	worker := 0
+	if ws := molt.workerPids(); len(ws) > 0 {
+		worker = ws[0]
+	}
+	mrss := rssMB(master)
+	b.section("Memory",
+		"Resident set size (`VmRSS` of /proc/PID/status) after the throughput runs, of setup (e) and of the one bare process (a). Target: master ≤ 15 MB.",
+		"",
+		"| process | RSS (MB) |",
+		"|---|---|",
+		fmt.Sprintf("| master | %.1f (%s) |", mrss, verdict(mrss > 0 && mrss <= 15)),
+		fmt.Sprintf("| keeper | %s |", rss(molt.keeper)),
+		fmt.Sprintf("| one worker (demo app) | %s |", rss(worker)),
+		fmt.Sprintf("| one bare `molt demo` process | %s |", rss(bare.workerPids()[0])),
+	)
+}
+
+// spreadF formats the median [min–max] of xs with the format f; "–" when
+// none is known (NaN).
+func spreadF(xs []float64, f string) string {
+	var known []float64
+	for _, x := range xs {
+		if !math.IsNaN(x) {
+			known = append(known, x)
+		}
+	}
+	if len(known) == 0 {
+		return "–"
+	}
+	m, lo, hi := stats(known)
+	return fmt.Sprintf(f+" ["+f+"–"+f+"]", m, lo, hi)
+}
+
+// tickRange formats CPU ticks per run as min–max.
+func tickRange(runs []tputRun, pick func(tputRun) int) (string, int) {
+	lo, hi := math.MaxInt, -1
+	for _, r := range runs {
+		t := pick(r)
+		if t < 0 {
+			continue
+		}
+		lo, hi = min(lo, t), max(hi, t)
+	}
+	if hi < 0 {
+		return "–", -1
+	}
+	if lo == hi {
+		return strconv.Itoa(lo), hi
+	}
+	return fmt.Sprintf("%d–%d", lo, hi), hi
+}
+
+func (b *bench) throughputSection(setups []*setup, def int) {
+	field := func(runs []tputRun, f func(tputRun) float64) []float64 {
+		var xs []float64
+		for _, r := range runs {
+			xs = append(xs, f(r))
+		}
+		return xs
+	}
+	// ratios to (a) in the same round and mode.
+	ratio := func(st *setup, mode string, f func(tputRun) float64) []float64 {
+		var xs []float64
+		for i, r := range st.runs[mode] {
+			xs = append(xs, f(r)/f(setups[0].runs[mode][i]))
+		}
+		return xs
+	}
+	rate := func(r tputRun) float64 { return r.rate }
+	p99 := func(r tputRun) float64 { return r.p99 }
+	rows := []string{
+		"| setup | mode | processes serving | requests/s | ratio to (a) | p99 (ms) | p99 ratio to (a) | connections per worker, CV | requests per worker, CV | master CPU (ticks per run) | keeper CPU (ticks per run) |",
+		"|---|---|---|---|---|---|---|---|---|---|---|",
+	}
+	var notes []string
+	maxTicks := -1
+	for _, mode := range modes {
+		for i, st := range setups {
+			runs := st.runs[mode]
+			r, rr, p, pr := spreadF(field(runs, rate), "%.0f"), "1", spreadF(field(runs, p99), "%.2f"), "1"
+			if i > 0 {
+				rr, pr = spreadF(ratio(st, mode, rate), "%.3f"), spreadF(ratio(st, mode, p99), "%.2f")
+			}
+			conns, reqs := "–", "–"
+			if st.multi {
+				conns = spreadF(field(runs, func(r tputRun) float64 { return r.connsCV }), "%.3f")
+				reqs = spreadF(field(runs, func(r tputRun) float64 { return r.reqsCV }), "%.3f")
+			}
+			mt, mhi := tickRange(runs, func(r tputRun) int { return r.master })
+			kt, khi := tickRange(runs, func(r tputRun) int { return r.keeper })
+			maxTicks = max(maxTicks, mhi, khi)
+			rows = append(rows, fmt.Sprintf("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |",
+				st.name, mode, runs[0].workers, r, rr, p, pr, conns, reqs, mt, kt))
+			for n, run := range runs {
+				if run.note != "" {
+					notes = append(notes, fmt.Sprintf("- %s, %s, round %d: %s", st.name, mode, n+1, strings.TrimSpace(run.note)))
+				}
+			}
+		}
+	}
+	median := func(xs []float64) float64 { m, _, _ := stats(xs); return m }
+	cvOf := func(st *setup, f func(tputRun) float64) float64 {
+		return median(field(st.runs["keep-alive"], f))
+	}
+	c, d, e := setups[2], setups[3], setups[4]
+	var targets []string
+	for _, mode := range modes {
+		m := median(ratio(c, mode, rate))
+		targets = append(targets, fmt.Sprintf("| (c) molt, 1 worker ≥ 0.97 × (a), %s | %.3f | %s |", mode, m, verdict(m >= 0.97)))
+	}
+	for _, mode := range modes {
+		m := median(ratio(d, mode, rate))
+		targets = append(targets, fmt.Sprintf("| (d) molt, default workers ≥ 0.95 × (a), %s | %.3f | %s |", mode, m, verdict(m >= 0.95)))
+	}
+	ep := median(ratio(e, "keep-alive", p99))
+	targets = append(targets, fmt.Sprintf("| (e) molt, `--workers 2`: keep-alive p99 ≤ 1.3 × (a) | %.2f × | %s |", ep, verdict(ep <= 1.3)))
+	ccv := cvOf(e, func(r tputRun) float64 { return r.connsCV })
+	targets = append(targets, fmt.Sprintf("| (e) connections per worker CV ≤ 0.10, keep-alive | %.3f | %s |", ccv, verdict(ccv <= 0.10)))
+	rcv := cvOf(e, func(r tputRun) float64 { return r.reqsCV })
+	targets = append(targets, fmt.Sprintf("| (e) requests per worker CV ≤ 0.10, keep-alive | %.3f | %s |", rcv, verdict(rcv <= 0.10)))
+	targets = append(targets, fmt.Sprintf("| master and keeper CPU over one run of (c), (d), (e) ~ 0 (0–1 ticks) | at most %d tick(s) in a run | %s |", maxTicks, verdict(maxTicks >= 0 && maxTicks <= 1)))
+	defNote := fmt.Sprintf("(d) runs molt without `--workers`: its default is `runtime.NumCPU()` of its own affinity mask, here %d", def)
+	if b.cpu.server != "" {
+		defNote += " since molt is pinned to one CPU"
+	}
+	lines := []string{
+		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, and there are %d rounds (median [min–max] over the rounds). A ratio to (a) is taken per round and mode, then the median [min–max] of those. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
+			defNote, b.runFor, b.rounds),
+		"",
+	}
+	lines = append(lines, rows...)
+	lines = append(lines, "", "Targets (issue 13):", "", "| target | measured (median over the rounds) | |", "|---|---|---|")
+	lines = append(lines, targets...)
+	if len(notes) > 0 {
+		lines = append(lines, "", "Notes:", "")
+		lines = append(lines, notes...)
+	}
+	b.section("Throughput on the CPU budget", lines...)
+}

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// upgradeLatencyCount is the number of upgrades per system and mode.
+const upgradeLatencyCount = 10
+
+// upgradeLatency: the time from the upgrade signal to the first answer of
+// the new generation, for molt (USR2 to the pid in its pid file) and, if
+// installed, nginx's binary upgrade (USR2 to its master, then QUIT to the
+// old one once the new one serves), each mode, 32 clients.
+func (b *bench) upgradeLatency() {
+	type result struct {
+		ns     []float64
+		failed string // requests, by class
+		bad    int    // upgrades not seen
+	}
+	// molt with the probation of the other sections, and with the least
+	// one: it commits as soon as the new generation serves, and the old
+	// one drains, as the nginx procedure below does.
+	molts := []string{"molt, probation 200 ms", "molt, probation 1 ms"}
+	probations := []string{"200ms", "1ms"}
+	systems := append(slices.Clone(molts), "nginx")
+	results := map[string]map[string]result{}
+	for _, sys := range systems {
+		results[sys] = map[string]result{}
+	}
+	args := func(mode string) []string {
+		return []string{"--clients", "32", "--mode", mode, "--upgrades", strconv.Itoa(upgradeLatencyCount), "--interval", "2s"}
+	}
+	collect := func(r report) result {
+		ns, _, _ := upgradeTimes(r)
+		res := result{failed: strings.TrimSpace(fmt.Sprintf("%d %s", r.Failed, failureClasses(r)))}
+		for _, x := range ns {
+			if x < 0 {
+				res.bad++
+			}
+		}
+		res.ns = ns
+		return res
+	}
+	nginxSkip := ""
+	bin, err := nginxBinary(b.nginx)
+	if err != nil {
+		nginxSkip = fmt.Sprintf("skipped: %v", err)
+	}
+	for _, mode := range modes {
+		for i, sys := range molts {
+			b.log("upgrade latency: %s, %s, %d upgrades", sys, mode, upgradeLatencyCount)
+			s := b.startMolt(moltOpts{workers: 2, keeper: true, probation: probations[i]})
+			r := b.drill(s, append(args(mode), "--signal", s.pidFile)...)
+			s.stop()
+			results[sys][mode] = collect(r)
+		}
+		if nginxSkip != "" {
+			continue
+		}
+		b.log("upgrade latency: nginx, %s, %d upgrades", mode, upgradeLatencyCount)
+		n, err := b.startNginx(bin)
+		if err != nil {
+			nginxSkip = fmt.Sprintf("nginx did not start: %v", err)
+			fmt.Println("bench:", nginxSkip)
+			continue
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { _, err := retireOldNginx(ctx, n); done <- err }()
+		r := b.drill(n, append(args(mode), "--signal", n.pidFile, "--header", "X-Nginx-Pid", "--worker-header", "X-Nginx-Pid")...)
+		cancel()
+		if err := <-done; err != nil {
+			nginxSkip = fmt.Sprintf("nginx's upgrade failed: %v", err)
+			fmt.Println("bench:", nginxSkip)
+		}
+		n.stop()
+		results["nginx"][mode] = collect(r)
+	}
+	if nginxSkip != "" {
+		fmt.Println("bench:", nginxSkip)
+	}
+	rows := []string{
+		"| server | mode | upgrades | not seen | failed requests | new generation serving, median [min–max] (ms) |",
+		"|---|---|---|---|---|---|",
+	}
+	medians := map[string]map[string]float64{}
+	for _, sys := range systems {
+		medians[sys] = map[string]float64{}
+		for _, mode := range modes {
+			res, ok := results[sys][mode]
+			if !ok {
+				continue
+			}
+			var known []float64
+			for _, x := range res.ns {
+				if x >= 0 {
+					known = append(known, x)
+				}
+			}
+			m := math.NaN()
+			if len(known) > 0 {
+				m, _, _ = stats(known)
+			}
+			medians[sys][mode] = m
+			rows = append(rows, fmt.Sprintf("| %s | %s | %d | %d | %s | %s |", sys, mode, len(res.ns), res.bad, res.failed, spread(res.ns)))
+		}
+	}
+	lines := []string{
+		fmt.Sprintf("The time from the upgrade signal to the first answer by the new generation, as the clients see it: `molt drill --clients 32 --mode MODE --upgrades %d --interval 2s --signal PIDFILE` (USR2 to the pid in the pid file, sent by the drill itself), one run per server and mode, a fresh server for each. A new generation is the first answer with a generation header value not seen before the signal: `X-Molt-Master-Pid` for molt, the worker pid `X-Nginx-Pid` for nginx (its new master's workers are new pids). molt: 2 workers, with its keeper, the same binary re-executed; with the probation of the other sections (200 ms) and with 1 ms (it commits as soon as the new generation is ready, and the old one drains: the nginx procedure here). nginx (Debian's, the reference): 2 worker processes, the same binary; USR2 starts the new master (the pid file becomes nginx.pid.oldbin for the old one), and the bench, polling every 2 ms on the load generator's CPU, sends QUIT to the old master as soon as a fresh connection is answered by one of the new master's workers, then waits until the old master is gone before the next upgrade. With keep-alive, clients move to the new generation when the old one closes their connections (molt: when the old generation drains, after the probation), so that time is part of it for both; nginx closes idle keep-alive connections at QUIT, and a client that sends its next request just then sees it fail.", upgradeLatencyCount),
+		"",
+	}
+	lines = append(lines, rows...)
+	lines = append(lines, "")
+	if nginxSkip != "" {
+		lines = append(lines, "nginx: "+nginxSkip+".")
+	}
+	for _, mode := range modes {
+		for _, sys := range molts {
+			m, n := medians[sys][mode], medians["nginx"][mode]
+			if _, ok := results["nginx"][mode]; !ok || math.IsNaN(n) {
+				lines = append(lines, fmt.Sprintf("- Target, %s, %s: median ≤ nginx median: not measured (no nginx figure); molt %.0f ms.", sys, mode, m))
+				continue
+			}
+			lines = append(lines, fmt.Sprintf("- Target, %s, %s: median ≤ nginx median: %.0f ms against %.0f ms (%s).", sys, mode, m, n, verdict(m <= n)))
+		}
+	}
+	b.section("Upgrade latency against nginx", lines...)
+}
