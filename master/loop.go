@@ -43,10 +43,13 @@ type Master struct {
 	// alone, so its close (the master's death) is EOF for every worker.
 	parentR, parentW *os.File
 	devNull          *os.File
-	stopSignals      func()
-	control          *controlSocket
-	started          time.Time
-	supervisor       string // NOTIFY_SOCKET: the keeper or systemd; "" if none
+	// accept is this generation's accept table (accepttable.go); nil if
+	// it could not be made: workers then accept unbalanced.
+	accept      *acceptTable
+	stopSignals func()
+	control     *controlSocket
+	started     time.Time
+	supervisor  string // NOTIFY_SOCKET: the keeper or systemd; "" if none
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start
