@@ -142,6 +142,10 @@ type balancer struct {
 	// this process.
 	ignoredUntil []atomic.Int64
 
+	// fewer gets a token when one of this worker's connections closes:
+	// a waiting accept looks again at once.
+	fewer chan struct{}
+
 	mu   sync.Mutex
 	open int // balanced listeners not yet closed
 }
@@ -157,6 +161,7 @@ func newBalancer(mem []byte, self int) *balancer {
 		mem: mem, cap: n, self: self, slack: balanceSlack,
 		step: balanceStep, bound: balanceBound, ignore: balanceIgnore,
 		ignoredUntil: make([]atomic.Int64, n),
+		fewer:        make(chan struct{}, 1),
 	}
 }
 
@@ -232,6 +237,10 @@ func (b *balancer) opened() {
 
 func (b *balancer) closed() {
 	atomic.AddInt64(b.word64(b.self, TableOffActive), -1)
+	select {
+	case b.fewer <- struct{}{}:
+	default:
+	}
 }
 
 // wrap returns ln gated by b, and marks this worker accepting. It waits
@@ -312,6 +321,8 @@ func (l *balancedListener) waitTurn() bool {
 	b := l.b
 	start := time.Now()
 	snap := b.snapshot()
+	step := time.NewTimer(b.step)
+	defer step.Stop()
 	for {
 		now := time.Now()
 		if !b.over(now.UnixNano()) {
@@ -321,7 +332,13 @@ func (l *balancedListener) waitTurn() bool {
 			b.ignoreStill(snap, now.UnixNano())
 			return true
 		}
-		time.Sleep(b.step)
+		// Until this worker closes a connection, or for a step: a sibling
+		// catching up is seen at the next look.
+		step.Reset(b.step)
+		select {
+		case <-b.fewer:
+		case <-step.C:
+		}
 		pending := false
 		if err := l.wrc.Control(func(fd uintptr) { pending = pollIn(fd) }); err != nil {
 			return true
@@ -341,11 +358,14 @@ func pollIn(fd uintptr) bool {
 }
 
 func (l *balancedListener) Close() error {
+	// The listener first: a waitTurn the closed wait file ends then finds
+	// Accept failing, not taking one more connection.
+	err := l.Listener.Close()
 	l.closeOnce.Do(func() {
-		_ = l.wait.Close() // ends a waitTurn
+		_ = l.wait.Close()
 		l.b.listenerClosed()
 	})
-	return l.Listener.Close()
+	return err
 }
 
 // track returns c counting as open until its first Close. A *net.TCPConn
