@@ -21,22 +21,57 @@ import (
 // tests must fail.
 const envTestBalance = "MOLT_TEST_ACCEPT_BALANCE"
 
-// TestBalance_KeepAliveConnectionsSpreadOverWorkers: 32 keep-alive
+// TestBalance_KeepAliveConnectionsSpreadOverWorkers: 16 keep-alive
 // connections, each sending one request, arrive while both workers of a
 // generation are frozen (SIGSTOP) and pinned to one CPU; then both go on.
-// Whichever runs first finds all 32 queued: without balancing it takes
-// them all in one go (Go's accept loop drains the queue), and its sibling
-// none. With it, each worker answers a fair share. The bound (a quarter
-// each, where balancing gives 15 to 17) leaves room for a loaded machine
-// descheduling one worker for longer than the 20 ms a sibling waits for
-// it.
+// Whichever runs first finds all 16 queued: without balancing it takes
+// them all in one go (Go's accept loop drains the queue before the
+// scheduler switches; with 32, the switch sometimes comes mid-burst), and
+// its sibling none. With it, each worker answers a fair share. The bound
+// (a quarter each, where balancing gives 7 to 9) leaves room for a loaded
+// machine descheduling one worker for longer than the 20 ms a sibling
+// waits for it.
 func TestBalance_KeepAliveConnectionsSpreadOverWorkers(t *testing.T) {
-	const conns, fair = 32, 8
+	m, addr, workers := startSteady(t, 2, balanceArgs()...)
+	checkFair(t, workers, burst(t, addr, workers, 16), 4)
+	m.stop()
+}
+
+// TestBalance_AfterTTINAndAnUpgrade: a worker added by TTIN gets its
+// share, and so do the workers of a new generation (as many: it inherits
+// the count), which balance through a table of their own.
+func TestBalance_AfterTTINAndAnUpgrade(t *testing.T) {
+	m := start(t, runOpts{Deploy: byRename, Args: append([]string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}, balanceArgs()...)})
+	addr := m.addr()
+	m.waitServing()
+	if err := syscall.Kill(m.Pid, syscall.SIGTTIN); err != nil {
+		t.Fatal(err)
+	}
+	workers := m.waitWorkers(3)
+	checkFair(t, workers, burst(t, addr, workers, 24), 4)
+	nw := m.upgrade()
+	waitWorkerCount(t, nw, 3)
+	workers = workersOf(nw)
+	checkFair(t, workers, burst(t, addr, workers, 24), 4)
+	m.stop()
+}
+
+// balanceArgs are molt's arguments for these tests: --env
+// MOLT_ACCEPT_BALANCE=off with envTestBalance=off.
+func balanceArgs() []string {
 	args := []string{"--backlog", "128"}
 	if os.Getenv(envTestBalance) == "off" {
 		args = append(args, "--env", "MOLT_ACCEPT_BALANCE=off")
 	}
-	m, addr, workers := startSteady(t, 2, args...)
+	return args
+}
+
+// burst freezes workers, pinned to one CPU, opens n keep-alive
+// connections to addr and sends a request on each, lets the workers go on
+// and returns how many connections each worker answered. Every answer
+// must be 200 with the connection kept alive.
+func burst(t *testing.T, addr string, workers []int, n int) map[int]int {
+	t.Helper()
 	pinToOneCPU(t, workers)
 	for _, w := range workers {
 		if err := syscall.Kill(w, syscall.SIGSTOP); err != nil {
@@ -54,17 +89,23 @@ func TestBalance_KeepAliveConnectionsSpreadOverWorkers(t *testing.T) {
 		}
 	}
 	defer resume()
-	cs := make([]net.Conn, conns)
+	cs := make([]net.Conn, n)
+	defer func() {
+		for _, c := range cs {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
 	for i := range cs {
 		c, err := net.DialTimeout("tcp", addr, stepTimeout)
 		if err != nil {
 			t.Fatalf("connection %d: %v", i, err)
 		}
-		defer c.Close()
+		cs[i] = c
 		if _, err := fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: molt-test\r\n\r\n"); err != nil {
 			t.Fatalf("connection %d: %v", i, err)
 		}
-		cs[i] = c
 	}
 	resume()
 	perWorker := map[int]int{}
@@ -82,16 +123,19 @@ func TestBalance_KeepAliveConnectionsSpreadOverWorkers(t *testing.T) {
 		pid, _ := strconv.Atoi(resp.Header.Get("X-Molt-Worker-Pid"))
 		perWorker[pid]++
 	}
-	t.Logf("connections (one request each) per worker: %v", perWorker)
+	t.Logf("%d connections (one request each) per worker: %v", n, perWorker)
+	return perWorker
+}
+
+// checkFair fails the test unless each of workers answered at least fair
+// connections.
+func checkFair(t *testing.T, workers []int, perWorker map[int]int, fair int) {
+	t.Helper()
 	for _, w := range workers {
 		if perWorker[w] < fair {
-			t.Errorf("worker %d got %d of %d keep-alive connections, want at least %d (per worker: %v)", w, perWorker[w], conns, fair, perWorker)
+			t.Errorf("worker %d answered %d keep-alive connections, want at least %d (per worker: %v)", w, perWorker[w], fair, perWorker)
 		}
 	}
-	for _, c := range cs {
-		c.Close()
-	}
-	m.stop()
 }
 
 // pinToOneCPU moves every thread of each pid to the first CPU this test
