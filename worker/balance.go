@@ -349,12 +349,14 @@ func (l *balancedListener) waitTurn() bool {
 	}
 }
 
-// pollIn reports whether a connection waits in the listening socket fd's
-// queue, without taking it.
+// pollIn reports whether accept on the listening socket fd would not
+// block, without accepting: a connection waits in its queue, or the
+// socket no longer listens (a reload dropped it: POLLHUP), which Accept
+// then reports.
 func pollIn(fd uintptr) bool {
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	n, err := unix.Poll(pfd, 0)
-	return err == nil && n > 0 && pfd[0].Revents&unix.POLLIN != 0
+	return err == nil && n > 0 && pfd[0].Revents != 0
 }
 
 func (l *balancedListener) Close() error {

@@ -175,6 +175,33 @@ func TestBalance_CloseEndsAWaitAndMarksNotAccepting(t *testing.T) {
 	}
 }
 
+// TestBalance_ADroppedListenerEndsAWait: a reload shuts down a listener
+// (SHUT_RDWR) while this worker waits, over its share, for a connection:
+// Accept reports the failure instead of waiting for ever.
+func TestBalance_ADroppedListenerEndsAWait(t *testing.T) {
+	b := fakeTable(t, 2, 0, 100*time.Millisecond)
+	b.set(0, EntryAccepting, 3)
+	b.set(1, EntryAccepting, 0)
+	raw := loopback(t)
+	ln := b.wrap(raw)
+	done := acceptIn(ln)
+	// Observation window: no connection, so it waits for one.
+	time.Sleep(50 * time.Millisecond)
+	rc, err := raw.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { unix.Shutdown(int(fd), unix.SHUT_RDWR) })
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Accept on a shut-down listener returned a connection")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("still waiting on a listener that no longer listens")
+	}
+}
+
 // TestBalance_CountsReturnToZero: HTTP/1.1 keep-alive, hijacked and
 // HTTP/2 connections count while open and not after they close.
 func TestBalance_CountsReturnToZero(t *testing.T) {
