@@ -43,13 +43,10 @@ type Master struct {
 	// alone, so its close (the master's death) is EOF for every worker.
 	parentR, parentW *os.File
 	devNull          *os.File
-	// accept is this generation's accept table (accepttable.go); nil if
-	// it could not be made: workers then accept unbalanced.
-	accept      *acceptTable
-	stopSignals func()
-	control     *controlSocket
-	started     time.Time
-	supervisor  string // NOTIFY_SOCKET: the keeper or systemd; "" if none
+	stopSignals      func()
+	control          *controlSocket
+	started          time.Time
+	supervisor       string // NOTIFY_SOCKET: the keeper or systemd; "" if none
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start
@@ -75,6 +72,10 @@ type Master struct {
 	// step, and a final reply when the upgrade ends.
 	watchers []chan CtlReply
 	exitErr  error // what Run returns once stopped
+
+	// accept is this generation's accept table (accepttable.go); nil if
+	// it could not be made: workers then accept unbalanced.
+	accept *acceptTable
 }
 
 // sysOps are the loop's process and timer operations: the one seam that
