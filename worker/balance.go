@@ -79,8 +79,10 @@ var (
 // MOLT_ACCEPT_BALANCE=off), or for a listener that is not a
 // syscall.Conn, it returns ln itself. ServeHTTP calls it on every
 // listener; an app with its own accept loop calls it on the listeners it
-// accepts from. Closing the returned listener closes ln; once every
-// balanced listener is closed, siblings stop waiting for this worker.
+// accepts from. Its connections are not *net.TCPConn themselves: their
+// NetConn method returns the one underneath. Closing the returned listener
+// closes ln; once every balanced listener is closed, siblings stop waiting
+// for this worker.
 func Balance(ln net.Listener) net.Listener {
 	balancerOnce.Do(func() { procBalancer = openBalancer() })
 	if procBalancer == nil {
@@ -371,7 +373,8 @@ func (l *balancedListener) Close() error {
 }
 
 // track returns c counting as open until its first Close. A *net.TCPConn
-// stays one underneath (sendfile, CloseWrite and the rest are promoted).
+// stays one underneath (sendfile, CloseWrite and the rest are promoted);
+// NetConn returns it, for code that needs the concrete type.
 func (b *balancer) track(c net.Conn) net.Conn {
 	if tc, ok := c.(*net.TCPConn); ok {
 		return &balancedTCPConn{TCPConn: tc, b: b}
@@ -385,6 +388,9 @@ type balancedTCPConn struct {
 	closed atomic.Bool
 }
 
+// NetConn returns the underlying *net.TCPConn, as tls.Conn.NetConn does.
+func (c *balancedTCPConn) NetConn() net.Conn { return c.TCPConn }
+
 func (c *balancedTCPConn) Close() error {
 	if !c.closed.Swap(true) {
 		c.b.closed()
@@ -397,6 +403,9 @@ type balancedConn struct {
 	b      *balancer
 	closed atomic.Bool
 }
+
+// NetConn returns the underlying connection.
+func (c *balancedConn) NetConn() net.Conn { return c.Conn }
 
 func (c *balancedConn) Close() error {
 	if !c.closed.Swap(true) {

@@ -250,6 +250,9 @@ func TestBalance_CountsReturnToZero(t *testing.T) {
 	h1.CloseIdleConnections()
 	h2.CloseIdleConnections()
 	waitActive(t, b, 0)
+	if _, ok := b.track(&net.TCPConn{}).(interface{ NetConn() net.Conn }).NetConn().(*net.TCPConn); !ok {
+		t.Error("NetConn does not return the *net.TCPConn")
+	}
 	if got := b.accepts(0); got != 3 {
 		t.Errorf("accepts = %d, want 3", got)
 	}
