@@ -115,15 +115,17 @@ func TestProtocol_WorkerGetsExactlyTheDocumentedFDsAndEnvironment(t *testing.T) 
 				}
 			case fd.FD == 5 && !strings.HasPrefix(fd.Target, "pipe:"):
 				t.Errorf("worker %d: fd 5 is %s, want the parent pipe", pid, fd.Target)
+			case fd.FD == 6 && !strings.HasPrefix(fd.Target, "/memfd:molt-accept-table"):
+				t.Errorf("worker %d: fd 6 is %s, want the accept table", pid, fd.Target)
 			}
 		}
-		if got := strings.Join(inheritable, ","); got != "0,1,2,3,4,5" {
-			t.Errorf("worker %d started with fds %s, want exactly 0,1,2,3,4,5", pid, got)
+		if got := strings.Join(inheritable, ","); got != "0,1,2,3,4,5,6" {
+			t.Errorf("worker %d started with fds %s, want exactly 0,1,2,3,4,5,6", pid, got)
 		}
 		want := map[string]string{
 			"LISTEN_PID": strconv.Itoa(pid), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:admin",
 			"MOLT_PARENT_FD": "5", "MOLT_MASTER_PID": strconv.Itoa(m.Pid), "MOLT_STOP_SIGNAL": "INT",
-			"MOLT_DRAIN_TIMEOUT": "7s",
+			"MOLT_DRAIN_TIMEOUT": "7s", "MOLT_ACCEPT_TABLE": "6",
 		}
 		for k, v := range want {
 			if got, _ := r.env(k); got != v {

@@ -156,8 +156,8 @@ func TestUpgrade_UnixSocketSurvivesUpgrades(t *testing.T) {
 
 // TestUpgrade_WorkersOfANewGenerationGetExactlyTheProtocolFDs: tableflip's
 // plumbing in a new master (fds 3 and 4, its environment variable) must
-// not reach its workers: they start with fds 0-2, the listeners and the
-// parent pipe, as the first generation's do.
+// not reach its workers: they start with fds 0-2, the listeners, the
+// parent pipe and the accept table, as the first generation's do.
 func TestUpgrade_WorkersOfANewGenerationGetExactlyTheProtocolFDs(t *testing.T) {
 	t.Parallel()
 	reports := t.TempDir()
@@ -182,8 +182,8 @@ func TestUpgrade_WorkersOfANewGenerationGetExactlyTheProtocolFDs(t *testing.T) {
 				inheritable = append(inheritable, strconv.Itoa(fd.FD))
 			}
 		}
-		if got := strings.Join(inheritable, ","); got != "0,1,2,3,4" {
-			t.Errorf("worker %d of the new generation started with fds %s, want exactly 0,1,2,3,4", w, got)
+		if got := strings.Join(inheritable, ","); got != "0,1,2,3,4,5" {
+			t.Errorf("worker %d of the new generation started with fds %s, want exactly 0,1,2,3,4,5", w, got)
 		}
 		for _, kv := range r.Env {
 			if strings.HasPrefix(kv, "TABLEFLIP_") || strings.HasPrefix(kv, "MOLT_ROLE") {

@@ -89,6 +89,9 @@ func (m *Master) start() error {
 	if m.devNull, err = os.Open(os.DevNull); err != nil {
 		return err
 	}
+	if m.accept, err = newAcceptTable(); err != nil {
+		m.log.Warn("workers will accept unbalanced", "event", "balance.unavailable", "error", err)
+	}
 	m.spawner = newSpawner(m.done)
 	m.spec = newSpec(m.cfg, m.listeners)
 	m.setPhase(phaseStarting, "listeners open")
@@ -291,6 +294,9 @@ func (m *Master) release() {
 			}
 		}
 		_ = l.file.Close()
+	}
+	if m.accept != nil {
+		_ = m.accept.f.Close()
 	}
 	for _, f := range []*os.File{m.parentW, m.parentR, m.devNull} {
 		if f != nil {

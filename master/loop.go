@@ -72,6 +72,10 @@ type Master struct {
 	// step, and a final reply when the upgrade ends.
 	watchers []chan CtlReply
 	exitErr  error // what Run returns once stopped
+
+	// accept is this generation's accept table (accepttable.go); nil if
+	// it could not be made: workers then accept unbalanced.
+	accept *acceptTable
 }
 
 // sysOps are the loop's process and timer operations: the one seam that

@@ -95,6 +95,9 @@ func (m *Master) onChildExited(ev childExited) {
 		return
 	}
 	delete(m.procs, ev.pid)
+	if p.entry > 0 && m.accept != nil {
+		m.accept.release(p.entry - 1) // siblings see it absent
+	}
 	m.reportWorkers()
 	how := "unknown"
 	if ev.state != nil {

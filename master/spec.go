@@ -85,10 +85,23 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		files = append(files, l.file)
 		names[i] = l.spec.Name
 	}
+	parentFD := len(files)
 	files = append(files, m.parentR)
 	sock, err := m.workerNotifySocket(sp)
 	if err != nil {
 		return nil, err
+	}
+	var balanceEnv []string
+	entry, hasEntry := 0, false
+	if m.accept != nil {
+		entry, hasEntry = m.accept.take()
+	}
+	if hasEntry {
+		balanceEnv = []string{
+			worker.EnvAcceptTable + "=" + strconv.Itoa(len(files)),
+			worker.EnvAcceptEntry + "=" + strconv.Itoa(entry),
+		}
+		files = append(files, m.accept.f)
 	}
 	env := []string{
 		worker.EnvListenFDs + "=" + strconv.Itoa(len(sp.listeners)),
@@ -98,8 +111,9 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		worker.EnvWorker + "=" + strconv.Itoa(s.n),
 		worker.EnvStopSignal + "=" + signalName(sp.stopSignal),
 		worker.EnvDrainTimeout + "=" + sp.drainTimeout.String(),
-		worker.EnvParentFD + "=" + strconv.Itoa(len(files)-1),
+		worker.EnvParentFD + "=" + strconv.Itoa(parentFD),
 	}
+	env = append(env, balanceEnv...)
 	argv := sp.workerArgs
 	if len(argv) == 0 {
 		argv = os.Args
@@ -126,9 +140,16 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		dir: sp.dir, credential: sp.credential,
 	})
 	if err != nil {
+		if hasEntry {
+			m.accept.release(entry)
+		}
 		dropNotifySocket(m.log, sock)
 		return nil, err
 	}
 	go m.readNotify(m.log, sock, p.Pid)
-	return &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now(), notify: sock}, nil
+	pr := &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now(), notify: sock}
+	if hasEntry {
+		pr.entry = entry + 1
+	}
+	return pr, nil
 }

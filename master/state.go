@@ -80,6 +80,8 @@ type proc struct {
 	// notify is its own notify socket (nil in unit tests); closed and
 	// removed once it is reaped.
 	notify *notify.Socket
+	// entry is 1 + its entry in the accept table; 0 if it has none.
+	entry int
 }
 
 // slot is one place in the worker pool. Its worker may come and go; the

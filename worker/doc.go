@@ -4,9 +4,11 @@
 // and WATCHDOG_USEC asks for keep-alive pings. A Go program that uses it
 // works the same under a molt master and under plain systemd.
 //
-// molt adds three variables of its own: MOLT_STOP_SIGNAL (the signal that
-// asks for a graceful drain), MOLT_DRAIN_TIMEOUT (how long that drain may
-// take) and MOLT_PARENT_FD (a pipe whose EOF means the master is gone).
+// molt adds variables of its own: MOLT_STOP_SIGNAL (the signal that asks
+// for a graceful drain), MOLT_DRAIN_TIMEOUT (how long that drain may take),
+// MOLT_PARENT_FD (a pipe whose EOF means the master is gone), and
+// MOLT_ACCEPT_TABLE and MOLT_ACCEPT_ENTRY (the table Balance uses to keep
+// each worker to its share of the connections).
 //
 // Invariants: the package never changes a shared socket's blocking mode
 // (it never calls os.File.Fd on an inherited fd), never logs, and installs

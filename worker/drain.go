@@ -75,6 +75,12 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 	if err != nil {
 		return err
 	}
+	// Accept no more than a fair share (docs/worker-protocol.md,
+	// "Balance"); a copy, not to change the caller's slice.
+	lns = append([]net.Listener(nil), lns...)
+	for i := range lns {
+		lns[i] = Balance(lns[i])
+	}
 	sigC := make(chan os.Signal, 1)
 	signal.Notify(sigC, sig)
 	defer signal.Stop(sigC)

@@ -1,0 +1,319 @@
+package worker
+
+import (
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// fakeTable is an accept table in ordinary memory with entries entries in
+// use, and a balancer for entry self with the given bound.
+func fakeTable(t *testing.T, entries, self int, bound time.Duration) *balancer {
+	t.Helper()
+	words := make([]uint64, (entries+1)*TableLine/8) // 8-byte aligned
+	mem := unsafe.Slice((*byte)(unsafe.Pointer(&words[0])), len(words)*8)
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&mem[0])), uint32(entries))
+	b := newBalancer(mem, self)
+	if b == nil {
+		t.Fatal("newBalancer refused a valid table")
+	}
+	b.bound = bound
+	return b
+}
+
+// set writes entry i as a sibling would.
+func (b *balancer) set(i int, state uint32, active int64) {
+	atomic.StoreUint32(b.state(i), state)
+	atomic.StoreInt64(b.word64(i, TableOffActive), active)
+}
+
+func loopback(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+func dial(t *testing.T, ln net.Listener) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// acceptIn runs Accept in a goroutine and reports what it returned.
+func acceptIn(ln net.Listener) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if c != nil {
+			c.Close()
+		}
+		done <- err
+	}()
+	return done
+}
+
+func TestBalance_OverShareWaitsForSiblingThenAccepts(t *testing.T) {
+	b := fakeTable(t, 2, 0, time.Minute)
+	b.set(0, EntryAccepting, 3)
+	b.set(1, EntryAccepting, 0)
+	ln := b.wrap(loopback(t))
+	dial(t, ln)
+	done := acceptIn(ln)
+	// Observation window: over its share by 3 with a connection pending
+	// and a bound of a minute, it must leave the connection alone.
+	select {
+	case err := <-done:
+		t.Fatalf("accepted at once while over its share (%v)", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	b.set(1, EntryAccepting, 2) // the sibling caught up to within slack
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("still waiting after the sibling caught up")
+	}
+	// Own count: 3 set above, +1 accepted, -1 closed.
+	if got := b.active(0); got != 3 {
+		t.Errorf("own active = %d after accept and close, want 3", got)
+	}
+}
+
+func TestBalance_HungSiblingCostsOneBoundedWait(t *testing.T) {
+	bound := 200 * time.Millisecond
+	b := fakeTable(t, 2, 0, bound)
+	b.set(0, EntryAccepting, 5)
+	b.set(1, EntryAccepting, 0) // never accepts
+	ln := b.wrap(loopback(t))
+	dial(t, ln)
+	start := time.Now()
+	if err := <-acceptIn(ln); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < bound {
+		t.Errorf("accepted after %v, before the bound %v, with the sibling hung", d, bound)
+	}
+	// Ignored now: the next connections are accepted without waiting.
+	for range 3 {
+		dial(t, ln)
+		start = time.Now()
+		if err := <-acceptIn(ln); err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(start); d >= bound {
+			t.Errorf("waited %v again for a sibling already seen hung", d)
+		}
+	}
+}
+
+func TestBalance_AbsentAndDrainingSiblingsDoNotCount(t *testing.T) {
+	for _, state := range []uint32{EntryAbsent, EntryNotAccepting} {
+		b := fakeTable(t, 3, 0, time.Minute)
+		b.set(0, EntryAccepting, 9)
+		b.set(1, state, 0)
+		// Entry 2 is beyond the header's count of entries in use.
+		atomic.StoreUint32((*uint32)(unsafe.Pointer(&b.mem[0])), 2)
+		b.set(2, EntryAccepting, 0)
+		if b.over(time.Now().UnixNano()) {
+			t.Errorf("state %d: over its share with no accepting sibling in use", state)
+		}
+		ln := b.wrap(loopback(t))
+		dial(t, ln)
+		select {
+		case err := <-acceptIn(ln):
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("state %d: waited for a sibling that does not accept", state)
+		}
+	}
+}
+
+func TestBalance_CloseEndsAWaitAndMarksNotAccepting(t *testing.T) {
+	b := fakeTable(t, 2, 0, time.Minute)
+	b.set(0, EntryAccepting, 3)
+	b.set(1, EntryAccepting, 0)
+	ln := b.wrap(loopback(t))
+	if got := atomic.LoadUint32(b.state(0)); got != EntryAccepting {
+		t.Fatalf("state %d after wrap, want accepting", got)
+	}
+	dial(t, ln)
+	done := acceptIn(ln)
+	// Observation window: it is waiting its turn (see the test above).
+	time.Sleep(50 * time.Millisecond)
+	ln.Close()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Accept on a closed listener returned a connection")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not end the wait")
+	}
+	if got := atomic.LoadUint32(b.state(0)); got != EntryNotAccepting {
+		t.Errorf("state %d after Close, want not accepting", got)
+	}
+}
+
+// TestBalance_ADroppedListenerEndsAWait: a reload shuts down a listener
+// (SHUT_RDWR) while this worker waits, over its share, for a connection:
+// Accept reports the failure instead of waiting for ever.
+func TestBalance_ADroppedListenerEndsAWait(t *testing.T) {
+	b := fakeTable(t, 2, 0, 100*time.Millisecond)
+	b.set(0, EntryAccepting, 3)
+	b.set(1, EntryAccepting, 0)
+	raw := loopback(t)
+	ln := b.wrap(raw)
+	done := acceptIn(ln)
+	// Observation window: no connection, so it waits for one.
+	time.Sleep(50 * time.Millisecond)
+	rc, err := raw.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { unix.Shutdown(int(fd), unix.SHUT_RDWR) })
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Accept on a shut-down listener returned a connection")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("still waiting on a listener that no longer listens")
+	}
+}
+
+// TestBalance_CountsReturnToZero: HTTP/1.1 keep-alive, hijacked and
+// HTTP/2 connections count while open and not after they close.
+func TestBalance_CountsReturnToZero(t *testing.T) {
+	b := fakeTable(t, 1, 0, time.Minute)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	mux.HandleFunc("/hijack", func(w http.ResponseWriter, r *http.Request) {
+		c, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+		c.Close()
+	})
+	raw1, raw2 := loopback(t), loopback(t)
+	srv := &http.Server{Handler: mux}
+	t.Cleanup(func() { srv.Close() })
+	go srv.Serve(b.wrap(raw1))
+	tlsConf, pool := selfSigned(t)
+	srv2 := &http.Server{Handler: mux, TLSConfig: tlsConf}
+	t.Cleanup(func() { srv2.Close() })
+	go srv2.ServeTLS(b.wrap(raw2), "", "")
+
+	get := func(c *http.Client, url string, wantMajor int) {
+		t.Helper()
+		resp, err := c.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != wantMajor {
+			t.Fatalf("%s: HTTP/%d, want HTTP/%d", url, resp.ProtoMajor, wantMajor)
+		}
+	}
+	h1 := &http.Transport{}
+	h2 := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
+	get(&http.Client{Transport: h1}, "http://"+raw1.Addr().String()+"/", 1)
+	hj := &http.Transport{}
+	defer hj.CloseIdleConnections()
+	get(&http.Client{Transport: hj}, "http://"+raw1.Addr().String()+"/hijack", 1)
+	get(&http.Client{Transport: h2}, "https://"+raw2.Addr().String()+"/", 2)
+	// Open now: the keep-alive and the HTTP/2 connection (the hijacked one
+	// was closed by its handler).
+	waitActive(t, b, 2)
+	h1.CloseIdleConnections()
+	h2.CloseIdleConnections()
+	waitActive(t, b, 0)
+	if _, ok := b.track(&net.TCPConn{}).(interface{ NetConn() net.Conn }).NetConn().(*net.TCPConn); !ok {
+		t.Error("NetConn does not return the *net.TCPConn")
+	}
+	if got := b.accepts(0); got != 3 {
+		t.Errorf("accepts = %d, want 3", got)
+	}
+}
+
+// waitActive waits until entry 0 counts want open connections.
+func waitActive(t *testing.T, b *balancer, want int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for b.active(0) != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("active = %d, want %d", b.active(0), want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestBalance_OpensOnlyASealedTableMeantForIt: a table that a sibling
+// could shrink under the mapping (SIGBUS) is not used, nor one passed to
+// another pid, nor any with MOLT_ACCEPT_BALANCE=off.
+func TestBalance_OpensOnlyASealedTableMeantForIt(t *testing.T) {
+	memfd := func(seal bool) int {
+		fd, err := unix.MemfdCreate("test-table", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Ftruncate(fd, 4*TableLine); err != nil {
+			t.Fatal(err)
+		}
+		if seal {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return fd // openBalancer closes it
+	}
+	for _, c := range []struct {
+		name      string
+		seal      bool
+		pid       int
+		off, want bool
+	}{
+		{"sealed", true, os.Getpid(), false, true},
+		{"unsealed", false, os.Getpid(), false, false},
+		{"other pid", true, os.Getpid() + 1, false, false},
+		{"off", true, os.Getpid(), true, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Setenv(EnvAcceptTable, strconv.Itoa(memfd(c.seal)))
+			t.Setenv(EnvAcceptEntry, "1")
+			t.Setenv(EnvListenPID, strconv.Itoa(c.pid))
+			if c.off {
+				t.Setenv(EnvAcceptBalance, "off")
+			}
+			b := openBalancer()
+			if (b != nil) != c.want {
+				t.Fatalf("openBalancer() = %v, want a balancer: %v", b, c.want)
+			}
+			if b != nil {
+				unix.Munmap(b.mem)
+			}
+		})
+	}
+}
