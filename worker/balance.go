@@ -79,16 +79,22 @@ var (
 // MOLT_ACCEPT_BALANCE=off), or for a listener that is not a
 // syscall.Conn, it returns ln itself. ServeHTTP calls it on every
 // listener; an app with its own accept loop calls it on the listeners it
-// accepts from. Its connections are not *net.TCPConn themselves: their
-// NetConn method returns the one underneath. Closing the returned listener
-// closes ln; once every balanced listener is closed, siblings stop waiting
-// for this worker.
+// accepts from. Its connections are not *net.TCPConn themselves (they
+// count themselves closed): their NetConn method returns the one
+// underneath. ServeHTTP's are (it counts them through ConnState). Closing
+// the returned listener closes ln; once every balanced listener is
+// closed, siblings stop waiting for this worker.
 func Balance(ln net.Listener) net.Listener {
-	balancerOnce.Do(func() { procBalancer = openBalancer() })
-	if procBalancer == nil {
-		return ln
+	if b := theBalancer(); b != nil {
+		return b.wrap(ln, true)
 	}
-	return procBalancer.wrap(ln)
+	return ln
+}
+
+// theBalancer is this process's balancer, or nil without a table.
+func theBalancer() *balancer {
+	balancerOnce.Do(func() { procBalancer = openBalancer() })
+	return procBalancer
 }
 
 // openBalancer maps the accept table passed to this process, or returns
@@ -147,6 +153,10 @@ type balancer struct {
 	// fewer gets a token when one of this worker's connections closes:
 	// a waiting accept looks again at once.
 	fewer chan struct{}
+
+	// counted holds the connections accepted unwrapped (ServeHTTP's)
+	// until release.
+	counted sync.Map
 
 	mu   sync.Mutex
 	open int // balanced listeners not yet closed
@@ -245,11 +255,13 @@ func (b *balancer) closed() {
 	}
 }
 
-// wrap returns ln gated by b, and marks this worker accepting. It waits
+// wrap returns ln gated by b, and marks this worker accepting; with
+// wrapConns its connections count themselves closed (track), else they
+// stay what ln returns and count until release. It waits
 // for connections on a duplicate of ln's descriptor, registered with Go's
 // poller as an *os.File: a listener's own RawConn cannot wait for
 // readability, and a blocking poll(2) would hold the worker's P.
-func (b *balancer) wrap(ln net.Listener) net.Listener {
+func (b *balancer) wrap(ln net.Listener, wrapConns bool) net.Listener {
 	sc, ok := ln.(syscall.Conn)
 	if !ok {
 		return ln
@@ -276,7 +288,7 @@ func (b *balancer) wrap(ln net.Listener) net.Listener {
 	b.open++
 	atomic.StoreUint32(b.state(b.self), EntryAccepting)
 	b.mu.Unlock()
-	return &balancedListener{Listener: ln, b: b, wait: wait, wrc: wrc}
+	return &balancedListener{Listener: ln, b: b, wait: wait, wrc: wrc, wrapConns: wrapConns}
 }
 
 // listenerClosed marks this worker not accepting once its last balanced
@@ -295,6 +307,7 @@ type balancedListener struct {
 	b         *balancer
 	wait      *os.File // a duplicate of the listener's fd, to wait on
 	wrc       syscall.RawConn
+	wrapConns bool
 	closeOnce sync.Once
 }
 
@@ -310,7 +323,32 @@ func (l *balancedListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.b.opened()
-	return l.b.track(c), nil
+	if l.wrapConns {
+		return l.b.track(c), nil
+	}
+	l.b.counted.Store(c, struct{}{})
+	return c, nil
+}
+
+// release counts c, accepted unwrapped, as closed; nil-safe, and a no-op
+// for a connection b did not count (or already released).
+func (b *balancer) release(c net.Conn) {
+	if b == nil {
+		return
+	}
+	// ConnState gets what the server made of the accepted connection: a
+	// *tls.Conn over it under ServeTLS.
+	for range 4 {
+		if _, ok := b.counted.LoadAndDelete(c); ok {
+			b.closed()
+			return
+		}
+		nc, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			return
+		}
+		c = nc.NetConn()
+	}
 }
 
 // waitTurn waits until a connection is pending, then for at most b.bound

@@ -73,7 +73,7 @@ func TestBalance_OverShareWaitsForSiblingThenAccepts(t *testing.T) {
 	b := fakeTable(t, 2, 0, time.Minute)
 	b.set(0, EntryAccepting, 3)
 	b.set(1, EntryAccepting, 0)
-	ln := b.wrap(loopback(t))
+	ln := b.wrap(loopback(t), true)
 	dial(t, ln)
 	done := acceptIn(ln)
 	// Observation window: over its share by 3 with a connection pending
@@ -103,7 +103,7 @@ func TestBalance_HungSiblingCostsOneBoundedWait(t *testing.T) {
 	b := fakeTable(t, 2, 0, bound)
 	b.set(0, EntryAccepting, 5)
 	b.set(1, EntryAccepting, 0) // never accepts
-	ln := b.wrap(loopback(t))
+	ln := b.wrap(loopback(t), true)
 	dial(t, ln)
 	start := time.Now()
 	if err := <-acceptIn(ln); err != nil {
@@ -136,7 +136,7 @@ func TestBalance_AbsentAndDrainingSiblingsDoNotCount(t *testing.T) {
 		if b.over(time.Now().UnixNano()) {
 			t.Errorf("state %d: over its share with no accepting sibling in use", state)
 		}
-		ln := b.wrap(loopback(t))
+		ln := b.wrap(loopback(t), true)
 		dial(t, ln)
 		select {
 		case err := <-acceptIn(ln):
@@ -153,7 +153,7 @@ func TestBalance_CloseEndsAWaitAndMarksNotAccepting(t *testing.T) {
 	b := fakeTable(t, 2, 0, time.Minute)
 	b.set(0, EntryAccepting, 3)
 	b.set(1, EntryAccepting, 0)
-	ln := b.wrap(loopback(t))
+	ln := b.wrap(loopback(t), true)
 	if got := atomic.LoadUint32(b.state(0)); got != EntryAccepting {
 		t.Fatalf("state %d after wrap, want accepting", got)
 	}
@@ -183,7 +183,7 @@ func TestBalance_ADroppedListenerEndsAWait(t *testing.T) {
 	b.set(0, EntryAccepting, 3)
 	b.set(1, EntryAccepting, 0)
 	raw := loopback(t)
-	ln := b.wrap(raw)
+	ln := b.wrap(raw, true)
 	done := acceptIn(ln)
 	// Observation window: no connection, so it waits for one.
 	time.Sleep(50 * time.Millisecond)
@@ -203,9 +203,20 @@ func TestBalance_ADroppedListenerEndsAWait(t *testing.T) {
 }
 
 // TestBalance_CountsReturnToZero: HTTP/1.1 keep-alive, hijacked and
-// HTTP/2 connections count while open and not after they close.
+// HTTP/2 connections count while open and not after they close, both
+// for Balance's wrapped connections and for ServeHTTP's, which stay
+// *net.TCPConn and are counted through ConnState.
 func TestBalance_CountsReturnToZero(t *testing.T) {
+	for _, served := range []bool{false, true} {
+		t.Run(map[bool]string{false: "Balance", true: "ServeHTTP"}[served], func(t *testing.T) {
+			countsReturnToZero(t, served)
+		})
+	}
+}
+
+func countsReturnToZero(t *testing.T, served bool) {
 	b := fakeTable(t, 1, 0, time.Minute)
+	release := make(chan struct{})
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 	mux.HandleFunc("/hijack", func(w http.ResponseWriter, r *http.Request) {
@@ -215,15 +226,33 @@ func TestBalance_CountsReturnToZero(t *testing.T) {
 		}
 		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 		c.Close()
+		<-release // a WebSocket's handler runs on: the connection is load
 	})
+	var notTCP atomic.Int32
+	serve := func(srv *http.Server, raw net.Listener, useTLS bool) {
+		srv.ConnState = func(c net.Conn, s http.ConnState) {
+			if tc, ok := c.(*tls.Conn); ok {
+				c = tc.NetConn()
+			}
+			if _, ok := c.(*net.TCPConn); !ok {
+				notTCP.Add(1)
+			}
+		}
+		if served {
+			newDrainer(srv).bal = b
+		}
+		t.Cleanup(func() { srv.Close() })
+		ln := b.wrap(raw, !served)
+		if useTLS {
+			go srv.ServeTLS(ln, "", "")
+		} else {
+			go srv.Serve(ln)
+		}
+	}
 	raw1, raw2 := loopback(t), loopback(t)
-	srv := &http.Server{Handler: mux}
-	t.Cleanup(func() { srv.Close() })
-	go srv.Serve(b.wrap(raw1))
+	serve(&http.Server{Handler: mux}, raw1, false)
 	tlsConf, pool := selfSigned(t)
-	srv2 := &http.Server{Handler: mux, TLSConfig: tlsConf}
-	t.Cleanup(func() { srv2.Close() })
-	go srv2.ServeTLS(b.wrap(raw2), "", "")
+	serve(&http.Server{Handler: mux, TLSConfig: tlsConf}, raw2, true)
 
 	get := func(c *http.Client, url string, wantMajor int) {
 		t.Helper()
@@ -244,13 +273,21 @@ func TestBalance_CountsReturnToZero(t *testing.T) {
 	defer hj.CloseIdleConnections()
 	get(&http.Client{Transport: hj}, "http://"+raw1.Addr().String()+"/hijack", 1)
 	get(&http.Client{Transport: h2}, "https://"+raw2.Addr().String()+"/", 2)
-	// Open now: the keep-alive and the HTTP/2 connection (the hijacked one
-	// was closed by its handler).
+	if served {
+		// The hijacked connection counts while its handler runs.
+		waitActive(t, b, 3)
+	}
+	close(release)
+	// Open now: the keep-alive and the HTTP/2 connection.
 	waitActive(t, b, 2)
 	h1.CloseIdleConnections()
 	h2.CloseIdleConnections()
 	waitActive(t, b, 0)
-	if _, ok := b.track(&net.TCPConn{}).(interface{ NetConn() net.Conn }).NetConn().(*net.TCPConn); !ok {
+	if served {
+		if n := notTCP.Load(); n != 0 {
+			t.Errorf("ConnState saw %d connections that are not *net.TCPConn", n)
+		}
+	} else if _, ok := b.track(&net.TCPConn{}).(interface{ NetConn() net.Conn }).NetConn().(*net.TCPConn); !ok {
 		t.Error("NetConn does not return the *net.TCPConn")
 	}
 	if got := b.accepts(0); got != 3 {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -77,15 +78,21 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 	}
 	// Accept no more than a fair share (docs/worker-protocol.md,
 	// "Balance"); a copy, not to change the caller's slice.
+	// Its connections stay *net.TCPConn: the drainer's ConnState counts
+	// them closed.
 	lns = append([]net.Listener(nil), lns...)
-	for i := range lns {
-		lns[i] = Balance(lns[i])
+	bal := theBalancer()
+	if bal != nil {
+		for i := range lns {
+			lns[i] = bal.wrap(lns[i], false)
+		}
 	}
 	sigC := make(chan os.Signal, 1)
 	signal.Notify(sigC, sig)
 	defer signal.Stop(sigC)
 
 	d := newDrainer(srv)
+	d.bal = bal
 	served := make(chan error, len(lns))
 	for _, ln := range lns {
 		go func() { served <- srv.Serve(ln) }()
@@ -158,6 +165,12 @@ type drainer struct {
 	draining bool
 	conns    map[net.Conn]connInfo
 	changed  chan struct{} // a token whenever conns changes
+
+	// bal, if not nil, counts the connections for Balance: closed ones
+	// at once, hijacked ones (a WebSocket) when their handler returns.
+	bal       *balancer
+	hijacked  map[net.Conn]bool
+	nHijacked atomic.Int32
 }
 
 type connInfo struct {
@@ -170,10 +183,11 @@ type connKey struct{}
 
 func newDrainer(srv *http.Server) *drainer {
 	d := &drainer{
-		srv:     srv,
-		drainC:  make(chan struct{}),
-		conns:   map[net.Conn]connInfo{},
-		changed: make(chan struct{}, 1),
+		srv:      srv,
+		drainC:   make(chan struct{}),
+		conns:    map[net.Conn]connInfo{},
+		hijacked: map[net.Conn]bool{},
+		changed:  make(chan struct{}, 1),
 	}
 	inner := srv.Handler
 	if inner == nil {
@@ -182,6 +196,9 @@ func newDrainer(srv *http.Server) *drainer {
 	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		d.handlers.Add(1)
 		defer d.handlers.Done()
+		if d.bal != nil {
+			defer d.handlerReturned(r.Context())
+		}
 		if r.ProtoMajor != 1 {
 			d.markH2(r.Context())
 		} else if d.isDraining() {
@@ -227,8 +244,15 @@ func (d *drainer) isDraining() bool {
 func (d *drainer) track(c net.Conn, s http.ConnState) {
 	d.mu.Lock()
 	switch s {
-	case http.StateHijacked, http.StateClosed:
+	case http.StateHijacked:
 		delete(d.conns, c)
+		if d.bal != nil {
+			d.hijacked[c] = true
+			d.nHijacked.Add(1)
+		}
+	case http.StateClosed:
+		delete(d.conns, c)
+		d.bal.release(c)
 	default:
 		d.conns[c] = connInfo{state: s, since: time.Now(), h2: d.conns[c].h2}
 	}
@@ -236,6 +260,29 @@ func (d *drainer) track(c net.Conn, s http.ConnState) {
 	select {
 	case d.changed <- struct{}{}:
 	default:
+	}
+}
+
+// handlerReturned counts the connection of a request closed for Balance
+// if the handler hijacked it: the app's from then on, it is load while
+// the handler runs.
+func (d *drainer) handlerReturned(ctx context.Context) {
+	if d.nHijacked.Load() == 0 {
+		return
+	}
+	c, ok := ctx.Value(connKey{}).(net.Conn)
+	if !ok {
+		return
+	}
+	d.mu.Lock()
+	hijacked := d.hijacked[c]
+	if hijacked {
+		delete(d.hijacked, c)
+		d.nHijacked.Add(-1)
+	}
+	d.mu.Unlock()
+	if hijacked {
+		d.bal.release(c)
 	}
 }
 
