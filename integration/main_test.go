@@ -43,10 +43,13 @@ func TestMain(m *testing.M) {
 	}
 	// Masters make their notify socket directories here rather than in
 	// /tmp: a master a test kills leaves its directory behind, and this
-	// one is removed with the binaries. Workers run as another user must
-	// be able to reach it (0711).
+	// one is removed with the binaries. Like /tmp (01777): workers run as
+	// another user reach it, and masters run as another user make theirs.
 	run := filepath.Join(dir, "run")
-	if err := os.Mkdir(run, 0o711); err != nil {
+	if err := os.Mkdir(run, 0o700); err == nil {
+		err = os.Chmod(run, 0o777|os.ModeSticky)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "integration:", err)
 		os.Exit(1)
 	}
