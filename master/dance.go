@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -371,7 +372,14 @@ func (m *Master) killNewMaster(pid int, pgids []int) {
 		own[p] = true
 	}
 	if pid == 0 {
-		pid = procfs.NewMaster(os.Getpid(), func(p int) bool { return own[p] })
+		// The new master is in this master's process group; a worker
+		// (its own session) and the pre-flight run (its own group, and it
+		// may still run beside the new master) are not.
+		pgrp := syscall.Getpgrp()
+		pid = procfs.NewMaster(os.Getpid(), func(p int) bool {
+			st, ok := procfs.ReadStat(p)
+			return own[p] || !ok || st.PGRP != pgrp
+		})
 	}
 	log := m.log
 	go func() {

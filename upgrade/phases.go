@@ -17,11 +17,11 @@ import (
 // Phase names: milliseconds from the signal (USR2 or ctl upgrade) to the
 // milestone.
 const (
+	// PhaseStart: Handover.Upgrade was called: the new master starts.
+	PhaseStart = "start_ms"
 	// PhasePreflight: the pre-flight run ended (it runs alongside the new
 	// master's start).
 	PhasePreflight = "preflight_ms"
-	// PhaseStart: Handover.Upgrade was called: the new master starts.
-	PhaseStart = "start_ms"
 	// PhaseHello: the new master's hello (old side: received; new side:
 	// sent).
 	PhaseHello = "hello_ms"
@@ -47,7 +47,7 @@ const (
 )
 
 // phaseOrder is the order of the milestones, in logs and ctl status.
-var phaseOrder = []string{PhasePreflight, PhaseStart, PhaseHello, PhaseConfig, PhaseServing, PhaseCommitted, PhaseRolledBack, PhaseGone}
+var phaseOrder = []string{PhaseStart, PhasePreflight, PhaseHello, PhaseConfig, PhaseServing, PhaseCommitted, PhaseRolledBack, PhaseGone}
 
 // Phases maps phase names to milliseconds (0.01 ms resolution).
 type Phases map[string]float64
