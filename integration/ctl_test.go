@@ -51,13 +51,17 @@ type ctlStatus struct {
 		Activated, Blocking bool
 	} `json:"listeners"`
 	Upgrade *struct {
-		NewPID  int  `json:"new_pid"`
-		Serving bool `json:"serving"`
-		Ready   int  `json:"ready"`
-		Want    int  `json:"want"`
+		Side      string             `json:"side"`
+		NewPID    int                `json:"new_pid"`
+		Serving   bool               `json:"serving"`
+		Ready     int                `json:"ready"`
+		Want      int                `json:"want"`
+		Preflight string             `json:"preflight"`
+		Phases    map[string]float64 `json:"phases"`
 	} `json:"upgrade"`
 	LastUpgrade *struct {
 		Outcome, Reason string
+		Phases          map[string]float64 `json:"phases"`
 	} `json:"last_upgrade"`
 	FDs        int `json:"fds"`
 	Goroutines int `json:"goroutines"`
@@ -190,6 +194,25 @@ func TestCtl_BothMastersDuringAnUpgrade(t *testing.T) {
 	if nst.PID != nw || nst.Role != "new" || nst.State != "probation" || nst.Gen != 2 {
 		t.Errorf("new master's status: %+v", nst)
 	}
+	// Both time the upgrade's phases so far, from the signal.
+	if up := old.Upgrade; up == nil || up.Side != "old" || up.Preflight == "" {
+		t.Errorf("old master's upgrade: %+v", up)
+	} else {
+		for _, k := range []string{"start_ms", "hello_ms", "config_ms", "serving_ms"} {
+			if _, ok := up.Phases[k]; !ok {
+				t.Errorf("old master's upgrade phases lack %s: %v", k, up.Phases)
+			}
+		}
+		if !(up.Phases["hello_ms"] <= up.Phases["config_ms"] && up.Phases["config_ms"] <= up.Phases["serving_ms"]) {
+			t.Errorf("old master's upgrade phases out of order: %v", up.Phases)
+		}
+	}
+	if up := nst.Upgrade; up == nil || up.Side != "new" || up.NewPID != nw || up.Phases["serving_ms"] <= 0 {
+		t.Errorf("new master's upgrade: %+v", up)
+	}
+	if _, out := ctl(t, u.pidFile, "--old", "status"); !strings.Contains(out, "phases (ms since the signal): ") || !strings.Contains(out, "serving ") {
+		t.Errorf("ctl --old status shows no phases:\n%s", out)
+	}
 	if code, out := ctl(t, u.pidFile, "scale", "3"); code != 1 || !strings.Contains(out, "--old") {
 		t.Errorf("scale on the new master: exit %d: %s", code, out)
 	}
@@ -200,6 +223,11 @@ func TestCtl_BothMastersDuringAnUpgrade(t *testing.T) {
 	u.waitTakeover(u.Pid)
 	if fileExists(filepath.Join(u.dir, "molt.sock.oldbin")) {
 		t.Error("molt.sock.oldbin left after the commit")
+	}
+	// The new master's last upgrade is its own, with the phases to its
+	// commit.
+	if st := statusOf(t, u.pidFile); st.LastUpgrade == nil || st.LastUpgrade.Outcome != "committed" || st.LastUpgrade.Phases["committed_ms"] <= 0 {
+		t.Errorf("new master's last upgrade: %+v", st.LastUpgrade)
 	}
 	u.stop()
 }

@@ -63,22 +63,20 @@ type rollbackCase struct {
 func TestRollback_EveryFailureBeforeCommit(t *testing.T) {
 	t.Parallel()
 	cases := []rollbackCase{
-		// Each broken binary answers the pre-flight run ("version") and
-		// fails only when it is started as a master: the rollback path.
-		// The first three sabotage themselves during the pre-flight, as a
-		// deploy racing the upgrade would.
+		// The first three fail their pre-flight run ("version") as they
+		// fail to start: whichever the old master learns first gives the
+		// reason (the pre-flight runs alongside the start). The others
+		// answer the pre-flight and fail only when started as a master.
 		{name: "binary missing", reason: "no such file or directory",
 			breakIt: func(t *testing.T, u *master, _ string) {
-				u.deployFile("#!/bin/sh\nrm -f \"$0\"\necho molt test\n", 0o755)
+				if err := os.Remove(u.path); err != nil {
+					t.Fatal(err)
+				}
 			}},
 		{name: "binary not executable", reason: "permission denied",
-			breakIt: func(t *testing.T, u *master, _ string) {
-				u.deployFile("#!/bin/sh\nchmod 644 \"$0\"\necho molt test\n", 0o755)
-			}},
+			breakIt: func(t *testing.T, u *master, _ string) { u.deployFile(passesPreflight, 0o644) }},
 		{name: "not an ELF for this machine", reason: "exec format error",
-			breakIt: func(t *testing.T, u *master, _ string) {
-				u.deployFile("#!/bin/sh\nprintf '\\177ELF garbage' > \"$0.x\" && chmod 755 \"$0.x\" && mv \"$0.x\" \"$0\"\necho molt test\n", 0o755)
-			}},
+			breakIt: func(t *testing.T, u *master, _ string) { u.deployFile("\x7fELF garbage", 0o755) }},
 		{name: "crashes at start", reason: "killed by signal: segmentation fault",
 			breakIt: func(t *testing.T, u *master, _ string) { u.deployFile(passesPreflight+"kill -SEGV $$\n", 0o755) }},
 		{name: "exits 0 at start", reason: "exited with status 0",
@@ -161,7 +159,7 @@ func testRollback(t *testing.T, c rollbackCase) {
 	l.stop(t)
 	u.stop(test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
-		test.Event("upgrade.deadline"),
+		test.Event("upgrade.deadline"), test.Event("upgrade.preflight_failed"),
 		test.Event("worker.exited_unexpectedly"), test.Event("worker.not_ready"))
 }
 

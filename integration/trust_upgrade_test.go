@@ -68,13 +68,14 @@ func TestTrust_CtlStatusEscapesWorkerText(t *testing.T) {
 	u := start(t, runOpts{Deploy: byRename,
 		Args: []string{"--workers", "1", "--probation", "300ms", "--", py, "-c", statusWorker, hostileStatus}})
 	u.waitServing()
-	// A new binary that fails its pre-flight with hostile output.
+	// A new binary that fails its pre-flight with hostile output (and
+	// would start well: the pre-flight's failure gives the reason).
 	const output = "broken\x1b[2J\nforged line\x1b]0;pwned\x07"
-	u.deployFile("#!/bin/sh\nprintf 'broken\\033[2J\\nforged line\\033]0;pwned\\007'\nexit 1\n", 0o755)
+	u.deployFile(fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = version ]; then printf 'broken\\033[2J\\nforged line\\033]0;pwned\\007'; exit 1; fi\nexec %s \"$@\"\n", bins.molt2), 0o755)
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 1 || rawControl(out) != "" {
 		t.Errorf("ctl upgrade --wait: exit %d, raw control: %s:\n%q", code, rawControl(out), out)
 	}
-	test.WaitLog(t, u.log, stepTimeout, 1, "the refusal", test.Event("upgrade.refused"))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
 
 	var raw struct {
 		Procs []struct {
@@ -137,7 +138,8 @@ func TestTrust_CtlStatusEscapesWorkerText(t *testing.T) {
 	if l := test.Find(u.log, test.Event("worker.status")); len(l) == 0 || l[0].Str("status") != hostileStatus {
 		t.Errorf("the worker's status in the JSON log: %v, want the raw value", l)
 	}
-	u.stop(test.Event("upgrade.refused"))
+	u.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.preflight_failed"),
+		test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"), test.Event("master.gave_up"))
 }
 
 // TestTrust_RollbackKillsTheHungMastersWholeTree: a new binary that forks
@@ -213,8 +215,8 @@ func fdCount(t *testing.T, pid int) int {
 }
 
 // TestTrust_FailedUpgradesLeakNoDescriptors: 50 failed upgrades in a row,
-// of both kinds (a binary that fails its pre-flight, one that passes it
-// and exits 1 at start), under load: the old master's descriptor count is
+// of both kinds (a binary that fails its pre-flight and its start, one
+// that passes the pre-flight and exits 1 at start), under load: the old master's descriptor count is
 // back to its baseline within seconds of the last, without waiting for a
 // garbage collection of its own, and the next good binary upgrades.
 func TestTrust_FailedUpgradesLeakNoDescriptors(t *testing.T) {
@@ -224,18 +226,16 @@ func TestTrust_FailedUpgradesLeakNoDescriptors(t *testing.T) {
 	u.waitServing()
 	u.waitWorkers(2)
 	l := startLoad(t, addr)
-	refused, rolledBack := 0, 0
+	rolledBack := 0
 	fail := func(i int) {
 		t.Helper()
 		if i%2 == 0 {
 			u.deployFile("#!/bin/sh\necho broken >&2\nexit 1\n", 0o755)
-			refused++
 		} else {
 			u.deployFile(passesPreflight+"exit 1\n", 0o755)
-			rolledBack++
 		}
+		rolledBack++
 		u.Signal(syscall.SIGUSR2)
-		test.WaitLog(t, u.log, stepTimeout, refused, "refusal "+strconv.Itoa(refused), test.Event("upgrade.refused"))
 		test.WaitLog(t, u.log, stepTimeout, rolledBack, "rollback "+strconv.Itoa(rolledBack), test.Event("upgrade.rolled_back"))
 	}
 	// One attempt of each kind first: the first to start a new master
@@ -261,14 +261,14 @@ func TestTrust_FailedUpgradesLeakNoDescriptors(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("after %d failed upgrades (%d refused, %d rolled back, with the first two): %d descriptors, baseline %d", n, refused, rolledBack, got, base)
+	t.Logf("after %d failed upgrades (%d rolled back, with the first two): %d descriptors, baseline %d", n, rolledBack, got, base)
 	u.install(bins.molt2, byRename)
 	pid := u.upgrade()
 	if r := get(t, addr, "/"); r.Header.Get("X-Molt-Version") != nextVersion() || r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(pid) {
 		t.Errorf("after the good upgrade: master %s version %s", r.Header.Get("X-Molt-Master-Pid"), r.Header.Get("X-Molt-Version"))
 	}
 	l.stop(t)
-	u.stop(test.Event("upgrade.refused"), test.Event("upgrade.rolled_back"))
+	u.stop(test.Event("upgrade.preflight_failed"), test.Event("upgrade.rolled_back"))
 }
 
 // fdList names pid's descriptors, for a failure's message.

@@ -1,15 +1,19 @@
 package master
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/procfs"
 	"github.com/molt-server/molt/upgrade"
+	"golang.org/x/sys/unix"
 )
 
 // The generation dance (DESIGN §3, §4) is upgrade.OldSide and
@@ -92,13 +96,20 @@ func (m *Master) act(acts []upgrade.Action, toParent bool) error {
 		case upgrade.Refused:
 			refused = errors.New(a.Why)
 		case upgrade.RunPreflight:
-			m.runPreflight()
+			m.runPreflight(a.Attempt)
+		case upgrade.CancelPreflight:
+			m.cancelPreflight()
 		case upgrade.Begin:
 			if what, err := m.beginUpgrade(a.QuitPending); err != nil {
 				return m.toOld(upgrade.BeginFailed{What: what, Err: err})
 			}
 		case upgrade.SendConfig:
-			m.tellChild(m.configMsg(a.To))
+			msg := m.configMsg(a.To)
+			msg.Hold = a.Hold
+			if !a.Since.IsZero() {
+				msg.Since = a.Since.UnixNano()
+			}
+			m.tellChild(msg)
 		case upgrade.StopWorkers:
 			for _, p := range m.procs {
 				m.stopWorker(p)
@@ -257,16 +268,37 @@ func (m *Master) workerFailed(code int, reason string) {
 	_ = m.toNew(upgrade.WorkerFailed{Code: code, Reason: reason})
 }
 
-// runPreflight runs the new binary once, bounded, before anything
-// changes: the cheapest rollback is the one never needed.
-func (m *Master) runPreflight() {
-	path, args := os.Args[0], m.cfg.Preflight
+// runPreflight runs the new binary once, bounded, alongside the new
+// master's start (the old side holds the commit until it passed): it adds
+// no cold start of its own to the upgrade.
+func (m *Master) runPreflight(attempt int) {
+	path, args, log := os.Args[0], m.cfg.Preflight, m.log
+	m.cancelPreflight() // an earlier attempt's, should one still run
+	ctx, cancel := context.WithCancel(context.Background())
+	m.stopPreflight = cancel
 	m.log.Info("upgrade: pre-flight check of the new binary", "event", "upgrade.preflight", "path", path, "args", strings.Join(args, " "))
 	m.tellWatchers(CtlReply{OK: true, Message: "pre-flight: " + path + " " + strings.Join(args, " ")}, false)
 	go func() {
-		out, err := preflight(path, args)
-		m.send(preflightDone{out: out, err: err})
+		// The run must not slow the start it runs alongside, on a busy or
+		// pinned CPU: it gets what the new master and its workers leave.
+		// A child inherits the nice value of the thread that forks it
+		// (Linux: per thread); this goroutine keeps its thread, lowered,
+		// and the runtime ends that thread with the goroutine (no Unlock).
+		runtime.LockOSThread()
+		if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), preflightNice); err != nil {
+			log.Debug("pre-flight runs at the master's priority", "error", err)
+		}
+		out, err := preflight(ctx, path, args)
+		m.send(preflightDone{attempt: attempt, out: out, err: err})
 	}()
+}
+
+// cancelPreflight kills the pre-flight run, if one runs.
+func (m *Master) cancelPreflight() {
+	if m.stopPreflight != nil {
+		m.stopPreflight()
+		m.stopPreflight = nil
+	}
 }
 
 // beginUpgrade moves the pid file and control socket aside and starts
@@ -340,7 +372,14 @@ func (m *Master) killNewMaster(pid int, pgids []int) {
 		own[p] = true
 	}
 	if pid == 0 {
-		pid = procfs.NewMaster(os.Getpid(), func(p int) bool { return own[p] })
+		// The new master is in this master's process group; a worker
+		// (its own session) and the pre-flight run (its own group, and it
+		// may still run beside the new master) are not.
+		pgrp := syscall.Getpgrp()
+		pid = procfs.NewMaster(os.Getpid(), func(p int) bool {
+			st, ok := procfs.ReadStat(p)
+			return own[p] || !ok || st.PGRP != pgrp
+		})
 	}
 	log := m.log
 	go func() {

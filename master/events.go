@@ -131,10 +131,12 @@ type parentExited struct{}
 
 func (parentExited) String() string { return "parent exited" }
 
-// preflightDone is the result of a new binary's pre-flight run.
+// preflightDone is the result of a new binary's pre-flight run for the
+// upgrade attempt numbered attempt.
 type preflightDone struct {
-	out string
-	err error
+	attempt int
+	out     string
+	err     error
 }
 
 func (e preflightDone) String() string { return fmt.Sprintf("pre-flight done: %v", e.err) }

@@ -269,6 +269,7 @@ func (m *Master) release() {
 	if m.stopSignals != nil {
 		m.stopSignals()
 	}
+	m.cancelPreflight()
 	m.closeNotifyDir()
 	if m.control != nil {
 		// Each master removes its own control socket, wherever an upgrade

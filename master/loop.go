@@ -63,6 +63,9 @@ type Master struct {
 	// children is the channel to the new masters this one starts;
 	// parent, to the old master that started this one.
 	children, parent *upgrade.Channel
+	// stopPreflight kills the pre-flight run of the upgrade in flight
+	// (nil: none runs).
+	stopPreflight func()
 	// parentNames: the old master's listener names (its configuration);
 	// moved: inherited listeners whose name this configuration moved to
 	// another address, closed at the commit.
@@ -213,7 +216,7 @@ func (m *Master) loop(ctx context.Context) error {
 			case ctlEvent:
 				m.onCtl(ev)
 			case preflightDone:
-				_ = m.toOld(upgrade.PreflightDone{Out: ev.out, Err: ev.err})
+				_ = m.toOld(upgrade.PreflightDone{Attempt: ev.attempt, Out: ev.out, Err: ev.err})
 			case keeperExited:
 				m.log.Warn("the keeper has exited; this master serves on without it", "event", "master.keeper_exited", "keeper_pid", ev.pid)
 			case successorExited:

@@ -22,8 +22,8 @@ type Status struct {
 	Workers    int              `json:"workers"` // the target count
 	Procs      []WorkerStatus   `json:"procs"`
 	Listeners  []ListenerStatus `json:"listeners"`
-	Upgrade    *UpgradeStatus   `json:"upgrade,omitempty"`      // in flight (old master)
-	LastResult *UpgradeResult   `json:"last_upgrade,omitempty"` // the last one that ended
+	Upgrade    *UpgradeStatus   `json:"upgrade,omitempty"`      // in flight (old master, or an uncommitted new one)
+	LastResult *UpgradeResult   `json:"last_upgrade,omitempty"` // the last one that ended (a new master: its own commit)
 	FDs        int              `json:"fds"`
 	Goroutines int              `json:"goroutines"`
 }
@@ -62,13 +62,20 @@ type ListenerStatus struct {
 	Blocking bool `json:"blocking,omitempty"`
 }
 
-// UpgradeStatus is an upgrade in flight, as the old master follows it.
+// UpgradeStatus is an upgrade in flight, as the old master follows it
+// (Side "old") or as the new master, before its commit, sees it (Side
+// "new").
 type UpgradeStatus struct {
+	Side    string `json:"side"`
 	NewPID  int    `json:"new_pid"`
 	Serving bool   `json:"serving"`
 	Ready   int    `json:"ready"`
 	Want    int    `json:"want"`
 	Elapsed string `json:"elapsed"`
+	// Preflight: running, passed or failed (old side; empty: none).
+	Preflight string `json:"preflight,omitempty"`
+	// Phases: the milestones reached so far (docs/upgrades.md).
+	Phases upgrade.Phases `json:"phases,omitempty"`
 }
 
 // UpgradeResult is how the last upgrade ended.
@@ -113,10 +120,17 @@ func (m *Master) status() *Status {
 		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated, Blocking: l.spec.Blocking})
 	}
 	if up := m.old.Attempt(); up != nil {
-		st.Upgrade = &UpgradeStatus{NewPID: up.Pid, Serving: up.Serving, Ready: up.Ready, Want: up.Want,
-			Elapsed: time.Since(up.Started).Round(time.Millisecond).String()}
+		st.Upgrade = &UpgradeStatus{Side: "old", NewPID: up.Pid, Serving: up.Serving, Ready: up.Ready, Want: up.Want,
+			Elapsed: time.Since(up.Started).Round(time.Millisecond).String(), Preflight: up.Preflight, Phases: up.Phases()}
+	} else if m.newUncommitted() {
+		ph := m.new.Phases()
+		st.Upgrade = &UpgradeStatus{Side: "new", NewPID: os.Getpid(), Serving: m.phase == phaseServing,
+			Ready: m.readyCount(), Want: len(m.slots), Elapsed: time.Since(m.started).Round(time.Millisecond).String(), Phases: ph}
 	}
 	st.LastResult = m.old.Last()
+	if st.LastResult == nil && m.new != nil {
+		st.LastResult = m.new.Last()
+	}
 	return st
 }
 

@@ -22,14 +22,19 @@ import (
 // preflightTimeout bounds the pre-flight run of a new binary.
 const preflightTimeout = 10 * time.Second
 
+// preflightNice is the nice value of the pre-flight run, which runs
+// alongside the new master's start.
+const preflightNice = 19
+
 // preflight runs the binary at path (resolved now, as tableflip will)
 // with args and returns its trimmed output; an error says what failed.
-func preflight(path string, args []string) (string, error) {
+// Cancelling stop kills the run (the upgrade ended without it).
+func preflight(stop context.Context, path string, args []string) (string, error) {
 	resolved, err := exec.LookPath(path)
 	if err != nil {
 		return "", err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), preflightTimeout)
+	ctx, cancel := context.WithTimeout(stop, preflightTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, resolved, args...)
 	// Its own process group, killed whole at the timeout: a script that
@@ -41,6 +46,9 @@ func preflight(path string, args []string) (string, error) {
 	text := strings.TrimSpace(string(out))
 	if len(text) > 300 {
 		text = text[:300] + "..."
+	}
+	if stop.Err() != nil {
+		return text, fmt.Errorf("%s %s: cancelled: the upgrade ended", path, strings.Join(args, " "))
 	}
 	if ctx.Err() != nil {
 		return text, fmt.Errorf("%s %s did not finish within %v", path, strings.Join(args, " "), preflightTimeout)

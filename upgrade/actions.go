@@ -39,15 +39,23 @@ type (
 	// Refused: a USR2 (or upgrade request) was refused, for Why.
 	Refused struct{ Why string }
 	// RunPreflight: run the new binary's pre-flight check, then feed
-	// PreflightDone.
-	RunPreflight struct{}
+	// PreflightDone{Attempt}. It runs alongside the new master's start
+	// (Begin follows at once); the commit waits for it.
+	RunPreflight struct{ Attempt int }
+	// CancelPreflight: the attempt ended while its pre-flight ran: kill
+	// the run (its result no longer matters).
+	CancelPreflight struct{}
 	// Begin: move the pid file and control socket aside, tell the
 	// supervisor, and run Handover.Upgrade (its result is UpgradeDone);
 	// feed BeginFailed if any of it fails.
 	Begin struct{ QuitPending bool }
 	// SendConfig: send the configuration (worker count, listeners) to
-	// the new master To.
-	SendConfig struct{ To int }
+	// the new master To, with Hold and Since (Msg).
+	SendConfig struct {
+		To    int
+		Hold  bool
+		Since time.Time
+	}
 	// StopWorkers: stop this generation's workers (standby); their exits
 	// are not failures.
 	StopWorkers struct{}
@@ -75,17 +83,18 @@ type (
 	}
 )
 
-func (Refused) action()      {}
-func (RunPreflight) action() {}
-func (Begin) action()        {}
-func (SendConfig) action()   {}
-func (StopWorkers) action()  {}
-func (Respawn) action()      {}
-func (RestoreFiles) action() {}
-func (Retire) action()       {}
-func (KillTree) action()     {}
-func (Progress) action()     {}
-func (Finish) action()       {}
+func (Refused) action()         {}
+func (RunPreflight) action()    {}
+func (CancelPreflight) action() {}
+func (Begin) action()           {}
+func (SendConfig) action()      {}
+func (StopWorkers) action()     {}
+func (Respawn) action()         {}
+func (RestoreFiles) action()    {}
+func (Retire) action()          {}
+func (KillTree) action()        {}
+func (Progress) action()        {}
+func (Finish) action()          {}
 
 // Actions of a new master's machine, besides the common ones.
 type (

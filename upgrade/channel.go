@@ -38,7 +38,10 @@ const (
 	KindConfig  = "config"  // Workers, Gen, Pid, Names, Activated: how many workers to run, G2's generation, G1's pid and listener names
 	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
 	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
-	KindAbort   = "abort"   // give up as QUIT to G2 does: every generation stops
+	KindAbort   = "abort"   // Reason (optional): give up as QUIT to G2 does (every generation stops, or the pre-flight failed)
+	// KindPreflightOK: the pre-flight G1 ran alongside G2's start passed;
+	// a G2 whose config said Hold may commit now.
+	KindPreflightOK = "preflight-ok"
 )
 
 // KindStop is sent either way: stop fast (TERM/INT to either master stops
@@ -67,6 +70,12 @@ type Msg struct {
 	// Activated lists those of Names that came from socket activation
 	// (config): the new master must keep them at the same address.
 	Activated []string `json:"activated,omitempty"`
+	// Hold (config): the old master's pre-flight of this binary is still
+	// running; the new master must not commit before KindPreflightOK.
+	Hold bool `json:"hold,omitempty"`
+	// Since (config): when the upgrade was signalled, in Unix
+	// nanoseconds: the new master times its phases from it.
+	Since int64 `json:"since,omitempty"`
 }
 
 // ErrMessage is wrapped by every error DecodeMsg returns.
@@ -97,7 +106,7 @@ func DecodeMsg(b []byte) (Msg, error) {
 	if m.Kind == "" {
 		return Msg{}, fmt.Errorf("%w: no kind", ErrMessage)
 	}
-	if m.To < 0 || m.Pid < 0 || m.Gen < 0 || m.Workers < 0 || m.Ready < 0 || m.Code < 0 {
+	if m.To < 0 || m.Pid < 0 || m.Gen < 0 || m.Workers < 0 || m.Ready < 0 || m.Code < 0 || m.Since < 0 {
 		return Msg{}, fmt.Errorf("%w: negative number in %s message", ErrMessage, m.Kind)
 	}
 	for _, p := range m.PGIDs {

@@ -47,14 +47,21 @@ type world struct {
 	cfg        OldConfig
 	ncfg       NewConfig
 	logger     hclog.Logger // nil: none
+	clock      time.Time    // both sides' fake clock; tick advances it
 }
+
+// tick advances the fake clock.
+func (w *world) tick(d time.Duration) { w.clock = w.clock.Add(d) }
 
 func newWorld(t *testing.T, tweak func(*OldConfig, *NewConfig)) *world {
 	w := &world{t: t,
-		cfg:  OldConfig{Pid: oldPid, ReadyTimeout: 10 * time.Second, Probation: 5 * time.Second},
-		ncfg: NewConfig{Pid: newPid, Version: "v2", ReadyTimeout: 10 * time.Second, Probation: 5 * time.Second},
-		oenv: Env{Running: true, Serving: true, AllReady: true, Workers: 2, ReadyWorkers: 2},
+		cfg:   OldConfig{Pid: oldPid, ReadyTimeout: 10 * time.Second, Probation: 5 * time.Second},
+		ncfg:  NewConfig{Pid: newPid, Version: "v2", ReadyTimeout: 10 * time.Second, Probation: 5 * time.Second},
+		oenv:  Env{Running: true, Serving: true, AllReady: true, Workers: 2, ReadyWorkers: 2},
+		clock: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC),
 	}
+	now := func() time.Time { return w.clock }
+	w.cfg.Now, w.ncfg.Now = now, now
 	if tweak != nil {
 		tweak(&w.cfg, &w.ncfg)
 	}
@@ -107,7 +114,8 @@ func (w *world) doOld(acts []Action) {
 		case Tell:
 			w.enqueueNew(FromParent{Msg: a.Msg})
 		case SendConfig:
-			w.enqueueNew(FromParent{Msg: Msg{Kind: KindConfig, To: a.To, Workers: w.oenv.Workers, Pid: oldPid, Gen: 2}})
+			w.enqueueNew(FromParent{Msg: Msg{Kind: KindConfig, To: a.To, Workers: w.oenv.Workers, Pid: oldPid, Gen: 2,
+				Hold: a.Hold, Since: a.Since.UnixNano()}})
 		case StopWorkers:
 			w.oenv.AllReady, w.oenv.ReadyWorkers = false, 0
 		case Respawn:
@@ -551,18 +559,148 @@ func TestDance_USR2RefusedOrDeferred(t *testing.T) {
 	}
 }
 
+// TestDance_Preflight: the pre-flight runs alongside the new master's
+// start; the commit waits for it, and its failure rolls back at any
+// point of the attempt.
 func TestDance_Preflight(t *testing.T) {
+	withPreflight := func(o *OldConfig, _ *NewConfig) { o.Preflight = true }
+	t.Run("passes while the new generation serves: the commit waits for it", func(t *testing.T) {
+		w := newWorld(t, withPreflight)
+		w.toOld(SigUSR2{})
+		if !w.did("old:upgrade.RunPreflight{Attempt:1}") || !w.did("old:upgrade.Begin") {
+			t.Fatalf("pre-flight and start not together: %v", w.acts)
+		}
+		if !w.did("Hold:true") {
+			t.Fatalf("config without Hold while the pre-flight runs: %v", w.acts)
+		}
+		w.wantNew(NewStarting)
+		w.newReady()
+		w.fire("new", TimerProbation)
+		w.wantNew(NewProbation)
+		if w.did("new:upgrade.Commit") || !w.new.Held() {
+			t.Fatalf("committed before the pre-flight passed: %v", w.acts)
+		}
+		// The commit's deadline waits for the pre-flight too: the last
+		// one armed (at the start) is void.
+		w.fire("old", TimerDeadline)
+		if w.did("KillTree") {
+			t.Fatalf("killed while the commit waited for the pre-flight: %v", w.acts)
+		}
+		w.toOld(PreflightDone{Attempt: 1, Out: "molt v2"})
+		w.wantCommitted()
+		if w.did("CancelPreflight") {
+			t.Fatalf("a finished pre-flight cancelled: %v", w.acts)
+		}
+	})
+	t.Run("the attempt ends while it runs: cancelled", func(t *testing.T) {
+		w := newWorld(t, withPreflight)
+		w.start()
+		w.toNew(WorkerFailed{Code: ExitWorkerDied, Reason: "worker died"})
+		w.oldReady()
+		w.wantRolledBack("worker died")
+		if !w.did("old:upgrade.CancelPreflight") {
+			t.Fatalf("pre-flight not cancelled: %v", w.acts)
+		}
+		w.toOld(PreflightDone{Attempt: 1, Err: errors.New("cancelled")}) // too late: ignored
+		w.wantOld(OldIdle)
+	})
+	t.Run("passes before the hello: no hold", func(t *testing.T) {
+		w := newWorld(t, withPreflight)
+		w.old.Handle(w.oenv, SigUSR2{}) // Begin not carried out yet: no new master
+		w.toOld(PreflightDone{Attempt: 1, Out: "ok"})
+		w.toOld(FromChild{Msg: Msg{Kind: KindHello, Pid: newPid}, IsChild: true})
+		if !w.did("old:upgrade.SendConfig{To:200 Hold:false") {
+			t.Fatalf("actions %v", w.acts)
+		}
+	})
+	t.Run("fails during the probation: rolled back", func(t *testing.T) {
+		w := newWorld(t, withPreflight)
+		w.start()
+		w.toOld(PreflightDone{Attempt: 1, Err: errors.New("exit status 1")})
+		w.wantRolledBack("the new binary failed its pre-flight check: exit status 1")
+		if w.committed || w.did("new:upgrade.Commit") {
+			t.Fatalf("committed: %v", w.acts)
+		}
+		if f := w.finals[len(w.finals)-1]; !strings.Contains(f.Error, "rolled back: the new binary failed its pre-flight check") {
+			t.Fatalf("final reply %+v", f)
+		}
+	})
+	t.Run("fails before the hello: the new master is killed", func(t *testing.T) {
+		w := newWorld(t, withPreflight)
+		w.old.Handle(w.oenv, SigUSR2{}) // the new master has not said hello
+		w.upgradeRun = true
+		w.toOld(PreflightDone{Attempt: 1, Err: errors.New("exit status 1")})
+		if !w.did("old:upgrade.KillTree{Pid:0") || !w.newExited {
+			t.Fatalf("actions %v", w.acts)
+		}
+		w.wantOld(OldIdle)
+		if r := w.old.Last(); r == nil || r.Outcome != "rolled back" || !strings.Contains(r.Reason, "pre-flight") {
+			t.Fatalf("last %+v", r)
+		}
+	})
+	t.Run("a result of an earlier attempt is ignored", func(t *testing.T) {
+		w := newWorld(t, withPreflight)
+		w.start()
+		w.toOld(PreflightDone{Attempt: 7, Err: errors.New("stale")})
+		w.wantOld(OldServingBoth)
+		w.wantNew(NewProbation)
+	})
+}
+
+// TestDance_PhasesTimed: both sides time the milestones with their clock
+// and report them at the commit, and a rollback reports those reached.
+func TestDance_PhasesTimed(t *testing.T) {
 	w := newWorld(t, func(o *OldConfig, _ *NewConfig) { o.Preflight = true })
-	w.toOld(SigUSR2{})
-	w.wantOld(OldPreflight)
-	w.toOld(PreflightDone{Err: errors.New("exit status 1")})
-	w.wantOld(OldIdle)
-	if r := w.old.Last(); r == nil || r.Outcome != "refused" || w.did("Begin") {
-		t.Fatalf("failed pre-flight: %+v %v", r, w.acts)
+	w.old.Handle(w.oenv, SigUSR2{}) // carried out below, step by step
+	w.tick(2 * time.Millisecond)
+	w.toOld(PreflightDone{Attempt: 1, Out: "ok"})
+	w.tick(3 * time.Millisecond)
+	w.new = NewNewSide(w.ncfg, nil) // the new master starts: its hello
+	w.nenv = Env{Running: true}
+	w.upgradeRun = true
+	w.doNew(w.new.Start())
+	w.run()
+	w.wantNew(NewStarting)
+	w.tick(20 * time.Millisecond)
+	w.newReady()
+	w.tick(100 * time.Millisecond)
+	w.fire("new", TimerProbation)
+	w.wantCommitted()
+	want := Phases{PhaseStart: 0, PhasePreflight: 2, PhaseHello: 5, PhaseConfig: 5, PhaseServing: 25,
+		PhaseCommitted: 125, PhaseProbation: 100, PhaseTotal: 125}
+	if got := w.old.Last().Phases; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("old side's phases %v, want %v", got, want)
 	}
-	w.toOld(SigUSR2{})
-	w.toOld(PreflightDone{Out: "ok"})
-	w.wantOld(OldStarting)
+	// The new side times from the signal the configuration carried.
+	want = Phases{PhaseHello: 5, PhaseConfig: 5, PhaseServing: 25, PhaseCommitted: 125, PhaseProbation: 100, PhaseTotal: 125}
+	if got := w.new.Last().Phases; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("new side's phases %v, want %v", got, want)
+	}
+	w.tick(50 * time.Millisecond)
+	w.toNew(ParentExited{})
+	if got := w.new.Last().Phases; got[PhaseGone] != 175 || got[PhaseTotal] != 175 {
+		t.Errorf("new side's phases at primary %v", got)
+	}
+	if s := w.new.Phases().String(); !strings.HasPrefix(s, "hello 5ms, config 5ms, serving 25ms, committed 125ms, gone 175ms, probation 100ms") {
+		t.Errorf("String: %q", s)
+	}
+
+	// A rollback: the phases reached, and the end.
+	w = newWorld(t, nil)
+	w.start()
+	w.tick(7 * time.Millisecond)
+	w.toNew(WorkerFailed{Code: ExitWorkerDied, Reason: "worker died"})
+	w.oldReady()
+	r := w.old.Last()
+	if r == nil || r.Phases[PhaseRolledBack] != 7 || r.Phases[PhaseServing] != 0 || r.Phases[PhaseTotal] != 7 {
+		t.Fatalf("rollback phases %+v", r)
+	}
+	if _, ok := r.Phases[PhaseCommitted]; ok {
+		t.Fatalf("a rollback with a commit phase: %v", r.Phases)
+	}
+	if _, ok := r.Phases[PhasePreflight]; ok {
+		t.Fatalf("a pre-flight phase without a pre-flight: %v", r.Phases)
+	}
 }
 
 func TestDance_StopAll(t *testing.T) {

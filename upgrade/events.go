@@ -35,10 +35,12 @@ func (TimerFired) event() {}
 
 // Events an old master's machine takes, besides the signals.
 type (
-	// PreflightDone is the end of the pre-flight run (RunPreflight).
+	// PreflightDone is the end of the pre-flight run (RunPreflight) of
+	// the attempt Attempt.
 	PreflightDone struct {
-		Out string
-		Err error
+		Attempt int
+		Out     string
+		Err     error
 	}
 	// BeginFailed: Begin could not start the upgrade (What failed).
 	BeginFailed struct {

@@ -43,6 +43,7 @@ type NewConfig struct {
 	ManualCommit bool
 	ReadyTimeout time.Duration
 	Probation    time.Duration
+	Now          func() time.Time // time.Now if nil
 }
 
 // NewSide is the new master's side of the dance, from its start to being
@@ -56,20 +57,42 @@ type NewSide struct {
 	parentGone   bool
 	exit         *ExitError
 	deferredUSR2 bool
-	acts         []Action
+	// hold: the old master's pre-flight runs; the commit waits for
+	// KindPreflightOK. heldWhy is a commit that waits (its why).
+	hold    bool
+	heldWhy string
+	started time.Time
+	tl      timeline
+	last    *Result
+	acts    []Action
 }
 
 // NewNewSide returns the machine of a new master, in NewAwaitingConfig.
 func NewNewSide(cfg NewConfig, log hclog.Logger) *NewSide {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &NewSide{cfg: cfg, log: log}
+	return &NewSide{cfg: cfg, log: log, started: cfg.Now()}
 }
+
+// Phases returns the milestones this side reached, from the signal the
+// old master reported in its configuration (from this master's start
+// until then).
+func (n *NewSide) Phases() Phases { return n.tl.phases(n.started) }
+
+// Last returns how this master's own upgrade ended (its commit), or nil.
+func (n *NewSide) Last() *Result { return n.last }
+
+// Held reports whether the commit waits for the old master's pre-flight.
+func (n *NewSide) Held() bool { return n.hold }
 
 // Start returns the first actions: the hello and the configuration's
 // deadline.
 func (n *NewSide) Start() []Action {
+	n.tl.mark(PhaseHello, n.cfg.Now())
 	n.log.Info("new master: waiting for the old master's configuration", "event", "upgrade.awaiting_config")
 	return []Action{Tell{Msg: Msg{Kind: KindHello, Version: n.cfg.Version}}, Arm{Timer: TimerConfig, D: ConfigTimeout}}
 }
@@ -192,7 +215,21 @@ func (n *NewSide) onParentMsg(env Env, ev FromParent) {
 			n.do(Shutdown{})
 		}
 	case KindAbort:
-		n.fail(env, ExitAborted, "the old master stops every generation")
+		why := "the old master stops every generation"
+		if msg.Reason != "" {
+			why = msg.Reason // the pre-flight failed
+		}
+		n.fail(env, ExitAborted, why)
+	case KindPreflightOK:
+		if !n.hold {
+			return
+		}
+		n.hold = false
+		if why := n.heldWhy; why != "" && n.state == NewProbation {
+			n.heldWhy = ""
+			n.log.Info("the old master's pre-flight passed; committing", "event", "upgrade.commit_released")
+			n.commit(env, why)
+		}
 	case KindStop:
 		n.log.Info("the old master stops both generations", "event", "upgrade.stop_both")
 		if n.Uncommitted() {
@@ -210,7 +247,11 @@ func (n *NewSide) onParentMsg(env Env, ev FromParent) {
 func (n *NewSide) onConfig(env Env, msg Msg, err error) {
 	want := max(msg.Workers, 1)
 	if !n.configured {
-		n.configured, n.parentPid = true, msg.Pid
+		n.configured, n.parentPid, n.hold = true, msg.Pid, msg.Hold
+		if msg.Since > 0 {
+			n.tl.since = time.Unix(0, msg.Since)
+		}
+		n.tl.mark(PhaseConfig, n.cfg.Now())
 		n.log.Info("configuration from the old master", "event", "upgrade.configured", "workers", want, "ready_timeout", n.cfg.ReadyTimeout.String())
 		if n.state == NewAwaitingConfig {
 			n.to(NewStarting, "configuration from the old master")
@@ -241,6 +282,7 @@ func (n *NewSide) onServing(env Env, pidErr error) {
 		}
 		n.log.Error("pid file not written; this master serves on, the only generation left", "event", "pidfile.write_failed", "error", pidErr)
 	}
+	n.tl.mark(PhaseServing, n.cfg.Now())
 	n.tell(Msg{Kind: KindServing, Workers: env.Workers})
 	n.to(NewProbation, "every worker is ready")
 	switch {
@@ -289,12 +331,27 @@ func (n *NewSide) commit(env Env, why string) {
 	if !n.Uncommitted() {
 		return
 	}
+	if n.hold && !n.parentGone {
+		// The old master's pre-flight of this binary has not passed yet;
+		// with the old master gone, nobody can tell, and this generation
+		// is the only one left.
+		if n.heldWhy == "" {
+			n.log.Info("the commit waits for the old master's pre-flight", "event", "upgrade.commit_held", "why", why)
+		}
+		n.heldWhy = why
+		return
+	}
+	n.hold, n.heldWhy = false, ""
 	// The supervisor learns the new main pid before the old master can
 	// learn of the commit (and exit).
 	n.do(SupervisorReady{Status: fmt.Sprintf("serving, %d workers; upgraded", env.Workers)}, Commit{})
 	n.to(NewCommitted, why)
 	n.tell(Msg{Kind: KindCommitted})
-	n.log.Info("upgrade committed", "event", "upgrade.committed", "side", "new")
+	now := n.cfg.Now()
+	n.tl.mark(PhaseCommitted, now)
+	ph := n.Phases()
+	n.last = &Result{Outcome: "committed", NewPID: n.cfg.Pid, At: now, Phases: ph}
+	n.log.Info("upgrade committed", append([]any{"event", "upgrade.committed", "side", "new"}, ph.Fields()...)...)
 	if n.parentGone {
 		n.becomePrimary()
 	}
@@ -324,7 +381,14 @@ func (n *NewSide) onParentExited(env Env) {
 
 func (n *NewSide) becomePrimary() {
 	n.to(NewPrimary, "the old generation has exited")
-	n.log.Info("the old generation has exited; this master is primary", "event", "upgrade.primary")
+	n.tl.mark(PhaseGone, n.cfg.Now())
+	ph := n.Phases()
+	if n.last != nil {
+		r := *n.last // a copy: ctl status may hold the one before
+		r.Phases = ph
+		n.last = &r
+	}
+	n.log.Info("the old generation has exited; this master is primary", append([]any{"event", "upgrade.primary"}, ph.Fields()...)...)
 	n.do(BecomePrimary{ParentPid: n.parentPid})
 	if n.deferredUSR2 {
 		n.deferredUSR2 = false

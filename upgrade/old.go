@@ -16,10 +16,9 @@ const (
 	// OldSettling: a QUIT waits out QuitSettle for a USR2 that would
 	// make it "upgrade, then retire".
 	OldSettling
-	// OldPreflight: the new binary's pre-flight run is under way.
-	OldPreflight
-	// OldStarting: the new master starts (Upgrade runs); it does not serve
-	// yet. This generation serves.
+	// OldStarting: the new master starts (Upgrade runs), and the new
+	// binary's pre-flight runs alongside; it does not serve yet. This
+	// generation serves.
 	OldStarting
 	// OldServingBoth: the new generation serves too (its probation, or
 	// the wait for a manual commit).
@@ -42,7 +41,7 @@ const (
 	OldStopping
 )
 
-var oldStateNames = [...]string{"idle", "settling", "preflight", "starting", "serving-both", "standby",
+var oldStateNames = [...]string{"idle", "settling", "starting", "serving-both", "standby",
 	"committing", "rolling-back", "retiring", "took-back", "stopping"}
 
 func (s OldState) String() string { return oldStateNames[s] }
@@ -57,26 +56,43 @@ type OldConfig struct {
 	Now          func() time.Time // time.Now if nil
 }
 
+// Pre-flight states of an Attempt.
+const (
+	PreflightNone    = ""        // no pre-flight configured
+	PreflightRunning = "running" // alongside the new master's start
+	PreflightPassed  = "passed"
+	PreflightFailed  = "failed" // the attempt rolls back
+)
+
 // Attempt is one upgrade in flight, as the old master follows it.
 type Attempt struct {
-	Started     time.Time
-	Pid         int   // the new master's pid, once known
-	PGIDs       []int // its workers' process groups, as it reported them
-	Serving     bool
-	Ready, Want int  // its workers ready, of how many
-	Failed      *Msg // its failure report, if it sent one
-	releaseSent bool
-	quitPending bool // a QUIT waits for the new generation to serve
-	killed      bool
-	seq         int // of the current deadline
+	ID           int // numbers the attempts of this master
+	Started      time.Time
+	Preflight    string // PreflightRunning, ...
+	Pid          int    // the new master's pid, once known
+	PGIDs        []int  // its workers' process groups, as it reported them
+	Serving      bool
+	Ready, Want  int  // its workers ready, of how many
+	Failed       *Msg // its failure report, if it sent one
+	releaseSent  bool
+	quitPending  bool // a QUIT waits for the new generation to serve
+	killed       bool
+	seq          int    // of the current deadline
+	preflightErr string // why the pre-flight failed
+	tl           timeline
 }
+
+// Phases returns the milestones reached so far.
+func (a *Attempt) Phases() Phases { return a.tl.phases(a.Started) }
 
 // Result is how the last upgrade ended.
 type Result struct {
-	Outcome string    `json:"outcome"` // committed, rolled back, taken back, refused
+	Outcome string    `json:"outcome"` // committed, rolled back, taken back
 	Reason  string    `json:"reason,omitempty"`
 	NewPID  int       `json:"new_pid,omitempty"`
 	At      time.Time `json:"at"`
+	// Phases: the milestones the upgrade reached (docs/upgrades.md).
+	Phases Phases `json:"phases,omitempty"`
 }
 
 // OldSide is the old master's side of the dance: every master has one.
@@ -93,6 +109,7 @@ type OldSide struct {
 	stopAll    bool // every generation stops: a failed new master is released at once
 	last       *Result
 	seq        int
+	attempts   int
 	acts       []Action
 }
 
@@ -129,6 +146,7 @@ func (o *OldSide) Attempt() *Attempt {
 		return nil
 	}
 	a := *o.up
+	a.PGIDs = append([]int(nil), a.PGIDs...)
 	return &a
 }
 
@@ -182,8 +200,11 @@ func (o *OldSide) Handle(env Env, ev Event) []Action {
 	case TimerFired:
 		o.onTimer(ev)
 	case PreflightDone:
-		o.onPreflightDone(env, ev)
+		o.onPreflightDone(ev)
 	case BeginFailed:
+		if o.up != nil && o.up.Preflight == PreflightRunning {
+			o.do(CancelPreflight{})
+		}
 		o.up = nil
 		o.to(OldIdle, "upgrade not started")
 		o.log.Error("upgrade not started: "+ev.What, "event", "upgrade.not_started", "error", ev.Err)
@@ -197,8 +218,8 @@ func (o *OldSide) Handle(env Env, ev Event) []Action {
 	case WorkersServing:
 		o.releaseIfServing(env)
 	case Scaled:
-		if up := o.up; up != nil && up.Pid != 0 && !up.Serving {
-			o.do(SendConfig{To: up.Pid})
+		if up := o.up; up != nil && up.Pid != 0 && !up.Serving && up.Preflight != PreflightFailed {
+			o.sendConfig()
 		}
 	}
 	return o.acts
@@ -226,47 +247,56 @@ func (o *OldSide) onUSR2(env Env) {
 		o.refuse("shutting_down", "the master is shutting down")
 		return
 	}
-	quitPending := o.state == OldSettling
-	o.up = &Attempt{Started: o.cfg.Now(), quitPending: quitPending}
+	now := o.cfg.Now()
+	o.attempts++
+	o.up = &Attempt{ID: o.attempts, Started: now, quitPending: o.state == OldSettling}
+	o.up.tl.since = now
 	if o.cfg.Preflight {
-		o.to(OldPreflight, "USR2")
-		o.do(RunPreflight{})
-		return
+		// Alongside the new master's start, not before it: the pre-flight
+		// adds no cold start of its own to the upgrade, and the commit
+		// waits for it (the new master is told to Hold).
+		o.up.Preflight = PreflightRunning
+		o.do(RunPreflight{Attempt: o.up.ID})
 	}
-	o.begin("USR2")
-}
-
-func (o *OldSide) begin(why string) {
-	o.to(OldStarting, why)
+	o.to(OldStarting, "USR2")
+	o.up.tl.mark(PhaseStart, o.cfg.Now())
 	o.do(Begin{QuitPending: o.up.quitPending})
 	o.arm(o.cfg.ReadyTimeout + Slack)
 }
 
-func (o *OldSide) onPreflightDone(env Env, ev PreflightDone) {
-	if o.state != OldPreflight || o.up == nil {
-		return
-	}
-	if ev.Err == nil && env.Running {
-		o.log.Info("pre-flight passed", "event", "upgrade.preflight_passed", "output", ev.Out)
-		o.begin("pre-flight passed")
-		return
-	}
+func (o *OldSide) onPreflightDone(ev PreflightDone) {
 	up := o.up
-	o.up = nil
-	reason := "the master is stopping"
-	if ev.Err != nil {
-		reason = "the new binary failed its pre-flight check: " + ev.Err.Error()
+	if up == nil || ev.Attempt != up.ID || up.Preflight != PreflightRunning {
+		return // from an attempt that has ended
 	}
-	o.last = &Result{Outcome: "refused", Reason: reason, At: o.cfg.Now()}
-	o.log.Error("upgrade refused; nothing changed: this generation keeps serving", "event", "upgrade.refused", "reason", reason)
-	o.do(Finish{Error: "upgrade refused: " + reason})
-	if !env.Running {
-		o.to(OldStopping, "pre-flight ended while stopping")
+	up.tl.mark(PhasePreflight, o.cfg.Now())
+	ms := up.Phases()[PhasePreflight]
+	if ev.Err == nil {
+		up.Preflight = PreflightPassed
+		o.log.Info("pre-flight passed", "event", "upgrade.preflight_passed", "output", ev.Out, PhasePreflight, ms)
+		if up.Pid != 0 && up.Failed == nil {
+			o.tell(Msg{Kind: KindPreflightOK}) // a new master told to Hold may commit
+			if up.Serving && !o.cfg.ManualCommit {
+				o.arm(o.cfg.Probation + Slack) // the commit is due now
+			}
+		}
 		return
 	}
-	o.to(OldIdle, "pre-flight failed")
-	if up.quitPending {
-		o.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation", "event", "upgrade.quit_cancelled")
+	up.Preflight = PreflightFailed
+	up.preflightErr = "the new binary failed its pre-flight check: " + ev.Err.Error()
+	o.log.Error("pre-flight failed: rolling back", "event", "upgrade.preflight_failed", "reason", up.preflightErr, PhasePreflight, ms)
+	o.do(Progress{Line: "pre-flight failed: rolling back"})
+	switch {
+	case up.Failed != nil, up.killed:
+		// Giving up already.
+	case up.Pid != 0:
+		o.tell(Msg{Kind: KindAbort, Reason: up.preflightErr})
+		o.arm(o.cfg.ReadyTimeout + Slack) // it must be gone by then
+	default:
+		// No hello yet: the new master has no workers; it is killed, and
+		// one that still says hello is told to abort.
+		up.killed = true
+		o.do(KillTree{})
 	}
 }
 

@@ -27,13 +27,17 @@ func (o *OldSide) onChildMsg(env Env, ev FromChild) {
 			return
 		}
 		up.Pid = msg.Pid
-		o.log.Info("new master started", "event", "upgrade.new_master", "new_pid", msg.Pid, "version", msg.Version)
+		up.tl.mark(PhaseHello, o.cfg.Now())
+		o.log.Info("new master started", "event", "upgrade.new_master", "new_pid", msg.Pid, "version", msg.Version, PhaseHello, up.Phases()[PhaseHello])
 		o.do(Progress{Line: fmt.Sprintf("new master started: pid %d, version %s", msg.Pid, msg.Version)})
-		if o.stopAll {
+		switch {
+		case o.stopAll:
 			o.tell(Msg{Kind: KindAbort})
-			return
+		case up.Preflight == PreflightFailed:
+			o.tell(Msg{Kind: KindAbort, Reason: up.preflightErr})
+		default:
+			o.sendConfig()
 		}
-		o.do(SendConfig{To: up.Pid})
 		return
 	}
 	if msg.Pid != up.Pid {
@@ -52,6 +56,7 @@ func (o *OldSide) onChildMsg(env Env, ev FromChild) {
 			return
 		}
 		up.Serving = true
+		up.tl.mark(PhaseServing, o.cfg.Now())
 		o.to(OldServingBoth, "the new generation serves")
 		if o.cfg.ManualCommit {
 			o.arm(0)
@@ -61,8 +66,15 @@ func (o *OldSide) onChildMsg(env Env, ev FromChild) {
 			o.do(Finish{OK: true, Message: fmt.Sprintf(
 				"new generation serving (pid %d); manual commit: QUIT to the old master (pid %d) commits, QUIT to the new one rolls back", up.Pid, o.cfg.Pid)})
 		} else {
-			o.arm(o.cfg.Probation + Slack)
-			log.Info("new generation serving; probation", "event", "upgrade.serving", "workers", msg.Workers, "probation", o.cfg.Probation.String())
+			if up.Preflight == PreflightRunning {
+				// The commit waits for the pre-flight, which is bounded
+				// and whose end arms the deadline of the commit.
+				o.arm(0)
+			} else {
+				o.arm(o.cfg.Probation + Slack)
+			}
+			log.Info("new generation serving; probation", "event", "upgrade.serving", "workers", msg.Workers, "probation", o.cfg.Probation.String(),
+				PhaseServing, up.Phases()[PhaseServing])
 			o.do(Progress{Line: fmt.Sprintf("new generation serving; probation %v", o.cfg.Probation)})
 		}
 		if up.quitPending {
@@ -71,6 +83,7 @@ func (o *OldSide) onChildMsg(env Env, ev FromChild) {
 			o.to(OldCommitting, "a QUIT was pending")
 		}
 	case KindCommitted:
+		up.tl.mark(PhaseCommitted, o.cfg.Now())
 		log.Info("new generation committed", "event", "upgrade.new_committed")
 	case KindFailed:
 		if up.Failed != nil {
@@ -106,11 +119,17 @@ func (o *OldSide) onUpgradeDone(env Env, err error) {
 	if up == nil {
 		return
 	}
-	elapsed := o.cfg.Now().Sub(up.Started).Round(time.Millisecond).String()
+	if up.Preflight == PreflightRunning {
+		o.do(CancelPreflight{})
+	}
+	now := o.cfg.Now()
+	elapsed := now.Sub(up.Started).Round(time.Millisecond).String()
 	if err == nil {
-		o.last = &Result{Outcome: "committed", NewPID: up.Pid, At: o.cfg.Now()}
+		up.tl.mark(PhaseCommitted, now)
+		ph := up.Phases()
+		o.last = &Result{Outcome: "committed", NewPID: up.Pid, At: now, Phases: ph}
 		o.to(OldRetiring, "the new generation committed")
-		o.log.Info("upgrade committed; this generation retires", "event", "upgrade.committed", "side", "old", "new_pid", up.Pid, "elapsed", elapsed)
+		o.log.Info("upgrade committed; this generation retires", append([]any{"event", "upgrade.committed", "side", "old", "new_pid", up.Pid, "elapsed", elapsed}, ph.Fields()...)...)
 		o.do(Finish{OK: true, Message: fmt.Sprintf("committed: the new master (pid %d) serves; this one retires", up.Pid)})
 		if env.Running && up.Pid > 0 {
 			o.successor = up.Pid
@@ -125,16 +144,22 @@ func (o *OldSide) onUpgradeDone(env Env, err error) {
 		reported = up.Failed.Reason
 	}
 	reason := FailureReason(reported, up.killed, err)
-	o.last = &Result{Outcome: "rolled back", Reason: reason, NewPID: up.Pid, At: o.cfg.Now()}
+	if up.preflightErr != "" {
+		reason = up.preflightErr
+	}
+	up.tl.mark(PhaseRolledBack, now)
+	ph := up.Phases()
+	o.last = &Result{Outcome: "rolled back", Reason: reason, NewPID: up.Pid, At: now, Phases: ph}
 	o.do(RestoreFiles{}, Finish{Error: "rolled back: " + reason})
 	if !env.Running {
 		// Both generations are stopping (TERM/INT): the end is expected.
-		o.log.Info("the new master has stopped too", "event", "upgrade.new_stopped", "new_pid", up.Pid, "reason", reason)
+		o.log.Info("the new master has stopped too", append([]any{"event", "upgrade.new_stopped", "new_pid", up.Pid, "reason", reason}, ph.Fields()...)...)
 		o.to(OldStopping, "the new master has stopped too")
 		return
 	}
 	o.to(OldIdle, "rolled back")
-	o.log.Error("upgrade failed; rolled back: this generation keeps serving", "event", "upgrade.rolled_back", "new_pid", up.Pid, "reason", reason, "elapsed", elapsed)
+	o.log.Error("upgrade failed; rolled back: this generation keeps serving",
+		append([]any{"event", "upgrade.rolled_back", "new_pid", up.Pid, "reason", reason, "elapsed", elapsed}, ph.Fields()...)...)
 	o.do(SupervisorReady{Status: fmt.Sprintf("serving, %d workers; upgrade rolled back: %s", env.Workers, reason)})
 	if up.quitPending {
 		o.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation", "event", "upgrade.quit_cancelled")
@@ -161,4 +186,12 @@ func (o *OldSide) onSuccessorExited(pid int) {
 	o.log.Error("the new master died after its commit while this generation drained; this master takes the service back with new workers. "+
 		"It cannot start another upgrade: restart molt to deploy again", "event", "upgrade.took_back", "new_pid", pid)
 	o.do(RestoreFiles{}, Respawn{})
+}
+
+// sendConfig sends the configuration to the new master; it holds the
+// commit while the pre-flight runs.
+func (o *OldSide) sendConfig() {
+	up := o.up
+	up.tl.mark(PhaseConfig, o.cfg.Now())
+	o.do(SendConfig{To: up.Pid, Hold: up.Preflight == PreflightRunning, Since: up.Started})
 }

@@ -205,7 +205,14 @@ func printStatus(out io.Writer, st *master.Status) {
 		fmt.Fprintf(out, "listen   %-8s %-5s %s%s\n", p(l.Name), p(l.Network), p(l.Addr), inh)
 	}
 	if u := st.Upgrade; u != nil {
-		fmt.Fprintf(out, "upgrade  in flight for %s: new master pid %d, %d of %d workers ready, serving %v\n", p(u.Elapsed), u.NewPID, u.Ready, u.Want, u.Serving)
+		line := fmt.Sprintf("upgrade  in flight for %s: new master pid %d, %d of %d workers ready, serving %v", p(u.Elapsed), u.NewPID, u.Ready, u.Want, u.Serving)
+		if u.Preflight != "" {
+			line += ", pre-flight " + p(u.Preflight)
+		}
+		fmt.Fprintln(out, line)
+		if len(u.Phases) > 0 {
+			fmt.Fprintf(out, "         phases (ms since the signal): %s\n", u.Phases)
+		}
 	}
 	if r := st.LastResult; r != nil {
 		line := fmt.Sprintf("last upgrade %s at %s (new master pid %d)", p(r.Outcome), r.At.Format(time.RFC3339), r.NewPID)
@@ -213,6 +220,9 @@ func printStatus(out io.Writer, st *master.Status) {
 			line += ": " + p(r.Reason)
 		}
 		fmt.Fprintln(out, line)
+		if len(r.Phases) > 0 {
+			fmt.Fprintf(out, "         phases (ms since the signal): %s\n", r.Phases)
+		}
 	}
 	fmt.Fprintf(out, "workers  %d of %d running  (master fds %d, goroutines %d)\n", len(st.Procs), st.Workers, st.FDs, st.Goroutines)
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
