@@ -234,6 +234,21 @@ func TestTrustWorker_SameUserEnvironmentAndNoNewPrivs(t *testing.T) {
 			w = d.waitWorkers(1)[0]
 			get(t, addr, "/")
 			checkNoNewPrivs(t, w, tc.nnp)
+			// The workers have the flag from the master's spawner thread,
+			// the only thread of the master that has it: the master's own
+			// exec (an upgrade) runs from another one.
+			flagged := 0
+			for tid, v := range noNewPrivs(t, d.Pid) {
+				if v == "1" {
+					flagged++
+					if tid == fmt.Sprint(d.Pid) {
+						t.Errorf("the master's main thread has NoNewPrivs 1")
+					}
+				}
+			}
+			if want := map[string]int{"1": 1, "0": 0}[tc.nnp]; flagged != want {
+				t.Errorf("%d threads of the master have NoNewPrivs 1, want %d", flagged, want)
+			}
 			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", w)); err != nil || bytes.Contains(b, []byte(secret)) {
 				t.Errorf("the Go worker's environment (%v) has %s", err, secret)
 			}

@@ -108,7 +108,7 @@ func RunChild() (isWorker bool, err error) {
 // process finds it set and goes on.
 func noNewPrivs(role string) error {
 	if on, err := unix.PrctlRetInt(unix.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0); err == nil && on == 1 {
-		return nil // set by the re-exec, or the master has it (systemd's NoNewPrivileges=)
+		return nil // inherited from the master's spawner thread, or set by the re-exec
 	}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)

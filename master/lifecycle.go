@@ -92,7 +92,6 @@ func (m *Master) start() error {
 	if m.accept, err = newAcceptTable(); err != nil {
 		m.log.Warn("workers will accept unbalanced", "event", "balance.unavailable", "error", err)
 	}
-	m.spawner = newSpawner(m.done)
 	m.spec = newSpec(m.cfg, m.listeners)
 	m.setPhase(phaseStarting, "listeners open")
 	m.after(listenerCheckEvery, timerFired{kind: listenerCheck})

@@ -38,7 +38,10 @@ type Master struct {
 	notifyDir string
 	notifySeq int // names the next worker's socket
 	rejected  *notify.Rejected
-	spawner   *spawner
+	// spawner starts workers with no_new_privs, privSpawner those
+	// allowed new privileges (--allow-new-privs); each is made when first
+	// needed.
+	spawner, privSpawner *spawner
 	// parentR is passed to every worker; parentW is held by the master
 	// alone, so its close (the master's death) is EOF for every worker.
 	parentR, parentW *os.File

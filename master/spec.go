@@ -135,7 +135,15 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		env = append(env, envNewPrivs+"=allow")
 	}
 	env = mergeEnv(sp.env, env)
-	p, err := m.spawner.start(spawnRequest{
+	sp2, err := m.spawnerFor(sp.newPrivs)
+	if err != nil {
+		if hasEntry {
+			m.accept.release(entry)
+		}
+		dropNotifySocket(m.log, sock)
+		return nil, err
+	}
+	p, err := sp2.start(spawnRequest{
 		path: selfExe, argv: argv, env: env, files: files, pdeathsig: sp.stopSignal,
 		dir: sp.dir, credential: sp.credential,
 	})
