@@ -54,7 +54,7 @@ soak:
 	MOLT_TEST_VERSION=$(VERSION) MOLT_SOAK_UPGRADES=$(SOAK_UPGRADES) MOLT_SOAK_RESTARTS=$(SOAK_RESTARTS) \
 		$(GO) test -count=1 -timeout 180m -v -run '^(TestUpgrade_RepeatedUpgradesUnderLoad|TestFaults_WorkerRestartsLeaveTheMasterFlat)$$' ./integration
 
-# Measure molt with molt drill and write test/bench/RESULTS.md (about 8
+# Measure molt with molt drill and write test/bench/RESULTS.md (about 10
 # minutes; server pinned to one CPU, load to another; not in make test).
 bench: build
 	$(GO) run ./test/bench -molt bin/molt -out test/bench/RESULTS.md

@@ -344,8 +344,7 @@ func TestFaults_SignalStorm(t *testing.T) {
 		}
 	}
 	l.stop(t)
-	u.stop(test.Event("upgrade.refused"),
-		test.Event("upgrade.rolled_back"),
+	u.stop(test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.giving_up"),
 		test.Event("upgrade.new_gave_up"))
 }

@@ -36,7 +36,7 @@ func main() {
 	moltBin := flag.String("molt", "bin/molt", "the molt binary to measure")
 	out := flag.String("out", "test/bench/RESULTS.md", "where to write the results")
 	upgrades := flag.Int("upgrades", 20, "upgrades per zero-downtime run")
-	rounds := flag.Int("rounds", 3, "rounds of the throughput measurement (each runs every setup once in each mode)")
+	rounds := flag.Int("rounds", 5, "rounds of the throughput measurement (each runs every setup once in each mode)")
 	runFor := flag.Duration("run", 5*time.Second, "length of one throughput run")
 	nginx := flag.String("nginx", "", "the nginx `binary` to compare upgrades with (default: /usr/sbin/nginx or nginx on PATH; \"none\" skips it)")
 	only := flag.String("only", "", "run only these sections, comma-separated: "+strings.Join(sectionNames, ", ")+" (default all)")
