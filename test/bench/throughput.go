@@ -24,7 +24,11 @@ type tputRun struct {
 	connsCV, reqsCV float64 // over the serving processes; NaN for one
 	workers         int
 	master, keeper  int // CPU ticks over the run; -1 unknown
-	note            string
+	// cpuPerReq is the CPU time (µs) every server process (workers,
+	// master, keeper) used per answered request: unlike requests/s, it
+	// does not move with what else the machine's CPU is doing.
+	cpuPerReq float64
+	note      string
 }
 
 var modes = []string{"keep-alive", "close"}
@@ -68,10 +72,20 @@ func (b *bench) tputRun(s *server, mode string) tputRun {
 	if s.kind == "molt" {
 		master = s.masterPid()
 	}
-	m0, k0 := ticks(master), ticks(keeper)
+	all := func() int {
+		sum := 0
+		for _, p := range append([]int{master, keeper}, workers...) {
+			sum += max(0, ticks(p))
+		}
+		return sum
+	}
+	m0, k0, a0 := ticks(master), ticks(keeper), all()
 	r := b.drill(s, "--clients", "32", "--mode", mode, "--duration", b.runFor.String())
-	m1, k1 := ticks(master), ticks(keeper)
-	run := tputRun{rate: r.perSec(), p99: r.Latency.P99, workers: len(workers), master: diff(m0, m1), keeper: diff(k0, k1)}
+	m1, k1, a1 := ticks(master), ticks(keeper), all()
+	run := tputRun{rate: r.perSec(), p99: r.Latency.P99, workers: len(workers), master: diff(m0, m1), keeper: diff(k0, k1), cpuPerReq: math.NaN()}
+	if r.OK > 0 {
+		run.cpuPerReq = float64(a1-a0) * 1e6 / 100 / float64(r.OK) // ticks are 1/100 s
+	}
 	run.connsCV, run.reqsCV = cv(workers, r.ConnsByWorker), cv(workers, r.ByWorker)
 	if after := s.workerPids(); !samePids(workers, after) {
 		run.note = fmt.Sprintf("workers changed during the run: %v, then %v", workers, after)
@@ -214,8 +228,8 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	rate := func(r tputRun) float64 { return r.rate }
 	p99 := func(r tputRun) float64 { return r.p99 }
 	rows := []string{
-		"| setup | mode | processes serving | requests/s | ratio to (a) | p99 (ms) | p99 ratio to (a) | connections per worker, CV | requests per worker, CV | master CPU (ticks per run) | keeper CPU (ticks per run) |",
-		"|---|---|---|---|---|---|---|---|---|---|---|",
+		"| setup | mode | processes serving | requests/s | ratio to (a) | server CPU per request (µs) | p99 (ms) | p99 ratio to (a) | connections per worker, CV | requests per worker, CV | master CPU (ticks per run) | keeper CPU (ticks per run) |",
+		"|---|---|---|---|---|---|---|---|---|---|---|---|",
 	}
 	var notes []string
 	maxTicks := -1
@@ -234,8 +248,9 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 			mt, mhi := tickRange(runs, func(r tputRun) int { return r.master })
 			kt, khi := tickRange(runs, func(r tputRun) int { return r.keeper })
 			maxTicks = max(maxTicks, mhi, khi)
-			rows = append(rows, fmt.Sprintf("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |",
-				st.name, mode, runs[0].workers, r, rr, p, pr, conns, reqs, mt, kt))
+			cpu := spreadF(field(runs, func(r tputRun) float64 { return r.cpuPerReq }), "%.1f")
+			rows = append(rows, fmt.Sprintf("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |",
+				st.name, mode, runs[0].workers, r, rr, cpu, p, pr, conns, reqs, mt, kt))
 			for n, run := range runs {
 				if run.note != "" {
 					notes = append(notes, fmt.Sprintf("- %s, %s, round %d: %s", st.name, mode, n+1, strings.TrimSpace(run.note)))
@@ -249,13 +264,25 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	}
 	c, d, e := setups[2], setups[3], setups[4]
 	var targets []string
+	// The same target by CPU per request: (a)'s ÷ the setup's, per round.
+	cpuRatio := func(st *setup, mode string) float64 {
+		var xs []float64
+		for i, r := range st.runs[mode] {
+			xs = append(xs, setups[0].runs[mode][i].cpuPerReq/r.cpuPerReq)
+		}
+		return median(xs)
+	}
 	for _, mode := range modes {
 		m := median(ratio(c, mode, rate))
 		targets = append(targets, fmt.Sprintf("| (c) molt, 1 worker ≥ 0.97 × (a), %s | %.3f | %s |", mode, m, verdict(m >= 0.97)))
+		m = cpuRatio(c, mode)
+		targets = append(targets, fmt.Sprintf("| (c) the same by server CPU per request ((a)'s ÷ (c)'s), %s | %.3f | %s |", mode, m, verdict(m >= 0.97)))
 	}
 	for _, mode := range modes {
 		m := median(ratio(d, mode, rate))
 		targets = append(targets, fmt.Sprintf("| (d) molt, default workers ≥ 0.95 × (a), %s | %.3f | %s |", mode, m, verdict(m >= 0.95)))
+		m = cpuRatio(d, mode)
+		targets = append(targets, fmt.Sprintf("| (d) the same by server CPU per request ((a)'s ÷ (d)'s), %s | %.3f | %s |", mode, m, verdict(m >= 0.95)))
 	}
 	ep := median(ratio(e, "keep-alive", p99))
 	targets = append(targets, fmt.Sprintf("| (e) molt, `--workers 2`: keep-alive p99 ≤ 1.3 × (a) | %.2f × | %s |", ep, verdict(ep <= 1.3)))
@@ -269,7 +296,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 		defNote += " since molt is pinned to one CPU"
 	}
 	lines := []string{
-		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, and there are %d rounds (median [min–max] over the rounds). A ratio to (a) is taken per round and mode, then the median [min–max] of those. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
+		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, and there are %d rounds (median [min–max] over the rounds). A ratio to (a) is taken per round and mode, then the median [min–max] of those. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
 			defNote, b.runFor, b.rounds),
 		"",
 	}
