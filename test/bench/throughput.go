@@ -286,6 +286,11 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	}
 	ep := median(ratio(e, "keep-alive", p99))
 	targets = append(targets, fmt.Sprintf("| (e) molt, `--workers 2`: keep-alive p99 ≤ 1.3 × (a) | %.2f × | %s |", ep, verdict(ep <= 1.3)))
+	var why []string
+	if ep > 1.3 {
+		bp, dp := median(ratio(setups[1], "keep-alive", p99)), median(ratio(d, "keep-alive", p99))
+		why = append(why, fmt.Sprintf("- Why the p99 of (e) is missed: two busy processes take turns on the one CPU of the budget, and a request that reaches one while the other runs waits for its turn. (b), two bare processes with no molt at all, shows it too: p99 %.2f × (a) in the same rounds. molt's default, one worker per CPU of its affinity, keeps p99 at (a)'s: (d) %.2f ×. What would close it: no more busy workers than CPUs in the budget (the default); with the load generator on the second CPU, this machine cannot give 2 workers 2 CPUs.", bp, dp))
+	}
 	ccv := cvOf(e, func(r tputRun) float64 { return r.connsCV })
 	targets = append(targets, fmt.Sprintf("| (e) connections per worker CV ≤ 0.10, keep-alive | %.3f | %s |", ccv, verdict(ccv <= 0.10)))
 	rcv := cvOf(e, func(r tputRun) float64 { return r.reqsCV })
@@ -303,6 +308,10 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	lines = append(lines, rows...)
 	lines = append(lines, "", "Targets (issue 13):", "", "| target | measured (median over the rounds) | |", "|---|---|---|")
 	lines = append(lines, targets...)
+	if len(why) > 0 {
+		lines = append(lines, "")
+		lines = append(lines, why...)
+	}
 	if len(notes) > 0 {
 		lines = append(lines, "", "Notes:", "")
 		lines = append(lines, notes...)
