@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -50,8 +51,14 @@ func (b *bench) throughput() {
 		st.s, st.runs = st.start(), map[string][]tputRun{}
 	}
 	for round := 1; round <= b.rounds; round++ {
+		// The order flips every round: a setup's place in it must not
+		// weigh on its figures.
+		order := slices.Clone(setups)
+		if round%2 == 0 {
+			slices.Reverse(order)
+		}
 		for _, mode := range modes {
-			for _, st := range setups {
+			for _, st := range order {
 				b.log("throughput: round %d of %d, %s, %s", round, b.rounds, mode, st.name)
 				st.runs[mode] = append(st.runs[mode], b.tputRun(st.s, mode))
 			}
@@ -301,7 +308,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 		defNote += " since molt is pinned to one CPU"
 	}
 	lines := []string{
-		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, and there are %d rounds (median [min–max] over the rounds). A ratio to (a) is taken per round and mode, then the median [min–max] of those. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
+		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, in the order (a)–(e) in odd rounds and (e)–(a) in even ones, and there are %d rounds (median [min–max] over the rounds). A ratio to (a) is taken per round and mode, then the median [min–max] of those. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
 			defNote, b.runFor, b.rounds),
 		"",
 	}
