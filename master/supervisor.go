@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/keeper"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
@@ -119,7 +118,7 @@ func (m *Master) storeListeners() {
 			if l.activated {
 				msg += "\n" + keeper.FieldActivated + "=1"
 			}
-			err = notify.SendFDs(m.supervisor, msg, []int{fd}, storeWait)
+			err = worker.NotifyWithFDs(m.supervisor, msg, []int{fd}, storeWait)
 		}
 		runtime.KeepAlive(l.file)
 		if err != nil {
@@ -139,7 +138,7 @@ func (m *Master) storeListeners() {
 		m.log.Warn("listener names too long to send as one set; the keeper's fd store forgets dropped names only by FDSTOREREMOVE", "event", "listener.store_failed", "listener", "", "error", "set too long")
 		return
 	}
-	if err := notify.SendFDs(m.supervisor, set, nil, storeWait); err != nil {
+	if err := worker.NotifyWithFDs(m.supervisor, set, nil, storeWait); err != nil {
 		m.log.Warn("listener set not sent to the keeper's fd store", "event", "listener.store_failed", "listener", "", "error", err)
 	}
 }
@@ -160,7 +159,7 @@ func (m *Master) unstoreListeners(names ...string) {
 		if mine[name] {
 			continue
 		}
-		if err := notify.SendFDs(m.supervisor, "FDSTOREREMOVE=1\nFDNAME="+name, nil, storeWait); err != nil {
+		if err := worker.NotifyWithFDs(m.supervisor, "FDSTOREREMOVE=1\nFDNAME="+name, nil, storeWait); err != nil {
 			m.log.Warn("dropped listener not removed from the keeper's fd store", "event", "listener.store_failed", "listener", name, "error", err)
 			continue
 		}

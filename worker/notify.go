@@ -38,10 +38,20 @@ func NotifyTo(addr, state string) error {
 }
 
 // notifyTo sends one datagram, waiting up to wait for room in the
+// receiver's queue (0: not at all).
+func notifyTo(addr, state string, wait time.Duration) error {
+	return NotifyWithFDs(addr, state, nil, wait)
+}
+
+// NotifyWithFDs sends state as one datagram to addr (a path, or @name in
+// the abstract namespace) with the descriptors fds (SCM_RIGHTS; none if
+// empty), as sd_pid_notify_with_fds does: FDSTORE=1 with FDNAME= hands
+// them to the manager's fd store. It waits up to wait for room in the
 // receiver's queue (0: not at all). The wait is the kernel's (a blocking
 // send bounded by SO_SNDTIMEO): the sender wakes as soon as the receiver
-// has read, instead of polling.
-func notifyTo(addr, state string, wait time.Duration) error {
+// has read, instead of polling. The descriptors stay the caller's: the
+// receiver gets its own duplicates.
+func NotifyWithFDs(addr, state string, fds []int, wait time.Duration) error {
 	name := addr
 	switch {
 	case strings.HasPrefix(addr, "@"):
@@ -54,10 +64,14 @@ func notifyTo(addr, state string, wait time.Duration) error {
 		return fmt.Errorf("worker: notify %s: %w", addr, err)
 	}
 	defer unix.Close(fd)
+	var oob []byte
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
+	}
 	to := &unix.SockaddrUnix{Name: name}
 	if wait <= 0 {
 		for {
-			err = unix.Sendmsg(fd, []byte(state), nil, to, unix.MSG_DONTWAIT)
+			err = unix.Sendmsg(fd, []byte(state), oob, to, unix.MSG_DONTWAIT)
 			if err != unix.EINTR {
 				break
 			}
@@ -74,7 +88,7 @@ func notifyTo(addr, state string, wait time.Duration) error {
 			if err = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
 				break
 			}
-			err = unix.Sendmsg(fd, []byte(state), nil, to, 0)
+			err = unix.Sendmsg(fd, []byte(state), oob, to, 0)
 			// A signal (the Go runtime's preemption, the app's) interrupts
 			// the wait: go on with what is left of it.
 			if err != unix.EINTR {

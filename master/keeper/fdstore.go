@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
 
@@ -320,7 +321,7 @@ func (k *keeper) upstreamFDs(state string, fds []int, name string) {
 		k.log.Warn("socket not passed to systemd's fd store: name too long", "event", "keeper.fdstore_upstream_failed", "name", name)
 		return
 	}
-	if err := notify.SendFDs(k.cfg.Notify, state, fds, upstreamWait); err != nil {
+	if err := worker.NotifyWithFDs(k.cfg.Notify, state, fds, upstreamWait); err != nil {
 		k.log.Warn("systemd's fd store: message not sent", "event", "keeper.fdstore_upstream_failed", "name", name, "error", err)
 	}
 }

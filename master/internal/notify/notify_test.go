@@ -335,7 +335,7 @@ func TestNotifySocket_SystemdNotifyBarrier(t *testing.T) {
 }
 
 // TestNotifySocket_AcceptFDs: a socket that accepts descriptors gets
-// those of SendFDs in Msg.FDs (installed close-on-exec, the receiver's
+// those of worker.NotifyWithFDs in Msg.FDs (installed close-on-exec, the receiver's
 // to close); beyond its bound per datagram the kernel closes the rest
 // and the message says so. A flood of many-fd datagrams never raises the
 // receiver's count beyond what it has not closed yet.
@@ -351,7 +351,7 @@ func TestNotifySocket_AcceptFDs(t *testing.T) {
 		ents, _ := os.ReadDir("/proc/self/fd")
 		return len(ents)
 	}
-	if err := SendFDs(s.Addr, "FDSTORE=1\nFDNAME=x", []int{int(devnull.Fd())}, time.Second); err != nil {
+	if err := worker.NotifyWithFDs(s.Addr, "FDSTORE=1\nFDNAME=x", []int{int(devnull.Fd())}, time.Second); err != nil {
 		t.Fatal(err)
 	}
 	m, err := s.Read()
@@ -372,7 +372,7 @@ func TestNotifySocket_AcceptFDs(t *testing.T) {
 		many[i] = int(devnull.Fd())
 	}
 	for i := 0; i < 20; i++ {
-		if err := SendFDs(s.Addr, "FDSTORE=1\nFDNAME=x", many, time.Second); err != nil {
+		if err := worker.NotifyWithFDs(s.Addr, "FDSTORE=1\nFDNAME=x", many, time.Second); err != nil {
 			t.Fatal(err)
 		}
 		m, err := s.Read()
