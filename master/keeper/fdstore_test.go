@@ -222,14 +222,7 @@ func TestReadNotify_StrangersFDsClosed(t *testing.T) {
 		withFDs(t, 40, "FDSTORE=1\nFDNAME=web", dupFD(t, a)), // a stranger
 		{Pid: 20, FDsDiscarded: true, Err: nil},
 	}
-	read := func() (notify.Msg, error) {
-		if len(script) == 0 {
-			return notify.Msg{}, os.ErrClosed
-		}
-		m := script[0]
-		script = script[1:]
-		return m, nil
-	}
+	read := scripted(script)
 	var rejected, fdRejected []int
 	notices := make(chan notify.Msg, 8)
 	k.readNotify(read, func(pid int, _ string) { rejected = append(rejected, pid) },

@@ -540,14 +540,7 @@ func TestReap_ExitStatus(t *testing.T) {
 func TestReadNotify(t *testing.T) {
 	k, _ := testKeeper(t, &fakeSys{}, nil)
 	script := []notify.Msg{msg(t, 20, "MAINPID=20"), msg(t, 11, "READY=1"), {Pid: 11, Err: errors.New("malformed")}}
-	read := func() (notify.Msg, error) {
-		if len(script) == 0 {
-			return notify.Msg{}, os.ErrClosed
-		}
-		m := script[0]
-		script = script[1:]
-		return m, nil
-	}
+	read := scripted(script)
 	var rejected []string
 	notices := make(chan notify.Msg, 8)
 	k.readNotify(read, func(pid int, why string) { rejected = append(rejected, fmt.Sprint(pid)) }, func(int, string) {}, notices, make(chan struct{}))
@@ -601,5 +594,17 @@ func TestLoop_NoBusyLoopWhenTheReaderEnds(t *testing.T) {
 	}
 	if !slices.Contains(lb.events(), "keeper.exit") {
 		t.Errorf("events %v", lb.events())
+	}
+}
+
+// scripted reads the messages of script in order, then os.ErrClosed.
+func scripted(script []notify.Msg) func() (notify.Msg, error) {
+	return func() (notify.Msg, error) {
+		if len(script) == 0 {
+			return notify.Msg{}, os.ErrClosed
+		}
+		m := script[0]
+		script = script[1:]
+		return m, nil
 	}
 }
