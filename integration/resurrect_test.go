@@ -1,10 +1,15 @@
 package integration
 
 import (
+	"fmt"
+	"os"
 	"syscall"
 	"testing"
+	"time"
 
+	keeperpkg "github.com/molt-server/molt/master/keeper"
 	"github.com/molt-server/molt/test"
+	"golang.org/x/sys/unix"
 )
 
 // TestResurrect_MasterKilledUnderLoad: SIGKILL of the primary master
@@ -56,4 +61,71 @@ func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
 		t.Errorf("master %d outlived the keeper's stop", nw)
 	}
 	t.Logf("keeper %d: master %d killed, %d resurrected: answers %v", keeper, old, nw, got)
+}
+
+// TestResurrect_CrashLoopGivesUp: once the service served, its master is
+// killed and every fresh master fails at start (another process holds
+// the pid file's lock: exit 4). The keeper backs off between them, gives
+// up after ResurrectMax+1 deaths within the window, and exits with the
+// master's status, for systemd's Restart=; no busy loop, no descriptor
+// kept per attempt.
+func TestResurrect_CrashLoopGivesUp(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	master := u.masterPid()
+	test.WaitLog(t, u.log, stepTimeout, 1, "the listener in the keeper's store", test.Event("keeper.fdstore", "action", "stored"))
+	fdsBefore := fdCount(t, keeper)
+	// A new lock file (a new inode) that the test holds: every fresh
+	// master finds the pid file locked.
+	lock := u.pidFile + ".lock"
+	if err := os.Rename(lock, lock+".old"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(lock, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(master, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// Sample the keeper's descriptors until it exits: a descriptor kept
+	// per attempt would show as growth.
+	fdsMax := fdsBefore
+	deadline := time.Now().Add(stepTimeout)
+	for test.Alive(keeper) && time.Now().Before(deadline) {
+		if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", keeper)); err == nil {
+			fdsMax = max(fdsMax, len(ents))
+		}
+		time.Sleep(10 * time.Millisecond) // a sampling interval, not a synchronization
+	}
+	// One pidfd and StartProcess's pipe may be open during an attempt.
+	if fdsMax > fdsBefore+2 {
+		t.Errorf("the keeper's descriptors grew from %d to %d during the crash loop", fdsBefore, fdsMax)
+	}
+	if code := u.Wait(stepTimeout); code != 4 {
+		t.Errorf("keeper exit %d, want 4 (the fresh masters' status)", code)
+	}
+	tries := test.Find(u.log, test.Event("keeper.resurrect"))
+	if len(tries) != keeperpkg.ResurrectMax {
+		t.Errorf("%d fresh masters, want %d", len(tries), keeperpkg.ResurrectMax)
+	}
+	if n := len(test.Find(u.log, test.Event("keeper.resurrect_gave_up"))); n != 1 {
+		t.Errorf("%d give-ups logged, want 1", n)
+	}
+	// The backoff: the attempts spread over at least its sum (the first
+	// at once, then 100ms doubling, -20% jitter).
+	if len(tries) == keeperpkg.ResurrectMax {
+		// 100+200+400+800ms, -20% jitter.
+		if took, want := tries[len(tries)-1].Time.Sub(tries[0].Time), 1200*time.Millisecond; took < want {
+			t.Errorf("%d attempts within %v: no backoff (want >= %v)", len(tries), took, want)
+		}
+	}
+	t.Logf("keeper %d: %d descriptors before, %d at most; %d attempts", keeper, fdsBefore, fdsMax, len(tries))
 }
