@@ -97,10 +97,7 @@ func (m *Master) supervisorReady(format string, a ...any) {
 	m.registerSpecLater()
 }
 
-// specAfter is keeper.SpecAfter; tests shorten it.
-var specAfter = keeper.SpecAfter
-
-// registerSpecLater: once this master has served for specAfter since its
+// registerSpecLater: once this master has served for StableAfter since its
 // first READY=1 (its commit, or its start), it registers its exec spec
 // with the keeper (MOLT_SPEC=1), which will start a fresh master from it
 // if every master dies (keeper/resurrect.go). The keeper takes it only
@@ -109,7 +106,7 @@ func (m *Master) registerSpecLater() {
 	if m.specTimer != nil || !m.underKeeper() {
 		return
 	}
-	m.specTimer = time.AfterFunc(specAfter, func() { m.tellSupervisor(keeper.FieldSpec + "=1") })
+	m.specTimer = time.AfterFunc(m.cfg.StableAfter, func() { m.tellSupervisor(keeper.FieldSpec + "=1") })
 }
 
 // storeWait bounds each fd-store datagram to the keeper: its notify

@@ -39,7 +39,8 @@ import (
 // The exec spec is the executable (an open descriptor: /proc/<pid>/exe
 // is gone once the process is) and argv (with its original argv[0],
 // which a later USR2 re-executes) of the last master that registered it:
-// a primary sends FieldSpec=1 once it has served for SpecAfter after its
+// a primary sends FieldSpec=1 once it has served for SpecAfter (molt run
+// --stable-after) after its
 // commit (or its first READY=1). Until one does, the spec is the
 // keeper's own Config (its Path opened at start). A release whose master
 // dies soon after its commit is thus replaced by the release before it.
@@ -53,7 +54,8 @@ import (
 const FieldSpec = "MOLT_SPEC"
 
 // SpecAfter is how long a primary master serves after its commit (or its
-// first READY=1) before it registers its exec spec.
+// first READY=1) before it registers its exec spec, by default (molt
+// run --stable-after).
 const SpecAfter = 30 * time.Second
 
 // ResurrectWindow and ResurrectMax: after more than ResurrectMax master
