@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"os"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -128,4 +129,81 @@ func TestResurrect_CrashLoopGivesUp(t *testing.T) {
 		}
 	}
 	t.Logf("keeper %d: %d descriptors before, %d at most; %d attempts", keeper, fdsBefore, fdsMax, len(tries))
+}
+
+// freshMaster waits for the n-th fresh master and returns its pid and
+// the version it started as.
+func freshMaster(t *testing.T, u *master, n int) (int, string) {
+	t.Helper()
+	res := test.WaitLog(t, u.log, stepTimeout, n, "a fresh master", test.Event("keeper.resurrect"))
+	pid := res[n-1].Int("pid")
+	test.Track(t, pid)
+	start := test.WaitLog(t, u.log, stepTimeout, 1, "the fresh master starting", test.Event("master.starting", "pid", strconv.Itoa(pid)))
+	return pid, start[0].Str("version")
+}
+
+// TestResurrect_TheStableReleaseComesBack: a fresh master runs the
+// release of the last master that served --stable-after past its commit.
+// A new release killed sooner, once the old master has exited, is
+// replaced by the release before it (whose binary the path no longer
+// holds); a good upgrade then succeeds from the fresh master; once that
+// release has served long enough it is the one to come back, even with
+// the old binary put back at the path.
+func TestResurrect_TheStableReleaseComesBack(t *testing.T) {
+	t.Parallel()
+	const stable = 5 * time.Second
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--stable-after", stable.String()}})
+	addr := u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	first := u.masterPid()
+	test.WaitLog(t, u.log, stable+stepTimeout, 1, "the first master's spec", test.Event("keeper.spec", "pid", strconv.Itoa(first)))
+
+	// molt2, killed before it served stable: the first release comes back.
+	l := startLoad(t, addr)
+	u.install(bins.molt2, byRename)
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	bad := u.waitTakeover(first)
+	if len(test.Find(u.log, test.Event("keeper.spec", "pid", strconv.Itoa(bad)))) != 0 {
+		t.Fatalf("master %d registered its spec before the test killed it: the machine is too slow for --stable-after %v", bad, stable)
+	}
+	if err := syscall.Kill(bad, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	back, v := freshMaster(t, u, 1)
+	if v != version {
+		t.Errorf("the fresh master %d runs version %q, want the release before, %q", back, v, version)
+	}
+	waitWorkerCount(t, back, 2)
+	l.stop(t)
+
+	// A good upgrade from the fresh master, to the molt2 at the path.
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	good := u.waitTakeover(back)
+	test.WaitLog(t, u.log, stable+stepTimeout, 1, "the new release's spec", test.Event("keeper.spec", "pid", strconv.Itoa(good)))
+
+	// The old binary back at the path changes nothing: the spec holds
+	// molt2's executable.
+	u.install(bins.molt, byRename)
+	l = startLoad(t, addr)
+	if err := syscall.Kill(good, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	again, v := freshMaster(t, u, 2)
+	if v != nextVersion() {
+		t.Errorf("the fresh master %d runs version %q, want the stable release, %q", again, v, nextVersion())
+	}
+	waitWorkerCount(t, again, 2)
+	l.stop(t)
+	if !test.Alive(keeper) {
+		t.Fatal("the keeper is gone")
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
 }
