@@ -596,6 +596,7 @@ type procView struct {
 	self, sid int                    // the keeper's pid and session
 	getsid    func(int) (int, error) // getsid(2)
 	parent    func(int) (int, bool)  // the parent pid, false once gone
+	children  func(int) []int        // the live children of a pid
 }
 
 // liveProcs is the keeper's view of the real process table.
@@ -603,7 +604,8 @@ func liveProcs() procView {
 	sid, _ := unix.Getsid(0)
 	return procView{
 		self: os.Getpid(), sid: sid, getsid: unix.Getsid,
-		parent: func(pid int) (int, bool) { p, _, ok := procfs.Parent(pid); return p, ok },
+		parent:   func(pid int) (int, bool) { p, _, ok := procfs.Parent(pid); return p, ok },
+		children: procfs.Children,
 	}
 }
 

@@ -190,12 +190,44 @@ func (k *keeper) resurrectable(ws unix.WaitStatus) (bool, string) {
 // lastMasterEnded decides, once the keeper holds no master, whether to
 // start a fresh one (after the backoff) or to give up.
 func (k *keeper) lastMasterEnded(pid int, ws unix.WaitStatus) {
+	if k.adoptMasters() {
+		return
+	}
 	ok, why := k.resurrectable(ws)
 	if !ok {
 		k.log.Info("no master left; none started", "event", "keeper.no_resurrect", "pid", pid, "reason", why)
 		return
 	}
 	k.death(why)
+}
+
+// adoptMasters holds every master among the keeper's children that it
+// does not hold yet, and reports whether there was one: a new master
+// whose old master died before its commit is re-parented to the keeper
+// before it has said MAINPID=; it commits by itself, and must not be
+// joined by a fresh master.
+func (k *keeper) adoptMasters() bool {
+	if k.procs.children == nil {
+		return false
+	}
+	adopted := false
+	for _, c := range k.procs.children(k.procs.self) {
+		if _, held := k.masters[c]; held {
+			continue
+		}
+		if ok, _ := k.procs.isMaster(c); !ok {
+			continue // a worker, in a session of its own
+		}
+		if err := k.holdMaster(c); err != nil {
+			continue
+		}
+		adopted = true
+		k.log.Info("a master the keeper did not know of yet; no fresh master", "event", "keeper.master_adopted", "pid", c)
+		if k.primary == 0 {
+			k.setPrimary(c, 0)
+		}
+	}
+	return adopted
 }
 
 // death counts a master's death (or a failed start) and schedules a
@@ -226,7 +258,7 @@ func (k *keeper) death(why string) {
 // name), and LISTEN_PID the keeper's: the master accepts its parent's.
 func (k *keeper) resurrect() {
 	k.resurrectC = nil
-	if k.stopAsked || k.gaveUp || len(k.masters) > 0 {
+	if k.stopAsked || k.gaveUp || len(k.masters) > 0 || k.adoptMasters() {
 		return
 	}
 	fds, names := k.store.listenFDs()

@@ -19,6 +19,7 @@ type started struct {
 	pid        int
 	err        error
 	specOpened []int // pids whose spec was read
+	children   []int // the keeper's live children
 }
 
 // resurrectKeeper is testKeeper with a served service, a fake start
@@ -42,6 +43,7 @@ func resurrectKeeper(t *testing.T, f *fakeSys) (*keeper, *logBuf, *started, *[]t
 	}
 	k, lb := testKeeper(t, f, nil)
 	k.sys = ops
+	k.procs.children = func(int) []int { return st.children }
 	k.ready = true
 	k.spec = execSpec{fd: 300, argv: []string{"/usr/bin/molt", "run"}}
 	k.env = []string{"HOME=/root", "NOTIFY_SOCKET=/tmp/k/notify"}
@@ -231,5 +233,25 @@ func TestOpenSpec_Live(t *testing.T) {
 	var a, b unix.Stat_t
 	if err := unix.Fstat(fd, &a); err != nil || unix.Stat("/proc/self/exe", &b) != nil || a.Ino != b.Ino {
 		t.Errorf("fd %d is not this executable: %v", fd, err)
+	}
+}
+
+// TestResurrect_AdoptsAnUnknownMaster: a new master whose old master died
+// before its commit (re-parented to the keeper, not yet named by
+// MAINPID=) is held, and no fresh master joins it; a worker among the
+// keeper's children is not a master.
+func TestResurrect_AdoptsAnUnknownMaster(t *testing.T) {
+	f := &fakeSys{waits: []waitResult{{pid: 11, ws: killedBy(syscall.SIGKILL)}, {pid: 0}}}
+	k, lb, st, _, _ := resurrectKeeper(t, f)
+	st.children = []int{20, 13} // a worker (its own session), a master
+	k.reap()
+	if k.resurrectC != nil || k.primary != 13 || k.masters[13] != 1013 {
+		t.Fatalf("pending %v, primary %d, held %v; events %v", k.resurrectC != nil, k.primary, k.masters, lb.events())
+	}
+	if _, ok := k.masters[20]; ok {
+		t.Error("the worker 20 held as a master")
+	}
+	if !slices.Contains(lb.events(), "keeper.master_adopted") {
+		t.Errorf("events %v", lb.events())
 	}
 }
