@@ -207,3 +207,43 @@ func TestResurrect_TheStableReleaseComesBack(t *testing.T) {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 }
+
+// TestResurrect_OldMasterKilledDuringProbation: the old master is
+// killed while the new generation serves on probation, before the new
+// master has told the keeper MAINPID=. The new master commits by
+// itself, and the keeper holds it (by its MAINPID=, or finding it among
+// its children) instead of starting a fresh master. No request fails.
+func TestResurrect_OldMasterKilledDuringProbation(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "1h"}})
+	addr := u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	old := u.masterPid()
+	l := startLoad(t, addr)
+	u.install(bins.molt2, byRename)
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	nw := u.waitNewServing(old)
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The new master commits at once; its MAINPID= may reach the keeper
+	// before the old master's death (then it is held already) or after
+	// (then the keeper finds it among its children: keeper.master_adopted).
+	test.WaitLog(t, u.log, stepTimeout, 1, "the new master primary", test.Event("keeper.primary", "pid", strconv.Itoa(nw)))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the old master reaped", test.Event("keeper.master_exited", "pid", strconv.Itoa(old)))
+	l.stop(t)
+	t.Logf("the keeper adopted the new master: %v", len(test.Find(u.log, test.Event("keeper.master_adopted"))) == 1)
+	if n := len(test.Find(u.log, test.Event("keeper.resurrect_scheduled"))); n != 0 {
+		t.Errorf("%d fresh masters scheduled beside the new master", n)
+	}
+	if !test.Alive(nw) {
+		t.Fatalf("the new master %d is gone", nw)
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
