@@ -19,7 +19,9 @@
 // exits with the last master's exit status once no process of its tree is
 // left. It also keeps a copy of every listening socket of the primary,
 // pushed with systemd's fd-store protocol, and passes them on to
-// systemd's own fd store when the service has one (fdstore.go).
+// systemd's own fd store when the service has one (fdstore.go). When no
+// master is left after a death (not a stop), it starts a fresh one from
+// the last registered exec spec with those sockets (resurrect.go).
 package keeper
 
 import (

@@ -281,6 +281,7 @@ func (k *keeper) resurrect() {
 		k.log.Error("cannot hold the master by a pidfd; it cannot be signalled", "pid", pid, "error", err)
 	}
 	k.setPrimary(pid, 0)
+	k.upstreamSend(fmt.Sprintf("STATUS=fresh master %d started (%d so far): %s", pid, k.resurrections, k.reason))
 	k.log.Warn("fresh master started", "event", "keeper.resurrect", "pid", pid, "reason", k.reason,
 		"count", k.resurrections, "spec_pid", k.spec.pid, "argv0", k.spec.argv[0], "sockets", strings.Join(names, " "))
 }
