@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
@@ -243,6 +244,63 @@ func TestResurrect_OldMasterKilledDuringProbation(t *testing.T) {
 	if !test.Alive(nw) {
 		t.Fatalf("the new master %d is gone", nw)
 	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
+
+// TestResurrect_CurrentListenerSet: after a reload that adds a listener
+// and drops one, SIGKILL of the master: the fresh master serves exactly
+// the current set, on the very sockets the keeper stored (the same
+// inodes), and holds none of the dropped one.
+func TestResurrect_CurrentListenerSet(t *testing.T) {
+	t.Parallel()
+	dir := test.ShortTempDir(t)
+	sock := filepath.Join(dir, "adm.sock")
+	u := start(t, runOpts{Dir: dir, Deploy: byRename, Keeper: true, Config: fdstoreConfig("web=127.0.0.1:0", "adm=unix:"+sock)})
+	addrs := u.addrs(2)
+	u.waitServing()
+	keeper := u.Pid
+	old := u.masterPid()
+	first := listenerInodes(t, []string{addrs["web"]}, []string{sock})
+	writeConfig(t, u.config, fdstoreConfig("web=127.0.0.1:0", "new=127.0.0.1:0"))
+	if code, out := ctl(t, u.pidFile, "reload", "--wait"); code != 0 {
+		t.Fatalf("reload: exit %d:\n%s", code, out)
+	}
+	added := u.addrs(3)["new"]
+	test.WaitLog(t, u.log, stepTimeout, 1, "the dropped listener removed", test.Event("keeper.fdstore", "action", "removed", "name", "adm"))
+	current := listenerInodes(t, []string{addrs["web"], added}, nil)
+	gone := map[uint64]string{}
+	for ino, a := range first {
+		if a == sock {
+			gone[ino] = "adm"
+		}
+	}
+	waitStore(t, keeper, current, gone)
+	l := startLoad(t, addrs["web"])
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	fresh, _ := freshMaster(t, u, 1)
+	test.WaitLog(t, u.log, stepTimeout, 2, "the fresh master serving", test.Event("master.serving"))
+	l.stop(t)
+	held, _ := socketsHeld(t, fresh)
+	for ino, a := range current {
+		if held[ino] == 0 {
+			t.Errorf("the fresh master does not hold the stored socket of %s (%d)", a, ino)
+		}
+	}
+	for ino := range gone {
+		if held[ino] != 0 {
+			t.Errorf("the fresh master holds the dropped socket adm (%d)", ino)
+		}
+	}
+	for _, a := range []string{addrs["web"], added} {
+		if r := get(t, a, "/"); r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(fresh) {
+			t.Errorf("GET %s: %d from master %s, want the fresh master %d", a, r.Status, r.Header.Get("X-Molt-Master-Pid"), fresh)
+		}
+	}
+	waitStore(t, keeper, current, gone)
 	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
