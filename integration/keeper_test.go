@@ -469,27 +469,3 @@ func zombiesUnder(root int) []int {
 	}
 	return zs
 }
-
-// TestKeeper_MasterKilled: SIGKILL of the master under the keeper; its
-// workers, re-parented to the keeper, drain and exit, and the keeper then
-// exits with the master's status, 137, for systemd's Restart= to see.
-func TestKeeper_MasterKilled(t *testing.T) {
-	t.Parallel()
-	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
-	u.addr()
-	u.waitServing()
-	master := u.masterPid()
-	waitWorkerCount(t, master, 2)
-	workers := workersOf(master)
-	if err := syscall.Kill(master, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	if code := u.Wait(stepTimeout); code != 137 {
-		t.Errorf("keeper exit %d, want 137", code)
-	}
-	for _, w := range workers {
-		if test.Alive(w) {
-			t.Errorf("worker %d outlived the keeper", w)
-		}
-	}
-}

@@ -22,7 +22,7 @@ import (
 // "fakeapp serve" in the same process, so that the service keeps
 // serving. Its children are bounded in time and write their own report.
 //
-//	attack.py keeper      REPORT FAKEAPP   MAINPID=<own pid> to the keeper's socket
+//	attack.py keeper      REPORT FAKEAPP   MAINPID=<own pid> (and MOLT_SPEC=1) to the keeper's socket
 //	attack.py flood       REPORT FAKEAPP GO   worker 0's child floods every other worker's socket and its own
 //	attack.py impersonate REPORT FAKEAPP GO   worker 1's child speaks for worker 0
 //	attack.py stranger    REPORT DIR        floods every socket under DIR (from /proc/net/unix)
@@ -126,7 +126,7 @@ if mode == "keeper":
         mine = held_by(pid, molt) or mine
         pid = parent(pid)
     targets = mine or list(molt.values())
-    results = {t: send(t, ("MAINPID=%d\nREADY=1\nSTATUS=owned by a worker" % os.getpid()).encode()) for t in targets}
+    results = {t: send(t, ("MAINPID=%d\nREADY=1\nMOLT_SPEC=1\nSTATUS=owned by a worker" % os.getpid()).encode()) for t in targets}
     write(str(os.getpid()), {"pid": os.getpid(), "uid": os.getuid(), "results": results})
     become_app()
 
@@ -312,6 +312,13 @@ func TestTrustNotify_WorkerCannotBecomeTheKeepersPrimary(t *testing.T) {
 				}
 				if !byWorker {
 					t.Errorf("no rejection names an attacking worker: %v", lines)
+				}
+				// Nor may a worker register itself as the release the
+				// keeper starts afresh (MOLT_SPEC=1).
+				for _, r := range attackers {
+					if got := test.Find(u.log, test.Event("keeper.spec", "pid", strconv.Itoa(r.Pid))); len(got) != 0 {
+						t.Errorf("worker %d registered its exec spec: %v", r.Pid, got)
+					}
 				}
 			}
 

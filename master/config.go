@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/keeper"
 )
 
 // Defaults of the settings in Config.
@@ -17,6 +18,7 @@ const (
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultPIDFile      = "molt.pid"
 	DefaultProbation    = 10 * time.Second
+	DefaultStableAfter  = keeper.SpecAfter
 	// DefaultControlSocket is the control socket's name, beside the pid file.
 	DefaultControlSocket = "molt.sock"
 )
@@ -87,6 +89,11 @@ type Config struct {
 	// Probation is how long a new generation serves alongside the old one
 	// before it commits (DESIGN §4).
 	Probation time.Duration
+	// StableAfter is how long a primary serves after its commit (or its
+	// start) before it registers its exec spec with the keeper, which
+	// starts a fresh master from the last registered one if every master
+	// dies (default DefaultStableAfter).
+	StableAfter time.Duration
 	// ManualCommit makes a new generation wait after its probation for the
 	// operator's QUIT to the old master (nginx's flow) instead of
 	// committing by itself.
@@ -155,6 +162,9 @@ func (c Config) withDefaults() Config {
 	if c.Probation == 0 {
 		c.Probation = DefaultProbation
 	}
+	if c.StableAfter == 0 {
+		c.StableAfter = DefaultStableAfter
+	}
 	if c.StopSignal == 0 {
 		c.StopSignal = syscall.SIGTERM
 	}
@@ -180,7 +190,7 @@ func (c Config) validate() error {
 	if c.Workers < 1 {
 		return bad("workers must be at least 1, not %d", c.Workers)
 	}
-	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.Watchdog < 0 || c.MaxWorkerLifetime < 0 {
+	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.StableAfter < 0 || c.Watchdog < 0 || c.MaxWorkerLifetime < 0 {
 		return bad("timeouts must not be negative")
 	}
 	if c.Watchdog > 0 && c.Watchdog < minWatchdog {

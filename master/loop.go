@@ -49,7 +49,8 @@ type Master struct {
 	stopSignals      func()
 	control          *controlSocket
 	started          time.Time
-	supervisor       string // NOTIFY_SOCKET: the keeper or systemd; "" if none
+	supervisor       string      // NOTIFY_SOCKET: the keeper or systemd; "" if none
+	specTimer        *time.Timer // registers the exec spec with the keeper (supervisor.go)
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start

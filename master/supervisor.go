@@ -93,6 +93,19 @@ func (m *Master) supervisorStatus(format string, a ...any) string {
 func (m *Master) supervisorReady(format string, a ...any) {
 	m.tellSupervisor("MAINPID="+strconv.Itoa(os.Getpid()), "READY=1", m.controlLine(), m.supervisorStatus(format, a...))
 	m.storeListeners()
+	m.registerSpecLater()
+}
+
+// registerSpecLater: once this master has served for StableAfter since its
+// first READY=1 (its commit, or its start), it registers its exec spec
+// with the keeper (MOLT_SPEC=1), which will start a fresh master from it
+// if every master dies (keeper/resurrect.go). The keeper takes it only
+// from the primary: a master retired by then is not heard.
+func (m *Master) registerSpecLater() {
+	if m.specTimer != nil || !m.underKeeper() {
+		return
+	}
+	m.specTimer = time.AfterFunc(m.cfg.StableAfter, func() { m.tellSupervisor(keeper.FieldSpec + "=1") })
 }
 
 // storeWait bounds each fd-store datagram to the keeper: its notify

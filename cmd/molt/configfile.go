@@ -48,7 +48,7 @@ var fileKeys = map[string]keyKind{
 	"listen": kindStrings, "socket_mode": kindString, "workers": kindInt, "pid_file": kindString,
 	"control_socket": kindString, "log_file": kindString, "log_level": kindString, "log_json": kindBool,
 	"ready": kindString, "ready_timeout": kindString, "drain_timeout": kindString,
-	"worker_stop_signal": kindString, "probation": kindString, "commit": kindString, "watchdog": kindString, "max_worker_lifetime": kindString,
+	"worker_stop_signal": kindString, "probation": kindString, "stable_after": kindString, "commit": kindString, "watchdog": kindString, "max_worker_lifetime": kindString,
 	"user": kindString, "group": kindString, "chdir": kindString, "env": kindMap, "pass_env": kindStrings,
 	"worker_log": kindString, "allow_new_privs": kindBool,
 	"umask": kindString, "backlog": kindInt, "command": kindStrings,
@@ -249,7 +249,7 @@ func checkValue(name, v string) error {
 		if n, _ := strconv.Atoi(v); n < 1 {
 			return fmt.Errorf("%s must be at least 1, not %s", name, v)
 		}
-	case "ready-timeout", "drain-timeout", "probation", "watchdog", "max-worker-lifetime":
+	case "ready-timeout", "drain-timeout", "probation", "stable-after", "watchdog", "max-worker-lifetime":
 		if d, err := time.ParseDuration(v); err != nil || d <= 0 {
 			return fmt.Errorf("%q is not a positive duration such as \"30s\"", v)
 		}

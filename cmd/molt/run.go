@@ -70,6 +70,7 @@ type runFlags struct {
 	drainTimeout time.Duration
 	stopSignal   string
 	probation    time.Duration
+	stableAfter  time.Duration
 	commit       string
 	control      string
 	configFile   string
@@ -120,6 +121,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.lifetime, "max-worker-lifetime", 0, "recycle each worker `DUR` (less up to 10% at random) after it became ready:\na replacement starts, and the worker drains once it is ready (default: never)")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
+	fs.DurationVar(&f.stableAfter, "stable-after", master.DefaultStableAfter, "once a master has served for `DUR` after its commit (or start), the keeper\nrestarts its release, not an older one, if every master dies")
 	fs.StringVar(&f.configFile, "config", "", "read settings from the HCL file `FILE` (flags given here override it);\nre-read by every reload and every new master")
 	fs.StringVar(&f.user, "user", "", "run workers as `USER` (name or uid; needs root); the master keeps its own")
 	fs.StringVar(&f.group, "group", "", "run workers with `GROUP` (default: the user's primary group); needs --user")
@@ -257,10 +259,11 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 	if f.workers < 1 {
 		return cfg, fmt.Errorf("--workers %d: want at least 1", f.workers)
 	}
-	if f.readyTimeout <= 0 || f.drainTimeout <= 0 || f.probation <= 0 {
-		return cfg, errors.New("--ready-timeout, --drain-timeout and --probation must be positive")
+	if f.readyTimeout <= 0 || f.drainTimeout <= 0 || f.probation <= 0 || f.stableAfter <= 0 {
+		return cfg, errors.New("--ready-timeout, --drain-timeout, --probation and --stable-after must be positive")
 	}
 	cfg.Probation = f.probation
+	cfg.StableAfter = f.stableAfter
 	if f.watchdog < 0 || f.watchdog > 0 && f.watchdog < 100*time.Millisecond {
 		return cfg, fmt.Errorf("--watchdog %v: want at least 100ms (workers ping at half of it), or 0 for off", f.watchdog)
 	}

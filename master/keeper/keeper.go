@@ -19,7 +19,9 @@
 // exits with the last master's exit status once no process of its tree is
 // left. It also keeps a copy of every listening socket of the primary,
 // pushed with systemd's fd-store protocol, and passes them on to
-// systemd's own fd store when the service has one (fdstore.go).
+// systemd's own fd store when the service has one (fdstore.go). When no
+// master is left after a death (not a stop), it starts a fresh one from
+// the last registered exec spec with those sockets (resurrect.go).
 package keeper
 
 import (
@@ -129,6 +131,20 @@ type keeper struct {
 	store      *fdStore
 	fdRejected *notify.Rejected
 	turns      int // turns of the loop, for tests
+	// Resurrection (resurrect.go): the spec a fresh master is started
+	// from, and the environment (Config.Env, NOTIFY_SOCKET, the keeper's
+	// pid); a stop asked; the deaths within the window; the pending
+	// start (nil: none), and what the operator sees of it.
+	spec          execSpec
+	env           []string
+	stopAsked     bool
+	deaths        []time.Time
+	resurrectC    <-chan time.Time
+	gaveUp        bool
+	resurrections int
+	reason        string
+	now           func() time.Time
+	after         func(time.Duration) <-chan time.Time
 }
 
 // sysOps is what the keeper asks of the kernel, a seam for tests.
@@ -144,6 +160,11 @@ type sysOps struct {
 	// requestStop asks the master primary, on its control socket at
 	// path, to stop every generation.
 	requestStop func(path string, primary int, timeout time.Duration) error
+	// openSpec opens the executable and reads the argv of the live
+	// master pid, held by pidfd (resurrect.go).
+	openSpec func(pid, pidfd int) (fd int, argv []string, err error)
+	// startMaster starts a master afresh, fds at 3, 4, ...
+	startMaster func(path string, argv, env []string, fds []int) (int, error)
 }
 
 // liveOps is the real kernel.
@@ -163,6 +184,7 @@ func liveOps() sysOps {
 			return pid, ws, err
 		},
 		requestStop: requestStop,
+		openSpec:    openSpec,
 	}
 }
 
@@ -175,19 +197,34 @@ type stopResult struct {
 
 func newKeeper(cfg Config, procs procView, sys sysOps) *keeper {
 	return &keeper{cfg: cfg, log: cfg.Logger.Named("keeper"), procs: procs, sys: sys, masters: map[int]int{},
-		stopped: make(chan stopResult, 1), stopTimeout: stopRequestTimeout, store: newFDStore(FDStoreMax)}
+		stopped: make(chan stopResult, 1), stopTimeout: stopRequestTimeout, store: newFDStore(FDStoreMax),
+		spec: execSpec{fd: -1, argv: append([]string{cfg.Path}, cfg.Args...)}, now: time.Now, after: time.After}
 }
 
 // Run starts the first master and keeps it, and every master after it,
 // until none is left. It returns the exit code for the keeper's process.
 func Run(cfg Config) int {
-	k := newKeeper(cfg, liveProcs(), liveOps())
+	ops := liveOps()
+	ops.startMaster = func(path string, argv, env []string, fds []int) (int, error) {
+		return startFresh(path, argv, env, fds, cfg.Stdout, cfg.Stderr)
+	}
+	k := newKeeper(cfg, liveProcs(), ops)
 	defer func() {
 		for _, fd := range k.masters {
 			k.sys.closeFD(fd)
 		}
 		k.store.closeAll()
+		if k.spec.fd >= 0 {
+			k.sys.closeFD(k.spec.fd)
+		}
 	}()
+	// The first spec: the binary the first master runs, held open (a new
+	// file at the path is a release not yet known to serve).
+	if fd, err := openExec(cfg.Path); err == nil {
+		k.spec.fd = fd
+	} else {
+		k.log.Warn("the master's executable not held; a fresh master would run the file at its path", "path", cfg.Path, "error", err)
+	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		k.log.Error("cannot become a child subreaper", "error", err)
 		return 1
@@ -230,6 +267,7 @@ func Run(cfg Config) int {
 
 	k.restoreStored(cfg.Activated, cfg.ActivatedNames)
 	env := append(append([]string{}, cfg.Env...), "NOTIFY_SOCKET="+sock.Addr, EnvKeeperPID+"="+strconv.Itoa(os.Getpid()))
+	k.env = listenEnvDropped(env)
 	pid, err := startMaster(cfg, env)
 	if err != nil {
 		k.log.Error("cannot start the master", "path", cfg.Path, "error", err)
@@ -261,10 +299,16 @@ func (k *keeper) loop(sigC <-chan os.Signal, notices <-chan notify.Msg) int {
 		case s := <-sigC:
 			if s != syscall.SIGCHLD {
 				k.onSignal(s)
-			} else if k.reap() {
-				k.log.Info("no master left; the keeper exits", "event", "keeper.exit", "status", k.status)
-				k.upstreamStopping("stopped")
-				return k.status
+			}
+			// After a stop, a pending fresh master is cancelled: the
+			// tree may be empty already.
+			if (s == syscall.SIGCHLD || len(k.masters) == 0) && k.reap() && k.resurrectC == nil {
+				return k.exit()
+			}
+		case <-k.resurrectC:
+			k.resurrect()
+			if len(k.masters) == 0 && k.resurrectC == nil && k.reap() {
+				return k.exit()
 			}
 		case n, ok := <-notices:
 			if !ok {
@@ -278,6 +322,13 @@ func (k *keeper) loop(sigC <-chan os.Signal, notices <-chan notify.Msg) int {
 			k.onStopResult(r)
 		}
 	}
+}
+
+// exit ends the loop: no process of the keeper's tree is left.
+func (k *keeper) exit() int {
+	k.log.Info("no master left; the keeper exits", "event", "keeper.exit", "status", k.status, "resurrections", k.resurrections)
+	k.upstreamStopping("stopped")
+	return k.status
 }
 
 // reap waits for every child that has exited, and reports whether none is
@@ -311,6 +362,9 @@ func (k *keeper) reap() bool {
 				k.setPrimary(p, pid) // the other live master, if any
 				break
 			}
+		}
+		if len(k.masters) == 0 && k.resurrectC == nil && !k.gaveUp {
+			k.lastMasterEnded(pid, ws)
 		}
 	}
 }
@@ -407,6 +461,11 @@ func exited(pidfd int) bool {
 // graceful stop) is a request to the primary, which the masters carry
 // out between them: only they know whether an upgrade is in flight.
 func (k *keeper) stop(sig syscall.Signal) {
+	k.stopAsked = true
+	if k.resurrectC != nil {
+		k.resurrectC = nil
+		k.log.Info("no master left; none started", "event", "keeper.no_resurrect", "reason", "a stop was asked")
+	}
 	k.upstreamStopping("stopping")
 	k.log.Info("stopping every generation", "event", "keeper.stop", "signal", unix.SignalName(sig), "masters", len(k.masters), "primary", k.primary)
 	if sig != syscall.SIGQUIT {
@@ -539,6 +598,7 @@ type procView struct {
 	self, sid int                    // the keeper's pid and session
 	getsid    func(int) (int, error) // getsid(2)
 	parent    func(int) (int, bool)  // the parent pid, false once gone
+	children  func(int) []int        // the live children of a pid
 }
 
 // liveProcs is the keeper's view of the real process table.
@@ -546,7 +606,8 @@ func liveProcs() procView {
 	sid, _ := unix.Getsid(0)
 	return procView{
 		self: os.Getpid(), sid: sid, getsid: unix.Getsid,
-		parent: func(pid int) (int, bool) { p, _, ok := procfs.Parent(pid); return p, ok },
+		parent:   func(pid int) (int, bool) { p, _, ok := procfs.Parent(pid); return p, ok },
+		children: procfs.Children,
 	}
 }
 
@@ -649,6 +710,9 @@ func (k *keeper) onNotice(n notify.Msg) {
 			k.control = p
 			k.log.Debug("the primary's control socket", "event", "keeper.control", "pid", n.Pid, "path", p)
 		}
+	}
+	if msg.Is(FieldSpec, "1") {
+		k.onSpec(n.Pid)
 	}
 	var up []string
 	if msg.Is("RELOADING", "1") {

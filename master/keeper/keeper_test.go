@@ -571,6 +571,7 @@ func TestReadNotify(t *testing.T) {
 // spinning on the closed channel, and exits when no process is left.
 func TestLoop_NoBusyLoopWhenTheReaderEnds(t *testing.T) {
 	f := &fakeSys{waits: []waitResult{{pid: 11, ws: exitedWith(6)}}}
+	// The service never served: no fresh master.
 	k, lb := testKeeper(t, f, nil)
 	notices := make(chan notify.Msg)
 	close(notices)

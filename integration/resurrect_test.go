@@ -1,0 +1,307 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	keeperpkg "github.com/molt-server/molt/master/keeper"
+	"github.com/molt-server/molt/test"
+	"golang.org/x/sys/unix"
+)
+
+// TestResurrect_MasterKilledUnderLoad: SIGKILL of the primary master
+// under the keeper, under load in both connection modes. No request
+// fails: connections queue on the keeper's copy of the socket while the
+// dead master's workers answer what they hold and exit; the keeper
+// starts a fresh master with the stored socket, whose workers serve;
+// the keeper's pid never changes, and QUIT still stops it all with 0.
+func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
+	addr := u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	old := u.masterPid()
+	waitWorkerCount(t, old, 2)
+	workers := workersOf(old)
+	test.WaitLog(t, u.log, stepTimeout, 1, "the listener in the keeper's store", test.Event("keeper.fdstore", "action", "stored"))
+	l := startLoad(t, addr)
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	res := test.WaitLog(t, u.log, stepTimeout, 1, "a fresh master", test.Event("keeper.resurrect", "count", "1"))
+	nw := res[0].Int("pid")
+	if nw <= 0 || nw == old {
+		t.Fatalf("fresh master pid %d (the dead one %d)", nw, old)
+	}
+	test.Track(t, nw)
+	test.WaitLog(t, u.log, stepTimeout, 2, "the fresh master serving", test.Event("master.serving"))
+	waitWorkerCount(t, nw, 2)
+	got := l.stop(t)
+	if got[nw] == 0 {
+		t.Errorf("the fresh master %d answered nothing: %v", nw, got)
+	}
+	waitGone(t, "the dead master's workers", workers)
+	if !test.Alive(keeper) || u.Pid != keeper {
+		t.Fatalf("the keeper %d is gone", keeper)
+	}
+	if ppid, _, _ := test.ProcStat(nw); ppid != keeper {
+		t.Errorf("the fresh master's parent is %d, want the keeper %d", ppid, keeper)
+	}
+	if n := len(test.Find(u.log, test.Event("keeper.resurrect"))); n != 1 {
+		t.Errorf("%d resurrections, want 1", n)
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+	if test.Alive(nw) {
+		t.Errorf("master %d outlived the keeper's stop", nw)
+	}
+	t.Logf("keeper %d: master %d killed, %d resurrected: answers %v", keeper, old, nw, got)
+}
+
+// TestResurrect_CrashLoopGivesUp: once the service served, its master is
+// killed and every fresh master fails at start (another process holds
+// the pid file's lock: exit 4). The keeper backs off between them, gives
+// up after ResurrectMax+1 deaths within the window, and exits with the
+// master's status, for systemd's Restart=; no busy loop, no descriptor
+// kept per attempt.
+func TestResurrect_CrashLoopGivesUp(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	master := u.masterPid()
+	test.WaitLog(t, u.log, stepTimeout, 1, "the listener in the keeper's store", test.Event("keeper.fdstore", "action", "stored"))
+	fdsBefore := fdCount(t, keeper)
+	// A new lock file (a new inode) that the test holds: every fresh
+	// master finds the pid file locked.
+	lock := u.pidFile + ".lock"
+	if err := os.Rename(lock, lock+".old"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(lock, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(master, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// Sample the keeper's descriptors until it exits: a descriptor kept
+	// per attempt would show as growth.
+	fdsMax := fdsBefore
+	deadline := time.Now().Add(stepTimeout)
+	for test.Alive(keeper) && time.Now().Before(deadline) {
+		if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", keeper)); err == nil {
+			fdsMax = max(fdsMax, len(ents))
+		}
+		time.Sleep(10 * time.Millisecond) // a sampling interval, not a synchronization
+	}
+	// One pidfd and StartProcess's pipe may be open during an attempt.
+	if fdsMax > fdsBefore+2 {
+		t.Errorf("the keeper's descriptors grew from %d to %d during the crash loop", fdsBefore, fdsMax)
+	}
+	if code := u.Wait(stepTimeout); code != 4 {
+		t.Errorf("keeper exit %d, want 4 (the fresh masters' status)", code)
+	}
+	tries := test.Find(u.log, test.Event("keeper.resurrect"))
+	if len(tries) != keeperpkg.ResurrectMax {
+		t.Errorf("%d fresh masters, want %d", len(tries), keeperpkg.ResurrectMax)
+	}
+	if n := len(test.Find(u.log, test.Event("keeper.resurrect_gave_up"))); n != 1 {
+		t.Errorf("%d give-ups logged, want 1", n)
+	}
+	// The backoff: the attempts spread over at least its sum (the first
+	// at once, then 100ms doubling, -20% jitter).
+	if len(tries) == keeperpkg.ResurrectMax {
+		// 100+200+400+800ms, -20% jitter.
+		if took, want := tries[len(tries)-1].Time.Sub(tries[0].Time), 1200*time.Millisecond; took < want {
+			t.Errorf("%d attempts within %v: no backoff (want >= %v)", len(tries), took, want)
+		}
+	}
+	t.Logf("keeper %d: %d descriptors before, %d at most; %d attempts", keeper, fdsBefore, fdsMax, len(tries))
+}
+
+// freshMaster waits for the n-th fresh master and returns its pid and
+// the version it started as.
+func freshMaster(t *testing.T, u *master, n int) (int, string) {
+	t.Helper()
+	res := test.WaitLog(t, u.log, stepTimeout, n, "a fresh master", test.Event("keeper.resurrect"))
+	pid := res[n-1].Int("pid")
+	test.Track(t, pid)
+	start := test.WaitLog(t, u.log, stepTimeout, 1, "the fresh master starting", test.Event("master.starting", "pid", strconv.Itoa(pid)))
+	return pid, start[0].Str("version")
+}
+
+// TestResurrect_TheStableReleaseComesBack: a fresh master runs the
+// release of the last master that served --stable-after past its commit.
+// A new release killed sooner, once the old master has exited, is
+// replaced by the release before it (whose binary the path no longer
+// holds); a good upgrade then succeeds from the fresh master; once that
+// release has served long enough it is the one to come back, even with
+// the old binary put back at the path.
+func TestResurrect_TheStableReleaseComesBack(t *testing.T) {
+	t.Parallel()
+	const stable = 5 * time.Second
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--stable-after", stable.String()}})
+	addr := u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	first := u.masterPid()
+	test.WaitLog(t, u.log, stable+stepTimeout, 1, "the first master's spec", test.Event("keeper.spec", "pid", strconv.Itoa(first)))
+
+	// molt2, killed before it served stable: the first release comes back.
+	l := startLoad(t, addr)
+	u.install(bins.molt2, byRename)
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	bad := u.waitTakeover(first)
+	if len(test.Find(u.log, test.Event("keeper.spec", "pid", strconv.Itoa(bad)))) != 0 {
+		t.Fatalf("master %d registered its spec before the test killed it: the machine is too slow for --stable-after %v", bad, stable)
+	}
+	if err := syscall.Kill(bad, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	back, v := freshMaster(t, u, 1)
+	if v != version {
+		t.Errorf("the fresh master %d runs version %q, want the release before, %q", back, v, version)
+	}
+	waitWorkerCount(t, back, 2)
+	l.stop(t)
+
+	// A good upgrade from the fresh master, to the molt2 at the path.
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	good := u.waitTakeover(back)
+	test.WaitLog(t, u.log, stable+stepTimeout, 1, "the new release's spec", test.Event("keeper.spec", "pid", strconv.Itoa(good)))
+
+	// The old binary back at the path changes nothing: the spec holds
+	// molt2's executable.
+	u.install(bins.molt, byRename)
+	l = startLoad(t, addr)
+	if err := syscall.Kill(good, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	again, v := freshMaster(t, u, 2)
+	if v != nextVersion() {
+		t.Errorf("the fresh master %d runs version %q, want the stable release, %q", again, v, nextVersion())
+	}
+	waitWorkerCount(t, again, 2)
+	l.stop(t)
+	if !test.Alive(keeper) {
+		t.Fatal("the keeper is gone")
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
+
+// TestResurrect_OldMasterKilledDuringProbation: the old master is
+// killed while the new generation serves on probation, before the new
+// master has told the keeper MAINPID=. The new master commits by
+// itself, and the keeper holds it (by its MAINPID=, or finding it among
+// its children) instead of starting a fresh master. No request fails.
+func TestResurrect_OldMasterKilledDuringProbation(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "1h"}})
+	addr := u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	old := u.masterPid()
+	l := startLoad(t, addr)
+	u.install(bins.molt2, byRename)
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	nw := u.waitNewServing(old)
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The new master commits at once; its MAINPID= may reach the keeper
+	// before the old master's death (then it is held already) or after
+	// (then the keeper finds it among its children: keeper.master_adopted).
+	test.WaitLog(t, u.log, stepTimeout, 1, "the new master primary", test.Event("keeper.primary", "pid", strconv.Itoa(nw)))
+	test.WaitLog(t, u.log, stepTimeout, 1, "the old master reaped", test.Event("keeper.master_exited", "pid", strconv.Itoa(old)))
+	l.stop(t)
+	t.Logf("the keeper adopted the new master: %v", len(test.Find(u.log, test.Event("keeper.master_adopted"))) == 1)
+	if n := len(test.Find(u.log, test.Event("keeper.resurrect_scheduled"))); n != 0 {
+		t.Errorf("%d fresh masters scheduled beside the new master", n)
+	}
+	if !test.Alive(nw) {
+		t.Fatalf("the new master %d is gone", nw)
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
+
+// TestResurrect_CurrentListenerSet: after a reload that adds a listener
+// and drops one, SIGKILL of the master: the fresh master serves exactly
+// the current set, on the very sockets the keeper stored (the same
+// inodes), and holds none of the dropped one.
+func TestResurrect_CurrentListenerSet(t *testing.T) {
+	t.Parallel()
+	dir := test.ShortTempDir(t)
+	sock := filepath.Join(dir, "adm.sock")
+	u := start(t, runOpts{Dir: dir, Deploy: byRename, Keeper: true, Config: fdstoreConfig("web=127.0.0.1:0", "adm=unix:"+sock)})
+	addrs := u.addrs(2)
+	u.waitServing()
+	keeper := u.Pid
+	old := u.masterPid()
+	first := listenerInodes(t, []string{addrs["web"]}, []string{sock})
+	writeConfig(t, u.config, fdstoreConfig("web=127.0.0.1:0", "new=127.0.0.1:0"))
+	if code, out := ctl(t, u.pidFile, "reload", "--wait"); code != 0 {
+		t.Fatalf("reload: exit %d:\n%s", code, out)
+	}
+	added := u.addrs(3)["new"]
+	test.WaitLog(t, u.log, stepTimeout, 1, "the dropped listener removed", test.Event("keeper.fdstore", "action", "removed", "name", "adm"))
+	current := listenerInodes(t, []string{addrs["web"], added}, nil)
+	gone := map[uint64]string{}
+	for ino, a := range first {
+		if a == sock {
+			gone[ino] = "adm"
+		}
+	}
+	waitStore(t, keeper, current, gone)
+	l := startLoad(t, addrs["web"])
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	fresh, _ := freshMaster(t, u, 1)
+	test.WaitLog(t, u.log, stepTimeout, 2, "the fresh master serving", test.Event("master.serving"))
+	l.stop(t)
+	held, _ := socketsHeld(t, fresh)
+	for ino, a := range current {
+		if held[ino] == 0 {
+			t.Errorf("the fresh master does not hold the stored socket of %s (%d)", a, ino)
+		}
+	}
+	for ino := range gone {
+		if held[ino] != 0 {
+			t.Errorf("the fresh master holds the dropped socket adm (%d)", ino)
+		}
+	}
+	for _, a := range []string{addrs["web"], added} {
+		if r := get(t, a, "/"); r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(fresh) {
+			t.Errorf("GET %s: %d from master %s, want the fresh master %d", a, r.Status, r.Header.Get("X-Molt-Master-Pid"), fresh)
+		}
+	}
+	waitStore(t, keeper, current, gone)
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
