@@ -373,7 +373,7 @@ func (m *Master) killNewMaster(pid int, pgids []int) {
 	}
 	if pid == 0 {
 		// The new master is in this master's process group; a worker
-		// (its own session) and the pre-flight run (its own group, and it
+		// (its own session) and the pre-flight run (its own session, and it
 		// may still run beside the new master) are not.
 		pgrp := syscall.Getpgrp()
 		pid = procfs.NewMaster(os.Getpid(), func(p int) bool {

@@ -37,9 +37,12 @@ func preflight(stop context.Context, path string, args []string) (string, error)
 	ctx, cancel := context.WithTimeout(stop, preflightTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, resolved, args...)
-	// Its own process group, killed whole at the timeout: a script that
-	// left a child behind must not hold the output pipe open forever.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Its own session, and so its own process group, killed whole at the
+	// timeout: a script that left a child behind must not hold the output
+	// pipe open forever. Not the master's session: if this master dies
+	// while it runs, the keeper (which adopts children of its session as
+	// masters) must not take the pre-flight run for one.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = time.Second
 	out, err := cmd.CombinedOutput()
