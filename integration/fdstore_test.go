@@ -77,6 +77,30 @@ func waitStore(t *testing.T, keeper int, listeners, gone map[uint64]string) {
 }
 
 // fdstoreConfig is a config file with these listeners.
+// reloadAdmToNew reloads u (started with fdstoreConfig("web=...",
+// "adm=unix:SOCK")) into "web" and a new TCP listener "new", and waits
+// until the keeper holds exactly the new set (first: the listeners'
+// inodes before). It returns the added address, the current inodes and
+// those of the sockets gone.
+func reloadAdmToNew(t *testing.T, u *master, keeper int, web, sock string, first map[uint64]string) (added string, current, gone map[uint64]string) {
+	t.Helper()
+	writeConfig(t, u.config, fdstoreConfig("web=127.0.0.1:0", "new=127.0.0.1:0"))
+	if code, out := ctl(t, u.pidFile, "reload", "--wait"); code != 0 {
+		t.Fatalf("reload: exit %d:\n%s", code, out)
+	}
+	added = u.addrs(3)["new"]
+	test.WaitLog(t, u.log, stepTimeout, 1, "the dropped listener removed", test.Event("keeper.fdstore", "action", "removed", "name", "adm"))
+	current = listenerInodes(t, []string{web, added}, nil)
+	gone = map[uint64]string{}
+	for ino, a := range first {
+		if a == sock {
+			gone[ino] = "adm"
+		}
+	}
+	waitStore(t, keeper, current, gone)
+	return added, current, gone
+}
+
 func fdstoreConfig(listen ...string) string {
 	return fmt.Sprintf("listen = [\"%s\"]\nworkers = 2\nprobation = \"300ms\"\n", strings.Join(listen, "\", \""))
 }
@@ -103,21 +127,8 @@ func TestFDStore_KeeperFollowsTheListeners(t *testing.T) {
 	checkUnpolled(t, "keeper", keeper, first, 2)
 
 	// A reload adds "new" and drops "adm".
-	writeConfig(t, u.config, fdstoreConfig("web=127.0.0.1:0", "new=127.0.0.1:0"))
-	if code, out := ctl(t, u.pidFile, "reload", "--wait"); code != 0 {
-		t.Fatalf("reload: exit %d:\n%s", code, out)
-	}
-	added := u.addrs(3)["new"]
+	added, reloaded, gone := reloadAdmToNew(t, u, keeper, addrs["web"], sock, first)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the added listener stored", test.Event("keeper.fdstore", "action", "stored", "name", "new"))
-	test.WaitLog(t, u.log, stepTimeout, 1, "the dropped listener removed", test.Event("keeper.fdstore", "action", "removed", "name", "adm"))
-	reloaded := listenerInodes(t, []string{addrs["web"], added}, nil)
-	gone := map[uint64]string{}
-	for ino, a := range first {
-		if a == sock {
-			gone[ino] = "adm"
-		}
-	}
-	waitStore(t, keeper, reloaded, gone)
 
 	// An upgrade moves "new" to another port: the new master pushes its
 	// whole set at its commit; the moved socket replaces the old copy.

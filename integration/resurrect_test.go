@@ -263,20 +263,7 @@ func TestResurrect_CurrentListenerSet(t *testing.T) {
 	keeper := u.Pid
 	old := u.masterPid()
 	first := listenerInodes(t, []string{addrs["web"]}, []string{sock})
-	writeConfig(t, u.config, fdstoreConfig("web=127.0.0.1:0", "new=127.0.0.1:0"))
-	if code, out := ctl(t, u.pidFile, "reload", "--wait"); code != 0 {
-		t.Fatalf("reload: exit %d:\n%s", code, out)
-	}
-	added := u.addrs(3)["new"]
-	test.WaitLog(t, u.log, stepTimeout, 1, "the dropped listener removed", test.Event("keeper.fdstore", "action", "removed", "name", "adm"))
-	current := listenerInodes(t, []string{addrs["web"], added}, nil)
-	gone := map[uint64]string{}
-	for ino, a := range first {
-		if a == sock {
-			gone[ino] = "adm"
-		}
-	}
-	waitStore(t, keeper, current, gone)
+	added, current, gone := reloadAdmToNew(t, u, keeper, addrs["web"], sock, first)
 	l := startLoad(t, addrs["web"])
 	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
