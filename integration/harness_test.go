@@ -552,17 +552,26 @@ type loadPair struct {
 // been answered, so that what the test does next happens under load.
 func startLoad(t *testing.T, addr string) *loadPair {
 	t.Helper()
+	return startLoadPart(t, addr, 1)
+}
+
+// startLoadPart is startLoad with 1/parts of the standard load's clients
+// and rate, for the standard load spread over parts servers.
+func startLoadPart(t *testing.T, addr string, parts int) *loadPair {
+	t.Helper()
+	clients := max(16/parts, 1)
+	rate := 160 / float64(parts)
 	ctx, cancel := context.WithCancel(context.Background())
 	network := "tcp"
 	if len(addr) > 5 && addr[:5] == "unix:" {
 		network, addr = "unix", addr[5:]
 	}
 	l := &loadPair{
-		ka:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160, KeepAlive: true}),
-		pc:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160}),
+		ka:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: clients, Rate: rate, KeepAlive: true}),
+		pc:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: clients, Rate: rate}),
 		cancel: cancel,
 	}
-	l.more(t, 32)
+	l.more(t, 2*clients)
 	return l
 }
 
