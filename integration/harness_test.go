@@ -30,7 +30,8 @@ package integration
 // Load: l := startLoad(t, addr) runs the standard load (32 paced clients,
 // keep-alive and connection per request); l.stop(t) fails the test on
 // any failed request (l.stopWithin, l.stopAttributed: on failures outside
-// an outage the test caused).
+// an outage the test caused). startLoadPart(t, addr, n) is 1/n of it, for
+// the standard load spread over n servers.
 //
 // Logs: wait on event keys, never messages: test.WaitLog(t, m.log,
 // timeout, n, what, test.Event("key", "field", "value")); read with
