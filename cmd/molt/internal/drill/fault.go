@@ -76,7 +76,9 @@ func (r *FaultResult) Version(v string) string {
 	return strconv.QuoteToGraphic(v)
 }
 
-func (f *Fault) String() string { return "fault " + f.Name + " (molt ctl --pid-file " + f.PIDFile + ")" }
+func (f *Fault) String() string {
+	return "fault " + f.Name + " (molt ctl --pid-file " + f.PIDFile + ")"
+}
 
 // faultStatus is what a fault reads of molt ctl status --json.
 type faultStatus struct {
