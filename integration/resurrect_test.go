@@ -386,3 +386,32 @@ func TestResurrect_NewMasterExitsAfterCommit(t *testing.T) {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 }
+
+// TestResurrect_StatusTakesOnlyStrictValues: the resurrection variables
+// in a master's environment are shown only in their strict form: a
+// forged count with a line break in its reason is ignored and logged,
+// and the master serves on; valid ones (as the operator may set them)
+// are shown.
+func TestResurrect_StatusTakesOnlyStrictValues(t *testing.T) {
+	t.Parallel()
+	bad := start(t, runOpts{Env: []string{keeperpkg.EnvResurrections + "=07", keeperpkg.EnvResurrectedBecause + "=ok\nforged line"},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	bad.waitServing()
+	test.WaitLog(t, bad.log, stepTimeout, 1, "the variables refused", test.Event("master.env_rejected"))
+	if st := statusOf(t, bad.pidFile); st.Resurrections != 0 || st.ResurrectedBecause != "" {
+		t.Errorf("status shows forged resurrections: %d %q", st.Resurrections, st.ResurrectedBecause)
+	}
+	bad.stop(func(l test.Line) bool { return l.Str("event") == "master.env_rejected" })
+
+	good := start(t, runOpts{Env: []string{keeperpkg.EnvResurrections + "=3", keeperpkg.EnvResurrectedBecause + "=the master failed: exit status 1"},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	good.waitServing()
+	if st := statusOf(t, good.pidFile); st.Resurrections != 3 || st.ResurrectedBecause != "the master failed: exit status 1" || st.Keeper != 0 {
+		t.Errorf("status: resurrections %d %q, keeper %d", st.Resurrections, st.ResurrectedBecause, st.Keeper)
+	}
+	code, out := ctl(t, good.pidFile, "status")
+	if code != 0 || !strings.Contains(out, "resurrections  3 (fresh masters the keeper started); last: the master failed: exit status 1\n") {
+		t.Errorf("molt ctl status: exit %d:\n%s", code, out)
+	}
+	good.stop()
+}
