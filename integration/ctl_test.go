@@ -63,8 +63,11 @@ type ctlStatus struct {
 		Outcome, Reason string
 		Phases          map[string]float64 `json:"phases"`
 	} `json:"last_upgrade"`
-	FDs        int `json:"fds"`
-	Goroutines int `json:"goroutines"`
+	FDs                int    `json:"fds"`
+	Goroutines         int    `json:"goroutines"`
+	Keeper             int    `json:"keeper_pid"`
+	Resurrections      int    `json:"resurrections"`
+	ResurrectedBecause string `json:"resurrected_because"`
 }
 
 func statusOf(t *testing.T, pidFile string, extra ...string) ctlStatus {

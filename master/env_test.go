@@ -22,6 +22,7 @@ func TestWorkerEnv_OnlyTheDocumentedRule(t *testing.T) {
 		"HOME=/root", "USER=root", "LOGNAME=root", "SHELL=/bin/bash",
 		"AWS_SECRET_ACCESS_KEY=hunter2", "MOLT_KEEPER_PID=1", "NOTIFY_SOCKET=/run/systemd/notify",
 		"LISTEN_FDS=2", "TABLEFLIP_HAS_PARENT_7DIU3=1", "GOPROXY=https://user:token@proxy", "MOLT_ROLE=exec",
+		"MOLT_RESURRECTIONS=2", "MOLT_RESURRECTED_BECAUSE=the master was killed by signal: killed",
 	}
 	kept := []string{"PATH=/usr/bin", "LANG=C.UTF-8", "LC_ALL=C", "LANGUAGE=en", "TZ=UTC",
 		"GORACE=halt_on_error=1", "GOMAXPROCS=2", "GOMEMLIMIT=1GiB", "GOGC=50", "GODEBUG=x=1", "GOTRACEBACK=all"}

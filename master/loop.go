@@ -51,6 +51,10 @@ type Master struct {
 	started          time.Time
 	supervisor       string      // NOTIFY_SOCKET: the keeper or systemd; "" if none
 	specTimer        *time.Timer // registers the exec spec with the keeper (supervisor.go)
+	// resurrected: what the keeper told this master's line of the
+	// resurrections so far (MOLT_RESURRECTIONS, MOLT_RESURRECTED_BECAUSE),
+	// read once at start.
+	resurrected resurrections
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start
@@ -167,6 +171,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	m.watchKeeper()
+	m.resurrected = m.resurrectionsFromEnv()
 	return m.loop(ctx)
 }
 

@@ -224,6 +224,9 @@ func printStatus(out io.Writer, st *master.Status) {
 			fmt.Fprintf(out, "         phases (ms since the signal): %s\n", r.Phases)
 		}
 	}
+	if st.Resurrections > 0 {
+		fmt.Fprintf(out, "resurrections  %d (fresh masters the keeper started); last: %s\n", st.Resurrections, p(st.ResurrectedBecause))
+	}
 	fmt.Fprintf(out, "workers  %d of %d running  (master fds %d, goroutines %d)\n", len(st.Procs), st.Workers, st.FDs, st.Goroutines)
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  SLOT\tPID\tSTATE\tUPTIME\tRESTARTS\tLAST EXIT\tLAST PING\tSTATUS")

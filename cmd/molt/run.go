@@ -200,6 +200,7 @@ func cmdRun(args []string) int {
 		}
 		return loadRunConfig(&f2, fs2)
 	}
+	cfg.Logger = withFault(cfg.Logger)
 	err = master.Run(context.Background(), cfg)
 	if err == nil {
 		return exitOK
