@@ -132,8 +132,9 @@ func TestRenew_UpgradeAfterResurrection(t *testing.T) {
 // tableflip's do and roll back with the same reasons: one handed a bad
 // MOLT_HANDOVER_FDS refuses it (a configuration refused: exit 2, the
 // variable named in its error), one that hangs is killed at the
-// deadline, one exits 0. Then a good upgrade succeeds. No request fails
-// under load outside the take-back.
+// deadline, one exits 0; the master keeps no descriptor or goroutine per
+// attempt. Then a good upgrade succeeds. No request fails under load
+// outside the take-back.
 func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 	t.Parallel()
 	u := start(t, runOpts{Deploy: byRename,
@@ -156,6 +157,7 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 	}
 
 	rolledBack := test.Event("upgrade.rolled_back")
+	var base baseline
 	for i, c := range []struct{ script, reason string }{
 		{passesPreflight + "MOLT_HANDOVER_FDS=molt.bogus:0 exec " + bins.molt2 + " \"$@\"\n", "refused its flags or configuration (exit status 2)"},
 		{passesPreflight + "exec sleep 3600\n", "did not serve in time and was killed"},
@@ -169,7 +171,11 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 		if got := lines[i].Str("reason"); !strings.Contains(got, c.reason) {
 			t.Errorf("rollback %d: reason %q, want one containing %q", i+1, got, c.reason)
 		}
+		if i == 0 {
+			base = u.baseline(t)
+		}
 	}
+	u.backToBaseline(t, base, 2) // no descriptor or goroutine kept per attempt
 	refusal := test.Find(u.log, test.Event("master.failed"))
 	if len(refusal) != 1 || !strings.Contains(refusal[0].Str("error"), "MOLT_HANDOVER_FDS") {
 		t.Errorf("the new master's refusal of a bad MOLT_HANDOVER_FDS: %v", refusal)
