@@ -57,7 +57,8 @@ type Handover struct {
 
 // New creates the process's one Handover. It fails if called twice in one
 // process (tableflip allows a single Upgrader) or if the inherited state
-// from a parent master is unreadable. log may be nil.
+// from a parent master is unreadable; an invalid HandoverEnv wraps
+// ErrHandoverEnv. log may be nil.
 //
 // tableflip's own upgrade timeout is set effectively infinite: molt enforces
 // its ready and probation deadlines itself (DESIGN §4).
