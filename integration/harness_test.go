@@ -408,6 +408,11 @@ func (m *master) install(bin string, how deploy) {
 	if err := os.Rename(tmp, m.path); err != nil {
 		t.Fatal(err)
 	}
+	// A rename between two links of one file (the same binary deployed
+	// again) does nothing at all: the temporary name stays.
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
 }
 
 // deployFile puts an arbitrary file (a broken "new version") at m.path.
