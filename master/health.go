@@ -166,17 +166,19 @@ func getHealth(conn net.Conn, path string, timeout time.Duration) error {
 		return err
 	}
 	req := "GET " + path + " HTTP/1.1\r\nHost: molt-health\r\nUser-Agent: molt-health-check\r\nConnection: close\r\n\r\n"
-	if _, err := io.WriteString(conn, req); err != nil {
-		return fmt.Errorf("send: %w", err)
+	closed := errors.New("closed without an answer (does the app serve MOLT_HEALTH_FD? molt's worker.ServeHTTP does)")
+	_, err := io.WriteString(conn, req)
+	var resp *http.Response
+	if err == nil {
+		resp, err = http.ReadResponse(bufio.NewReader(io.LimitReader(conn, maxHealthResponse)), nil)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(io.LimitReader(conn, maxHealthResponse)), nil)
-	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("no answer within %v", timeout)
-		}
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return errors.New("closed without an answer (does the app serve MOLT_HEALTH_FD? molt's worker.ServeHTTP does)")
-		}
+	switch {
+	case err == nil:
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("no answer within %v", timeout)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNRESET):
+		return closed
+	default:
 		return fmt.Errorf("bad answer: %v", err)
 	}
 	_ = resp.Body.Close()
