@@ -169,11 +169,14 @@ func getHealth(conn net.Conn, path string, timeout time.Duration) error {
 	closed := errors.New("closed without an answer (does the app serve MOLT_HEALTH_FD? molt's worker.ServeHTTP does)")
 	_, err := io.WriteString(conn, req)
 	var resp *http.Response
+	lr := &io.LimitedReader{R: conn, N: maxHealthResponse}
 	if err == nil {
-		resp, err = http.ReadResponse(bufio.NewReader(io.LimitReader(conn, maxHealthResponse)), nil)
+		resp, err = http.ReadResponse(bufio.NewReader(lr), nil)
 	}
 	switch {
 	case err == nil:
+	case lr.N == 0:
+		return fmt.Errorf("answer longer than %d bytes before its body", maxHealthResponse)
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return fmt.Errorf("no answer within %v", timeout)
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNRESET):
