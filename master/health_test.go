@@ -153,3 +153,27 @@ func TestLoop_HealthCheckGatesReadiness(t *testing.T) {
 		t.Errorf("phase %v, want starting: no worker passed", m.phase)
 	}
 }
+
+// runCmd runs runHealthCmd in a goroutine of its own (it keeps its
+// thread, which ends with it).
+func runCmd(cmd string, timeout time.Duration) error {
+	errC := make(chan error, 1)
+	go func() { errC <- runHealthCmd(cmd, timeout, 4242, 3, nil, "", []string{"PATH=/usr/bin:/bin"}, false) }()
+	return <-errC
+}
+
+func TestRunHealthCmd(t *testing.T) {
+	if err := runCmd(`test "$MOLT_WORKER_PID" = 4242 && test "$MOLT_WORKER" = 3`, 5*time.Second); err != nil {
+		t.Errorf("the worker's pid and slot: %v", err)
+	}
+	err := runCmd("echo sick; printf '\\033[2J'; exit 3", 5*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "exit status 3: sick") || strings.Contains(err.Error(), "\033") {
+		t.Errorf("a failing command: %v", err)
+	}
+	// A command that outlives its timeout is killed with its children.
+	start := time.Now()
+	err = runCmd("sleep 30 & sleep 30", 200*time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "no result within") || time.Since(start) > 5*time.Second {
+		t.Errorf("a hanging command: %v after %v", err, time.Since(start))
+	}
+}
