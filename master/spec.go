@@ -109,6 +109,7 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 	// The health socket: after every other fd, announced by its own
 	// variable, never in LISTEN_FDS (health.go).
 	var healthConn net.Conn
+	var healthEnv []string
 	if sp.health.path != "" {
 		c, theirs, err := healthPair()
 		if err != nil {
@@ -120,7 +121,7 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		}
 		defer theirs.Close() // the worker's copy is all it needs
 		healthConn = c
-		balanceEnv = append(balanceEnv, worker.EnvHealthFD+"="+strconv.Itoa(len(files)))
+		healthEnv = []string{worker.EnvHealthFD + "=" + strconv.Itoa(len(files))}
 		files = append(files, theirs)
 	}
 	env := []string{
@@ -134,6 +135,7 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		worker.EnvParentFD + "=" + strconv.Itoa(parentFD),
 	}
 	env = append(env, balanceEnv...)
+	env = append(env, healthEnv...)
 	argv := sp.workerArgs
 	if len(argv) == 0 {
 		argv = os.Args
