@@ -177,3 +177,35 @@ func TestRunHealthCmd(t *testing.T) {
 		t.Errorf("a hanging command: %v after %v", err, time.Since(start))
 	}
 }
+
+// TestLoop_ReloadFailsOnAFailedHealthCheck: a reload's new worker that
+// fails its check fails the reload; the old workers serve on.
+func TestLoop_ReloadFailsOnAFailedHealthCheck(t *testing.T) {
+	spec := ListenSpec{Name: "l0", Network: "tcp", Address: "127.0.0.1:0"}
+	m, f := newTestMaster(t, 2, func(c *Config) { c.Listeners = []ListenSpec{spec}; c.HealthCheck = "/healthz" })
+	m.listeners = []*listener{{spec: spec}}
+	pass := func(pid int) {
+		m.onNotify(ready(pid))
+		_ = nextEvent(t, m)
+		m.onHealthDone(healthDone{pid: pid, how: "notify", what: "GET /healthz"})
+	}
+	pass(f.started[0])
+	pass(f.started[1])
+	if m.phase != phaseServing {
+		t.Fatalf("phase %v, want serving", m.phase)
+	}
+	if err := m.onReload(nil); err != nil {
+		t.Fatal(err)
+	}
+	pass(f.started[2])
+	m.onNotify(ready(f.started[3]))
+	m.onHealthDone(nextEvent(t, m).(healthDone)) // fails: no socket
+	if m.rl != nil || m.slots[0].pid != f.started[0] || m.slots[1].pid != f.started[1] {
+		t.Fatalf("after a failed check in a reload: slots %+v %+v, want the old workers", m.slots[0], m.slots[1])
+	}
+	for _, s := range f.signals {
+		if s.pid == -f.started[0] || s.pid == -f.started[1] {
+			t.Errorf("an old worker was signalled: %v", f.signals)
+		}
+	}
+}
