@@ -226,6 +226,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onCtl(ev)
 			case preflightDone:
 				_ = m.toOld(upgrade.PreflightDone{Attempt: ev.attempt, Out: ev.out, Err: ev.err})
+			case healthDone:
+				m.onHealthDone(ev)
 			case keeperExited:
 				m.log.Warn("the keeper has exited; this master serves on without it", "event", "master.keeper_exited", "keeper_pid", ev.pid)
 			case successorExited:

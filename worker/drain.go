@@ -49,6 +49,11 @@ const IdleGrace = 2 * time.Second
 // should watch Draining(r.Context()), finish, and return; ServeHTTP waits
 // for every handler call to return, within the drain timeout.
 //
+// The first ServeHTTP call of the process also serves the worker's
+// private health socket (EnvHealthFD), with srv's handler: the master's
+// --health-check PATH request reaches this very process, whichever
+// worker the shared sockets would have chosen.
+//
 // ServeHTTP wraps srv.Handler, srv.ConnState and srv.BaseContext (calling
 // the app's own). Call it once per server.
 func ServeHTTP(ctx context.Context, srv *http.Server, lns ...net.Listener) error {
@@ -86,6 +91,11 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 		for i := range lns {
 			lns[i] = bal.wrap(lns[i], false)
 		}
+	}
+	// The master's private health check (EnvHealthFD), answered by the
+	// app's handler, drained like a listener; not balanced.
+	if hl := takeHealth(); hl != nil {
+		lns = append(lns, hl)
 	}
 	sigC := make(chan os.Signal, 1)
 	signal.Notify(sigC, sig)
