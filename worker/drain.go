@@ -49,6 +49,10 @@ const IdleGrace = 2 * time.Second
 // should watch Draining(r.Context()), finish, and return; ServeHTTP waits
 // for every handler call to return, within the drain timeout.
 //
+// Under molt, ServeHTTP counts the requests it serves and reports the
+// figures to the master every second (StatsInterval, MOLT_STATS=; off
+// with MOLT_STATS=off in the environment), a last time once drained.
+//
 // ServeHTTP wraps srv.Handler, srv.ConnState and srv.BaseContext (calling
 // the app's own). Call it once per server.
 func ServeHTTP(ctx context.Context, srv *http.Server, lns ...net.Listener) error {
@@ -91,6 +95,15 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 	signal.Notify(sigC, sig)
 	defer signal.Stop(sigC)
 
+	if statsOn() {
+		// Counted inside the drainer's wrapper; reported until the
+		// drain has ended (docs/worker-protocol.md, "Traffic figures").
+		if srv.Handler == nil {
+			srv.Handler = http.DefaultServeMux
+		}
+		srv.Handler = countRequests(srv.Handler)
+		defer startReporting()()
+	}
 	d := newDrainer(srv)
 	d.bal = bal
 	served := make(chan error, len(lns))
