@@ -100,6 +100,9 @@ func (m *Master) onNotify(ev notified) {
 		m.log.Debug("notify message for a worker already gone; ignored", "event", "notify.worker_gone", "pid", ev.Pid, "worker_pid", ev.worker)
 		return
 	}
+	if ev.stats != nil {
+		m.applyStats(p, *ev.stats)
+	}
 	msg := ev.Fields
 	if msg.Is("READY", "1") {
 		m.markReady(p, "notify")

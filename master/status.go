@@ -24,8 +24,11 @@ type Status struct {
 	Listeners  []ListenerStatus `json:"listeners"`
 	Upgrade    *UpgradeStatus   `json:"upgrade,omitempty"`      // in flight (old master, or an uncommitted new one)
 	LastResult *UpgradeResult   `json:"last_upgrade,omitempty"` // the last one that ended (a new master: its own commit)
-	FDs        int              `json:"fds"`
-	Goroutines int              `json:"goroutines"`
+	// Traffic: this generation's request figures and, on a new master
+	// during its upgrade, the old generation's (traffic.go).
+	Traffic    []TrafficStatus `json:"traffic,omitempty"`
+	FDs        int             `json:"fds"`
+	Goroutines int             `json:"goroutines"`
 }
 
 // WorkerStatus is one worker process.
@@ -116,6 +119,7 @@ func (m *Master) status() *Status {
 		}
 		return a.PID < b.PID
 	})
+	st.Traffic = m.trafficStatuses()
 	for _, l := range m.listeners {
 		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated, Blocking: l.spec.Blocking})
 	}
