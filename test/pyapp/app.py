@@ -26,8 +26,38 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 stopping = False
+
+# Traffic figures, sent by hand as MOLT_STATS= (docs/worker-protocol.md,
+# "Traffic figures"): requests by class (2xx 3xx 4xx 5xx panicked cut
+# other) and a latency histogram with the protocol's bucket bounds.
+BOUNDS_US = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+             250000, 500000, 1000000, 2500000, 5000000, 10000000]
+classes = [0] * 7
+buckets = [0] * (len(BOUNDS_US) + 1)
+last_report = 0.0
+
+
+def record(cls, seconds):
+    us = seconds * 1e6
+    b = len(BOUNDS_US)
+    for i, bound in enumerate(BOUNDS_US):
+        if us <= bound:
+            b = i
+            break
+    buckets[b] += 1
+    classes[cls] += 1
+
+
+def report_stats(force=False):
+    global last_report
+    now = time.monotonic()
+    if not force and now - last_report < 1.0:
+        return
+    last_report = now
+    notify("MOLT_STATS=1 %s %s" % (",".join(map(str, classes)), ",".join(map(str, buckets))))
 in_accept = False
 
 
@@ -75,6 +105,7 @@ def main():
         notify("STOPPING=1")
         return
     while not stopping:
+        report_stats()
         try:
             r, _, _ = select.select([ln], [], [], 0.2)
         except InterruptedError:
@@ -86,6 +117,7 @@ def main():
         except (BlockingIOError, InterruptedError):
             continue  # another worker accepted it
         answer(conn, names)
+    report_stats(force=True)
     notify("STOPPING=1")
 
 
@@ -108,6 +140,7 @@ def blocking_loop(ln, names):
 
 
 def answer(conn, names):
+    """GET /status/NNN answers NNN; anything else 200."""
     conn.setblocking(True)  # the accepted socket is this process's alone
     conn.settimeout(10)
     with conn:
@@ -117,10 +150,27 @@ def answer(conn, names):
             if not chunk:
                 break
             data += chunk
+        if b"\r\n\r\n" not in data:
+            return  # no request
+        start = time.monotonic()
+        code = 200
+        parts = data.split(b" ", 2)
+        if len(parts) > 1 and parts[1].startswith(b"/status/"):
+            try:
+                code = int(parts[1][len(b"/status/"):])
+            except ValueError:
+                code = 400
+            if not 200 <= code <= 599:
+                code = 400
         body = ("pyapp %d listeners %s\n" % (os.getpid(), names)).encode()
-        head = ("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
-                "X-Molt-Worker-Pid: %d\r\nX-Molt-App: python\r\n\r\n" % (len(body), os.getpid()))
-        conn.sendall(head.encode() + body)
+        head = ("HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n"
+                "X-Molt-Worker-Pid: %d\r\nX-Molt-App: python\r\n\r\n" % (code, len(body), os.getpid()))
+        cls = code // 100 - 2
+        try:
+            conn.sendall(head.encode() + body)
+        except OSError:
+            cls = 5  # cut
+        record(cls, time.monotonic() - start)
 
 
 if __name__ == "__main__":
