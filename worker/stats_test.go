@@ -168,3 +168,56 @@ func TestStats_CutRequest(t *testing.T) {
 		t.Errorf("cut: %d, want 1 (classes %v -> %v)", got, before.Classes, after.Classes)
 	}
 }
+
+// TestStats_CountRequestsHTTP2: over HTTP/2 the writer keeps Flusher and
+// Pusher, and the answer is counted by its class.
+func TestStats_CountRequestsHTTP2(t *testing.T) {
+	var proto int
+	srv := httptest.NewUnstartedServer(countRequests(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		proto = r.ProtoMajor
+		if _, ok := w.(http.Pusher); !ok {
+			t.Error("the HTTP/2 writer lost http.Pusher")
+		}
+		if _, ok := w.(http.Flusher); !ok {
+			t.Error("the HTTP/2 writer lost http.Flusher")
+		}
+		http.Error(w, "teapot", http.StatusTeapot)
+	})))
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	defer srv.Close()
+	before := TrafficStats()
+	resp, err := srv.Client().Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	srv.Close()
+	if proto != 2 {
+		t.Fatalf("served over HTTP/%d, want 2", proto)
+	}
+	if got := TrafficStats().Classes[Class4xx] - before.Classes[Class4xx]; got != 1 {
+		t.Errorf("4xx: %d, want 1", got)
+	}
+}
+
+// BenchmarkCountRequests measures what counting adds to one request
+// (compare the two sub-benchmarks; a real request costs tens of µs of
+// CPU, test/bench).
+func BenchmarkCountRequests(b *testing.B) {
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+	req := httptest.NewRequest("GET", "/", nil)
+	w := httptest.NewRecorder()
+	for _, c := range []struct {
+		name string
+		h    http.Handler
+	}{{"bare", h}, {"counted", countRequests(h)}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				c.h.ServeHTTP(w, req)
+			}
+		})
+	}
+}
