@@ -2,6 +2,8 @@ package integration
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -160,4 +162,54 @@ func TestStats_OldGenerationReachesNewMaster(t *testing.T) {
 	u.waitTakeover(u.Pid)
 	l.stop(t)
 	u.stop()
+}
+
+// TestStats_ReportFloodIsDropped: under the standard load, a worker
+// sends 20,000 MOLT_STATS= datagrams as fast as it can, every other one
+// malformed, the rest a lie. The master takes at most one a second from
+// it (the rest counted as dropped, the malformed ones rejected), keeps
+// answering "ctl status" and serving; the lie counts for that worker's
+// own figures only, and no request fails.
+func TestStats_ReportFloodIsDropped(t *testing.T) {
+	t.Parallel()
+	app := pyApp(t)
+	dir := test.ShortTempDir(t)
+	gate := filepath.Join(dir, "flood")
+	const n = 20000
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--", "python3", app, "--stats-flood", fmt.Sprintf("%d:%s", n, gate)}})
+	addr := m.addr()
+	m.waitServing()
+	l := startLoad(t, addr)
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The throttled line names the last reason only: a malformed report,
+	// or the liar's honest ones, now lower than its lie.
+	test.WaitLog(t, m.log, stepTimeout, 1, "the liar's reports rejected", test.Event("notify.rejected"))
+	var tr trafficStatus
+	test.WaitFor(t, stepTimeout, "the flood dropped", func() error {
+		st := statusOf(t, m.pidFile)
+		tr, _ = st.traffic(1, "workers")
+		if tr.ReportsDropped < n/2 {
+			return fmt.Errorf("%d reports dropped", tr.ReportsDropped)
+		}
+		return nil
+	})
+	// The lie (10^14 5xx) was taken once, for the liar's own figures;
+	// the honest worker's answers count on.
+	if tr.Classes["5xx"] != 1e14 {
+		t.Errorf("5xx = %d, want the liar's 10^14, once", tr.Classes["5xx"])
+	}
+	before := tr.Classes["2xx"]
+	l.more(t, 64)
+	test.WaitFor(t, stepTimeout, "the honest worker's figures moving", func() error {
+		st := statusOf(t, m.pidFile)
+		tr, _ := st.traffic(1, "workers")
+		if tr.Classes["2xx"] <= before {
+			return fmt.Errorf("2xx %d, before %d", tr.Classes["2xx"], before)
+		}
+		return nil
+	})
+	l.stop(t)
+	m.stop(func(ln test.Line) bool { return test.Event("notify.rejected")(ln) })
 }

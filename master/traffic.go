@@ -143,11 +143,15 @@ func figuresOf(v []uint64) (stats.Figures, bool) {
 	return f, true
 }
 
-// Traffic returns this master's figures and, on a new master during its
-// upgrade, the old generation's as the old master last sent them (nil
-// if none came). The gates of a probation evaluate both over the same
-// window with stats.Series.Window.
-func (m *Master) Traffic() (own, old *stats.Series) { return m.traffic, m.parentTraffic }
+// generations returns this master's figures and, on a new master during
+// its upgrade, the old generation's as the old master last sent them
+// (nil if none came). The gates of a probation evaluate both over the
+// same window: own.Window(d, now) and old.Window(d, now), with the same
+// now. own is snapshotted by the loop's tick, old at each message from
+// the old master (both once a second).
+func (m *Master) generations() (own, old *stats.Series) {
+	return m.trafficSeries(), m.parentTraffic
+}
 
 // TrafficStatus is one generation's figures in "ctl status".
 type TrafficStatus struct {
@@ -188,15 +192,13 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // trafficStatuses lists this generation's figures, and the old one's
 // on a new master in its upgrade.
 func (m *Master) trafficStatuses() []TrafficStatus {
-	if m.traffic == nil {
-		return nil
-	}
-	m.traffic.SetGen(m.gen)
-	own := trafficStatus(m.traffic, "workers")
-	own.ReportsDropped = m.statsDropped.Load()
-	out := []TrafficStatus{own}
-	if m.parentTraffic != nil && m.newUncommitted() {
-		out = append(out, trafficStatus(m.parentTraffic, "old master"))
+	own, old := m.generations()
+	own.SetGen(m.gen)
+	ts := trafficStatus(own, "workers")
+	ts.ReportsDropped = m.statsDropped.Load()
+	out := []TrafficStatus{ts}
+	if old != nil && m.newUncommitted() {
+		out = append(out, trafficStatus(old, "old master"))
 	}
 	return out
 }

@@ -87,6 +87,33 @@ def notify(state):
         s.close()
 
 
+def stats_flood(n):
+    """Worker 0 only: n MOLT_STATS= datagrams as fast as they go, every
+    other one malformed, the rest a lie (10^14 5xx): the master takes at
+    most one a second and the lie counts for this worker alone."""
+    if os.environ.get("MOLT_WORKER") != "0":
+        return
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    big = 10 ** 14
+    lie = "MOLT_STATS=1 0,0,0,%d,0,0,0 %s" % (big, ",".join(["0"] * 17 + [str(big)]))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    sent = 0
+    try:
+        for i in range(n):
+            msg = lie if i % 2 == 0 else "MOLT_STATS=1 x,y z"
+            try:
+                s.sendto(msg.encode(), addr)
+                sent += 1
+            except OSError:
+                pass
+    finally:
+        s.close()
+    sys.stderr.write("pyapp: stats flood: %d of %d sent\n" % (sent, n))
+
+
 def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("pyapp: LISTEN_PID %r is not my pid %d" % (os.environ.get("LISTEN_PID"), os.getpid()))
@@ -99,6 +126,10 @@ def main():
         subprocess.run(["systemd-notify", "--ready", "--status=python worker up"], check=True)
     else:
         notify("READY=1\nSTATUS=python worker up")
+    flood = None  # --stats-flood N:PATH: flood once PATH exists
+    if "--stats-flood" in sys.argv:
+        n, path = sys.argv[sys.argv.index("--stats-flood") + 1].split(":", 1)
+        flood = (int(n), path)
     if "--blocking-accept" in sys.argv:
         ln.setblocking(True)
         blocking_loop(ln, names)
@@ -106,6 +137,9 @@ def main():
         return
     while not stopping:
         report_stats()
+        if flood and os.path.exists(flood[1]):
+            stats_flood(flood[0])
+            flood = None
         try:
             r, _, _ = select.select([ln], [], [], 0.2)
         except InterruptedError:
