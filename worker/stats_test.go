@@ -221,3 +221,21 @@ func BenchmarkCountRequests(b *testing.B) {
 		})
 	}
 }
+
+// FuzzParseStats: no input makes ParseStats panic, and what it accepts
+// formats to a value it parses back the same.
+func FuzzParseStats(f *testing.F) {
+	f.Add(Stats{}.Format())
+	f.Add("1 1,2,3,4,5,6,7 0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,99")
+	f.Add("1 01,2,3,4,5,6,7 x")
+	f.Fuzz(func(t *testing.T, v string) {
+		s, err := ParseStats(v)
+		if err != nil {
+			return
+		}
+		back, err := ParseStats(s.Format())
+		if err != nil || back != s {
+			t.Fatalf("%q parsed to %v, formatted to %q, parsed back to %v, %v", v, s, s.Format(), back, err)
+		}
+	})
+}
