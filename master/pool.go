@@ -95,7 +95,7 @@ func (m *Master) onChildExited(ev childExited) {
 		return
 	}
 	delete(m.procs, ev.pid)
-	m.trafficSeries().WorkerGone(ev.pid) // its figures stay in the total
+	m.trafficSeries().WorkerGone(ev.pid, time.Now()) // its figures stay in the total
 	if p.entry > 0 && m.accept != nil {
 		m.accept.release(p.entry - 1) // siblings see it absent
 	}

@@ -85,9 +85,9 @@ func (m *Master) trafficSeries() *stats.Series {
 }
 
 // applyStats adds a worker's report to its generation's figures.
-func (m *Master) applyStats(p *proc, f stats.Figures) {
-	if err := m.trafficSeries().Report(p.pid, f); err != nil {
-		m.rejected.Add(p.pid, err.Error())
+func (m *Master) applyStats(pid int, f stats.Figures) {
+	if err := m.trafficSeries().Report(pid, f); err != nil {
+		m.rejected.Add(pid, err.Error())
 	}
 }
 

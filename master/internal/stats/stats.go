@@ -139,7 +139,8 @@ const DefaultKeep = 300
 type Series struct {
 	gen     int
 	total   Figures
-	workers map[int]Figures // by worker pid: its last report
+	workers map[int]Figures   // by worker pid: its last report
+	gone    map[int]time.Time // workers that exited, and when
 	ring    []snapshot      // oldest first once full, from head
 	head    int
 	keep    int
@@ -156,7 +157,7 @@ func NewSeries(gen, keep int) *Series {
 	if keep < 2 {
 		keep = DefaultKeep
 	}
-	return &Series{gen: gen, workers: map[int]Figures{}, keep: keep}
+	return &Series{gen: gen, workers: map[int]Figures{}, gone: map[int]time.Time{}, keep: keep}
 }
 
 // Gen is the series' generation.
@@ -180,9 +181,24 @@ func (s *Series) Report(pid int, f Figures) error {
 	return nil
 }
 
-// WorkerGone forgets worker pid's last report; what it reported stays in
-// the total.
-func (s *Series) WorkerGone(pid int) { delete(s.workers, pid) }
+// GoneGrace is how long a Series keeps the last report of a worker that
+// exited: its final report, read before its exit but applied after it,
+// still counts (as what it adds to that last report).
+const GoneGrace = 5 * time.Second
+
+// WorkerGone records that worker pid exited at now; what it reported
+// stays in the total, and Tick forgets it GoneGrace later.
+func (s *Series) WorkerGone(pid int, now time.Time) {
+	if _, ok := s.workers[pid]; ok {
+		s.gone[pid] = now
+	}
+}
+
+// Knows reports whether worker pid has reported and is not forgotten.
+func (s *Series) Knows(pid int) bool {
+	_, ok := s.workers[pid]
+	return ok
+}
 
 // SetTotal replaces the total (the figures of another master's
 // generation, as it sent them).
@@ -194,6 +210,12 @@ func (s *Series) Total() Figures { return s.total }
 // Tick records a snapshot of the total at now; the oldest is dropped
 // beyond keep. Call it once a second.
 func (s *Series) Tick(now time.Time) {
+	for pid, at := range s.gone {
+		if now.Sub(at) >= GoneGrace {
+			delete(s.workers, pid)
+			delete(s.gone, pid)
+		}
+	}
 	sn := snapshot{at: now, fig: s.total}
 	if len(s.ring) < s.keep {
 		s.ring = append(s.ring, sn)

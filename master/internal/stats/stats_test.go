@@ -36,7 +36,19 @@ func TestSeries_AggregatesAcrossWorkerRestarts(t *testing.T) {
 	if err := s.Report(100, fig(worker.Class2xx, 2, 15)); err != nil {
 		t.Fatal(err)
 	}
-	s.WorkerGone(100)
+	t0 := time.Unix(1000, 0)
+	s.WorkerGone(100, t0)
+	// Its final report, applied after its exit, adds what is new.
+	if !s.Knows(100) {
+		t.Fatal("an exited worker forgotten at once")
+	}
+	if err := s.Report(100, fig(worker.Class2xx, 2, 15)); err != nil {
+		t.Fatal(err)
+	}
+	s.Tick(t0.Add(GoneGrace))
+	if s.Knows(100) {
+		t.Error("an exited worker still known after GoneGrace")
+	}
 	// Its replacement (another pid, counting from 0) adds to the total.
 	if err := s.Report(102, fig(worker.Class2xx, 2, 7)); err != nil {
 		t.Fatal(err)
