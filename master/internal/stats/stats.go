@@ -141,7 +141,7 @@ type Series struct {
 	total   Figures
 	workers map[int]Figures   // by worker pid: its last report
 	gone    map[int]time.Time // workers that exited, and when
-	ring    []snapshot      // oldest first once full, from head
+	ring    []snapshot        // oldest first once full, from head
 	head    int
 	keep    int
 }
