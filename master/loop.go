@@ -3,11 +3,13 @@ package master
 import (
 	"context"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/upgrade"
 	"github.com/molt-server/molt/worker"
 )
@@ -38,6 +40,11 @@ type Master struct {
 	notifyDir string
 	notifySeq int // names the next worker's socket
 	rejected  *notify.Rejected
+	// traffic is this generation's figures (traffic.go); parentTraffic
+	// the old generation's, on a new master during its upgrade.
+	traffic, parentTraffic *stats.Series
+	statsDropped           atomic.Uint64 // reports past one a second, by the readers
+	figuresUnsent          int           // the attempt figures failed to reach (traffic.go)
 	// spawner starts workers with no_new_privs, privSpawner those
 	// allowed new privileges (--allow-new-privs); each is made when first
 	// needed.
@@ -172,6 +179,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	m.watchKeeper()
 	m.resurrected = m.resurrectionsFromEnv()
+	m.startStatsTicker()
 	return m.loop(ctx)
 }
 
@@ -212,6 +220,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onChildExited(ev)
 			case notified:
 				m.onNotify(ev)
+			case statsTick:
+				m.onStatsTick(ev)
 			case timerFired:
 				m.onTimer(ev)
 			case upgradeDone:

@@ -98,6 +98,7 @@ func (m *Master) onChildExited(ev childExited) {
 	if p.health != nil {
 		_ = p.health.Close()
 	}
+	m.trafficSeries().WorkerGone(ev.pid, time.Now()) // its figures stay in the total
 	if p.entry > 0 && m.accept != nil {
 		m.accept.release(p.entry - 1) // siblings see it absent
 	}

@@ -32,8 +32,11 @@ type Status struct {
 	// ResurrectedBecause is the reason of the last.
 	Resurrections      int    `json:"resurrections,omitempty"`
 	ResurrectedBecause string `json:"resurrected_because,omitempty"`
-	FDs                int    `json:"fds"`
-	Goroutines         int    `json:"goroutines"`
+	// Traffic: this generation's request figures and, on a new master
+	// during its upgrade, the old generation's (traffic.go).
+	Traffic    []TrafficStatus `json:"traffic,omitempty"`
+	FDs        int             `json:"fds"`
+	Goroutines int             `json:"goroutines"`
 }
 
 // WorkerStatus is one worker process.
@@ -125,6 +128,7 @@ func (m *Master) status() *Status {
 		}
 		return a.PID < b.PID
 	})
+	st.Traffic = m.trafficStatuses()
 	for _, l := range m.listeners {
 		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated, Blocking: l.spec.Blocking})
 	}

@@ -54,6 +54,10 @@ const IdleGrace = 2 * time.Second
 // --health-check PATH request reaches this very process, whichever
 // worker the shared sockets would have chosen.
 //
+// Under molt, ServeHTTP counts the requests it serves and reports the
+// figures to the master every second (StatsInterval, MOLT_STATS=; off
+// with MOLT_STATS=off in the environment), a last time once drained.
+//
 // ServeHTTP wraps srv.Handler, srv.ConnState and srv.BaseContext (calling
 // the app's own). Call it once per server.
 func ServeHTTP(ctx context.Context, srv *http.Server, lns ...net.Listener) error {
@@ -101,6 +105,15 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 	signal.Notify(sigC, sig)
 	defer signal.Stop(sigC)
 
+	if statsOn() {
+		// Counted inside the drainer's wrapper; reported until the
+		// drain has ended (docs/worker-protocol.md, "Traffic figures").
+		if srv.Handler == nil {
+			srv.Handler = http.DefaultServeMux
+		}
+		srv.Handler = countRequests(srv.Handler)
+		defer startReporting()()
+	}
 	d := newDrainer(srv)
 	d.bal = bal
 	served := make(chan error, len(lns))
