@@ -95,6 +95,7 @@ func (m *Master) onChildExited(ev childExited) {
 		return
 	}
 	delete(m.procs, ev.pid)
+	m.noteWorkerDrained(p)
 	if p.entry > 0 && m.accept != nil {
 		m.accept.release(p.entry - 1) // siblings see it absent
 	}
@@ -136,6 +137,7 @@ func (m *Master) onChildExited(ev childExited) {
 	}
 	delay := s.backoff.fail()
 	s.restarts++
+	m.counters.Restarts++
 	log.Error("worker exited unexpectedly; replacing it", "event", "worker.exited_unexpectedly", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
 	// A new generation has no business committing with a worker that dies.
@@ -159,6 +161,7 @@ func (m *Master) respawnLater(s *slot, delay time.Duration) {
 		return
 	}
 	s.restartAt = time.Now().Add(delay)
+	m.counters.Backoffs++
 	s.seq = m.nextSeq()
 	m.after(delay, timerFired{kind: respawnDue, s: s, slot: s.n, seq: s.seq})
 }
@@ -226,7 +229,7 @@ func (m *Master) stopWorker(p *proc) {
 	if p.state == workerStopping {
 		return
 	}
-	p.state = workerStopping
+	p.state, p.stopAt = workerStopping, time.Now()
 	m.signalGroup(p, p.spec.stopSignal)
 	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 }

@@ -24,8 +24,10 @@ type Status struct {
 	Listeners  []ListenerStatus `json:"listeners"`
 	Upgrade    *UpgradeStatus   `json:"upgrade,omitempty"`      // in flight (old master, or an uncommitted new one)
 	LastResult *UpgradeResult   `json:"last_upgrade,omitempty"` // the last one that ended (a new master: its own commit)
-	FDs        int              `json:"fds"`
-	Goroutines int              `json:"goroutines"`
+	// Metrics is the address of the metrics endpoint ("" if off).
+	Metrics    string `json:"metrics,omitempty"`
+	FDs        int    `json:"fds"`
+	Goroutines int    `json:"goroutines"`
 }
 
 // WorkerStatus is one worker process.
@@ -126,6 +128,9 @@ func (m *Master) status() *Status {
 		ph := m.new.Phases()
 		st.Upgrade = &UpgradeStatus{Side: "new", NewPID: os.Getpid(), Serving: m.phase == phaseServing,
 			Ready: m.readyCount(), Want: len(m.slots), Elapsed: time.Since(m.started).Round(time.Millisecond).String(), Phases: ph}
+	}
+	if m.metrics != nil {
+		st.Metrics = fileAddr(m.metrics.File())
 	}
 	st.LastResult = m.old.Last()
 	if st.LastResult == nil && m.new != nil {
