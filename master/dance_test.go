@@ -158,6 +158,9 @@ func TestLoop_UpgradeRollbackFromStandbyOpensNoGap(t *testing.T) {
 	if r := m.old.Last(); r == nil || r.Outcome != "rolled back" || r.Reason != "worker died" {
 		t.Fatalf("last upgrade %+v", r)
 	}
+	if n := m.totals().Upgrades["rolled_back/worker_died"]; n != 1 {
+		t.Fatalf("counted rollbacks: %v, want rolled_back/worker_died 1", m.totals().Upgrades)
+	}
 }
 
 // TestLoop_StopAllDuringAnUpgradeAbortsTheNewMaster: stop --all tells the

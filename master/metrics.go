@@ -169,8 +169,10 @@ func (m *Master) totals() metrics.Counters { return m.base.Plus(m.counters) }
 // publishMetrics stores a fresh snapshot for the scrapes, and sends the
 // counters to a new master in flight if they changed.
 func (m *Master) publishMetrics() {
-	if up := m.old.Attempt(); up != nil && up.Pid != 0 && up.Pid == m.countersTo {
-		m.sendCounters(up.Pid)
+	if m.countersTo != 0 && m.old.InFlight() {
+		if up := m.old.Attempt(); up.Pid != 0 && up.Pid == m.countersTo {
+			m.sendCounters(up.Pid)
+		}
 	}
 	if m.metrics == nil {
 		return
