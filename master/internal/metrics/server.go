@@ -32,6 +32,11 @@ const (
 	ReadHeaderTimeout = 5 * time.Second
 	WriteTimeout      = 10 * time.Second
 	IdleTimeout       = 30 * time.Second
+	// CloseWait bounds how long Close waits for the connections this
+	// master accepted to be answered: a master that exits right after
+	// handing the endpoint over (an old one, drained) must not cut a
+	// scrape it took just before.
+	CloseWait = 2 * time.Second
 )
 
 // Server serves /metrics on one listening socket from the last published
@@ -40,8 +45,10 @@ type Server struct {
 	snap atomic.Pointer[Snapshot]
 	file *os.File // the listening socket; kept while serving stops (it passes to the next master)
 
-	mu  sync.Mutex   // guards srv (Start, Stop, Close: the loop; Serve's end)
+	mu  sync.Mutex   // guards srv and stopped (Start, Stop, Close: the loop)
 	srv *http.Server // nil while not serving
+	// stopped is closed when the last Stop's connections have ended.
+	stopped chan struct{}
 }
 
 // NewServer returns a server for the listening socket f, not yet serving.
@@ -97,9 +104,10 @@ func (s *Server) Stop() {
 	// master accepted is answered. Shutdown closes the listener at once
 	// and the idle connections, and leaves the rest to the timeouts: its
 	// wait is not the loop's.
-	srv := s.srv
-	s.srv = nil
+	srv, stopped := s.srv, make(chan struct{})
+	s.srv, s.stopped = nil, stopped
 	go func() {
+		defer close(stopped)
 		ctx, cancel := context.WithTimeout(context.Background(), WriteTimeout)
 		defer cancel()
 		if srv.Shutdown(ctx) != nil {
@@ -115,9 +123,19 @@ func (s *Server) Serving() bool {
 	return s.srv != nil
 }
 
-// Close stops serving and closes the socket.
+// Close stops serving, waits at most CloseWait for the connections being
+// served, and closes the socket.
 func (s *Server) Close() error {
 	s.Stop()
+	s.mu.Lock()
+	stopped := s.stopped
+	s.mu.Unlock()
+	if stopped != nil {
+		select {
+		case <-stopped:
+		case <-time.After(CloseWait):
+		}
+	}
 	return s.file.Close()
 }
 
