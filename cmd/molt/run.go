@@ -73,6 +73,7 @@ type runFlags struct {
 	stableAfter  time.Duration
 	commit       string
 	control      string
+	metrics      string
 	configFile   string
 	user, group  string
 	chdir        string
@@ -138,6 +139,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.IntVar(&f.backlog, "backlog", 0, "listen backlog `N` of every listener (default: the kernel's somaxconn)")
 	fs.BoolVar(&f.noKeeper, "no-keeper", false, "no keeper process: the master is the process started (nginx's tree;\nits pid changes at every upgrade)")
 	fs.StringVar(&f.control, "control-socket", "", "`PATH` of the control socket for molt ctl (default: molt.sock beside the pid file)")
+	fs.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics at http://`ADDR`/metrics (HOST:PORT; no authentication:\nbind it to loopback or a private address) (default: off)")
 	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
 		fmt.Fprint(out, runUsage)
@@ -258,6 +260,7 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		Workers:       f.workers,
 		PIDFile:       f.pidFile,
 		ControlSocket: f.control,
+		MetricsListen: f.metrics,
 		Preflight:     []string{"version"},
 		ReadyTimeout:  f.readyTimeout,
 		DrainTimeout:  f.drainTimeout,
