@@ -197,6 +197,21 @@ func TestMetrics_CountersKeepCountingAcrossUpgrades(t *testing.T) {
 		if v, _ := sample(fams, "molt_workers", "generation", fmt.Sprint(i+2), "state", "ready"); v != 2 {
 			t.Errorf("after upgrade %d: ready workers of generation %d: %v, want 2", i+1, i+2, v)
 		}
+		// The new generation's request figures, from its workers'
+		// reports (a second's lag): answers by class and latency.
+		gen := fmt.Sprint(i + 2)
+		test.WaitFor(t, stepTimeout, "generation "+gen+"'s request figures", func() error {
+			fams := mustScrape(t, maddr)
+			ok, _ := sample(fams, "molt_requests_total", "generation", gen, "class", "2xx")
+			lat, _ := sample(fams, "molt_request_duration_seconds", "generation", gen)
+			if bad, _ := sample(fams, "molt_requests_total", "generation", gen, "class", "5xx"); bad != 0 {
+				t.Fatalf("generation %s: %v 5xx answers", gen, bad)
+			}
+			if ok == 0 || lat == 0 {
+				return fmt.Errorf("2xx %v, latencies %v", ok, lat)
+			}
+			return nil
+		})
 	}
 	ka.stop(t, "keep-alive")
 	pc.stop(t, "connection per scrape")

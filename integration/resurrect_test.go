@@ -23,7 +23,8 @@ import (
 // the keeper's pid never changes, and QUIT still stops it all with 0.
 func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
 	t.Parallel()
-	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2",
+		"--metrics-listen", "127.0.0.1:0"}})
 	addr := u.addr()
 	u.waitServing()
 	keeper := u.Pid
@@ -61,6 +62,11 @@ func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
 	if st.PID != nw || st.Keeper != keeper || st.Resurrections != 1 || st.ResurrectedBecause != res[0].Str("reason") || !strings.Contains(st.ResurrectedBecause, "killed") {
 		t.Errorf("status of the fresh master: pid %d keeper %d, resurrections %d (%q); want %d, %d, 1 (%q)",
 			st.PID, st.Keeper, st.Resurrections, st.ResurrectedBecause, nw, keeper, res[0].Str("reason"))
+	}
+	// The fresh master binds the metrics endpoint anew (its socket is
+	// not a listener the keeper stores) and counts the resurrection.
+	if v, _ := sample(mustScrape(t, u.metricsAddr(2)), "molt_resurrections_total"); v != 1 {
+		t.Errorf("molt_resurrections_total %v after one resurrection, want 1", v)
 	}
 	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)

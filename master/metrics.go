@@ -32,8 +32,8 @@ import (
 const metricsFileName = "metrics"
 
 // metricsCollectors add families to every snapshot, in order, on the
-// loop. The per-generation request figures register here.
-var metricsCollectors []func(m *Master, sn *metrics.Snapshot)
+// loop.
+var metricsCollectors = []func(m *Master, sn *metrics.Snapshot){trafficFamilies}
 
 // openMetrics binds --metrics-listen, or takes the socket the old master
 // passed when it is at the same address. A master without the flag
@@ -177,7 +177,7 @@ func (m *Master) publishMetrics() {
 	if m.metrics == nil {
 		return
 	}
-	sn := &metrics.Snapshot{Counters: m.totals(), Gen: m.gen}
+	sn := &metrics.Snapshot{Counters: m.totals(), Gen: m.gen, Resurrections: uint64(m.resurrected.count)}
 	count := map[[2]string]int{}
 	for _, p := range m.procs {
 		count[[2]string{"", p.state.String()}]++

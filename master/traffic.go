@@ -2,8 +2,10 @@ package master
 
 import (
 	"os"
+	"strconv"
 	"time"
 
+	"github.com/molt-server/molt/master/internal/metrics"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/upgrade"
@@ -201,4 +203,39 @@ func (m *Master) trafficStatuses() []TrafficStatus {
 		out = append(out, trafficStatus(old, "old master"))
 	}
 	return out
+}
+
+// trafficFamilies adds the per-generation request figures to a metrics
+// snapshot: this master's generation and, on a new master during its
+// upgrade, the old one's as its master last sent them. Cumulative, like
+// the figures: molt_requests_total by class, and the latency histogram
+// (its buckets are worker.BucketBounds; no _sum: the workers report
+// counts only).
+func trafficFamilies(m *Master, sn *metrics.Snapshot) {
+	own, old := m.generations()
+	reqs := metrics.Family{Name: "molt_requests_total", Type: "counter",
+		Help: "Requests the workers answered, by generation and class (2xx, 3xx, 4xx, 5xx, panicked, cut, other), from their MOLT_STATS= reports."}
+	lat := metrics.Family{Name: "molt_request_duration_seconds", Type: "histogram",
+		Help: "Handler latency by generation, from the workers' MOLT_STATS= reports (no _sum: they send bucket counts only)."}
+	for _, s := range []*stats.Series{old, own} {
+		if s == nil {
+			continue
+		}
+		gen := [2]string{"generation", strconv.Itoa(s.Gen())}
+		tot := s.Total()
+		for i, n := range tot.Classes {
+			reqs.Samples = append(reqs.Samples, metrics.Sample{Labels: [][2]string{gen, {"class", worker.ClassNames[i]}}, Value: float64(n)})
+		}
+		var cum uint64
+		for i, n := range tot.Buckets {
+			cum += n
+			le := "+Inf"
+			if i < len(worker.BucketBounds) {
+				le = strconv.FormatFloat(worker.BucketBounds[i].Seconds(), 'g', -1, 64)
+			}
+			lat.Samples = append(lat.Samples, metrics.Sample{Suffix: "_bucket", Labels: [][2]string{gen, {"le", le}}, Value: float64(cum)})
+		}
+		lat.Samples = append(lat.Samples, metrics.Sample{Suffix: "_count", Labels: [][2]string{gen}, Value: float64(cum)})
+	}
+	sn.Families = append(sn.Families, reqs, lat)
 }

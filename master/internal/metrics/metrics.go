@@ -80,9 +80,6 @@ type Counters struct {
 	// Backoffs, the respawns the crash-loop backoff delayed.
 	Restarts uint64 `json:"restarts,omitempty"`
 	Backoffs uint64 `json:"backoffs,omitempty"`
-	// Resurrections counts masters the keeper started because every
-	// master had died.
-	Resurrections uint64 `json:"resurrections,omitempty"`
 	// UpgradeSeconds: from the signal to the end, by outcome;
 	// DrainSeconds: by what drained ("generation": an old generation after
 	// a commit; "worker": one worker told to stop).
@@ -95,7 +92,7 @@ func UpgradeKey(outcome, reason string) string { return outcome + "/" + reason }
 
 // Plus returns c + o, fresh maps.
 func (c Counters) Plus(o Counters) Counters {
-	out := Counters{Restarts: c.Restarts + o.Restarts, Backoffs: c.Backoffs + o.Backoffs, Resurrections: c.Resurrections + o.Resurrections,
+	out := Counters{Restarts: c.Restarts + o.Restarts, Backoffs: c.Backoffs + o.Backoffs,
 		Upgrades: map[string]uint64{}, UpgradeSeconds: map[string]Histogram{}, DrainSeconds: map[string]Histogram{}}
 	for _, m := range []map[string]uint64{c.Upgrades, o.Upgrades} {
 		for k, v := range m {
@@ -172,6 +169,11 @@ type Snapshot struct {
 	Counters
 	// Gen is the publishing master's generation.
 	Gen int
+	// Resurrections counts masters the keeper started because every
+	// master had died: the keeper's count, which it hands each fresh
+	// master (not a counter carried over the channel: a resurrected
+	// master has no old master to carry it).
+	Resurrections uint64
 	// Workers counts worker processes by generation and state.
 	Workers []WorkerCount
 	// LastPhases: the phases of the last upgrade this master saw, in
