@@ -90,6 +90,7 @@ type server struct {
 	log     string
 	procs   []*exec.Cmd
 	keeper  int // molt with its keeper: the keeper's pid
+	metrics string // molt: its --metrics-listen address
 }
 
 func (s *server) masterPid() int {
@@ -154,7 +155,12 @@ func (b *bench) startMolt(o moltOpts) *server {
 	if o.probation == "" {
 		o.probation = "200ms"
 	}
-	args = append(args, "--pid-file", s.pidFile, "--log-file", s.log, "--log-json", "--probation", o.probation)
+	// The metrics endpoint is on, as an operator would run it: the
+	// memory figure includes it (the master's loop publishes a snapshot
+	// per event; nothing of it is on the request path).
+	s.metrics = freeAddr()
+	args = append(args, "--pid-file", s.pidFile, "--log-file", s.log, "--log-json", "--probation", o.probation,
+		"--metrics-listen", s.metrics)
 	cmd, shown := command(context.Background(), b.cpu.server, filepath.Join(dir, "molt"), args...)
 	b.note(shown)
 	cmd.Dir = dir

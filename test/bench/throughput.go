@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/molt-server/molt/test"
 )
@@ -168,9 +169,14 @@ func (b *bench) memory(molt, bare *server) {
 	if ws := molt.workerPids(); len(ws) > 0 {
 		worker = ws[0]
 	}
+	// A scrape first, as Prometheus would have done by then.
+	scraped := "scraped once"
+	if r, err := test.Get(molt.metrics, "/metrics", 5*time.Second); err != nil || r.Status != 200 {
+		scraped = fmt.Sprintf("scrape failed: status %d, %v", r.Status, err)
+	}
 	mrss := rssMB(master)
 	b.section("Memory",
-		"Resident set size (`VmRSS` of /proc/PID/status) after the throughput runs, of setup (e) and of the one bare process (a). Target: master ≤ 15 MB.",
+		"Resident set size (`VmRSS` of /proc/PID/status) after the throughput runs, of setup (e) (its metrics endpoint on and "+scraped+") and of the one bare process (a). Target: master ≤ 15 MB.",
 		"",
 		"| process | RSS (MB) |",
 		"|---|---|",
