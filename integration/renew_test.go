@@ -62,14 +62,7 @@ func TestRenew_FiveRollbacksThenUpgrades(t *testing.T) {
 			if err := answersAs(addr, nw, nextVersion()); err != nil {
 				t.Errorf("after the upgrade that followed the rollbacks: %v", err)
 			}
-			u.install(bins.molt, byRename)
-			if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
-				t.Fatalf("molt ctl upgrade: exit %d: %s", code, out)
-			}
-			last := u.waitTakeover(nw)
-			if err := answersAs(addr, last, version); err != nil {
-				t.Errorf("after the next upgrade: %v", err)
-			}
+			last := u.ctlUpgradeTo(bins.molt, version, nw)
 			got := l.stop(t)
 			if got[old] == 0 || got[nw] == 0 || got[last] == 0 {
 				t.Errorf("answers by master %v: want some from %d, %d and %d", got, old, nw, last)
@@ -92,14 +85,7 @@ func TestRenew_UpgradeAfterResurrection(t *testing.T) {
 	dead := u.masterPid()
 	test.WaitLog(t, u.log, stepTimeout, 1, "the listener in the keeper's store", test.Event("keeper.fdstore", "action", "stored"))
 	l := startLoad(t, addr)
-	if err := syscall.Kill(dead, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	res := test.WaitLog(t, u.log, stepTimeout, 1, "a fresh master", test.Event("keeper.resurrect", "count", "1"))
-	fresh := res[0].Int("pid")
-	test.Track(t, fresh)
-	test.WaitLog(t, u.log, stepTimeout, 2, "the fresh master serving", test.Event("master.serving"))
-	waitWorkerCount(t, fresh, 2)
+	fresh, _ := u.killForResurrection(dead, 2)
 
 	u.install(bins.molt2, byRename)
 	if err := syscall.Kill(u.Pid, syscall.SIGUSR2); err != nil { // the keeper forwards it
@@ -109,14 +95,7 @@ func TestRenew_UpgradeAfterResurrection(t *testing.T) {
 	if err := answersAs(addr, nw, nextVersion()); err != nil {
 		t.Errorf("after the upgrade of the resurrected master: %v", err)
 	}
-	u.install(bins.molt, byRename)
-	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
-		t.Fatalf("molt ctl upgrade: exit %d: %s", code, out)
-	}
-	last := u.waitTakeover(nw)
-	if err := answersAs(addr, last, version); err != nil {
-		t.Errorf("after the next upgrade: %v", err)
-	}
+	last := u.ctlUpgradeTo(bins.molt, version, nw)
 	got := l.stop(t)
 	if got[nw] == 0 || got[last] == 0 {
 		t.Errorf("answers by master %v: want some from %d and %d", got, nw, last)
@@ -144,6 +123,7 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 	old := u.Pid
 	held, nw := u.commitHolding(addr, old, 4*time.Second)
 	l := startLoad(t, addr)
+	orphans := workersOf(nw)
 	killed := time.Now()
 	if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -155,6 +135,9 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 	if status := held.read(t); status != 200 {
 		t.Errorf("the slow request on the old generation: status %d", status)
 	}
+	// The baseline below is taken once the dead master's workers are gone:
+	// until then the old master still follows its successor's tree.
+	waitGone(t, "the dead master's workers", orphans)
 
 	rolledBack := test.Event("upgrade.rolled_back")
 	var base baseline
@@ -172,6 +155,10 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 			t.Errorf("rollback %d: reason %q, want one containing %q", i+1, got, c.reason)
 		}
 		if i == 0 {
+			// Once the attempt's pre-flight run (a child of the master,
+			// cancelled at the rollback) is gone too: its goroutines and
+			// pipes are no leak.
+			waitWorkerCount(t, old, 2)
 			base = u.baseline(t)
 		}
 	}
@@ -183,14 +170,7 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 	if got := u.current(); got != old {
 		t.Fatalf("pid file names %d after the rollbacks, want %d", got, old)
 	}
-	u.install(bins.molt2, byRename)
-	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
-		t.Fatalf("molt ctl upgrade: exit %d: %s", code, out)
-	}
-	last := u.waitTakeover(old)
-	if err := answersAs(addr, last, nextVersion()); err != nil {
-		t.Errorf("after the good upgrade: %v", err)
-	}
+	u.ctlUpgradeTo(bins.molt2, nextVersion(), old)
 	// Every one went by molt's own handover (tableflip's was spent).
 	if n := len(test.Find(u.log, test.Event("upgrade.fresh_started"))); n != 4 {
 		t.Errorf("%d new masters started by molt's own handover, want 4", n)
@@ -198,4 +178,42 @@ func TestRenew_FailedUpgradesAfterTakeBack(t *testing.T) {
 	l.stopWithin(t, "the take-back", killed, serving)
 	u.stop(tookBack, rolledBack, test.Event("master.failed"), test.Event("upgrade.deadline"),
 		test.Event("worker.exited_unexpectedly"))
+}
+
+// ctlUpgradeTo installs bin, runs "molt ctl upgrade --wait", and checks
+// that a new master took over from prev and answers as version; it
+// returns the new master.
+func (m *master) ctlUpgradeTo(bin, version string, prev int) int {
+	t := m.t
+	t.Helper()
+	m.install(bin, byRename)
+	if code, out := ctl(t, m.pidFile, "upgrade", "--wait"); code != 0 {
+		t.Fatalf("molt ctl upgrade to %s: exit %d: %s", version, code, out)
+	}
+	nw := m.waitTakeover(prev)
+	if err := answersAs(m.addr(), nw, version); err != nil {
+		t.Errorf("after the upgrade to %s: %v", version, err)
+	}
+	return nw
+}
+
+// killForResurrection SIGKILLs the primary master dead under the keeper
+// and waits for the keeper's first resurrection: a fresh master serving
+// with n workers. It returns the fresh master and the keeper's
+// keeper.resurrect line.
+func (m *master) killForResurrection(dead, n int) (int, test.Line) {
+	t := m.t
+	t.Helper()
+	if err := syscall.Kill(dead, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	res := test.WaitLog(t, m.log, stepTimeout, 1, "a fresh master", test.Event("keeper.resurrect", "count", "1"))
+	fresh := res[0].Int("pid")
+	if fresh <= 0 || fresh == dead {
+		t.Fatalf("fresh master pid %d (the dead one %d)", fresh, dead)
+	}
+	test.Track(t, fresh)
+	test.WaitLog(t, m.log, stepTimeout, 2, "the fresh master serving", test.Event("master.serving"))
+	waitWorkerCount(t, fresh, n)
+	return fresh, res[0]
 }

@@ -33,17 +33,7 @@ func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
 	workers := workersOf(old)
 	test.WaitLog(t, u.log, stepTimeout, 1, "the listener in the keeper's store", test.Event("keeper.fdstore", "action", "stored"))
 	l := startLoad(t, addr)
-	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	res := test.WaitLog(t, u.log, stepTimeout, 1, "a fresh master", test.Event("keeper.resurrect", "count", "1"))
-	nw := res[0].Int("pid")
-	if nw <= 0 || nw == old {
-		t.Fatalf("fresh master pid %d (the dead one %d)", nw, old)
-	}
-	test.Track(t, nw)
-	test.WaitLog(t, u.log, stepTimeout, 2, "the fresh master serving", test.Event("master.serving"))
-	waitWorkerCount(t, nw, 2)
+	nw, res := u.killForResurrection(old, 2)
 	got := l.stop(t)
 	if got[nw] == 0 {
 		t.Errorf("the fresh master %d answered nothing: %v", nw, got)
@@ -59,9 +49,9 @@ func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
 		t.Errorf("%d resurrections, want 1", n)
 	}
 	st := statusOf(t, u.pidFile)
-	if st.PID != nw || st.Keeper != keeper || st.Resurrections != 1 || st.ResurrectedBecause != res[0].Str("reason") || !strings.Contains(st.ResurrectedBecause, "killed") {
+	if st.PID != nw || st.Keeper != keeper || st.Resurrections != 1 || st.ResurrectedBecause != res.Str("reason") || !strings.Contains(st.ResurrectedBecause, "killed") {
 		t.Errorf("status of the fresh master: pid %d keeper %d, resurrections %d (%q); want %d, %d, 1 (%q)",
-			st.PID, st.Keeper, st.Resurrections, st.ResurrectedBecause, nw, keeper, res[0].Str("reason"))
+			st.PID, st.Keeper, st.Resurrections, st.ResurrectedBecause, nw, keeper, res.Str("reason"))
 	}
 	// The fresh master binds the metrics endpoint anew (its socket is
 	// not a listener the keeper stores) and counts the resurrection.
