@@ -24,13 +24,16 @@ const gatesMin = 100
 
 // gatesApp writes the releases of the app and points dir/app at the good
 // one: good answers after 2 ms; errors answers 500 to every request once
-// ready; slow answers after 10 ms (5× slower).
+// ready; base answers after 20 ms and slow after 100 ms, 5× slower (the
+// latency gate's pair: a p99 of a few milliseconds is all scheduling
+// noise on a shared machine under the race detector).
 func gatesApp(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	writeScript(t, filepath.Join(dir, "good.sh"), "exec "+bins.fakeapp+" serve --delay 2ms")
 	writeScript(t, filepath.Join(dir, "errors.sh"), "exec "+bins.fakeapp+" serve --delay 2ms --status 500")
-	writeScript(t, filepath.Join(dir, "slow.sh"), "exec "+bins.fakeapp+" serve --delay 10ms")
+	writeScript(t, filepath.Join(dir, "base.sh"), "exec "+bins.fakeapp+" serve --delay 20ms")
+	writeScript(t, filepath.Join(dir, "slow.sh"), "exec "+bins.fakeapp+" serve --delay 100ms")
 	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "good.sh"))
 	return dir
 }
@@ -139,7 +142,8 @@ func TestGates_ErrorsRollBack(t *testing.T) {
 func TestGates_SlowRollsBack(t *testing.T) {
 	t.Parallel()
 	dir := gatesApp(t)
-	u, workers := startGated(t, dir, "--max-latency-factor", "3", "--probation", "30s")
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "base.sh"))
+	u, workers := startGated(t, dir, "--max-latency-factor", "2", "--probation", "30s")
 	l := startLoad(t, u.addr())
 	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "slow.sh"))
 	u.Signal(syscall.SIGUSR2)
