@@ -34,6 +34,7 @@ FUZZ_TARGETS := \
 	./master/internal/notify:FuzzParseDatagram \
 	./worker:FuzzParseNotify \
 	./worker:FuzzParseFDNames \
+	./worker:FuzzParseStats \
 	./master:FuzzParseCtlRequest \
 	./master:FuzzParseListen \
 	./upgrade:FuzzDecodeMsg \

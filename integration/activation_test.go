@@ -233,42 +233,85 @@ func TestActivation_UnclaimedSocketIsAnError(t *testing.T) {
 	}
 }
 
-// docsUnit returns the settings of the ini block of docs/deploying.md
-// that starts with the comment "# PATH" (a systemd unit), by key.
-func docsUnit(t *testing.T, path string) map[string]string {
+// unitFile returns the settings of deploy/systemd/NAME (a shipped
+// systemd unit), by key.
+func unitFile(t *testing.T, name string) map[string]string {
 	t.Helper()
-	b, err := os.ReadFile("../docs/deploying.md")
+	b, err := os.ReadFile(filepath.Join("..", "deploy", "systemd", name))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, block, ok := strings.Cut(string(b), "```ini\n# "+path+"\n")
-	if !ok {
-		t.Fatalf("docs/deploying.md has no ini block for %s", path)
-	}
-	block, _, _ = strings.Cut(block, "```")
 	keys := map[string]string{}
-	for _, line := range strings.Split(block, "\n") {
-		if k, v, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(line, "#") {
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(line, "#") && !strings.HasPrefix(line, ";") {
 			keys[k] = v
 		}
 	}
 	return keys
 }
 
-// TestActivation_TheDocsUnitsAsSystemdWouldRunThem runs the app.service
-// and app.socket of docs/deploying.md the way systemd would, as far as
-// that can be done without systemd as PID 1: the socket unit's socket is
-// passed with its FileDescriptorName by systemd-socket-activate, ExecStart
-// runs with a NOTIFY_SOCKET (a fake systemd) and must say READY=1 from its
-// own pid (Type=notify), ExecReload must succeed and be followed by
-// READY=1, the page's upgrade command must commit, and the stop (KillSignal to the
-// main pid only: KillMode=mixed) must end everything with exit 0 well
-// within TimeoutStopSec, which must leave room for the drain timeout.
-// Paths are moved into the test's directory.
-func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
+// localizeUnit moves a shipped unit's paths into dir: the release tree
+// /srv/app, the configuration and the runtime directory.
+func localizeUnit(s, dir, conf string) string {
+	return strings.NewReplacer("/srv/app/", dir+"/", "/etc/molt/app.hcl", conf, "/run/app/", dir+"/").Replace(s)
+}
+
+// verifyUnits runs systemd-analyze verify on the shipped units, paths
+// moved into dir (it checks that ExecStart's binary exists). It needs no
+// running systemd; any complaint, an unknown key among them, fails.
+func verifyUnits(t *testing.T, dir, conf string, names ...string) {
+	t.Helper()
+	sa := test.RequireCommand(t, "systemd-analyze")
+	units := filepath.Join(dir, "units")
+	if err := os.MkdirAll(units, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"verify", "--man=no"}
+	for _, n := range names {
+		b, err := os.ReadFile(filepath.Join("..", "deploy", "systemd", n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(units, n), []byte(localizeUnit(string(b), dir, conf)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, filepath.Join(units, n))
+	}
+	if code, out := runToEnd(t, units, sa, args...); code != 0 || strings.TrimSpace(out) != "" {
+		t.Errorf("systemd-analyze verify %v: exit %d:\n%s", names, code, out)
+	}
+}
+
+// TestActivation_TheShippedUnitsAsSystemdWouldRunThem runs
+// deploy/systemd/app.service, alone and with deploy/systemd/app.socket,
+// the way systemd would, as far as that can be done without systemd as
+// PID 1. systemd-analyze verify must accept them. The socket unit's
+// socket is passed with its FileDescriptorName by systemd-socket-activate;
+// ExecStart runs as written (paths moved to the test's directory: the
+// stable path is a symlink to a release directory) with a NOTIFY_SOCKET (a
+// fake systemd), and $FDSTORE when FileDescriptorStoreMax= is set, and
+// must say READY=1 from its own pid (Type=notify); alone, its listener
+// reaches systemd's fd store as molt-fdstore.web, and with the socket
+// unit nothing does (the socket unit holds it). ExecReload must succeed
+// and be followed by READY=1, the unit's deploy (re-point the symlink,
+// molt ctl upgrade --wait) must commit the new version under load, and
+// the stop (KillSignal to the main pid only: KillMode=mixed) must end
+// everything with exit 0 well within TimeoutStopSec, which must leave
+// room for the drain timeout.
+func TestActivation_TheShippedUnitsAsSystemdWouldRunThem(t *testing.T) {
 	t.Parallel()
-	svc := docsUnit(t, "/etc/systemd/system/app.service")
-	sockUnit := docsUnit(t, "/etc/systemd/system/app.socket")
+	for _, activated := range []bool{false, true} {
+		name := map[bool]string{false: "service", true: "service_and_socket"}[activated]
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			testShippedUnits(t, activated)
+		})
+	}
+}
+
+func testShippedUnits(t *testing.T, activated bool) {
+	svc := unitFile(t, "app.service")
+	sockUnit := unitFile(t, "app.socket")
 	if svc["Type"] != "notify" || svc["KillMode"] != "mixed" || svc["KillSignal"] != "SIGQUIT" {
 		t.Fatalf("app.service: Type=%s KillMode=%s KillSignal=%s, want notify, mixed, SIGQUIT", svc["Type"], svc["KillMode"], svc["KillSignal"])
 	}
@@ -276,36 +319,79 @@ func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 	if err != nil || stopTimeout < 30*time.Second+time.Second+5*time.Second {
 		t.Fatalf("TimeoutStopSec=%q leaves no room for the 30s drain and the 1s QUIT settle window", svc["TimeoutStopSec"])
 	}
+	if !strings.HasPrefix(svc["ExecStart"], "/srv/app/current/molt run ") {
+		t.Fatalf("ExecStart=%q: want the stable path /srv/app/current/molt", svc["ExecStart"])
+	}
 	if sockUnit["ListenStream"] == "" || sockUnit["FileDescriptorName"] == "" {
 		t.Fatalf("app.socket: %v", sockUnit)
 	}
+	fdName := sockUnit["FileDescriptorName"]
 
 	sd := startFakeSystemd(t)
 	dir := test.ShortTempDir(t)
-	tcp := freeAddr(t) // ListenStream, on loopback only
+	tcp := "127.0.0.1:0"
+	if activated {
+		tcp = freeAddr(t) // ListenStream, on loopback only
+	}
 	conf := filepath.Join(dir, "app.hcl")
 	writeConfig(t, conf, fmt.Sprintf("listen = [%q]\nworkers = 2\nprobation = \"300ms\"\nlog_file = %q\nworker_log = %q\nlog_json = true\n",
-		sockUnit["FileDescriptorName"]+"="+tcp, filepath.Join(dir, "molt.log"), filepath.Join(dir, "workers.log")))
-	// Not start: the command line is the page's, with none of the
+		fdName+"="+tcp, filepath.Join(dir, "molt.log"), filepath.Join(dir, "workers.log")))
+	// The release tree of the unit: current -> releases/<version>.
+	release := func(v, bin string) {
+		rel := filepath.Join(dir, "releases", v)
+		if err := os.MkdirAll(rel, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Link(bin, filepath.Join(rel, "molt")); err != nil {
+			t.Fatal(err)
+		}
+		repoint(t, filepath.Join(dir, "current"), filepath.Join("releases", v))
+	}
+	release("1", bins.molt)
+	names := []string{"app.service"}
+	if activated {
+		names = append(names, "app.socket")
+	}
+	verifyUnits(t, dir, conf, names...)
+
+	// Not start: the command line is the unit's, with none of the
 	// harness's default arguments.
 	u := &master{t: t, dir: dir, pidFile: filepath.Join(dir, "molt.pid"), log: filepath.Join(dir, "molt.log"), workerLog: filepath.Join(dir, "workers.log"),
-		path: filepath.Join(dir, "molt")}
-	u.install(bins.molt, byRename)
+		path: filepath.Join(dir, "current", "molt")}
 	t.Cleanup(u.stopGenerations)
-	localize := func(cmdline string) []string {
-		r := strings.NewReplacer("/srv/app/molt", u.path, "/etc/molt/app.hcl", conf, "/run/app/", dir+"/")
-		return strings.Fields(r.Replace(cmdline))
-	}
+	localize := func(cmdline string) []string { return strings.Fields(localizeUnit(cmdline, dir, conf)) }
 	start := localize(svc["ExecStart"])
-	// systemd-socket-activate passes on only the variables -E names.
-	launcher := append(activate(t, sockUnit["FileDescriptorName"], tcp), "-E", "NOTIFY_SOCKET="+sd.path)
-	u.Proc = test.Start(t, test.Opts{Path: launcher[0], Args: append(launcher[1:], start...), Dir: dir,
-		Log: filepath.Join(dir, "molt.out")})
-	firstGet(t, u, 1, tcp)
+	env := []string{"NOTIFY_SOCKET=" + sd.path}
+	if svc["FileDescriptorStoreMax"] != "" {
+		env = append(env, "FDSTORE="+svc["FileDescriptorStoreMax"])
+	}
+	if activated {
+		// systemd-socket-activate passes on only the variables -E names.
+		launcher := activate(t, fdName, tcp)
+		for _, e := range env {
+			launcher = append(launcher, "-E", e)
+		}
+		u.Proc = test.Start(t, test.Opts{Path: launcher[0], Args: append(launcher[1:], start...), Dir: dir,
+			Log: filepath.Join(dir, "molt.out")})
+		firstGet(t, u, 1, tcp)
+	} else {
+		u.Proc = test.Start(t, test.Opts{Path: start[0], Args: start[1:], Env: env, Dir: dir, Log: filepath.Join(dir, "molt.out")})
+		tcp = u.addr()
+	}
 	main := u.Pid // Type=notify: the process systemd started is the main pid
 	sd.waitFor(t, "READY=1 from the main pid", 1, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
-	if got := activatedListeners(statusOf(t, u.pidFile)); got != sockUnit["FileDescriptorName"] {
-		t.Errorf("activated listeners %q, want %s", got, sockUnit["FileDescriptorName"])
+	want := ""
+	if activated {
+		want = fdName
+	}
+	if got := activatedListeners(statusOf(t, u.pidFile)); got != want {
+		t.Errorf("activated listeners %q, want %q", got, want)
+	}
+	stored := func(r notifyRecord) bool {
+		return r.pid == main && r.has("FDSTORE=1") && r.get("FDNAME") == "molt-fdstore."+fdName
+	}
+	if !activated {
+		sd.waitFor(t, "the listener in systemd's fd store", 1, stored)
 	}
 
 	l := startLoad(t, tcp)
@@ -315,12 +401,15 @@ func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 	}
 	sd.waitFor(t, "READY=1 after the reload", 2, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
 	old := u.current()
-	u.install(bins.molt2, byRename) // the page's upgrade procedure
+	release("2", bins.molt2) // the unit's deploy: a release directory, the symlink re-pointed
 	if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
 		t.Fatalf("upgrade: exit %d:\n%s", code, out)
 	}
 	u.waitTakeover(old)
 	sd.waitFor(t, "READY=1 after the upgrade", 3, func(r notifyRecord) bool { return r.pid == main && r.has("READY=1") })
+	if v := get(t, tcp, "/").Header.Get("X-Molt-Version"); v != nextVersion() {
+		t.Errorf("after the upgrade: version %q, want %q", v, nextVersion())
+	}
 	l.stop(t)
 
 	began := time.Now()
@@ -335,6 +424,9 @@ func TestActivation_TheDocsUnitsAsSystemdWouldRunThem(t *testing.T) {
 	for _, r := range sd.records() {
 		if r.pid != main {
 			t.Errorf("a message from pid %d, not the main pid %d (NotifyAccess=main would drop it): %v", r.pid, main, r)
+		}
+		if activated && r.has("FDSTORE=1") {
+			t.Errorf("a socket of the socket unit passed to systemd's fd store: %v", r)
 		}
 	}
 	u.checkLogs()

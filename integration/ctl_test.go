@@ -63,8 +63,36 @@ type ctlStatus struct {
 		Outcome, Reason string
 		Phases          map[string]float64 `json:"phases"`
 	} `json:"last_upgrade"`
-	FDs        int `json:"fds"`
-	Goroutines int `json:"goroutines"`
+	Keeper             int             `json:"keeper_pid"`
+	Resurrections      int             `json:"resurrections"`
+	ResurrectedBecause string          `json:"resurrected_because"`
+	Traffic            []trafficStatus `json:"traffic"`
+	FDs                int             `json:"fds"`
+	Goroutines         int             `json:"goroutines"`
+}
+
+// trafficStatus is one generation's figures in ctlStatus.
+type trafficStatus struct {
+	Gen            int               `json:"gen"`
+	Source         string            `json:"source"`
+	Requests       uint64            `json:"requests"`
+	Classes        map[string]uint64 `json:"classes"`
+	WindowRequests uint64            `json:"window_requests"`
+	RPS            float64           `json:"rps"`
+	ErrorShare     float64           `json:"error_share"`
+	P50MS          float64           `json:"p50_ms"`
+	P99MS          float64           `json:"p99_ms"`
+	ReportsDropped uint64            `json:"reports_dropped"`
+}
+
+// traffic returns the figures of generation gen from source, if shown.
+func (st ctlStatus) traffic(gen int, source string) (trafficStatus, bool) {
+	for _, tr := range st.Traffic {
+		if tr.Gen == gen && tr.Source == source {
+			return tr, true
+		}
+	}
+	return trafficStatus{}, false
 }
 
 func statusOf(t *testing.T, pidFile string, extra ...string) ctlStatus {

@@ -2,8 +2,12 @@ package integration
 
 import (
 	"encoding/json"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+
+	"github.com/molt-server/molt/test"
 )
 
 // drillReport is "molt drill --json", decoded loosely.
@@ -14,9 +18,22 @@ type drillReport struct {
 		NewServingMs float64 `json:"new_serving_ms"`
 		OldGoneMs    float64 `json:"old_gone_ms"`
 		Error        string
+		Fault        *struct {
+			Name          string
+			KilledPID     int    `json:"killed_master_pid"`
+			KilledVersion string `json:"killed_version"`
+			BackPID       int    `json:"new_master_pid"`
+			BackVersion   string `json:"new_version"`
+			UpgradedFrom  int    `json:"upgraded_from_pid"`
+			KeeperPID     int    `json:"keeper_pid"`
+			KeeperKept    bool   `json:"keeper_kept"`
+			Resurrections int
+			BackMs        float64 `json:"back_ms"`
+		}
 	}
-	ByGeneration map[string]int `json:"by_generation"`
-	ByWorker     map[string]int `json:"by_worker"`
+	ByMode       map[string]struct{ Requests, OK, Failed int } `json:"by_mode"`
+	ByGeneration map[string]int                                `json:"by_generation"`
+	ByWorker     map[string]int                                `json:"by_worker"`
 	Generations  []struct {
 		Served []string
 	}
@@ -74,6 +91,9 @@ func TestDrill_BadUsage(t *testing.T) {
 		{[]string{"drill", "--ctl", "a", "--signal", "b", "http://127.0.0.1:1/"}, "give one of"},
 		{[]string{"drill", "--mode", "pipelined", "http://127.0.0.1:1/"}, "--mode"},
 		{[]string{"drill", "--clients", "0", "http://127.0.0.1:1/"}, "--clients must be"},
+		{[]string{"drill", "--fault", "kill-master", "http://127.0.0.1:1/"}, "--fault needs --ctl"},
+		{[]string{"drill", "--fault", "kill-keeper", "--ctl", "x", "http://127.0.0.1:1/"}, "want one of kill-master, kill-new-master"},
+		{[]string{"drill", "--fault", "kill-master", "--ctl", "x", "--upgrades", "2", "http://127.0.0.1:1/"}, "drop --upgrades"},
 	} {
 		code, out := runToEnd(t, dir, bins.molt, c.args...)
 		if code != 2 || !strings.Contains(out, c.want) {
@@ -84,4 +104,103 @@ func TestDrill_BadUsage(t *testing.T) {
 	if code != 1 || !strings.Contains(out, "https is not supported") {
 		t.Errorf("https target: exit %d:\n%s", code, out)
 	}
+}
+
+// drillFault runs molt drill --fault name against u (under load of its
+// own and the tests' load alongside) and returns the decoded report and
+// the fault's line.
+func drillFault(t *testing.T, u *master, addr, name string) drillReport {
+	t.Helper()
+	l := startLoad(t, addr)
+	code, out := runToEnd(t, u.dir, bins.molt, "drill", "--json", "--clients", "4", "--rate", "200",
+		"--fault", name, "--interval", "2s", "--duration", "5s", "--ctl", u.pidFile, "http://"+addr+"/")
+	l.stop(t)
+	if code != 0 {
+		t.Fatalf("molt drill --fault %s: exit %d:\n%s", name, code, out)
+	}
+	var rep drillReport
+	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
+		t.Fatalf("drill --json: %v\n%s", err, out)
+	}
+	if rep.Failed != 0 || rep.OK != rep.Requests || rep.OK < 100 {
+		t.Errorf("drill saw %d requests, %d answered, %d failed", rep.Requests, rep.OK, rep.Failed)
+	}
+	for _, mode := range []string{"keep-alive", "close"} {
+		if m := rep.ByMode[mode]; m.Failed != 0 || m.OK == 0 {
+			t.Errorf("drill, %s: %+v", mode, m)
+		}
+	}
+	if len(rep.Upgrades) != 1 || rep.Upgrades[0].Fault == nil {
+		t.Fatalf("faults %+v\n%s", rep.Upgrades, out)
+	}
+	f := rep.Upgrades[0].Fault
+	if f.Name != name || f.KeeperPID != u.Pid || !f.KeeperKept || f.BackPID == f.KilledPID || f.BackPID <= 0 || f.Resurrections != 1 || f.BackMs <= 0 {
+		t.Errorf("fault %+v (keeper %d)", *f, u.Pid)
+	}
+	if up := rep.Upgrades[0]; up.Error != "" || up.NewServingMs < 0 || rep.ByGeneration[strconv.Itoa(f.BackPID)] == 0 {
+		t.Errorf("fault %+v: the new master answered %d (%v)", up, rep.ByGeneration[strconv.Itoa(f.BackPID)], rep.ByGeneration)
+	}
+	test.Track(t, f.BackPID)
+	return rep
+}
+
+// TestDrill_KillMaster: molt drill --fault kill-master against molt
+// under its keeper: the primary master is killed under the drill's load
+// (both modes) and the tests' load alongside; the drill reports no
+// request failed, the killed and the fresh master, the time until the
+// fresh master's workers answered, and the keeper unchanged, and exits 0.
+func TestDrill_KillMaster(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2"}})
+	addr := u.addr()
+	u.waitServing()
+	first := u.masterPid()
+	test.WaitLog(t, u.log, stepTimeout, 1, "the listener in the keeper's store", test.Event("keeper.fdstore", "action", "stored"))
+	rep := drillFault(t, u, addr, "kill-master")
+	if f := rep.Upgrades[0].Fault; f.KilledPID != first || f.KilledVersion != version || f.BackVersion != version {
+		t.Errorf("killed %d (%s), back %d (%s); want %d killed", f.KilledPID, f.KilledVersion, f.BackPID, f.BackVersion, first)
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
+
+// TestDrill_KillNewMaster: molt drill --fault kill-new-master: an
+// upgrade to the next release, whose master is killed once the old one
+// has exited, before --stable-after: the release before comes back, and
+// no request failed.
+func TestDrill_KillNewMaster(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Deploy: byRename, Keeper: true,
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--stable-after", "1h"}})
+	addr := u.addr()
+	u.waitServing()
+	first := u.masterPid()
+	u.install(bins.molt2, byRename)
+	rep := drillFault(t, u, addr, "kill-new-master")
+	f := rep.Upgrades[0].Fault
+	if f.UpgradedFrom != first || f.KilledVersion != nextVersion() || f.BackVersion != version {
+		t.Errorf("upgraded from %d to %d (%s), back %d (%s); want from %d, back %s", f.UpgradedFrom, f.KilledPID, f.KilledVersion, f.BackPID, f.BackVersion, first, version)
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
+
+// TestDrill_FaultNeedsTheKeeper: without the keeper (--no-keeper) molt
+// drill refuses a fault before any load, with the reason, and the master
+// serves on untouched.
+func TestDrill_FaultNeedsTheKeeper(t *testing.T) {
+	t.Parallel()
+	u := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	addr := u.addr()
+	u.waitServing()
+	code, out := runToEnd(t, u.dir, bins.molt, "drill", "--fault", "kill-master", "--interval", "1s", "--ctl", u.pidFile, "http://"+addr+"/")
+	if code != 1 || !strings.Contains(out, "without molt's keeper") {
+		t.Errorf("drill --fault without a keeper: exit %d, want 1 with the reason:\n%s", code, out)
+	}
+	if !test.Alive(u.Pid) || u.current() != u.Pid {
+		t.Errorf("the master %d did not survive the refused drill", u.Pid)
+	}
+	u.stop()
 }

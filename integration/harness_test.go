@@ -30,7 +30,8 @@ package integration
 // Load: l := startLoad(t, addr) runs the standard load (32 paced clients,
 // keep-alive and connection per request); l.stop(t) fails the test on
 // any failed request (l.stopWithin, l.stopAttributed: on failures outside
-// an outage the test caused).
+// an outage the test caused). startLoadPart(t, addr, n) is 1/n of it, for
+// the standard load spread over n servers.
 //
 // Logs: wait on event keys, never messages: test.WaitLog(t, m.log,
 // timeout, n, what, test.Event("key", "field", "value")); read with
@@ -407,6 +408,11 @@ func (m *master) install(bin string, how deploy) {
 	if err := os.Rename(tmp, m.path); err != nil {
 		t.Fatal(err)
 	}
+	// A rename between two links of one file (the same binary deployed
+	// again) does nothing at all: the temporary name stays.
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
 }
 
 // deployFile puts an arbitrary file (a broken "new version") at m.path.
@@ -552,17 +558,26 @@ type loadPair struct {
 // been answered, so that what the test does next happens under load.
 func startLoad(t *testing.T, addr string) *loadPair {
 	t.Helper()
+	return startLoadPart(t, addr, 1)
+}
+
+// startLoadPart is startLoad with 1/parts of the standard load's clients
+// and rate, for the standard load spread over parts servers.
+func startLoadPart(t *testing.T, addr string, parts int) *loadPair {
+	t.Helper()
+	clients := max(16/parts, 1)
+	rate := 160 / float64(parts)
 	ctx, cancel := context.WithCancel(context.Background())
 	network := "tcp"
 	if len(addr) > 5 && addr[:5] == "unix:" {
 		network, addr = "unix", addr[5:]
 	}
 	l := &loadPair{
-		ka:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160, KeepAlive: true}),
-		pc:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: 16, Rate: 160}),
+		ka:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: clients, Rate: rate, KeepAlive: true}),
+		pc:     load.Start(ctx, load.Config{Network: network, Addr: addr, Clients: clients, Rate: rate}),
 		cancel: cancel,
 	}
-	l.more(t, 32)
+	l.more(t, 2*clients)
 	return l
 }
 

@@ -82,6 +82,13 @@ func startFakeSystemd(t *testing.T) *fakeSystemd {
 					if cred, err := unix.ParseUnixCredentials(&c); err == nil {
 						rec.pid = int(cred.Pid)
 					}
+					// Sockets passed to the fd store (FDSTORE=1): this
+					// fake keeps none open.
+					if fds, err := unix.ParseUnixRights(&c); err == nil {
+						for _, fd := range fds {
+							unix.Close(fd)
+						}
+					}
 				}
 			}
 			f.mu.Lock()

@@ -18,6 +18,10 @@ var bins struct {
 	// molt2 is the same molt built as the next version (nextVersion), for
 	// upgrades that must show a new version serving.
 	molt2 string
+	// moltFault is molt built with the tag moltfault (faultVersion): a
+	// master of it injects the fault MOLT_FAULT names
+	// (cmd/molt/fault_moltfault.go).
+	moltFault string
 }
 
 // version is what the binaries under test report.
@@ -59,6 +63,7 @@ func TestMain(m *testing.M) {
 	bins.fakeapp = filepath.Join(dir, "fakeapp")
 	bins.embedapp = filepath.Join(dir, "embedapp")
 	bins.molt2 = filepath.Join(dir, "next", "molt")
+	bins.moltFault = filepath.Join(dir, "fault", "molt")
 	err = test.Build(dir, version, map[string]string{
 		"molt":     "./cmd/molt",
 		"fakeapp":  "./test/fakeapp",
@@ -66,6 +71,11 @@ func TestMain(m *testing.M) {
 	})
 	if err == nil {
 		err = test.Build(filepath.Join(dir, "next"), nextVersion(), map[string]string{"molt": "./cmd/molt"})
+	}
+	if err == nil {
+		// molt2 with the faults a test injects (MOLT_FAULT), which the
+		// release binary never contains.
+		err = test.BuildTags(filepath.Join(dir, "fault"), faultVersion(), "moltfault", map[string]string{"molt": "./cmd/molt"})
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "integration: build:", err)
@@ -86,6 +96,9 @@ func TestMain(m *testing.M) {
 
 // nextVersion is the version of bins.molt2.
 func nextVersion() string { return version + "-next" }
+
+// faultVersion is the version of bins.moltFault.
+func faultVersion() string { return version + "-fault" }
 
 // soakCount is how many times a repeated test repeats: def in make test,
 // or the number in the environment variable name (make soak sets them).

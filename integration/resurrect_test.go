@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -56,6 +57,11 @@ func TestResurrect_MasterKilledUnderLoad(t *testing.T) {
 	if n := len(test.Find(u.log, test.Event("keeper.resurrect"))); n != 1 {
 		t.Errorf("%d resurrections, want 1", n)
 	}
+	st := statusOf(t, u.pidFile)
+	if st.PID != nw || st.Keeper != keeper || st.Resurrections != 1 || st.ResurrectedBecause != res[0].Str("reason") || !strings.Contains(st.ResurrectedBecause, "killed") {
+		t.Errorf("status of the fresh master: pid %d keeper %d, resurrections %d (%q); want %d, %d, 1 (%q)",
+			st.PID, st.Keeper, st.Resurrections, st.ResurrectedBecause, nw, keeper, res[0].Str("reason"))
+	}
 	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
@@ -99,11 +105,18 @@ func TestResurrect_CrashLoopGivesUp(t *testing.T) {
 	}
 	// Sample the keeper's descriptors until it exits: a descriptor kept
 	// per attempt would show as growth.
+	// Its CPU time too: a busy loop between attempts would show as
+	// ticks.
 	fdsMax := fdsBefore
+	ticksBefore, _ := test.CPUTicks(keeper)
+	ticksLast := ticksBefore
 	deadline := time.Now().Add(stepTimeout)
 	for test.Alive(keeper) && time.Now().Before(deadline) {
 		if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", keeper)); err == nil {
 			fdsMax = max(fdsMax, len(ents))
+		}
+		if n, ok := test.CPUTicks(keeper); ok {
+			ticksLast = n
 		}
 		time.Sleep(10 * time.Millisecond) // a sampling interval, not a synchronization
 	}
@@ -129,8 +142,16 @@ func TestResurrect_CrashLoopGivesUp(t *testing.T) {
 			t.Errorf("%d attempts within %v: no backoff (want >= %v)", len(tries), took, want)
 		}
 	}
-	t.Logf("keeper %d: %d descriptors before, %d at most; %d attempts", keeper, fdsBefore, fdsMax, len(tries))
+	// The loop spans at least the backoff's 1.2 s (120 ticks at 100 Hz,
+	// spinning); starting six masters and reaping them takes a few.
+	if ticks := ticksLast - ticksBefore; ticks > crashLoopTicks {
+		t.Errorf("the keeper used %d CPU ticks during the crash loop (at most %d): a busy loop", ticks, crashLoopTicks)
+	}
+	t.Logf("keeper %d: %d descriptors before, %d at most; %d attempts; %d CPU ticks", keeper, fdsBefore, fdsMax, len(tries), ticksLast-ticksBefore)
 }
+
+// crashLoopTicks bounds the keeper's CPU ticks during a crash loop.
+const crashLoopTicks = 40
 
 // freshMaster waits for the n-th fresh master and returns its pid and
 // the version it started as.
@@ -291,4 +312,106 @@ func TestResurrect_CurrentListenerSet(t *testing.T) {
 	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
+}
+
+// TestResurrect_NewMasterExitsAfterCommit: a new release whose master
+// exits 1 two seconds after its commit, once the old master has exited
+// (a fault built into bins.moltFault, MOLT_FAULT), under load in both
+// modes and --stable-after longer than that: no request fails, the
+// keeper starts the release before it afresh (its spec), which serves
+// and shows the resurrection in molt ctl status; a good upgrade then
+// succeeds from it, and its master still shows the resurrection.
+func TestResurrect_NewMasterExitsAfterCommit(t *testing.T) {
+	t.Parallel()
+	const stable = 4 * time.Second
+	u := start(t, runOpts{Deploy: byRename, Keeper: true, Env: []string{"MOLT_FAULT=exit-after-commit:2s"},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--stable-after", (stable + 4*time.Second).String()}})
+	addr := u.addr()
+	u.waitServing()
+	keeper := u.Pid
+	first := u.masterPid()
+	test.WaitLog(t, u.log, stable+4*time.Second+stepTimeout, 1, "the first master's spec", test.Event("keeper.spec", "pid", strconv.Itoa(first)))
+
+	l := startLoad(t, addr)
+	u.install(bins.moltFault, byRename)
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	bad := u.waitTakeover(first)
+	exit := test.WaitLog(t, u.log, stepTimeout, 1, "the new master's injected exit", test.Event("fault.exit", "pid", strconv.Itoa(bad)))
+	if exit[0].Str("old_master_exited") != "true" {
+		t.Errorf("the new master %d exited before the old one: %v", bad, exit[0])
+	}
+	if len(test.Find(u.log, test.Event("keeper.spec", "pid", strconv.Itoa(bad)))) != 0 {
+		t.Fatalf("master %d registered its spec before its fault: the machine is too slow for the test's --stable-after", bad)
+	}
+	back, v := freshMaster(t, u, 1)
+	if v != version {
+		t.Errorf("the fresh master %d runs version %q, want the release before, %q", back, v, version)
+	}
+	res := test.Find(u.log, test.Event("keeper.resurrect"))
+	if len(res) != 1 || !strings.Contains(res[0].Str("reason"), "exit status 1") || res[0].Int("spec_pid") != first {
+		t.Errorf("resurrections %v: want one, for exit status 1, from the first master's spec (%d)", res, first)
+	}
+	waitWorkerCount(t, back, 2)
+	got := l.stop(t)
+	if got[back] == 0 {
+		t.Errorf("the fresh master %d answered nothing: %v", back, got)
+	}
+	st := statusOf(t, u.pidFile)
+	if st.PID != back || st.Version != version || st.Resurrections != 1 || !strings.Contains(st.ResurrectedBecause, "exit status 1") {
+		t.Errorf("status of the fresh master: %+v", st)
+	}
+
+	// A good upgrade from the fresh master, under load.
+	l = startLoad(t, addr)
+	u.install(bins.molt2, byRename)
+	if err := syscall.Kill(keeper, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	good := u.waitTakeover(back)
+	waitWorkerCount(t, good, 2)
+	got = l.stop(t)
+	if got[good] == 0 {
+		t.Errorf("the upgraded master %d answered nothing: %v", good, got)
+	}
+	st = statusOf(t, u.pidFile)
+	if st.PID != good || st.Version != nextVersion() || st.Resurrections != 1 || !strings.Contains(st.ResurrectedBecause, "exit status 1") {
+		t.Errorf("status after the good upgrade: %+v", st)
+	}
+	if !test.Alive(keeper) || u.Pid != keeper {
+		t.Fatalf("the keeper %d is gone", keeper)
+	}
+	if code := u.stopKeeper(syscall.SIGQUIT); code != 0 {
+		t.Errorf("keeper exit %d after QUIT", code)
+	}
+}
+
+// TestResurrect_StatusTakesOnlyStrictValues: the resurrection variables
+// in a master's environment are shown only in their strict form: a
+// forged count with a line break in its reason is ignored and logged,
+// and the master serves on; valid ones (as the operator may set them)
+// are shown.
+func TestResurrect_StatusTakesOnlyStrictValues(t *testing.T) {
+	t.Parallel()
+	bad := start(t, runOpts{Env: []string{keeperpkg.EnvResurrections + "=07", keeperpkg.EnvResurrectedBecause + "=ok\nforged line"},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	bad.waitServing()
+	test.WaitLog(t, bad.log, stepTimeout, 1, "the variables refused", test.Event("master.env_rejected"))
+	if st := statusOf(t, bad.pidFile); st.Resurrections != 0 || st.ResurrectedBecause != "" {
+		t.Errorf("status shows forged resurrections: %d %q", st.Resurrections, st.ResurrectedBecause)
+	}
+	bad.stop(func(l test.Line) bool { return l.Str("event") == "master.env_rejected" })
+
+	good := start(t, runOpts{Env: []string{keeperpkg.EnvResurrections + "=3", keeperpkg.EnvResurrectedBecause + "=the master failed: exit status 1"},
+		Args: []string{"--listen", "127.0.0.1:0", "--workers", "1"}})
+	good.waitServing()
+	if st := statusOf(t, good.pidFile); st.Resurrections != 3 || st.ResurrectedBecause != "the master failed: exit status 1" || st.Keeper != 0 {
+		t.Errorf("status: resurrections %d %q, keeper %d", st.Resurrections, st.ResurrectedBecause, st.Keeper)
+	}
+	code, out := ctl(t, good.pidFile, "status")
+	if code != 0 || !strings.Contains(out, "resurrections  3 (fresh masters the keeper started); last: the master failed: exit status 1\n") {
+		t.Errorf("molt ctl status: exit %d:\n%s", code, out)
+	}
+	good.stop()
 }

@@ -160,7 +160,8 @@ func testRollback(t *testing.T, c rollbackCase) {
 	u.stop(test.Event("upgrade.rolled_back"),
 		test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
 		test.Event("upgrade.deadline"), test.Event("upgrade.preflight_failed"),
-		test.Event("worker.exited_unexpectedly"), test.Event("worker.not_ready"))
+		test.Event("worker.exited_unexpectedly"), test.Event("worker.not_ready"),
+		test.Event("worker.health_failed"), test.Event("upgrade.health_failed"))
 }
 
 // checkNewGenerationGone asserts that every worker the failed generation

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -45,11 +44,13 @@ func (m *master) commitHolding(addr string, pid int, hold time.Duration) (*keepA
 	held.get(t, "/")
 	held.send(t, fmt.Sprintf("/sleep?ms=%d", hold.Milliseconds()))
 	m.install(bins.molt2, byRename)
+	committed := test.Event("upgrade.committed", "side", "old")
+	n := len(test.Find(m.log, committed)) + 1 // this commit, after the earlier ones
 	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	line := test.WaitLog(t, m.log, stepTimeout, 1, "the commit", test.Event("upgrade.committed", "side", "old"))
-	nw, err := strconv.Atoi(line[0].Str("new_pid"))
+	line := test.WaitLog(t, m.log, stepTimeout, n, "the commit", committed)
+	nw, err := strconv.Atoi(line[n-1].Str("new_pid"))
 	if err != nil {
 		t.Fatalf("commit line: %v", err)
 	}
@@ -240,9 +241,12 @@ func TestUpgrade_EmbeddedProgramUpgradesItself(t *testing.T) {
 // with new workers of its own, on the same sockets; the pid file and the
 // control socket name it again; the slow request is answered; under load
 // no request fails outside the moment between the kill and the old master
-// serving again; and USR2 is refused with the reason (tableflip allows a
-// process one upgrade), since molt must be restarted to deploy again.
-// Under the keeper, the keeper's USR2 reaches the old master again.
+// serving again. Then upgrades never run out: the master that took the
+// service back (its tableflip upgrade spent) upgrades again, by molt ctl
+// upgrade, and the new master serves the new version; twice over (the
+// second take-back is by a master that molt's own handover started), and
+// a last upgrade by USR2 after that. Under the keeper, the keeper's USR2
+// reaches the old master again.
 func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 	t.Parallel()
 	for _, keeper := range []bool{false, true} {
@@ -251,60 +255,77 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 				Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--drain-timeout", "30s"}})
 			addr := u.addr()
 			u.waitServing()
-			old := u.current()
-			l := startLoad(t, addr)
-			held, nw := u.commitHolding(addr, u.Pid, 8*time.Second)
-			killed := time.Now()
-			if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
 			tookBack := test.Event("upgrade.took_back")
-			test.WaitLog(t, u.log, stepTimeout, 1, "the service taken back", tookBack)
-			test.WaitFor(t, stepTimeout, "the old master serving again", func() error {
-				r, err := test.Get(addr, "/", reqTimeout)
-				if err != nil {
-					return err
-				}
-				if got := r.Header.Get("X-Molt-Master-Pid"); got != strconv.Itoa(old) {
-					return fmt.Errorf("answered under master %s", got)
-				}
-				return nil
-			})
-			serving := time.Now()
-			t.Logf("the old master served again %v after the kill", serving.Sub(killed).Round(time.Millisecond))
-			if status := held.read(t); status != 200 {
-				t.Errorf("the slow request on the old generation: status %d", status)
-			}
-			if got := u.current(); got != old {
-				t.Errorf("pid file names %d, want the old master %d", got, old)
-			}
-			st := statusOf(t, u.pidFile)
-			if st.PID != old || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "taken back" {
-				t.Errorf("status after the take-back: %+v", st)
-			}
-			refused := test.Event("upgrade.usr2_refused", "cause", "took_back")
-			// Under the keeper, the old master's READY made it the primary
-			// again: the keeper's USR2 goes to it.
-			test.WaitFor(t, stepTimeout, "USR2 refused by the old master", func() error {
-				if len(test.Find(u.log, refused)) > 0 {
-					return nil
-				}
-				if err := syscall.Kill(u.Pid, syscall.SIGUSR2); err != nil {
+			for round := 1; round <= 2; round++ {
+				old := u.current()
+				l := startLoad(t, addr)
+				// Under the keeper, the old master's READY made it the
+				// primary again: the keeper's USR2 goes to it.
+				held, nw := u.commitHolding(addr, map[bool]int{false: old, true: u.Pid}[keeper], 8*time.Second)
+				killed := time.Now()
+				if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 					t.Fatal(err)
 				}
-				return errors.New("no refusal yet")
-			})
-			ka, pc := l.stopWithin(t, "the take-back", killed, serving)
-			for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
-				if res.ByMaster[old] == 0 {
-					t.Errorf("%s load: the old master answered nothing: %v", name, res.ByMaster)
+				test.WaitLog(t, u.log, stepTimeout, round, "the service taken back", tookBack)
+				test.WaitFor(t, stepTimeout, "the old master serving again", func() error {
+					return answersAs(addr, old, "")
+				})
+				serving := time.Now()
+				t.Logf("round %d: the old master served again %v after the kill", round, serving.Sub(killed).Round(time.Millisecond))
+				if status := held.read(t); status != 200 {
+					t.Errorf("the slow request on the old generation: status %d", status)
+				}
+				if got := u.current(); got != old {
+					t.Errorf("pid file names %d, want the old master %d", got, old)
+				}
+				st := statusOf(t, u.pidFile)
+				if st.PID != old || st.LastUpgrade == nil || st.LastUpgrade.Outcome != "taken back" {
+					t.Errorf("status after the take-back: %+v", st)
+				}
+				// The master that took the service back upgrades again.
+				if code, out := ctl(t, u.pidFile, "upgrade", "--wait"); code != 0 {
+					t.Fatalf("round %d: molt ctl upgrade after the take-back: exit %d: %s", round, code, out)
+				}
+				nw = u.waitTakeover(old)
+				if err := answersAs(addr, nw, nextVersion()); err != nil {
+					t.Errorf("round %d: after the upgrade that followed the take-back: %v", round, err)
+				}
+				ka, pc := l.stopWithin(t, "the take-back", killed, serving)
+				for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
+					if res.ByMaster[old] == 0 || res.ByMaster[nw] == 0 {
+						t.Errorf("%s load: round %d: the old master %d or the new one %d answered nothing: %v", name, round, old, nw, res.ByMaster)
+					}
 				}
 			}
-			u.stop(tookBack, refused, test.Event("worker.exited_unexpectedly"),
+			// And by USR2 once more, back to the first version.
+			l := startLoad(t, addr)
+			u.install(bins.molt, byRename)
+			nw := u.upgrade()
+			if err := answersAs(addr, nw, version); err != nil {
+				t.Errorf("after the last upgrade: %v", err)
+			}
+			l.stop(t)
+			u.stop(tookBack, test.Event("worker.exited_unexpectedly"),
 				// the keeper's USR2s sent while the dead master was still its primary
 				test.Event("keeper.signal_not_forwarded"))
 		})
 	}
+}
+
+// answersAs returns nil if a request to addr is answered by master pid
+// (and, unless want is "", as version want).
+func answersAs(addr string, pid int, want string) error {
+	r, err := test.Get(addr, "/", reqTimeout)
+	if err != nil {
+		return err
+	}
+	if got := r.Header.Get("X-Molt-Master-Pid"); got != strconv.Itoa(pid) {
+		return fmt.Errorf("answered under master %s, want %d", got, pid)
+	}
+	if got := r.Header.Get("X-Molt-Version"); want != "" && got != want {
+		return fmt.Errorf("answered as version %q, want %q", got, want)
+	}
+	return nil
 }
 
 // TestUpgrade_NewMasterStoppedAfterCommit: the other side of the take-back.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -20,6 +21,8 @@ const (
 	DefaultPIDFile      = "molt.pid"
 	DefaultProbation    = 10 * time.Second
 	DefaultStableAfter  = keeper.SpecAfter
+	// DefaultHealthCheckTimeout bounds each health check (health.go).
+	DefaultHealthCheckTimeout = 5 * time.Second
 	// DefaultControlSocket is the control socket's name, beside the pid file.
 	DefaultControlSocket = "molt.sock"
 )
@@ -117,6 +120,20 @@ type Config struct {
 	// (less up to a tenth, at random) after it became ready: a
 	// replacement starts, and once it is ready the worker drains.
 	MaxWorkerLifetime time.Duration
+	// HealthCheck, if not empty, is the path of an HTTP GET the master
+	// sends every new worker, once it is ready, on a private socket pair
+	// it passes as MOLT_HEALTH_FD (the worker package's ServeHTTP answers
+	// it with the app's handler): a worker counts as ready only once the
+	// answer is a 2xx (health.go).
+	HealthCheck string
+	// HealthCheckCmd, if not empty, is run with /bin/sh -c for every new
+	// worker once it is ready, as the workers' user, with MOLT_WORKER_PID
+	// set: a worker counts as ready only once it exits 0 (after the
+	// HealthCheck GET, if both are set).
+	HealthCheckCmd string
+	// HealthCheckTimeout bounds each check (default
+	// DefaultHealthCheckTimeout).
+	HealthCheckTimeout time.Duration
 
 	// Logger receives the master's log; nil discards it.
 	Logger hclog.Logger
@@ -176,6 +193,9 @@ func (c Config) withDefaults() Config {
 	if c.StopSignal == 0 {
 		c.StopSignal = syscall.SIGTERM
 	}
+	if c.HealthCheckTimeout == 0 {
+		c.HealthCheckTimeout = DefaultHealthCheckTimeout
+	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
 	}
@@ -198,7 +218,7 @@ func (c Config) validate() error {
 	if c.Workers < 1 {
 		return bad("workers must be at least 1, not %d", c.Workers)
 	}
-	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.StableAfter < 0 || c.Watchdog < 0 || c.MaxWorkerLifetime < 0 {
+	if c.ReadyTimeout < 0 || c.DrainTimeout < 0 || c.ReadyDelay < 0 || c.Probation < 0 || c.StableAfter < 0 || c.Watchdog < 0 || c.MaxWorkerLifetime < 0 || c.HealthCheckTimeout < 0 {
 		return bad("timeouts must not be negative")
 	}
 	if c.Watchdog > 0 && c.Watchdog < minWatchdog {
@@ -223,6 +243,12 @@ func (c Config) validate() error {
 	}
 	if c.Umask != nil && (*c.Umask < 0 || *c.Umask > 0o777) {
 		return bad("umask %#o out of range", *c.Umask)
+	}
+	if err := checkHealthPath(c.HealthCheck); err != nil {
+		return bad("%v", err)
+	}
+	if strings.ContainsRune(c.HealthCheckCmd, 0) {
+		return bad("health check command: contains a NUL byte")
 	}
 	if c.Backlog < 0 {
 		return bad("backlog must not be negative")

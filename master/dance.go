@@ -215,6 +215,12 @@ func (m *Master) onParentMsg(ev fromParent) {
 		m.log.Warn("bad message from the old master; ignored", "error", ev.err)
 		return
 	}
+	if ev.msg.Kind == upgrade.KindFigures {
+		if ev.msg.To == os.Getpid() {
+			m.onParentFigures(ev.msg)
+		}
+		return
+	}
 	var cfgErr error
 	if msg := ev.msg; msg.Kind == upgrade.KindConfig && msg.To == os.Getpid() && !m.new.Configured() {
 		m.gen, m.parentNames = msg.Gen, msg.Names

@@ -12,7 +12,7 @@ import (
 
 // TestWorkerEnv_OnlyTheDocumentedRule: of the master's environment a
 // worker keeps PATH, the locale, TZ and the Go runtime's settings; never a
-// secret, the keeper's pid, systemd's or tableflip's plumbing, or the
+// secret, the keeper's pid, systemd's, tableflip's or molt's own handover plumbing, or the
 // master's HOME when it runs as another user; Config.Env and then the
 // protocol replace what they name.
 func TestWorkerEnv_OnlyTheDocumentedRule(t *testing.T) {
@@ -21,7 +21,8 @@ func TestWorkerEnv_OnlyTheDocumentedRule(t *testing.T) {
 		"GORACE=halt_on_error=1", "GOMAXPROCS=2", "GOMEMLIMIT=1GiB", "GOGC=50", "GODEBUG=x=1", "GOTRACEBACK=all",
 		"HOME=/root", "USER=root", "LOGNAME=root", "SHELL=/bin/bash",
 		"AWS_SECRET_ACCESS_KEY=hunter2", "MOLT_KEEPER_PID=1", "NOTIFY_SOCKET=/run/systemd/notify",
-		"LISTEN_FDS=2", "TABLEFLIP_HAS_PARENT_7DIU3=1", "GOPROXY=https://user:token@proxy", "MOLT_ROLE=exec",
+		"LISTEN_FDS=2", "TABLEFLIP_HAS_PARENT_7DIU3=1", "MOLT_HANDOVER_FDS=molt.ready:3,molt.parent:4", "GOPROXY=https://user:token@proxy", "MOLT_ROLE=exec",
+		"MOLT_RESURRECTIONS=2", "MOLT_RESURRECTED_BECAUSE=the master was killed by signal: killed",
 	}
 	kept := []string{"PATH=/usr/bin", "LANG=C.UTF-8", "LC_ALL=C", "LANGUAGE=en", "TZ=UTC",
 		"GORACE=halt_on_error=1", "GOMAXPROCS=2", "GOMEMLIMIT=1GiB", "GOGC=50", "GODEBUG=x=1", "GOTRACEBACK=all"}

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/upgrade"
 )
 
@@ -46,6 +47,7 @@ type notified struct {
 	notify.Msg
 	worker int // the pid of the worker it speaks for
 	ack    chan<- struct{}
+	stats  *stats.Figures // its MOLT_STATS=, parsed, if one was taken
 }
 
 func (e notified) String() string {

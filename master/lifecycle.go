@@ -25,6 +25,9 @@ func (m *Master) start() error {
 		return fmt.Errorf("mark inherited fds close-on-exec: %w", err)
 	}
 	hand, err := upgrade.New(m.log.Named("upgrade"))
+	if errors.Is(err, upgrade.ErrHandoverEnv) {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
 	if err != nil {
 		return err
 	}

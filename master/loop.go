@@ -3,11 +3,13 @@ package master
 import (
 	"context"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/upgrade"
 	"github.com/molt-server/molt/worker"
 )
@@ -38,6 +40,11 @@ type Master struct {
 	notifyDir string
 	notifySeq int // names the next worker's socket
 	rejected  *notify.Rejected
+	// traffic is this generation's figures (traffic.go); parentTraffic
+	// the old generation's, on a new master during its upgrade.
+	traffic, parentTraffic *stats.Series
+	statsDropped           atomic.Uint64 // reports past one a second, by the readers
+	figuresUnsent          int           // the attempt figures failed to reach (traffic.go)
 	// spawner starts workers with no_new_privs, privSpawner those
 	// allowed new privileges (--allow-new-privs); each is made when first
 	// needed.
@@ -51,6 +58,10 @@ type Master struct {
 	started          time.Time
 	supervisor       string      // NOTIFY_SOCKET: the keeper or systemd; "" if none
 	specTimer        *time.Timer // registers the exec spec with the keeper (supervisor.go)
+	// resurrected: what the keeper told this master's line of the
+	// resurrections so far (MOLT_RESURRECTIONS, MOLT_RESURRECTED_BECAUSE),
+	// read once at start.
+	resurrected resurrections
 
 	slots []*slot
 	spec  *workerSpec // how new workers of the current slots start
@@ -167,6 +178,8 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	m.watchKeeper()
+	m.resurrected = m.resurrectionsFromEnv()
+	m.startStatsTicker()
 	return m.loop(ctx)
 }
 
@@ -207,6 +220,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onChildExited(ev)
 			case notified:
 				m.onNotify(ev)
+			case statsTick:
+				m.onStatsTick(ev)
 			case timerFired:
 				m.onTimer(ev)
 			case upgradeDone:
@@ -221,6 +236,8 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onCtl(ev)
 			case preflightDone:
 				_ = m.toOld(upgrade.PreflightDone{Attempt: ev.attempt, Out: ev.out, Err: ev.err})
+			case healthDone:
+				m.onHealthDone(ev)
 			case keeperExited:
 				m.log.Warn("the keeper has exited; this master serves on without it", "event", "master.keeper_exited", "keeper_pid", ev.pid)
 			case successorExited:

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/notify"
+	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/master/safefile"
 )
 
@@ -119,6 +120,7 @@ func dropNotifySocket(log hclog.Logger, s *notify.Socket) {
 // at most in the loop's queue.
 func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 	ack := make(chan struct{}, 1)
+	var lim stats.Limiter
 	for {
 		msg, err := s.Read()
 		if err != nil {
@@ -135,7 +137,11 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 			m.rejected.Add(msg.Pid, msg.Err.Error())
 			continue
 		}
-		if !m.send(notified{Msg: msg, worker: worker, ack: ack}) {
+		fig := m.takeStats(&msg, &lim)
+		if fig == nil && len(msg.Fields.Fields) == 0 && !msg.FDsDiscarded {
+			continue // a report dropped, and nothing else
+		}
+		if !m.send(notified{Msg: msg, worker: worker, ack: ack, stats: fig}) {
 			return
 		}
 		select {

@@ -95,6 +95,10 @@ func (m *Master) onChildExited(ev childExited) {
 		return
 	}
 	delete(m.procs, ev.pid)
+	if p.health != nil {
+		_ = p.health.Close()
+	}
+	m.trafficSeries().WorkerGone(ev.pid, time.Now()) // its figures stay in the total
 	if p.entry > 0 && m.accept != nil {
 		m.accept.release(p.entry - 1) // siblings see it absent
 	}
@@ -167,6 +171,12 @@ func (m *Master) respawnLater(s *slot, delay time.Duration) {
 // every slot has a ready worker.
 func (m *Master) markReady(p *proc, how string) {
 	if p.state != workerStarting {
+		return
+	}
+	if p.spec.health.on() && !p.healthy {
+		if !p.checking {
+			m.startHealthCheck(p, how) // ready once it passes
+		}
 		return
 	}
 	p.state, p.readyAt = workerReady, time.Now()

@@ -1,6 +1,7 @@
 package master
 
 import (
+	"net"
 	"os"
 	"runtime"
 	"strconv"
@@ -30,6 +31,7 @@ type workerSpec struct {
 	credential   *syscall.Credential
 	dir          string
 	umask        *int
+	health       healthSpec
 }
 
 // newSpec takes the worker settings of cfg, with listeners ls.
@@ -40,6 +42,7 @@ func newSpec(cfg Config, ls []*listener) *workerSpec {
 		stopSignal: cfg.StopSignal, drainTimeout: cfg.DrainTimeout,
 		readyTimeout: cfg.ReadyTimeout, readyDelay: cfg.ReadyDelay, watchdog: cfg.Watchdog, lifetime: cfg.MaxWorkerLifetime,
 		credential: cfg.Credential, dir: cfg.WorkerDir, umask: cfg.Umask,
+		health: healthSpec{path: cfg.HealthCheck, cmd: cfg.HealthCheckCmd, timeout: cfg.HealthCheckTimeout},
 	}
 	if len(cfg.Command) > 0 {
 		sp.execPath = cfg.execPath()
@@ -103,6 +106,24 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		}
 		files = append(files, m.accept.f)
 	}
+	// The health socket: after every other fd, announced by its own
+	// variable, never in LISTEN_FDS (health.go).
+	var healthConn net.Conn
+	var healthEnv []string
+	if sp.health.path != "" {
+		c, theirs, err := healthPair()
+		if err != nil {
+			if hasEntry {
+				m.accept.release(entry)
+			}
+			dropNotifySocket(m.log, sock)
+			return nil, err
+		}
+		defer theirs.Close() // the worker's copy is all it needs
+		healthConn = c
+		healthEnv = []string{worker.EnvHealthFD + "=" + strconv.Itoa(len(files))}
+		files = append(files, theirs)
+	}
 	env := []string{
 		worker.EnvListenFDs + "=" + strconv.Itoa(len(sp.listeners)),
 		worker.EnvListenFDNames + "=" + strings.Join(names, ":"),
@@ -114,6 +135,7 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 		worker.EnvParentFD + "=" + strconv.Itoa(parentFD),
 	}
 	env = append(env, balanceEnv...)
+	env = append(env, healthEnv...)
 	argv := sp.workerArgs
 	if len(argv) == 0 {
 		argv = os.Args
@@ -141,6 +163,7 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 			m.accept.release(entry)
 		}
 		dropNotifySocket(m.log, sock)
+		closeConn(healthConn)
 		return nil, err
 	}
 	p, err := sp2.start(spawnRequest{
@@ -152,12 +175,20 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 			m.accept.release(entry)
 		}
 		dropNotifySocket(m.log, sock)
+		closeConn(healthConn)
 		return nil, err
 	}
 	go m.readNotify(m.log, sock, p.Pid)
-	pr := &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now(), notify: sock}
+	pr := &proc{pid: p.Pid, p: p, s: s, slot: s.n, spec: sp, started: time.Now(), notify: sock, health: healthConn}
 	if hasEntry {
 		pr.entry = entry + 1
 	}
 	return pr, nil
+}
+
+// closeConn closes c if there is one.
+func closeConn(c net.Conn) {
+	if c != nil {
+		_ = c.Close()
+	}
 }

@@ -1,6 +1,7 @@
 package master
 
 import (
+	"net"
 	"os"
 	"time"
 
@@ -82,6 +83,11 @@ type proc struct {
 	notify *notify.Socket
 	// entry is 1 + its entry in the accept table; 0 if it has none.
 	entry int
+	// health is the master's end of its health socket (health.go), until
+	// its check takes it; checking while the check runs; healthy once it
+	// passed.
+	health            net.Conn
+	checking, healthy bool
 }
 
 // slot is one place in the worker pool. Its worker may come and go; the

@@ -24,8 +24,19 @@ type Status struct {
 	Listeners  []ListenerStatus `json:"listeners"`
 	Upgrade    *UpgradeStatus   `json:"upgrade,omitempty"`      // in flight (old master, or an uncommitted new one)
 	LastResult *UpgradeResult   `json:"last_upgrade,omitempty"` // the last one that ended (a new master: its own commit)
-	FDs        int              `json:"fds"`
-	Goroutines int              `json:"goroutines"`
+	// Keeper is the pid of the keeper the master runs under (0: none).
+	Keeper int `json:"keeper_pid,omitempty"`
+	// Resurrections counts the fresh masters the keeper started after a
+	// master's death, up to this master's line (its own start, or that of
+	// a master before it, which it inherits through upgrades);
+	// ResurrectedBecause is the reason of the last.
+	Resurrections      int    `json:"resurrections,omitempty"`
+	ResurrectedBecause string `json:"resurrected_because,omitempty"`
+	// Traffic: this generation's request figures and, on a new master
+	// during its upgrade, the old generation's (traffic.go).
+	Traffic    []TrafficStatus `json:"traffic,omitempty"`
+	FDs        int             `json:"fds"`
+	Goroutines int             `json:"goroutines"`
 }
 
 // WorkerStatus is one worker process.
@@ -87,6 +98,7 @@ func (m *Master) status() *Status {
 		PID: os.Getpid(), Version: m.cfg.Version, Gen: m.gen, Role: m.role().String(), State: m.stateName(),
 		Started: m.started, Uptime: time.Since(m.started).Round(time.Second).String(),
 		Workers: len(m.slots), Goroutines: runtime.NumGoroutine(), FDs: countFDs(),
+		Keeper: keeperPID(), Resurrections: m.resurrected.count, ResurrectedBecause: m.resurrected.why,
 	}
 	for _, p := range m.procs {
 		w := WorkerStatus{Slot: -1, PID: p.pid, State: p.state.String(), Ready: p.state == workerReady,
@@ -116,6 +128,7 @@ func (m *Master) status() *Status {
 		}
 		return a.PID < b.PID
 	})
+	st.Traffic = m.trafficStatuses()
 	for _, l := range m.listeners {
 		st.Listeners = append(st.Listeners, ListenerStatus{Name: l.spec.Name, Network: l.spec.Network, Addr: l.addr, Inherited: l.inherited, Activated: l.activated, Blocking: l.spec.Blocking})
 	}

@@ -205,14 +205,70 @@ func (m *Master) watchKeeper() {
 	if v == "" {
 		return
 	}
-	pid, err := strconv.Atoi(v)
-	if err != nil || pid <= 0 {
+	pid := keeperPID()
+	if pid == 0 {
 		m.log.Warn("ignoring a bad "+keeper.EnvKeeperPID, "value", v)
 		return
 	}
 	if !m.watchExit(pid, keeperExited{pid: pid}) {
 		m.log.Warn("the keeper is gone; this master serves on without it", "keeper_pid", pid)
 	}
+}
+
+// resurrections is what "molt ctl status" shows of the keeper's fresh
+// masters: how many it started so far, and why it started the last.
+type resurrections struct {
+	count int
+	why   string
+}
+
+// maxResurrections bounds the count a master accepts from its
+// environment.
+const maxResurrections = 1 << 30
+
+// resurrectionsFromEnv reads MOLT_RESURRECTIONS and
+// MOLT_RESURRECTED_BECAUSE from the master's own environment: the keeper
+// sets them for a fresh master (or the operator for the first), and a
+// new master inherits them from the master that started it. Nothing else
+// sets a master's environment. Both or neither: a count of decimal digits
+// from 1 to maxResurrections, a reason of printable UTF-8 of at most
+// keeper.MaxResurrectedBecause bytes; anything else is logged and ignored.
+func (m *Master) resurrectionsFromEnv() resurrections {
+	n, nSet := os.LookupEnv(keeper.EnvResurrections)
+	why, whySet := os.LookupEnv(keeper.EnvResurrectedBecause)
+	if !nSet && !whySet {
+		return resurrections{}
+	}
+	r, err := parseResurrections(n, why)
+	if err != nil {
+		m.log.Warn("ignoring the resurrection variables", "event", "master.env_rejected", "reason", err.Error())
+		return resurrections{}
+	}
+	return r
+}
+
+// parseResurrections checks the two variables strictly.
+func parseResurrections(n, why string) (resurrections, error) {
+	if n == "" || len(n) > 10 || strings.Trim(n, "0123456789") != "" || n[0] == '0' {
+		return resurrections{}, fmt.Errorf("%s=%q: want a count from 1 to %d", keeper.EnvResurrections, Printable(n), maxResurrections)
+	}
+	count, err := strconv.Atoi(n)
+	if err != nil || count < 1 || count > maxResurrections {
+		return resurrections{}, fmt.Errorf("%s=%q: want a count from 1 to %d", keeper.EnvResurrections, n, maxResurrections)
+	}
+	if why == "" || len(why) > keeper.MaxResurrectedBecause || !isPrintable(why) {
+		return resurrections{}, fmt.Errorf("%s: want printable text of 1 to %d bytes", keeper.EnvResurrectedBecause, keeper.MaxResurrectedBecause)
+	}
+	return resurrections{count: count, why: why}, nil
+}
+
+// keeperPID is the keeper's pid from MOLT_KEEPER_PID; 0 if none or bad.
+func keeperPID() int {
+	pid, err := strconv.Atoi(os.Getenv(keeper.EnvKeeperPID))
+	if err != nil || pid <= 0 {
+		return 0
+	}
+	return pid
 }
 
 // watchExit sends ev to the loop once process pid has exited; false if

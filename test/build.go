@@ -13,6 +13,12 @@ import (
 // It runs from the module root (found from the working directory) and
 // returns the compiler's output in the error.
 func Build(dir, version string, pkgs map[string]string) error {
+	return BuildTags(dir, version, "", pkgs)
+}
+
+// BuildTags is Build with the build tags tags (comma-separated; "" for
+// none), e.g. "moltfault" for the faults a test injects into molt.
+func BuildTags(dir, version, tags string, pkgs map[string]string) error {
 	root, err := moduleRoot()
 	if err != nil {
 		return err
@@ -29,6 +35,9 @@ func Build(dir, version string, pkgs map[string]string) error {
 		args := []string{"build", "-o", filepath.Join(dir, name), "-ldflags", "-X main.buildVersion=" + version}
 		if RaceEnabled {
 			args = append(args, "-race")
+		}
+		if tags != "" {
+			args = append(args, "-tags", tags)
 		}
 		args = append(args, pkgs[name])
 		cmd := exec.Command("go", args...)

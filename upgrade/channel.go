@@ -46,6 +46,10 @@ const (
 	// KindPreflightOK: the pre-flight G1 ran alongside G2's start passed;
 	// a G2 whose config said Hold may commit now.
 	KindPreflightOK = "preflight-ok"
+	// KindFigures: Gen, Figures: G1's traffic figures, cumulative, once
+	// a second while the upgrade is in flight. The channel carries the
+	// numbers; the masters give them their meaning.
+	KindFigures = "figures"
 )
 
 // KindStop is sent either way: stop fast (TERM/INT to either master stops
@@ -82,7 +86,13 @@ type Msg struct {
 	Since int64 `json:"since,omitempty"`
 	// Millis (extend): how much longer the probation may take.
 	Millis int64 `json:"ms,omitempty"`
+	// Figures (figures): the sender generation's cumulative traffic
+	// figures, a vector of at most MaxFigures counts.
+	Figures []uint64 `json:"figures,omitempty"`
 }
+
+// MaxFigures bounds the length of Msg.Figures.
+const MaxFigures = 64
 
 // ErrMessage is wrapped by every error DecodeMsg returns.
 var ErrMessage = errors.New("upgrade: malformed channel message")
@@ -114,6 +124,9 @@ func DecodeMsg(b []byte) (Msg, error) {
 	}
 	if m.To < 0 || m.Pid < 0 || m.Gen < 0 || m.Workers < 0 || m.Ready < 0 || m.Code < 0 || m.Since < 0 || m.Millis < 0 {
 		return Msg{}, fmt.Errorf("%w: negative number in %s message", ErrMessage, m.Kind)
+	}
+	if len(m.Figures) > MaxFigures {
+		return Msg{}, fmt.Errorf("%w: %d figures, more than %d", ErrMessage, len(m.Figures), MaxFigures)
 	}
 	for _, p := range m.PGIDs {
 		if p <= 0 {

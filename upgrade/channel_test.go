@@ -122,3 +122,32 @@ func TestChannel_SendDoesNotBlockOnAPeerThatStoppedReading(t *testing.T) {
 	}
 	t.Fatal("10000 sends of 4 KB never filled the socket buffer")
 }
+
+// TestDecodeMsg_Figures: the figures of a generation cross as exact
+// 64-bit counts, and an oversized vector is refused.
+func TestDecodeMsg_Figures(t *testing.T) {
+	want := []uint64{0, 1, 1<<63 + 5, 999_999_999_999_999}
+	b, err := EncodeMsg(Msg{Kind: KindFigures, To: 7, Gen: 3, Figures: want})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := DecodeMsg(b)
+	if err != nil || got.Gen != 3 || len(got.Figures) != len(want) {
+		t.Fatalf("DecodeMsg = %+v, %v", got, err)
+	}
+	for i := range want {
+		if got.Figures[i] != want[i] {
+			t.Errorf("figure %d = %d, want %d", i, got.Figures[i], want[i])
+		}
+	}
+	for _, bad := range []string{
+		`{"kind":"figures","figures":[-1]}`,
+		`{"kind":"figures","figures":[1.5]}`,
+		`{"kind":"figures","figures":[18446744073709551616]}`,
+		`{"kind":"figures","figures":[` + strings.Repeat("0,", MaxFigures) + `0]}`,
+	} {
+		if m, err := DecodeMsg([]byte(bad)); !errors.Is(err, ErrMessage) {
+			t.Errorf("DecodeMsg(%.50s) = %+v, %v; want ErrMessage", bad, m, err)
+		}
+	}
+}

@@ -35,7 +35,9 @@ const (
 	// exits, and takes the service back should its successor die first.
 	OldRetiring
 	// OldTookBack: the successor died after its commit and this master
-	// serves again. tableflip allows it no second upgrade.
+	// serves again; USR2 upgrades again (the Handover starts the new
+	// master by molt's own means: tableflip allows one upgrade per
+	// process).
 	OldTookBack
 	// OldStopping: this generation stops (QUIT, TERM, a stop request).
 	OldStopping
@@ -235,9 +237,6 @@ func (o *OldSide) refuse(cause, why string) {
 
 func (o *OldSide) onUSR2(env Env) {
 	switch {
-	case o.state == OldTookBack:
-		o.refuse("took_back", "this master took the service back after its successor died; tableflip allows one upgrade per process: restart molt to upgrade")
-		return
 	case o.up != nil:
 		o.refuse("in_flight", fmt.Sprintf("an upgrade is already in flight (new master pid %d)", o.up.Pid))
 		return

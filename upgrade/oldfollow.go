@@ -194,8 +194,8 @@ func (o *OldSide) onSuccessorExited(pid int) {
 	}
 	o.last = &Result{Outcome: "taken back", Reason: fmt.Sprintf("the new master (pid %d) died after its commit", pid), NewPID: pid, At: o.cfg.Now()}
 	o.to(OldTookBack, "the successor died after its commit")
-	o.log.Error("the new master died after its commit while this generation drained; this master takes the service back with new workers. "+
-		"It cannot start another upgrade: restart molt to deploy again", "event", "upgrade.took_back", "new_pid", pid)
+	o.log.Error("the new master died after its commit while this generation drained; this master takes the service back with new workers",
+		"event", "upgrade.took_back", "new_pid", pid)
 	o.do(RestoreFiles{}, Respawn{})
 }
 

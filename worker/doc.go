@@ -8,7 +8,9 @@
 // for a graceful drain), MOLT_DRAIN_TIMEOUT (how long that drain may take),
 // MOLT_PARENT_FD (a pipe whose EOF means the master is gone), and
 // MOLT_ACCEPT_TABLE and MOLT_ACCEPT_ENTRY (the table Balance uses to keep
-// each worker to its share of the connections).
+// each worker to its share of the connections), and MOLT_HEALTH_FD (a
+// private connected socket the master sends its --health-check request
+// on; ServeHTTP answers it with the app's handler).
 //
 // Invariants: the package never changes a shared socket's blocking mode
 // (it never calls os.File.Fd on an inherited fd), never logs, and installs

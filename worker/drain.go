@@ -49,6 +49,15 @@ const IdleGrace = 2 * time.Second
 // should watch Draining(r.Context()), finish, and return; ServeHTTP waits
 // for every handler call to return, within the drain timeout.
 //
+// The first ServeHTTP call of the process also serves the worker's
+// private health socket (EnvHealthFD), with srv's handler: the master's
+// --health-check PATH request reaches this very process, whichever
+// worker the shared sockets would have chosen.
+//
+// Under molt, ServeHTTP counts the requests it serves and reports the
+// figures to the master every second (StatsInterval, MOLT_STATS=; off
+// with MOLT_STATS=off in the environment), a last time once drained.
+//
 // ServeHTTP wraps srv.Handler, srv.ConnState and srv.BaseContext (calling
 // the app's own). Call it once per server.
 func ServeHTTP(ctx context.Context, srv *http.Server, lns ...net.Listener) error {
@@ -87,10 +96,24 @@ func serveHTTP(ctx context.Context, srv *http.Server, gone <-chan struct{}, lns 
 			lns[i] = bal.wrap(lns[i], false)
 		}
 	}
+	// The master's private health check (EnvHealthFD), answered by the
+	// app's handler, drained like a listener; not balanced.
+	if hl := takeHealth(); hl != nil {
+		lns = append(lns, hl)
+	}
 	sigC := make(chan os.Signal, 1)
 	signal.Notify(sigC, sig)
 	defer signal.Stop(sigC)
 
+	if statsOn() {
+		// Counted inside the drainer's wrapper; reported until the
+		// drain has ended (docs/worker-protocol.md, "Traffic figures").
+		if srv.Handler == nil {
+			srv.Handler = http.DefaultServeMux
+		}
+		srv.Handler = countRequests(srv.Handler)
+		defer startReporting()()
+	}
 	d := newDrainer(srv)
 	d.bal = bal
 	served := make(chan error, len(lns))

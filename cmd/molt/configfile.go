@@ -54,6 +54,7 @@ var fileKeys = map[string]keyKind{
 	"worker_log": kindString, "allow_new_privs": kindBool,
 	"umask": kindString, "backlog": kindInt, "command": kindStrings,
 	"max_error_rate": kindString, "max_latency_factor": kindNumber, "min_requests": kindInt, "canary": kindInt,
+	"health_check": kindString, "health_check_cmd": kindString, "health_check_timeout": kindString,
 }
 
 // configError lists every problem of a config file, one per line, each as
@@ -256,7 +257,7 @@ func checkValue(name, v string) error {
 		if n, _ := strconv.Atoi(v); n < 1 {
 			return fmt.Errorf("%s must be at least 1, not %s", name, v)
 		}
-	case "ready-timeout", "drain-timeout", "probation", "stable-after", "watchdog", "max-worker-lifetime":
+	case "ready-timeout", "drain-timeout", "probation", "stable-after", "watchdog", "max-worker-lifetime", "health-check-timeout":
 		if d, err := time.ParseDuration(v); err != nil || d <= 0 {
 			return fmt.Errorf("%q is not a positive duration such as \"30s\"", v)
 		}

@@ -224,6 +224,13 @@ func printStatus(out io.Writer, st *master.Status) {
 			fmt.Fprintf(out, "         phases (ms since the signal): %s\n", r.Phases)
 		}
 	}
+	if st.Resurrections > 0 {
+		fmt.Fprintf(out, "resurrections  %d (fresh masters the keeper started); last: %s\n", st.Resurrections, p(st.ResurrectedBecause))
+	}
+	for _, t := range st.Traffic {
+		fmt.Fprintf(out, "traffic  gen %d (%s): %.1f req/s, 5xx %.1f%%, p50 %s, p99 %s over the last %.0f s; %d requests in all\n",
+			t.Gen, p(t.Source), t.RPS, 100*t.ErrorShare, fmtMS(t.P50MS), fmtMS(t.P99MS), t.WindowSeconds, t.Requests)
+	}
 	fmt.Fprintf(out, "workers  %d of %d running  (master fds %d, goroutines %d)\n", len(st.Procs), st.Workers, st.FDs, st.Goroutines)
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  SLOT\tPID\tSTATE\tUPTIME\tRESTARTS\tLAST EXIT\tLAST PING\tSTATUS")
@@ -250,6 +257,14 @@ func printStatus(out io.Writer, st *master.Status) {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", slot, pid, state, p(w.Uptime), w.Restarts, dash(p(w.LastExit)), ping, dash(p(w.StatusText)))
 	}
 	tw.Flush()
+}
+
+// fmtMS shows a latency in milliseconds, "-" for none.
+func fmtMS(ms float64) string {
+	if ms <= 0 {
+		return "-"
+	}
+	return strconv.FormatFloat(ms, 'g', 3, 64) + " ms"
 }
 
 func dash(s string) string {

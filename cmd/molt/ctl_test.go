@@ -61,3 +61,18 @@ func TestPrintStatus_UpgradePhases(t *testing.T) {
 		}
 	}
 }
+
+// TestPrintStatus_Resurrections: the resurrections line shows the count
+// and the last reason, made printable; none without a resurrection.
+func TestPrintStatus_Resurrections(t *testing.T) {
+	var out bytes.Buffer
+	printStatus(&out, &master.Status{PID: 10, Keeper: 5, Resurrections: 2, ResurrectedBecause: "the master was killed by SIGKILL\x1b[2J"})
+	if want := "resurrections  2 (fresh masters the keeper started); last: the master was killed by SIGKILL\\x1b[2J\n"; !strings.Contains(out.String(), want) {
+		t.Errorf("status lacks\n%s\ngot:\n%s", want, out.String())
+	}
+	out.Reset()
+	printStatus(&out, &master.Status{PID: 10, Keeper: 5})
+	if strings.Contains(out.String(), "resurrections") {
+		t.Errorf("a master never resurrected shows:\n%s", out.String())
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -17,7 +19,8 @@ import (
 const drillUsage = `Usage: molt drill [flags] TARGET
 
 Drives HTTP/1.1 load at TARGET (http://host:port/path, or unix:/socket),
-triggers --upgrades upgrades every --interval, and reports what the clients
+triggers --upgrades upgrades every --interval (or, with --fault, kills a
+molt master once after --interval), and reports what the clients
 saw: requests, failures by class, latency percentiles overall and inside
 upgrade windows, how long each upgrade took until a new generation answered
 and until the old one's last answer, and which generation answered over
@@ -29,6 +32,7 @@ worked, 1 otherwise, 2 for bad flags.
 Examples:
   molt drill --upgrades 5 --interval 5s --ctl /run/app/molt.pid http://127.0.0.1:8080/
   molt drill --upgrades 3 --signal /run/nginx.pid http://127.0.0.1/
+  molt drill --fault kill-master --interval 5s --ctl /run/app/molt.pid http://127.0.0.1:8080/
   molt drill --upgrades 3 --exec 'systemctl reload app' --header X-Served-By http://127.0.0.1/
   molt drill --duration 30s --clients 64 --mode keep-alive --json http://127.0.0.1:8080/
 
@@ -51,6 +55,7 @@ func cmdDrill(args []string) int {
 	idle := fs.Int("idle-conns", 0, "open `N` keep-alive connections at the start and leave them idle")
 	timeout := fs.Duration("timeout", 10*time.Second, "bound each request, dial included, to `DUR`")
 	path := fs.String("path", "", "request `PATH` for a unix: target (default /)")
+	fault := fs.String("fault", "", "inject the fault `NAME` after --interval instead of upgrading (needs --ctl and molt's keeper): "+strings.Join(drill.FaultNames, " or "))
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	fs.Usage = func() {
 		fmt.Fprint(os.Stderr, drillUsage)
@@ -96,6 +101,21 @@ func cmdDrill(args []string) int {
 	switch {
 	case triggers > 1:
 		return bad("give one of --ctl, --signal and --exec")
+	case *fault != "" && *ctlPID == "":
+		return bad("--fault needs --ctl PIDFILE (molt's pid file: the drill finds the master and its keeper with molt ctl status)")
+	case *fault != "" && *upgrades > 0:
+		return bad("--fault injects one fault instead of upgrades: drop --upgrades")
+	case *fault != "" && !slices.Contains(drill.FaultNames, *fault):
+		return bad("--fault %q: want one of %s", *fault, strings.Join(drill.FaultNames, ", "))
+	case *fault != "" && *interval <= 0:
+		return bad("--interval must be positive")
+	case *fault != "":
+		self, err := os.Executable()
+		if err != nil {
+			return bad("cannot find this molt binary for --ctl: %v", err)
+		}
+		cfg.Trigger = &drill.Fault{Name: *fault, Molt: self, PIDFile: *ctlPID}
+		cfg.Upgrades = 1
 	case *upgrades > 0 && triggers == 0:
 		return bad("--upgrades needs --ctl PIDFILE, --signal PIDFILE or --exec COMMAND")
 	case *upgrades > 0 && *interval <= 0:
@@ -116,6 +136,12 @@ func cmdDrill(args []string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if f, ok := cfg.Trigger.(*drill.Fault); ok {
+		if err := f.Check(ctx); err != nil {
+			fmt.Fprintln(os.Stderr, "molt drill:", err)
+			return exitFailure
+		}
+	}
 	rep, err := drill.Run(ctx, cfg)
 	if rep == nil {
 		fmt.Fprintln(os.Stderr, "molt drill:", err)
@@ -137,7 +163,7 @@ func cmdDrill(args []string) int {
 			return exitFailure
 		}
 	}
-	if rep.Failed > 0 || len(rep.Upgrades) < *upgrades {
+	if rep.Failed > 0 || len(rep.Upgrades) < cfg.Upgrades {
 		return exitFailure
 	}
 	return exitOK

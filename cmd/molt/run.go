@@ -87,6 +87,9 @@ type runFlags struct {
 	maxLatency   float64
 	minRequests  int
 	canary       int
+	health       string
+	healthCmd    string
+	healthTime   time.Duration
 }
 
 // listFlag is a repeatable string flag.
@@ -124,6 +127,9 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", master.DefaultDrainTimeout, "a stopping worker still running after `DUR` is killed")
 	fs.DurationVar(&f.watchdog, "watchdog", 0, "a ready worker that sends no WATCHDOG=1 for `DUR` is killed and replaced;\nworkers get WATCHDOG_USEC (molt's worker package pings by itself) (default: off)")
 	fs.DurationVar(&f.lifetime, "max-worker-lifetime", 0, "recycle each worker `DUR` (less up to 10% at random) after it became ready:\na replacement starts, and the worker drains once it is ready (default: never)")
+	fs.StringVar(&f.health, "health-check", "", "before a new worker counts as ready, the master sends it GET `PATH` on a private socket\n(MOLT_HEALTH_FD, served by molt's worker.ServeHTTP); not a 2xx: the worker is replaced,\nan upgrade rolled back (default: off)")
+	fs.StringVar(&f.healthCmd, "health-check-cmd", "", "before a new worker counts as ready, run `CMD` with /bin/sh -c, as the workers' user,\nwith MOLT_WORKER_PID set; not exit 0: as --health-check (default: off)")
+	fs.DurationVar(&f.healthTime, "health-check-timeout", master.DefaultHealthCheckTimeout, "a health check not passed within `DUR` fails")
 	fs.StringVar(&f.stopSignal, "worker-stop-signal", "TERM", "`SIGNAL` that asks a worker to drain and exit")
 	fs.DurationVar(&f.probation, "probation", master.DefaultProbation, "after an upgrade, the new generation serves alongside the old one for `DUR`\nbefore it commits; a failure during it rolls back")
 	fs.DurationVar(&f.stableAfter, "stable-after", master.DefaultStableAfter, "once a master has served for `DUR` after its commit (or start), the keeper\nrestarts its release, not an older one, if every master dies")
@@ -209,6 +215,7 @@ func cmdRun(args []string) int {
 		}
 		return loadRunConfig(&f2, fs2)
 	}
+	cfg.Logger = withFault(cfg.Logger)
 	err = master.Run(context.Background(), cfg)
 	if err == nil {
 		return exitOK
@@ -290,6 +297,10 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		return cfg, fmt.Errorf("--canary %d: want a number of workers, or 0 for off", f.canary)
 	}
 	cfg.Canary = f.canary
+	if f.healthTime <= 0 {
+		return cfg, fmt.Errorf("--health-check-timeout %v: want a positive duration", f.healthTime)
+	}
+	cfg.HealthCheck, cfg.HealthCheckCmd, cfg.HealthCheckTimeout = f.health, f.healthCmd, f.healthTime
 	switch f.commit {
 	case "auto":
 	case "manual":

@@ -53,6 +53,21 @@ import (
 // its exec spec with the keeper (MOLT_SPEC=1; systemd ignores it).
 const FieldSpec = "MOLT_SPEC"
 
+// EnvResurrections and EnvResurrectedBecause tell a fresh master how
+// many fresh masters the keeper has started so far, itself included, and
+// why it started the last one: "molt ctl status" shows them, and the
+// masters of later upgrades inherit them with the rest of their master's
+// environment. Workers never see them. The keeper drops any it was given
+// itself, so that a fresh master's are the keeper's own.
+const (
+	EnvResurrections      = "MOLT_RESURRECTIONS"
+	EnvResurrectedBecause = "MOLT_RESURRECTED_BECAUSE"
+)
+
+// MaxResurrectedBecause bounds the reason a fresh master is given (the
+// master refuses a longer one).
+const MaxResurrectedBecause = 256
+
 // SpecAfter is how long a primary master serves after its commit (or its
 // first READY=1) before it registers its exec spec, by default (molt
 // run --stable-after).
@@ -262,7 +277,12 @@ func (k *keeper) resurrect() {
 		return
 	}
 	fds, names := k.store.listenFDs()
-	env := k.env
+	why := k.reason
+	if len(why) > MaxResurrectedBecause {
+		why = why[:MaxResurrectedBecause]
+	}
+	env := append(k.env[:len(k.env):len(k.env)], EnvResurrections+"="+strconv.Itoa(k.resurrections+1),
+		EnvResurrectedBecause+"="+strings.ToValidUTF8(why, "?"))
 	if len(fds) > 0 {
 		env = append(env[:len(env):len(env)], worker.EnvListenPID+"="+strconv.Itoa(k.procs.self),
 			worker.EnvListenFDs+"="+strconv.Itoa(len(fds)), worker.EnvListenFDNames+"="+strings.Join(names, ":"))
@@ -286,12 +306,13 @@ func (k *keeper) resurrect() {
 		"count", k.resurrections, "spec_pid", k.spec.pid, "argv0", k.spec.argv[0], "sockets", strings.Join(names, " "))
 }
 
-// listenEnvDropped is env without LISTEN_ variables (a fresh master gets
-// its own).
+// listenEnvDropped is env without LISTEN_ variables and the
+// resurrection's (a fresh master gets its own).
 func listenEnvDropped(env []string) []string {
 	var out []string
 	for _, kv := range env {
-		if !strings.HasPrefix(kv, "LISTEN_") {
+		k, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(kv, "LISTEN_") && k != EnvResurrections && k != EnvResurrectedBecause {
 			out = append(out, kv)
 		}
 	}

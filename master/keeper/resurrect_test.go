@@ -123,7 +123,8 @@ func TestResurrect_StartsFromSpec(t *testing.T) {
 	if !slices.Equal(st.fds, []int{201, 200}) {
 		t.Errorf("fds %v, want the store's in name order", st.fds)
 	}
-	for _, kv := range []string{"HOME=/root", "NOTIFY_SOCKET=/tmp/k/notify", "LISTEN_PID=10", "LISTEN_FDS=2", "LISTEN_FDNAMES=admin:molt-fdstore.http"} {
+	for _, kv := range []string{"HOME=/root", "NOTIFY_SOCKET=/tmp/k/notify", "LISTEN_PID=10", "LISTEN_FDS=2", "LISTEN_FDNAMES=admin:molt-fdstore.http",
+		EnvResurrections + "=1", EnvResurrectedBecause + "=" + k.reason} {
 		if !slices.Contains(st.env, kv) {
 			t.Errorf("env %q lacks %s", st.env, kv)
 		}
@@ -253,5 +254,14 @@ func TestResurrect_AdoptsAnUnknownMaster(t *testing.T) {
 	}
 	if !slices.Contains(lb.events(), "keeper.master_adopted") {
 		t.Errorf("events %v", lb.events())
+	}
+}
+
+// TestResurrect_EnvDropsInherited: a keeper given MOLT_RESURRECTIONS or
+// MOLT_RESURRECTED_BECAUSE itself passes its own, never those.
+func TestResurrect_EnvDropsInherited(t *testing.T) {
+	got := listenEnvDropped([]string{"A=1", EnvResurrections + "=99", EnvResurrectedBecause + "=forged", "LISTEN_FDS=1", "B=2"})
+	if !slices.Equal(got, []string{"A=1", "B=2"}) {
+		t.Errorf("env %q", got)
 	}
 }

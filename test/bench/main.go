@@ -38,6 +38,7 @@ func main() {
 	upgrades := flag.Int("upgrades", 20, "upgrades per zero-downtime run")
 	rounds := flag.Int("rounds", 5, "rounds of the throughput measurement (each runs every setup once in each mode)")
 	runFor := flag.Duration("run", 5*time.Second, "length of one throughput run")
+	flag.IntVar(&faultRuns, "fault-runs", faultRuns, "drills per fault (faults section)")
 	nginx := flag.String("nginx", "", "the nginx `binary` to compare upgrades with (default: /usr/sbin/nginx or nginx on PATH; \"none\" skips it)")
 	only := flag.String("only", "", "run only these sections, comma-separated: "+strings.Join(sectionNames, ", ")+" (default all)")
 	flag.Parse()
@@ -86,6 +87,7 @@ type report struct {
 	Failures             map[string]int
 	ByMode               map[string]struct {
 		OK     int     `json:"ok"`
+		Failed int     `json:"failed"`
 		PerSec float64 `json:"per_sec"`
 	} `json:"by_mode"`
 	Steady    percentiles `json:"latency_steady"`
@@ -96,6 +98,10 @@ type report struct {
 		NewServingMs float64 `json:"new_serving_ms"`
 		OldGoneMs    float64 `json:"old_gone_ms"`
 		Error        string  `json:"error"`
+		Fault        *struct {
+			BackMs     float64 `json:"back_ms"`
+			KeeperKept bool    `json:"keeper_kept"`
+		} `json:"fault"`
 	}
 	ByWorker      map[string]int `json:"by_worker"`
 	ConnsByWorker map[string]int `json:"conns_by_worker"`
@@ -248,10 +254,10 @@ func verdict(ok bool) string {
 }
 
 // sectionNames are the sections, in the order they run.
-var sectionNames = []string{"throughput", "upgrade-latency", "zero-downtime", "scale"}
+var sectionNames = []string{"throughput", "upgrade-latency", "zero-downtime", "faults", "scale"}
 
 func (b *bench) run() {
-	for i, run := range []func(){b.throughput, b.upgradeLatency, b.zeroDowntime, b.scale} {
+	for i, run := range []func(){b.throughput, b.upgradeLatency, b.zeroDowntime, b.faults, b.scale} {
 		if b.only == nil || b.only[sectionNames[i]] {
 			run()
 		}

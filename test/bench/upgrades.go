@@ -180,3 +180,64 @@ func phaseTimes(path string) map[string][]float64 {
 	}
 	return out
 }
+
+// faultRuns is the number of drills per fault (a fresh server each: the
+// keeper gives up after more than 5 deaths a minute).
+var faultRuns = 5
+
+// faults: molt drill --fault under load, both modes side by side: the
+// primary master killed (kill-master), and a new master killed once the
+// old one exited after its commit (kill-new-master), under molt's keeper.
+func (b *bench) faults() {
+	rows := []string{
+		"| fault | runs | requests | failed keep-alive | failed close | fresh master answering after the kill, median [min–max] (ms) | every worker ready (ms) | p99 steady (ms) | p99 after the kill (ms) | keeper unchanged |",
+		"|---|---|---|---|---|---|---|---|---|---|",
+	}
+	var verdicts []string
+	for _, fault := range []string{"kill-master", "kill-new-master"} {
+		var requests, failedKA, failedClose, kept, bad int
+		var serving, back, p99Steady, p99In []float64
+		var classes []string
+		for run := 1; run <= faultRuns; run++ {
+			b.log("faults: %s, run %d of %d", fault, run, faultRuns)
+			s := b.startMolt(moltOpts{workers: 2, keeper: true})
+			r := b.drill(s, "--clients", "16", "--mode", "both", "--fault", fault, "--interval", "2s", "--duration", "5s", "--ctl", s.pidFile)
+			s.stop()
+			requests += r.Requests
+			failedKA += r.ByMode["keep-alive"].Failed
+			failedClose += r.ByMode["close"].Failed
+			if c := failureClasses(r); c != "" {
+				classes = append(classes, c)
+			}
+			if len(r.Upgrades) != 1 || r.Upgrades[0].Fault == nil || r.Upgrades[0].Error != "" {
+				bad++
+				if len(r.Upgrades) == 1 {
+					b.log("faults: %s: %s", fault, r.Upgrades[0].Error)
+				}
+				continue
+			}
+			u := r.Upgrades[0]
+			serving = append(serving, u.NewServingMs)
+			back = append(back, u.Fault.BackMs)
+			p99Steady, p99In = append(p99Steady, r.Steady.P99), append(p99In, r.InUpgrade.P99)
+			if u.Fault.KeeperKept {
+				kept++
+			}
+		}
+		notes := ""
+		if bad > 0 {
+			notes = fmt.Sprintf(" (%d failed)", bad)
+		}
+		if len(classes) > 0 {
+			classes = append([]string{""}, classes...)
+		}
+		rows = append(rows, fmt.Sprintf("| %s | %d%s | %d | %d | %d%s | %s | %s | %s | %s | %d of %d |",
+			fault, faultRuns, notes, requests, failedKA, failedClose, strings.Join(classes, " "), spread(serving), spread(back),
+			spread(p99Steady), spread(p99In), kept, faultRuns))
+		verdicts = append(verdicts, fmt.Sprintf("- Target, %s: 0 failed requests, every run recovered with the keeper unchanged: %s.",
+			fault, verdict(failedKA+failedClose == 0 && bad == 0 && kept == faultRuns)))
+	}
+	b.section("Faults: a master killed under load",
+		append([]string{fmt.Sprintf("molt with 2 workers and its keeper (default `--stable-after` 30 s), `molt drill --clients 16 --mode both --fault FAULT --interval 2s --duration 5s --ctl PIDFILE`, %d runs per fault, a fresh server each. kill-master: SIGKILL to the primary master; its keeper starts a fresh master with the sockets it holds. kill-new-master: `molt ctl upgrade --wait` (the same binary), then, once the old master has exited, SIGKILL to the new one; before it served `--stable-after`, the keeper starts the release before it. The fresh master answering: from the kill to its first answer (`new_serving_ms`); every worker ready: until `molt ctl status` shows it serving with all its workers (`fault.back_ms`, polled every 50 ms); p99 after the kill: answers from the kill until then (`latency_in_upgrades`), medians over the runs. Target: 0 failed requests.", faultRuns), ""},
+			append(append(rows, ""), verdicts...)...)...)
+}

@@ -6,7 +6,8 @@
 //
 //	fakeapp serve [--report DIR] [--tamper] [--no-notify] [--ignore-stop]
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
-//	              [--misuse shutdown:PATH|blocking:PATH] [--status CODE] [--delay DUR]
+//	              [--misuse shutdown:PATH|blocking:PATH]
+//	              [--health-status CODE] [--health-plant] [--status CODE] [--delay DUR]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -22,6 +23,11 @@
 // workers starting would switch it back), and then write "done" to PATH.
 // --status answers every request with CODE once ready (a release that
 // serves errors), --delay answers every request after DUR (a slow one).
+// --health-status answers GET /healthz with CODE (a release whose
+// health check fails while it serves everything else); --health-plant
+// never serves the master's private health socket (MOLT_HEALTH_FD) and
+// instead answers 200 on sockets it binds where a master might look by
+// name (beside its notify socket, in its working directory).
 package main
 
 import (
@@ -60,7 +66,12 @@ func main() {
 	doTamper := fs.Bool("tamper", false, "forge a molt log line into, and truncate, every file it holds or can open for writing")
 	fs.IntVar(&answer.status, "status", 200, "answer every request with this status")
 	fs.DurationVar(&answer.delay, "delay", 0, "answer every request after DUR")
+	fs.IntVar(&healthStatus, "health-status", 0, "answer GET /healthz with CODE")
+	plant := fs.Bool("health-plant", false, "close MOLT_HEALTH_FD and answer 200 on sockets planted by name instead")
 	fs.Parse(os.Args[2:])
+	if *plant {
+		plantHealth()
+	}
 	var tampered []string
 	if *doTamper {
 		tampered = tamper()
@@ -268,6 +279,10 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile, misuse string, exitAft
 			w.Header().Set("X-Molt-Master-Pid", os.Getenv(worker.EnvMasterPID))
 			w.Header().Set("X-Fakeapp-Names", os.Getenv(worker.EnvListenFDNames))
 			w.Header().Set("X-Fakeapp-Listener", name)
+			code := answer.status
+			if r.URL.Path == "/healthz" && healthStatus != 0 {
+				code = healthStatus
+			}
 			if r.URL.Path == "/sleep" {
 				if hitFile != "" {
 					appendLine(hitFile, pid+" "+r.URL.String())
@@ -278,7 +293,7 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile, misuse string, exitAft
 			if answer.delay > 0 {
 				time.Sleep(answer.delay)
 			}
-			w.WriteHeader(answer.status)
+			w.WriteHeader(code)
 			fmt.Fprintf(w, "fakeapp %s\n", pid)
 		})
 	}
@@ -403,4 +418,23 @@ func stopSignal() os.Signal {
 		return unix.SIGTERM
 	}
 	return s
+}
+
+// healthStatus is --health-status: GET /healthz answers it (0: as any path).
+var healthStatus int
+
+// plantHealth (--health-plant) is a worker that would pass its health
+// check by other means: it closes the private socket the master checks it
+// on and answers 200 on unix sockets it binds by name instead.
+func plantHealth() {
+	if fd, err := strconv.Atoi(os.Getenv(worker.EnvHealthFD)); err == nil && fd > 2 {
+		unix.Close(fd)
+	}
+	os.Unsetenv(worker.EnvHealthFD)
+	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "healthy") })
+	for _, dir := range []string{filepath.Dir(os.Getenv(worker.EnvNotifySocket)), "."} {
+		if ln, err := net.Listen("unix", filepath.Join(dir, "health")); err == nil {
+			go http.Serve(ln, ok)
+		}
+	}
 }

@@ -26,8 +26,38 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 stopping = False
+
+# Traffic figures, sent by hand as MOLT_STATS= (docs/worker-protocol.md,
+# "Traffic figures"): requests by class (2xx 3xx 4xx 5xx panicked cut
+# other) and a latency histogram with the protocol's bucket bounds.
+BOUNDS_US = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+             250000, 500000, 1000000, 2500000, 5000000, 10000000]
+classes = [0] * 7
+buckets = [0] * (len(BOUNDS_US) + 1)
+last_report = 0.0
+
+
+def record(cls, seconds):
+    us = seconds * 1e6
+    b = len(BOUNDS_US)
+    for i, bound in enumerate(BOUNDS_US):
+        if us <= bound:
+            b = i
+            break
+    buckets[b] += 1
+    classes[cls] += 1
+
+
+def report_stats(force=False):
+    global last_report
+    now = time.monotonic()
+    if not force and now - last_report < 1.0:
+        return
+    last_report = now
+    notify("MOLT_STATS=1 %s %s" % (",".join(map(str, classes)), ",".join(map(str, buckets))))
 in_accept = False
 
 
@@ -57,6 +87,33 @@ def notify(state):
         s.close()
 
 
+def stats_flood(n):
+    """Worker 0 only: n MOLT_STATS= datagrams as fast as they go, every
+    other one malformed, the rest a lie (10^14 5xx): the master takes at
+    most one a second and the lie counts for this worker alone."""
+    if os.environ.get("MOLT_WORKER") != "0":
+        return
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    big = 10 ** 14
+    lie = "MOLT_STATS=1 0,0,0,%d,0,0,0 %s" % (big, ",".join(["0"] * 17 + [str(big)]))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    sent = 0
+    try:
+        for i in range(n):
+            msg = lie if i % 2 == 0 else "MOLT_STATS=1 x,y z"
+            try:
+                s.sendto(msg.encode(), addr)
+                sent += 1
+            except OSError:
+                pass
+    finally:
+        s.close()
+    sys.stderr.write("pyapp: stats flood: %d of %d sent\n" % (sent, n))
+
+
 def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("pyapp: LISTEN_PID %r is not my pid %d" % (os.environ.get("LISTEN_PID"), os.getpid()))
@@ -69,12 +126,20 @@ def main():
         subprocess.run(["systemd-notify", "--ready", "--status=python worker up"], check=True)
     else:
         notify("READY=1\nSTATUS=python worker up")
+    flood = None  # --stats-flood N:PATH: flood once PATH exists
+    if "--stats-flood" in sys.argv:
+        n, path = sys.argv[sys.argv.index("--stats-flood") + 1].split(":", 1)
+        flood = (int(n), path)
     if "--blocking-accept" in sys.argv:
         ln.setblocking(True)
         blocking_loop(ln, names)
         notify("STOPPING=1")
         return
     while not stopping:
+        report_stats()
+        if flood and os.path.exists(flood[1]):
+            stats_flood(flood[0])
+            flood = None
         try:
             r, _, _ = select.select([ln], [], [], 0.2)
         except InterruptedError:
@@ -86,6 +151,7 @@ def main():
         except (BlockingIOError, InterruptedError):
             continue  # another worker accepted it
         answer(conn, names)
+    report_stats(force=True)
     notify("STOPPING=1")
 
 
@@ -108,6 +174,7 @@ def blocking_loop(ln, names):
 
 
 def answer(conn, names):
+    """GET /status/NNN answers NNN; anything else 200."""
     conn.setblocking(True)  # the accepted socket is this process's alone
     conn.settimeout(10)
     with conn:
@@ -117,10 +184,27 @@ def answer(conn, names):
             if not chunk:
                 break
             data += chunk
+        if b"\r\n\r\n" not in data:
+            return  # no request
+        start = time.monotonic()
+        code = 200
+        parts = data.split(b" ", 2)
+        if len(parts) > 1 and parts[1].startswith(b"/status/"):
+            try:
+                code = int(parts[1][len(b"/status/"):])
+            except ValueError:
+                code = 400
+            if not 200 <= code <= 599:
+                code = 400
         body = ("pyapp %d listeners %s\n" % (os.getpid(), names)).encode()
-        head = ("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
-                "X-Molt-Worker-Pid: %d\r\nX-Molt-App: python\r\n\r\n" % (len(body), os.getpid()))
-        conn.sendall(head.encode() + body)
+        head = ("HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n"
+                "X-Molt-Worker-Pid: %d\r\nX-Molt-App: python\r\n\r\n" % (code, len(body), os.getpid()))
+        cls = code // 100 - 2
+        try:
+            conn.sendall(head.encode() + body)
+        except OSError:
+            cls = 5  # cut
+        record(cls, time.monotonic() - start)
 
 
 if __name__ == "__main__":

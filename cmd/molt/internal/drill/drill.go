@@ -74,7 +74,7 @@ type Config struct {
 	Progress io.Writer
 }
 
-// Trigger starts one upgrade.
+// Trigger starts one upgrade (or injects one *Fault).
 type Trigger interface {
 	Fire(ctx context.Context) error
 	String() string
@@ -159,6 +159,14 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		u.Fired = time.Since(began) - u.At
 		if err != nil {
 			u.Error = err.Error()
+		}
+		if f, ok := cfg.Trigger.(*Fault); ok && f.Result() != nil {
+			// A fault's window starts at its kill, not at its trigger
+			// (kill-new-master upgrades first).
+			u.Fault = f.Result()
+			if k := u.Fault.killedAt; !k.IsZero() {
+				u.At, u.Fired = k.Sub(began), time.Since(k)
+			}
 		}
 		rec.mu.Lock()
 		rep.Upgrades = append(rep.Upgrades, u)

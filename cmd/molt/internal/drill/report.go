@@ -5,6 +5,7 @@ import (
 	"io"
 	"math"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -76,6 +77,9 @@ type Upgrade struct {
 	// many were 5xx (a canary's exposure, a bad release's errors).
 	ByGeneration map[string]Split `json:"by_generation,omitempty"`
 	Error        string           `json:"error,omitempty"`
+	// Fault is set for a fault (--fault) instead of an upgrade: At is
+	// then the kill, and FiredMs its BackMs.
+	Fault *FaultResult `json:"fault,omitempty"`
 }
 
 // Split is one generation's answers in an upgrade window.
@@ -312,6 +316,21 @@ func (r *Report) Print(w io.Writer) {
 	}
 	for _, u := range r.Upgrades {
 		line := fmt.Sprintf("upgrade %d at %.1fs: trigger took %.0fms", u.N, u.AtS, u.FiredMs)
+		if f := u.Fault; f != nil {
+			line = fmt.Sprintf("fault %s at %.1fs: master %d (%s) killed", f.Name, u.AtS, f.KilledPID, f.Version(f.KilledVersion))
+			if f.UpgradedFrom != 0 {
+				line += fmt.Sprintf(" after its commit (from %d)", f.UpgradedFrom)
+			}
+			if f.BackPID != 0 {
+				line += fmt.Sprintf("; master %d (%s) serving with every worker after %.0fms", f.BackPID, f.Version(f.BackVersion), f.BackMs)
+			}
+			if f.KeeperKept {
+				line += fmt.Sprintf("; keeper %d unchanged", f.KeeperPID)
+			}
+			if f.Resurrections > 0 {
+				line += fmt.Sprintf("; resurrections %d, the last because %s", f.Resurrections, strconv.QuoteToGraphic(f.ResurrectedBecause))
+			}
+		}
 		if u.NewServingMs >= 0 {
 			line += fmt.Sprintf("; new generation answered after %.0fms", u.NewServingMs)
 		}

@@ -1,0 +1,291 @@
+// Package stats aggregates a generation's traffic figures: the cumulative
+// MOLT_STATS= reports of its workers (worker.Stats), summed so that a
+// worker that exits keeps counting in its generation's total, and a
+// bounded ring of per-second snapshots of the total to answer "over the
+// last W seconds: requests by class, histogram, p50/p99". Not safe for
+// concurrent use: the master's loop owns it.
+package stats
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/molt-server/molt/worker"
+)
+
+// Figures are cumulative or windowed counts: requests by class
+// (worker.Class2xx ...) and the latency histogram (worker.BucketBounds).
+type Figures worker.Stats
+
+// Requests is the number of requests counted, every class.
+func (f Figures) Requests() uint64 {
+	var n uint64
+	for _, c := range f.Classes {
+		n = addSat(n, c)
+	}
+	return n
+}
+
+// Errors is the number of server errors: 5xx and panicked handlers.
+func (f Figures) Errors() uint64 {
+	return addSat(f.Classes[worker.Class5xx], f.Classes[worker.ClassPanicked])
+}
+
+// ErrorShare is Errors over Requests, 0 to 1; 0 with no request.
+func (f Figures) ErrorShare() float64 {
+	n := f.Requests()
+	if n == 0 {
+		return 0
+	}
+	return float64(f.Errors()) / float64(n)
+}
+
+// Add adds g to f, saturating.
+func (f *Figures) Add(g Figures) {
+	for i := range f.Classes {
+		f.Classes[i] = addSat(f.Classes[i], g.Classes[i])
+	}
+	for i := range f.Buckets {
+		f.Buckets[i] = addSat(f.Buckets[i], g.Buckets[i])
+	}
+}
+
+// Sub returns f - g, each count at least 0.
+func (f Figures) Sub(g Figures) Figures {
+	var d Figures
+	for i := range f.Classes {
+		d.Classes[i] = subSat(f.Classes[i], g.Classes[i])
+	}
+	for i := range f.Buckets {
+		d.Buckets[i] = subSat(f.Buckets[i], g.Buckets[i])
+	}
+	return d
+}
+
+// below reports whether some count of f is lower than g's.
+func (f Figures) below(g Figures) bool {
+	for i := range f.Classes {
+		if f.Classes[i] < g.Classes[i] {
+			return true
+		}
+	}
+	for i := range f.Buckets {
+		if f.Buckets[i] < g.Buckets[i] {
+			return true
+		}
+	}
+	return false
+}
+
+// Quantile estimates the q-quantile (0 < q <= 1) of the latency from the
+// histogram, interpolating linearly inside the bucket it falls in (from
+// 0 for the first); a quantile in the last, unbounded bucket is that
+// bucket's lower bound. 0 with an empty histogram.
+func (f Figures) Quantile(q float64) time.Duration {
+	var total uint64
+	for _, n := range f.Buckets {
+		total = addSat(total, n)
+	}
+	if total == 0 || q <= 0 || math.IsNaN(q) {
+		return 0
+	}
+	rank := math.Min(q, 1) * float64(total)
+	var seen float64
+	for i, n := range f.Buckets {
+		if n == 0 {
+			continue
+		}
+		if seen+float64(n) >= rank {
+			if i == len(worker.BucketBounds) {
+				return worker.BucketBounds[i-1]
+			}
+			lo := time.Duration(0)
+			if i > 0 {
+				lo = worker.BucketBounds[i-1]
+			}
+			hi := worker.BucketBounds[i]
+			return lo + time.Duration(float64(hi-lo)*(rank-seen)/float64(n))
+		}
+		seen += float64(n)
+	}
+	return worker.BucketBounds[len(worker.BucketBounds)-1]
+}
+
+func addSat(a, b uint64) uint64 {
+	if s := a + b; s >= a {
+		return s
+	}
+	return math.MaxUint64
+}
+
+func subSat(a, b uint64) uint64 {
+	if a < b {
+		return 0
+	}
+	return a - b
+}
+
+// ErrNotMonotonic: a worker's report has a count lower than its previous
+// one (cumulative figures never go down).
+var ErrNotMonotonic = errors.New("figures lower than the worker's previous report")
+
+// DefaultKeep is how many per-second snapshots a Series keeps: 5 minutes.
+const DefaultKeep = 300
+
+// Series is one generation's figures: its total, the last report of each
+// live worker, and a ring of snapshots of the total.
+type Series struct {
+	gen     int
+	total   Figures
+	workers map[int]Figures   // by worker pid: its last report
+	gone    map[int]time.Time // workers that exited, and when
+	ring    []snapshot        // oldest first once full, from head
+	head    int
+	keep    int
+}
+
+type snapshot struct {
+	at  time.Time
+	fig Figures
+}
+
+// NewSeries returns an empty series for generation gen that keeps keep
+// snapshots (DefaultKeep if keep < 2).
+func NewSeries(gen, keep int) *Series {
+	if keep < 2 {
+		keep = DefaultKeep
+	}
+	return &Series{gen: gen, workers: map[int]Figures{}, gone: map[int]time.Time{}, keep: keep}
+}
+
+// Gen is the series' generation.
+func (s *Series) Gen() int { return s.gen }
+
+// SetGen renames the generation (a new master learns its number from the
+// old one after it started counting).
+func (s *Series) SetGen(gen int) { s.gen = gen }
+
+// Report takes worker pid's cumulative figures: what they add since its
+// previous report goes into the total. A report with a count lower than
+// the previous one is refused (ErrNotMonotonic) and changes nothing: a
+// worker can only lie about its own figures, upwards.
+func (s *Series) Report(pid int, f Figures) error {
+	prev := s.workers[pid]
+	if f.below(prev) {
+		return fmt.Errorf("worker %d: %w", pid, ErrNotMonotonic)
+	}
+	s.total.Add(f.Sub(prev))
+	s.workers[pid] = f
+	return nil
+}
+
+// GoneGrace is how long a Series keeps the last report of a worker that
+// exited: its final report, read before its exit but applied after it,
+// still counts (as what it adds to that last report).
+const GoneGrace = 5 * time.Second
+
+// WorkerGone records that worker pid exited at now; what it reported
+// stays in the total, and Tick forgets it GoneGrace later.
+func (s *Series) WorkerGone(pid int, now time.Time) {
+	if _, ok := s.workers[pid]; ok {
+		s.gone[pid] = now
+	}
+}
+
+// Knows reports whether worker pid has reported and is not forgotten.
+func (s *Series) Knows(pid int) bool {
+	_, ok := s.workers[pid]
+	return ok
+}
+
+// SetTotal replaces the total (the figures of another master's
+// generation, as it sent them).
+func (s *Series) SetTotal(f Figures) { s.total = f }
+
+// Total is the generation's cumulative figures.
+func (s *Series) Total() Figures { return s.total }
+
+// Tick records a snapshot of the total at now; the oldest is dropped
+// beyond keep. Call it once a second.
+func (s *Series) Tick(now time.Time) {
+	for pid, at := range s.gone {
+		if now.Sub(at) >= GoneGrace {
+			delete(s.workers, pid)
+			delete(s.gone, pid)
+		}
+	}
+	sn := snapshot{at: now, fig: s.total}
+	if len(s.ring) < s.keep {
+		s.ring = append(s.ring, sn)
+		return
+	}
+	s.ring[s.head] = sn
+	s.head = (s.head + 1) % s.keep
+}
+
+// at returns the i-th snapshot, oldest first.
+func (s *Series) at(i int) snapshot { return s.ring[(s.head+i)%len(s.ring)] }
+
+// Window is what a generation served between two snapshots.
+type Window struct {
+	Figures
+	From, To time.Time
+}
+
+// Span is the window's length.
+func (w Window) Span() time.Duration { return w.To.Sub(w.From) }
+
+// Rate is requests per second over the window; 0 for an empty one.
+func (w Window) Rate() float64 {
+	if w.Span() <= 0 {
+		return 0
+	}
+	return float64(w.Requests()) / w.Span().Seconds()
+}
+
+// Window returns the figures over the last d before now: the latest
+// snapshot minus the latest one taken at or before now-d (the oldest
+// kept one, if none is that old: the window is then shorter, see Span).
+// Zero with fewer than two snapshots.
+func (s *Series) Window(d time.Duration, now time.Time) Window {
+	n := len(s.ring)
+	if n < 2 {
+		return Window{}
+	}
+	last := s.at(n - 1)
+	from := s.at(0)
+	cut := now.Add(-d)
+	for i := n - 2; i >= 0; i-- {
+		if sn := s.at(i); !sn.at.After(cut) {
+			from = sn
+			break
+		}
+	}
+	return Window{Figures: last.fig.Sub(from.fig), From: from.at, To: last.at}
+}
+
+// Limiter takes a worker's reports at one a second, with a burst of two
+// (a token bucket): a worker reporting every second and once more as it
+// exits loses none; a flood is dropped. The zero Limiter is full.
+type Limiter struct {
+	tokens float64 // spent tokens: 0 is full
+	last   time.Time
+}
+
+// limiterBurst is the bucket's size.
+const limiterBurst = 2
+
+// Allow reports whether a report arriving at now is taken.
+func (l *Limiter) Allow(now time.Time) bool {
+	if !l.last.IsZero() {
+		l.tokens = math.Max(0, l.tokens-now.Sub(l.last).Seconds())
+	}
+	l.last = now
+	if l.tokens+1 > limiterBurst {
+		return false
+	}
+	l.tokens++
+	return true
+}
