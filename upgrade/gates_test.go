@@ -180,3 +180,17 @@ func TestDance_CanaryManualCommit(t *testing.T) {
 	w.toNew(WorkerReady{})
 	w.wantCommitted()
 }
+
+// TestDance_ExtendIsBounded: a new master cannot hold the old one's
+// deadline off for more than MaxExtend, nor with a negative one.
+func TestDance_ExtendIsBounded(t *testing.T) {
+	w := gated(t, 0)
+	w.start()
+	w.toOld(FromChild{Msg: Msg{Kind: KindExtend, Pid: newPid, Millis: (24 * time.Hour).Milliseconds()}})
+	if !w.did("old:upgrade.Arm{Timer:upgrade deadline D:5m5s") {
+		t.Fatalf("the deadline was not capped at MaxExtend + Slack: %v", w.acts)
+	}
+	if _, err := DecodeMsg([]byte(`{"kind":"extend","ms":-1}`)); err == nil {
+		t.Error("a negative extension decoded")
+	}
+}
