@@ -58,6 +58,8 @@ type ctlStatus struct {
 		Want      int                `json:"want"`
 		Preflight string             `json:"preflight"`
 		Phases    map[string]float64 `json:"phases"`
+		Stage     string             `json:"stage"`
+		Gates     string             `json:"gates"`
 	} `json:"upgrade"`
 	LastUpgrade *struct {
 		Outcome, Reason string

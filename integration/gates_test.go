@@ -215,6 +215,20 @@ func TestGates_CanaryServesTheMinimum(t *testing.T) {
 				t.Fatalf("%d workers of the new generation started before the canary served, want 1", len(canaries))
 			}
 			canary := canaries[0].Int("pid")
+			// The new master (molt.pid names it) shows its stage and the
+			// gates' judgement so far.
+			test.WaitFor(t, stepTimeout, "the gates' judgement in ctl status", func() error {
+				st, err := tryStatus(t, u.pidFile)
+				if err != nil {
+					return err
+				}
+				if up := st.Upgrade; up == nil || up.Side != "new" || up.Gates == "" {
+					return fmt.Errorf("upgrade %+v", st.Upgrade)
+				} else if up.Stage != "probation" && up.Stage != "gates-waiting" || up.Want != 1 {
+					t.Errorf("during the canary: stage %q, %d workers wanted", up.Stage, up.Want)
+				}
+				return nil
+			})
 			runs := []*load.Run{before}
 			onCanary := func() int {
 				n := 0

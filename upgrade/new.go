@@ -86,6 +86,7 @@ type NewSide struct {
 	// (Traffic), seen says whether any came.
 	traffic Traffic
 	seen    bool
+	verdict string // the gates' last judgement, for ctl status
 }
 
 // NewNewSide returns the machine of a new master, in NewAwaitingConfig.
@@ -494,6 +495,7 @@ func (n *NewSide) onTraffic(env Env, t Traffic) {
 		return
 	}
 	v, why := n.cfg.Gates.Judge(t.New, t.Old, n.state == NewCompleting)
+	n.verdict = v.String() + ": " + why
 	switch {
 	case v == GateFail:
 		n.gateFailed(env, why)
@@ -588,6 +590,11 @@ func (n *NewSide) complete(env Env) {
 // ServingSince is when every worker of the probation (the canary's, with
 // --canary) was first ready: the start of the gates' window; zero before.
 func (n *NewSide) ServingSince() time.Time { return n.tl.at[PhaseServing] }
+
+// Verdict is the gates' last judgement of the probation so far ("wait:
+// new generation: 40 of the 100 requests the gates need"); "" before
+// any.
+func (n *NewSide) Verdict() string { return n.verdict }
 
 // Judging reports whether the gates want Traffic events now.
 func (n *NewSide) Judging() bool { return n.cfg.Gates.On() && n.probation() }
