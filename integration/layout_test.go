@@ -84,6 +84,37 @@ func TestLayout_ImportDirections(t *testing.T) {
 			t.Errorf("master/ctlclient depends on %s: it is a leaf (stdlib + golang.org/x/sys)", d)
 		}
 	}
+	// The Prometheus exposition: VictoriaMetrics/metrics, through
+	// master/internal/metrics alone (chosen by the master's RSS:
+	// docs/operating.md, "Metrics"); the prometheus/* modules are the
+	// tests' parser, never in a binary.
+	const vm = "github.com/VictoriaMetrics/metrics"
+	for _, pkg := range []string{"master", "master/keeper", "master/ctlclient", "master/safefile", "upgrade", "worker", "cmd/molt", "test", "test/fakeapp"} {
+		for _, d := range pkgDeps(t, pkg) {
+			if strings.HasPrefix(d, "github.com/prometheus/") {
+				t.Errorf("%s depends on %s: the prometheus/* modules are for tests only (the parser)", pkg, d)
+			}
+			if (d == vm || strings.HasPrefix(d, vm+"/") || d == module+"/master/internal/metrics") && pkg != "master" && pkg != "cmd/molt" {
+				t.Errorf("%s depends on %s: the metrics exposition is the master's alone", pkg, d)
+			}
+		}
+	}
+	for _, pkg := range []string{"master", "cmd/molt"} {
+		out, err := exec.Command("go", "list", "-f", "{{join .Imports \"\\n\"}}", "../"+pkg).Output()
+		if err != nil {
+			t.Fatalf("go list %s: %v", pkg, err)
+		}
+		for _, d := range strings.Fields(string(out)) {
+			if d == vm || strings.HasPrefix(d, vm+"/") {
+				t.Errorf("%s imports %s: only master/internal/metrics does", pkg, d)
+			}
+		}
+	}
+	for _, d := range pkgDeps(t, "master/internal/metrics") {
+		if strings.HasPrefix(d, module+"/") && d != module+"/master/internal/metrics" {
+			t.Errorf("master/internal/metrics depends on %s: it is a leaf (the library and the standard library)", d)
+		}
+	}
 	// worker: the standard library and x/sys, nothing else.
 	for _, d := range pkgDeps(t, "worker") {
 		if d != module+"/worker" && !strings.HasPrefix(d, "golang.org/x/sys/") {

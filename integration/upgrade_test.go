@@ -163,7 +163,9 @@ func TestUpgrade_WorkersOfANewGenerationGetExactlyTheProtocolFDs(t *testing.T) {
 	t.Parallel()
 	reports := t.TempDir()
 	u := start(t, runOpts{Deploy: byRename,
-		Args: []string{"--listen", "web=127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--", bins.fakeapp, "serve", "--report", reports}})
+		// The metrics socket travels between masters, never to a worker.
+		Args: []string{"--listen", "web=127.0.0.1:0", "--workers", "2", "--probation", "300ms", "--metrics-listen", "127.0.0.1:0",
+			"--", bins.fakeapp, "serve", "--report", reports}})
 	u.addrs(1)
 	u.waitServing()
 	nw := u.upgrade()

@@ -79,6 +79,11 @@ type Config struct {
 	// Backlog, if not zero, is the listen backlog of every listener.
 	Backlog int
 
+	// MetricsListen, if not empty, is the HOST:PORT where the master
+	// serves Prometheus metrics at /metrics (--metrics-listen). It has no
+	// authentication: bind it to loopback or a private address.
+	MetricsListen string
+
 	// PIDFile is the master's pid file; its lock file is PIDFile+".lock".
 	PIDFile string
 	// ControlSocket is the path of the control socket; default molt.sock
@@ -214,6 +219,9 @@ func (c Config) validate() error {
 	}
 	if len(c.Listeners) == 0 {
 		return bad("no listener: give at least one --listen")
+	}
+	if err := validMetricsAddr(c.MetricsListen); err != nil {
+		return bad("%v", err)
 	}
 	if c.Workers < 1 {
 		return bad("workers must be at least 1, not %d", c.Workers)

@@ -53,6 +53,7 @@ func (m *Master) env() upgrade.Env {
 // a refusal as an error.
 func (m *Master) toOld(ev upgrade.Event) error {
 	err := m.act(m.old.Handle(m.env(), ev), false)
+	m.noteOldResult()
 	m.finishIfIdle()
 	return err
 }
@@ -110,6 +111,8 @@ func (m *Master) act(acts []upgrade.Action, toParent bool) error {
 				msg.Since = a.Since.UnixNano()
 			}
 			m.tellChild(msg)
+			m.countersSent = nil
+			m.sendCounters(a.To) // then whenever they change (publishMetrics)
 		case upgrade.StopWorkers:
 			for _, p := range m.procs {
 				m.stopWorker(p)
@@ -131,10 +134,12 @@ func (m *Master) act(acts []upgrade.Action, toParent bool) error {
 			m.tellWatchers(CtlReply{OK: a.OK, Done: true, Message: a.Message, Error: a.Error}, true)
 		case upgrade.Commit:
 			m.shutDownDropped()
+			m.noteCommit() // serves the endpoint before the old master stops: no gap
 			if err := m.hand.Ready(); err != nil && !m.new.ParentGone() {
 				m.log.Warn("commit: the old master did not take the news; it may be gone", "error", err)
 			}
 		case upgrade.BecomePrimary:
+			m.noteParentGone()
 			// An old master that retired removed its .oldbin itself; one
 			// that died (SIGKILL) could not.
 			if a.ParentPid > 0 {
@@ -219,6 +224,10 @@ func (m *Master) onParentMsg(ev fromParent) {
 		if ev.msg.To == os.Getpid() {
 			m.onParentFigures(ev.msg)
 		}
+		return
+	}
+	if ev.msg.Kind == upgrade.KindMetrics {
+		m.onParentCounters(ev.msg)
 		return
 	}
 	var cfgErr error

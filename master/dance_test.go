@@ -58,6 +58,9 @@ func newUpgradingMaster(t *testing.T) (*Master, *fakeSys, *fakeHand, int) {
 			if err != nil {
 				return // closed at cleanup
 			}
+			if msg.Kind == upgrade.KindMetrics {
+				continue // the counters, after the config and every change (integration: TestMetrics_*)
+			}
 			h.msgs <- msg
 		}
 	}()
@@ -154,6 +157,9 @@ func TestLoop_UpgradeRollbackFromStandbyOpensNoGap(t *testing.T) {
 	}
 	if r := m.old.Last(); r == nil || r.Outcome != "rolled back" || r.Reason != "worker died" {
 		t.Fatalf("last upgrade %+v", r)
+	}
+	if n := m.totals().Upgrades["rolled_back/worker_died"]; n != 1 {
+		t.Fatalf("counted rollbacks: %v, want rolled_back/worker_died 1", m.totals().Upgrades)
 	}
 }
 

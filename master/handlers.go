@@ -140,7 +140,7 @@ func (m *Master) onWorkerStopping(p *proc) {
 		return
 	}
 	healthy := p.state == workerReady && time.Since(p.readyAt) >= healthyAfter
-	p.state = workerStopping
+	p.state, p.stopAt = workerStopping, time.Now()
 	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 	s := m.slotOf(p)
 	if s == nil || !m.phase.running() {

@@ -76,6 +76,9 @@ func (m *Master) start() error {
 		m.storeListeners()
 		m.unstoreListeners(unstored...)
 	}
+	if err := m.openMetrics(); err != nil {
+		return err
+	}
 	if m.control, err = openControlSocket(m.cfg.ControlSocket, m.log.Named("control")); err != nil {
 		return err
 	}
@@ -273,6 +276,7 @@ func (m *Master) release() {
 		m.stopSignals()
 	}
 	m.cancelPreflight()
+	m.closeMetrics()
 	m.closeNotifyDir()
 	if m.control != nil {
 		// Each master removes its own control socket, wherever an upgrade

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/internal/metrics"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/upgrade"
@@ -94,6 +95,14 @@ type Master struct {
 	// accept is this generation's accept table (accepttable.go); nil if
 	// it could not be made: workers then accept unbalanced.
 	accept *acceptTable
+
+	// metrics serves --metrics-listen (nil: off); counters are this
+	// master's own figures, base those its old master sent (metrics.go).
+	metrics        *metrics.Server
+	counters, base metrics.Counters
+	countersTo     int    // the new master the counters were last sent to
+	countersSent   []byte // what was sent to it
+	counted        *upgrade.Result
 }
 
 // sysOps are the loop's process and timer operations: the one seam that
@@ -249,6 +258,7 @@ func (m *Master) loop(ctx context.Context) error {
 			m.log.Info("context cancelled", "event", "master.cancelled", "action", "graceful shutdown")
 			m.shutdown(false)
 		}
+		m.publishMetrics()
 	}
 	if m.exitErr == nil && m.new != nil {
 		if e := m.new.Exit(); e != nil {

@@ -99,6 +99,7 @@ func (m *Master) onChildExited(ev childExited) {
 		_ = p.health.Close()
 	}
 	m.trafficSeries().WorkerGone(ev.pid, time.Now()) // its figures stay in the total
+	m.noteWorkerDrained(p)
 	if p.entry > 0 && m.accept != nil {
 		m.accept.release(p.entry - 1) // siblings see it absent
 	}
@@ -140,6 +141,7 @@ func (m *Master) onChildExited(ev childExited) {
 	}
 	delay := s.backoff.fail()
 	s.restarts++
+	m.counters.Restarts++
 	log.Error("worker exited unexpectedly; replacing it", "event", "worker.exited_unexpectedly", "restart_in", delay.String(), "restarts", s.restarts)
 	m.respawnLater(s, delay)
 	// A new generation has no business committing with a worker that dies.
@@ -163,6 +165,7 @@ func (m *Master) respawnLater(s *slot, delay time.Duration) {
 		return
 	}
 	s.restartAt = time.Now().Add(delay)
+	m.counters.Backoffs++
 	s.seq = m.nextSeq()
 	m.after(delay, timerFired{kind: respawnDue, s: s, slot: s.n, seq: s.seq})
 }
@@ -236,7 +239,7 @@ func (m *Master) stopWorker(p *proc) {
 	if p.state == workerStopping {
 		return
 	}
-	p.state = workerStopping
+	p.state, p.stopAt = workerStopping, time.Now()
 	m.signalGroup(p, p.spec.stopSignal)
 	m.after(p.spec.drainTimeout, timerFired{kind: drainDeadline, pid: p.pid})
 }

@@ -98,6 +98,7 @@ func (m *Master) recycleExited(p *proc, failed bool, how string, log hclog.Logge
 	}
 	s.pid, s.successor, s.lastExit = s.successor, 0, how
 	s.restarts++
+	m.counters.Restarts++
 	log.Error("worker exited unexpectedly; its replacement, already starting, takes the slot", "event", "worker.exited_unexpectedly", "restart_in", "0s", "restarts", s.restarts)
 	m.workerFailed(ExitWorkerDied, fmt.Sprintf("worker %d (pid %d) exited before the commit: %s", p.slot, p.pid, how))
 	return true

@@ -68,6 +68,9 @@ type proc struct {
 	// state and its times.
 	state            workerState
 	started, readyAt time.Time
+	// stopAt is when it was told to stop, or said STOPPING=1 (the
+	// drain's start; zero if neither).
+	stopAt time.Time
 	// status is the last STATUS= it sent.
 	status string
 	// lastPing is the time of its last WATCHDOG=1.

@@ -34,9 +34,11 @@ type Status struct {
 	ResurrectedBecause string `json:"resurrected_because,omitempty"`
 	// Traffic: this generation's request figures and, on a new master
 	// during its upgrade, the old generation's (traffic.go).
-	Traffic    []TrafficStatus `json:"traffic,omitempty"`
-	FDs        int             `json:"fds"`
-	Goroutines int             `json:"goroutines"`
+	Traffic []TrafficStatus `json:"traffic,omitempty"`
+	// Metrics is the address of the metrics endpoint ("" if off).
+	Metrics    string `json:"metrics,omitempty"`
+	FDs        int    `json:"fds"`
+	Goroutines int    `json:"goroutines"`
 }
 
 // WorkerStatus is one worker process.
@@ -144,6 +146,9 @@ func (m *Master) status() *Status {
 		st.Upgrade = &UpgradeStatus{Side: "new", NewPID: os.Getpid(), Serving: m.phase == phaseServing,
 			Ready: m.readyCount(), Want: len(m.slots), Elapsed: time.Since(m.started).Round(time.Millisecond).String(), Phases: ph,
 			Stage: m.new.State().String(), Gates: m.new.Verdict()}
+	}
+	if m.metrics != nil {
+		st.Metrics = fileAddr(m.metrics.File())
 	}
 	st.LastResult = m.old.Last()
 	if st.LastResult == nil && m.new != nil {

@@ -43,6 +43,10 @@ const (
 	KindCommit  = "commit"  // commit now (QUIT to G1, or the manual commit)
 	KindRelease = "release" // G1 serves again: an aborting G2 may stop its workers
 	KindAbort   = "abort"   // Reason (optional): give up as QUIT to G2 does (every generation stops, or the pre-flight failed)
+	// KindMetrics: Metrics, G1's monotonic counters (molt_*_total), after
+	// the config and whenever they change until the attempt ends: G2
+	// counts on from them.
+	KindMetrics = "metrics"
 	// KindPreflightOK: the pre-flight G1 ran alongside G2's start passed;
 	// a G2 whose config said Hold may commit now.
 	KindPreflightOK = "preflight-ok"
@@ -89,6 +93,9 @@ type Msg struct {
 	// Figures (figures): the sender generation's cumulative traffic
 	// figures, a vector of at most MaxFigures counts.
 	Figures []uint64 `json:"figures,omitempty"`
+	// Metrics (metrics): opaque to this package; the master's
+	// counters (master/internal/metrics.Counters).
+	Metrics json.RawMessage `json:"metrics,omitempty"`
 }
 
 // MaxFigures bounds the length of Msg.Figures.

@@ -137,3 +137,57 @@ func FailureReason(reported string, killed bool, err error) string {
 	}
 	return e.Error()
 }
+
+// Causes: the stable short forms of how an upgrade ended (Result.Cause),
+// a small fixed set for alerts and metrics labels (docs/operating.md,
+// "Metrics"). Reason is the sentence; Cause never has free text.
+const (
+	CauseOK            = "ok"             // committed
+	CausePreflight     = "preflight"      // the new binary failed its pre-flight
+	CauseDeadline      = "deadline"       // not serving in time: killed by the old master
+	CauseStart         = "start"          // the new binary could not be started
+	CauseSignal        = "signal"         // the new master was killed by a signal
+	CauseNotReady      = "not_ready"      // ExitNotReady
+	CauseWorkerDied    = "worker_died"    // ExitWorkerDied
+	CauseAborted       = "aborted"        // ExitAborted: QUIT to the new master, or a stop
+	CauseConfig        = "config"         // ExitUsage, ExitNoParent: flags, configuration, or none
+	CauseBind          = "bind"           // ExitBind
+	CauseLocked        = "locked"         // ExitLocked
+	CauseStopped       = "stopped"        // ExitStoppedByOld
+	CausePIDFile       = "pid_file"       // ExitPIDFile
+	CauseFailed        = "failed"         // any other exit
+	CauseSuccessorDied = "successor_died" // taken back: the committed new master died
+)
+
+var exitCauses = map[int]string{
+	ExitUsage: CauseConfig, ExitNoParent: CauseConfig, ExitBind: CauseBind, ExitLocked: CauseLocked,
+	ExitNotReady: CauseNotReady, ExitWorkerDied: CauseWorkerDied, ExitAborted: CauseAborted,
+	ExitStoppedByOld: CauseStopped, ExitPIDFile: CausePIDFile,
+}
+
+// FailureCause is the stable cause of a failed attempt, from the same
+// facts as FailureReason: the new master's report (its code), whether the
+// old master killed it, and Upgrade's error.
+func FailureCause(reported *Msg, killed bool, err error) string {
+	if reported != nil {
+		if c, ok := exitCauses[reported.Code]; ok {
+			return c
+		}
+		return CauseFailed
+	}
+	if killed {
+		return CauseDeadline
+	}
+	e := classify(err)
+	switch e.Kind {
+	case FailedStart:
+		return CauseStart
+	case FailedSignal:
+		return CauseSignal
+	case FailedExit:
+		if c, ok := exitCauses[e.Code]; ok {
+			return c
+		}
+	}
+	return CauseFailed
+}

@@ -36,3 +36,28 @@ func TestFailureReason(t *testing.T) {
 		}
 	}
 }
+
+func TestFailureCause(t *testing.T) {
+	tests := []struct {
+		reported *Msg
+		killed   bool
+		err      string
+		want     string
+	}{
+		{nil, false, "can't start child: can't start process ./molt: fork/exec: exec format error", CauseStart},
+		{nil, false, "child pid=12 exited", CauseFailed},
+		{nil, false, "child pid=12 exited: exit status 2", CauseConfig},
+		{nil, false, "child pid=12 exited: exit status 10", CauseNotReady},
+		{nil, false, "child pid=12 exited: exit status 77", CauseFailed},
+		{nil, false, "child pid=12 exited: signal: segmentation fault", CauseSignal},
+		{nil, true, "child pid=12 exited: signal: killed", CauseDeadline},
+		{&Msg{Kind: KindFailed, Code: ExitWorkerDied, Reason: "worker 1 died"}, false, "child pid=12 exited: exit status 11", CauseWorkerDied},
+		{&Msg{Kind: KindFailed, Code: 99, Reason: "?"}, false, "child pid=12 exited: exit status 99", CauseFailed},
+		{nil, false, "upgrade in progress", CauseFailed},
+	}
+	for _, tt := range tests {
+		if got := FailureCause(tt.reported, tt.killed, errors.New(tt.err)); got != tt.want {
+			t.Errorf("FailureCause(%v, %v, %q) = %q, want %q", tt.reported, tt.killed, tt.err, got, tt.want)
+		}
+	}
+}

@@ -412,7 +412,7 @@ func (n *NewSide) commit(env Env, why string) {
 	now := n.cfg.Now()
 	n.tl.mark(PhaseCommitted, now)
 	ph := n.Phases()
-	n.last = &Result{Outcome: "committed", NewPID: n.cfg.Pid, At: now, Phases: ph}
+	n.last = &Result{Outcome: "committed", Cause: CauseOK, NewPID: n.cfg.Pid, At: now, Phases: ph}
 	n.log.Info("upgrade committed", append([]any{"event", "upgrade.committed", "side", "new"}, ph.Fields()...)...)
 	if n.parentGone {
 		n.becomePrimary()

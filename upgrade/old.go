@@ -90,10 +90,13 @@ func (a *Attempt) Phases() Phases { return a.tl.phases(a.Started) }
 
 // Result is how the last upgrade ended.
 type Result struct {
-	Outcome string    `json:"outcome"` // committed, rolled back, taken back
-	Reason  string    `json:"reason,omitempty"`
-	NewPID  int       `json:"new_pid,omitempty"`
-	At      time.Time `json:"at"`
+	Outcome string `json:"outcome"` // committed, rolled back, taken back
+	Reason  string `json:"reason,omitempty"`
+	// Cause is Reason's stable short form (FailureCause): "ok" for a
+	// commit. Metrics label by it.
+	Cause  string    `json:"cause,omitempty"`
+	NewPID int       `json:"new_pid,omitempty"`
+	At     time.Time `json:"at"`
 	// Phases: the milestones the upgrade reached (docs/upgrades.md).
 	Phases Phases `json:"phases,omitempty"`
 }

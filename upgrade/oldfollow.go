@@ -138,7 +138,7 @@ func (o *OldSide) onUpgradeDone(env Env, err error) {
 	if err == nil {
 		up.tl.mark(PhaseCommitted, now)
 		ph := up.Phases()
-		o.last = &Result{Outcome: "committed", NewPID: up.Pid, At: now, Phases: ph}
+		o.last = &Result{Outcome: "committed", Cause: CauseOK, NewPID: up.Pid, At: now, Phases: ph}
 		o.to(OldRetiring, "the new generation committed")
 		o.log.Info("upgrade committed; this generation retires", append([]any{"event", "upgrade.committed", "side", "old", "new_pid", up.Pid, "elapsed", elapsed}, ph.Fields()...)...)
 		o.do(Finish{OK: true, Message: fmt.Sprintf("committed: the new master (pid %d) serves; this one retires", up.Pid)})
@@ -155,12 +155,13 @@ func (o *OldSide) onUpgradeDone(env Env, err error) {
 		reported = up.Failed.Reason
 	}
 	reason := FailureReason(reported, up.killed, err)
+	cause := FailureCause(up.Failed, up.killed, err)
 	if up.preflightErr != "" {
-		reason = up.preflightErr
+		reason, cause = up.preflightErr, CausePreflight
 	}
 	up.tl.mark(PhaseRolledBack, now)
 	ph := up.Phases()
-	o.last = &Result{Outcome: "rolled back", Reason: reason, NewPID: up.Pid, At: now, Phases: ph}
+	o.last = &Result{Outcome: "rolled back", Reason: reason, Cause: cause, NewPID: up.Pid, At: now, Phases: ph}
 	o.do(RestoreFiles{}, Finish{Error: "rolled back: " + reason})
 	if !env.Running {
 		// Both generations are stopping (TERM/INT): the end is expected.
@@ -192,7 +193,7 @@ func (o *OldSide) onSuccessorExited(pid int) {
 		o.log.Info("the new master has exited; this generation goes on draining", "event", "upgrade.successor_exited", "new_pid", pid)
 		return
 	}
-	o.last = &Result{Outcome: "taken back", Reason: fmt.Sprintf("the new master (pid %d) died after its commit", pid), NewPID: pid, At: o.cfg.Now()}
+	o.last = &Result{Outcome: "taken back", Reason: fmt.Sprintf("the new master (pid %d) died after its commit", pid), Cause: CauseSuccessorDied, NewPID: pid, At: o.cfg.Now()}
 	o.to(OldTookBack, "the successor died after its commit")
 	o.log.Error("the new master died after its commit while this generation drained; this master takes the service back with new workers",
 		"event", "upgrade.took_back", "new_pid", pid)

@@ -47,7 +47,7 @@ const (
 // fileKeys are the keys a config file may set.
 var fileKeys = map[string]keyKind{
 	"listen": kindStrings, "socket_mode": kindString, "workers": kindInt, "pid_file": kindString,
-	"control_socket": kindString, "log_file": kindString, "log_level": kindString, "log_json": kindBool,
+	"control_socket": kindString, "metrics_listen": kindString, "log_file": kindString, "log_level": kindString, "log_json": kindBool,
 	"ready": kindString, "ready_timeout": kindString, "drain_timeout": kindString,
 	"worker_stop_signal": kindString, "probation": kindString, "stable_after": kindString, "commit": kindString, "watchdog": kindString, "max_worker_lifetime": kindString,
 	"user": kindString, "group": kindString, "chdir": kindString, "env": kindMap, "pass_env": kindStrings,

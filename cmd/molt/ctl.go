@@ -204,6 +204,9 @@ func printStatus(out io.Writer, st *master.Status) {
 		}
 		fmt.Fprintf(out, "listen   %-8s %-5s %s%s\n", p(l.Name), p(l.Network), p(l.Addr), inh)
 	}
+	if st.Metrics != "" {
+		fmt.Fprintf(out, "metrics  http://%s/metrics\n", p(st.Metrics))
+	}
 	if u := st.Upgrade; u != nil {
 		line := fmt.Sprintf("upgrade  in flight for %s: new master pid %d, %d of %d workers ready, serving %v", p(u.Elapsed), u.NewPID, u.Ready, u.Want, u.Serving)
 		if u.Preflight != "" {

@@ -74,6 +74,7 @@ type runFlags struct {
 	stableAfter  time.Duration
 	commit       string
 	control      string
+	metrics      string
 	configFile   string
 	user, group  string
 	chdir        string
@@ -147,6 +148,7 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.Float64Var(&f.maxLatency, "max-latency-factor", 0, "gate of the probation: the new generation's p99 latency may be at most `F` times the\nold one's (e.g. 2), or it rolls back (default: off)")
 	fs.IntVar(&f.minRequests, "min-requests", upgrade.DefaultMinRequests, "with a gate on, the probation extends (by at most "+upgrade.MaxGateWait.String()+") until the new generation\nhas served `N` requests; then the gates judge what there is, and none at all commits")
 	fs.IntVar(&f.canary, "canary", 0, "the probation in two stages: first only `N` new workers serve beside all the old ones;\nonce the probation and the gates pass, the rest start, and the commit follows when all are\nready (default: off)")
+	fs.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics at http://`ADDR`/metrics (HOST:PORT; no authentication:\nbind it to loopback or a private address) (default: off)")
 	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
 		fmt.Fprint(out, runUsage)
@@ -267,6 +269,7 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		Workers:       f.workers,
 		PIDFile:       f.pidFile,
 		ControlSocket: f.control,
+		MetricsListen: f.metrics,
 		Preflight:     []string{"version"},
 		ReadyTimeout:  f.readyTimeout,
 		DrainTimeout:  f.drainTimeout,
