@@ -155,6 +155,7 @@ const (
 	CauseLocked        = "locked"         // ExitLocked
 	CauseStopped       = "stopped"        // ExitStoppedByOld
 	CausePIDFile       = "pid_file"       // ExitPIDFile
+	CauseGate          = "gate"           // ExitGateFailed: its traffic failed a gate of the probation
 	CauseFailed        = "failed"         // any other exit
 	CauseSuccessorDied = "successor_died" // taken back: the committed new master died
 )
@@ -162,7 +163,7 @@ const (
 var exitCauses = map[int]string{
 	ExitUsage: CauseConfig, ExitNoParent: CauseConfig, ExitBind: CauseBind, ExitLocked: CauseLocked,
 	ExitNotReady: CauseNotReady, ExitWorkerDied: CauseWorkerDied, ExitAborted: CauseAborted,
-	ExitStoppedByOld: CauseStopped, ExitPIDFile: CausePIDFile,
+	ExitStoppedByOld: CauseStopped, ExitPIDFile: CausePIDFile, ExitGateFailed: CauseGate,
 }
 
 // FailureCause is the stable cause of a failed attempt, from the same

@@ -88,6 +88,9 @@ func TestDance_GateFailsDuringProbation(t *testing.T) {
 	if e := w.new.Exit(); e == nil || e.Code != ExitGateFailed {
 		t.Fatalf("exit %+v", e)
 	}
+	if c := FailureCause(&Msg{Code: ExitGateFailed}, false, nil); c != CauseGate {
+		t.Errorf("cause %q, want %q", c, CauseGate)
+	}
 }
 
 func TestDance_GatesWaitForRequests(t *testing.T) {
