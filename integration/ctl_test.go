@@ -62,8 +62,8 @@ type ctlStatus struct {
 		Gates     string             `json:"gates"`
 	} `json:"upgrade"`
 	LastUpgrade *struct {
-		Outcome, Reason string
-		Phases          map[string]float64 `json:"phases"`
+		Outcome, Reason, Cause string
+		Phases                 map[string]float64 `json:"phases"`
 	} `json:"last_upgrade"`
 	Keeper             int             `json:"keeper_pid"`
 	Resurrections      int             `json:"resurrections"`

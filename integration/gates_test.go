@@ -111,6 +111,9 @@ func TestGates_ErrorsRollBack(t *testing.T) {
 			if got := u.current(); got != u.Pid {
 				t.Errorf("molt.pid names %d after the rollback, want the old master %d", got, u.Pid)
 			}
+			if last := statusOf(t, u.pidFile).LastUpgrade; last == nil || last.Cause != "gate" || last.Reason != reason {
+				t.Errorf("ctl status: last upgrade %+v, want cause gate and the reason logged", last)
+			}
 			if now := u.waitWorkers(4); fmt.Sprint(now) != fmt.Sprint(workers) {
 				t.Errorf("the old generation's workers changed from %v to %v", workers, now)
 			}
