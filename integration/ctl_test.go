@@ -58,10 +58,12 @@ type ctlStatus struct {
 		Want      int                `json:"want"`
 		Preflight string             `json:"preflight"`
 		Phases    map[string]float64 `json:"phases"`
+		Stage     string             `json:"stage"`
+		Gates     string             `json:"gates"`
 	} `json:"upgrade"`
 	LastUpgrade *struct {
-		Outcome, Reason string
-		Phases          map[string]float64 `json:"phases"`
+		Outcome, Reason, Cause string
+		Phases                 map[string]float64 `json:"phases"`
 	} `json:"last_upgrade"`
 	Keeper             int             `json:"keeper_pid"`
 	Resurrections      int             `json:"resurrections"`

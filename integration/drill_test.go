@@ -18,7 +18,11 @@ type drillReport struct {
 		NewServingMs float64 `json:"new_serving_ms"`
 		OldGoneMs    float64 `json:"old_gone_ms"`
 		Error        string
-		Fault        *struct {
+		Split        map[string]struct {
+			Answers int
+			Errors  int `json:"5xx"`
+		} `json:"by_generation"`
+		Fault *struct {
 			Name          string
 			KilledPID     int    `json:"killed_master_pid"`
 			KilledVersion string `json:"killed_version"`
@@ -70,6 +74,20 @@ func TestDrill_UpgradesMoltUnderItsLoad(t *testing.T) {
 	for _, up := range rep.Upgrades {
 		if up.Error != "" || up.NewServingMs < 0 || up.OldGoneMs < 0 {
 			t.Errorf("upgrade %+v", up)
+		}
+		// Each upgrade's window: the generation before it and the new one
+		// answered, neither with a 5xx.
+		answered := 0
+		for g, sp := range up.Split {
+			if sp.Errors != 0 {
+				t.Errorf("upgrade %d: generation %s answered %d 5xx", up.N, g, sp.Errors)
+			}
+			if sp.Answers > 0 {
+				answered++
+			}
+		}
+		if answered < 2 {
+			t.Errorf("upgrade %d: split by generation %+v, want two generations answering", up.N, up.Split)
 		}
 	}
 	if len(rep.ByGeneration) != 3 || len(rep.ByWorker) < 6 || rep.LatencyInUpgrades.N == 0 {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/keeper"
+	"github.com/molt-server/molt/upgrade"
 )
 
 // Defaults of the settings in Config.
@@ -106,6 +107,13 @@ type Config struct {
 	// operator's QUIT to the old master (nginx's flow) instead of
 	// committing by itself.
 	ManualCommit bool
+	// Gates judge a new generation's probation by its traffic against
+	// the old one's (docs/upgrades.md, "Gates"); the zero value judges
+	// nothing.
+	Gates upgrade.Gates
+	// Canary, if not zero, makes a new generation's probation two-staged:
+	// only Canary workers serve at first, the rest once it passed.
+	Canary int
 	// ReadyDelay, if not zero, makes a worker that never sends READY=1
 	// count as ready this long after it started (--ready=delay:DUR).
 	ReadyDelay time.Duration

@@ -36,7 +36,8 @@ func (m *Master) start() error {
 		ManualCommit: m.cfg.ManualCommit, ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, m.log)
 	if m.hand.HasParent() {
 		m.new = upgrade.NewNewSide(upgrade.NewConfig{Pid: os.Getpid(), Version: m.cfg.Version,
-			ManualCommit: m.cfg.ManualCommit, ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation}, m.log)
+			ManualCommit: m.cfg.ManualCommit, ReadyTimeout: m.cfg.ReadyTimeout, Probation: m.cfg.Probation,
+			Gates: m.cfg.Gates, Canary: m.cfg.Canary}, m.log)
 	} else {
 		m.gen = 1
 		m.setLogger(m.log.With("gen", m.gen))

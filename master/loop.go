@@ -231,6 +231,7 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onNotify(ev)
 			case statsTick:
 				m.onStatsTick(ev)
+				m.feedGates(ev.at) // gates.go
 			case timerFired:
 				m.onTimer(ev)
 			case upgradeDone:

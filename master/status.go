@@ -89,6 +89,10 @@ type UpgradeStatus struct {
 	Preflight string `json:"preflight,omitempty"`
 	// Phases: the milestones reached so far (docs/upgrades.md).
 	Phases upgrade.Phases `json:"phases,omitempty"`
+	// Stage (new side): its state, e.g. probation, gates-waiting,
+	// completing; Gates: the gates' last judgement, if they are on.
+	Stage string `json:"stage,omitempty"`
+	Gates string `json:"gates,omitempty"`
 }
 
 // UpgradeResult is how the last upgrade ended.
@@ -140,7 +144,8 @@ func (m *Master) status() *Status {
 	} else if m.newUncommitted() {
 		ph := m.new.Phases()
 		st.Upgrade = &UpgradeStatus{Side: "new", NewPID: os.Getpid(), Serving: m.phase == phaseServing,
-			Ready: m.readyCount(), Want: len(m.slots), Elapsed: time.Since(m.started).Round(time.Millisecond).String(), Phases: ph}
+			Ready: m.readyCount(), Want: len(m.slots), Elapsed: time.Since(m.started).Round(time.Millisecond).String(), Phases: ph,
+			Stage: m.new.State().String(), Gates: m.new.Verdict()}
 	}
 	if m.metrics != nil {
 		st.Metrics = fileAddr(m.metrics.File())

@@ -31,6 +31,10 @@ const (
 	KindFailed    = "failed"    // Pid, Code, Reason: G2 gives up (rollback)
 	KindStopping  = "stopping"  // Pid: G2, committed, stops on purpose (QUIT or TERM): G1 must not take over when it exits
 	KindStopAll   = "stop-all"  // Pid: G2, uncommitted, was asked to stop every generation: G1 drains, G2 gives up (KindFailed follows)
+	// KindExtend: Pid, Millis, Reason: G2's probation goes on past its
+	// end (the gates wait for requests, or the rest of the workers start
+	// after the canary): G1's deadline moves Millis from now.
+	KindExtend = "extend"
 )
 
 // Message kinds sent by G1 to G2 (To names the G2).
@@ -84,6 +88,8 @@ type Msg struct {
 	// Since (config): when the upgrade was signalled, in Unix
 	// nanoseconds: the new master times its phases from it.
 	Since int64 `json:"since,omitempty"`
+	// Millis (extend): how much longer the probation may take.
+	Millis int64 `json:"ms,omitempty"`
 	// Figures (figures): the sender generation's cumulative traffic
 	// figures, a vector of at most MaxFigures counts.
 	Figures []uint64 `json:"figures,omitempty"`
@@ -123,7 +129,7 @@ func DecodeMsg(b []byte) (Msg, error) {
 	if m.Kind == "" {
 		return Msg{}, fmt.Errorf("%w: no kind", ErrMessage)
 	}
-	if m.To < 0 || m.Pid < 0 || m.Gen < 0 || m.Workers < 0 || m.Ready < 0 || m.Code < 0 || m.Since < 0 {
+	if m.To < 0 || m.Pid < 0 || m.Gen < 0 || m.Workers < 0 || m.Ready < 0 || m.Code < 0 || m.Since < 0 || m.Millis < 0 {
 		return Msg{}, fmt.Errorf("%w: negative number in %s message", ErrMessage, m.Kind)
 	}
 	if len(m.Figures) > MaxFigures {

@@ -50,9 +50,12 @@ const (
 	// TimerRelease (new): a new master that gave up waited long enough for
 	// the old one to serve again.
 	TimerRelease
+	// TimerGateWait (new): the probation's extension for the gates'
+	// minimum of requests is over (MaxGateWait).
+	TimerGateWait
 )
 
-var timerNames = [...]string{"upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline"}
+var timerNames = [...]string{"upgrade deadline", "quit settled", "config deadline", "new ready deadline", "probation over", "release deadline", "gates wait over"}
 
 func (t Timer) String() string { return timerNames[t] }
 
@@ -71,6 +74,10 @@ const (
 	// KillReapTimeout bounds the wait for a new master told to stop fast;
 	// then it is killed with its workers.
 	KillReapTimeout = 10 * time.Second
+	// MaxExtend bounds one extension of the probation a new master asks
+	// for (KindExtend): a new master cannot hold the old one's deadline
+	// off for long.
+	MaxExtend = 5 * time.Minute
 )
 
 // logTransition is the one log line of every change of state.

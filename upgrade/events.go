@@ -101,6 +101,9 @@ type (
 	// WorkersChanged: this generation's worker process groups are now
 	// PGIDs (the old master kills them with this one at a deadline).
 	WorkersChanged struct{ PGIDs []int }
+	// Traffic is both generations' figures over the probation so far
+	// (from ServingSince), once a second while Judging.
+	Traffic struct{ New, Old Figures }
 )
 
 func (FromParent) event()     {}
@@ -109,3 +112,4 @@ func (Serving) event()        {}
 func (WorkerFailed) event()   {}
 func (WorkerReady) event()    {}
 func (WorkersChanged) event() {}
+func (Traffic) event()        {}

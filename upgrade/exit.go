@@ -26,6 +26,7 @@ const (
 	ExitNoParent     = 13 // no configuration from the old master over the channel
 	ExitStoppedByOld = 14 // TERM/INT to the old master stopped both generations
 	ExitPIDFile      = 15 // it could not write the pid file (a full disk, a read-only directory)
+	ExitGateFailed   = 16 // its traffic failed a gate of the probation (--max-error-rate, --max-latency-factor)
 )
 
 // exitReasons explains every exit status an old master may see from a new
@@ -41,6 +42,7 @@ var exitReasons = map[int]string{
 	ExitNoParent:     "the new master got no configuration from the old one",
 	ExitStoppedByOld: "the new master was stopped with the old one",
 	ExitPIDFile:      "the new master could not write the pid file",
+	ExitGateFailed:   "the new generation's traffic failed a gate of its probation",
 }
 
 // ExitError is what a new master that gave up before its commit ends
@@ -153,6 +155,7 @@ const (
 	CauseLocked        = "locked"         // ExitLocked
 	CauseStopped       = "stopped"        // ExitStoppedByOld
 	CausePIDFile       = "pid_file"       // ExitPIDFile
+	CauseGate          = "gate"           // ExitGateFailed: its traffic failed a gate of the probation
 	CauseFailed        = "failed"         // any other exit
 	CauseSuccessorDied = "successor_died" // taken back: the committed new master died
 )
@@ -160,7 +163,7 @@ const (
 var exitCauses = map[int]string{
 	ExitUsage: CauseConfig, ExitNoParent: CauseConfig, ExitBind: CauseBind, ExitLocked: CauseLocked,
 	ExitNotReady: CauseNotReady, ExitWorkerDied: CauseWorkerDied, ExitAborted: CauseAborted,
-	ExitStoppedByOld: CauseStopped, ExitPIDFile: CausePIDFile,
+	ExitStoppedByOld: CauseStopped, ExitPIDFile: CausePIDFile, ExitGateFailed: CauseGate,
 }
 
 // FailureCause is the stable cause of a failed attempt, from the same

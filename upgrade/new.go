@@ -21,6 +21,14 @@ const (
 	// generation until the probation ends (or, manual, until QUIT to the
 	// old master).
 	NewProbation
+	// NewGateWait: the probation is over but the new generation has not
+	// served the gates' minimum of requests yet: it serves on until it
+	// has, by at most MaxGateWait.
+	NewGateWait
+	// NewCompleting: the canary passed its probation and the gates; the
+	// rest of the workers start, and the commit follows once all are
+	// ready and the gates still pass (within the ready timeout).
+	NewCompleting
 	// NewFailing: it gave up; the old master serves again and releases
 	// it, or the release deadline passes.
 	NewFailing
@@ -32,7 +40,7 @@ const (
 	NewPrimary
 )
 
-var newStateNames = [...]string{"awaiting-config", "starting", "probation", "failing", "stopping", "committed", "primary"}
+var newStateNames = [...]string{"awaiting-config", "starting", "probation", "gates-waiting", "completing", "failing", "stopping", "committed", "primary"}
 
 func (s NewState) String() string { return newStateNames[s] }
 
@@ -43,7 +51,12 @@ type NewConfig struct {
 	ManualCommit bool
 	ReadyTimeout time.Duration
 	Probation    time.Duration
-	Now          func() time.Time // time.Now if nil
+	// Gates judge the probation (gates.go); the zero value judges nothing.
+	Gates Gates
+	// Canary, if not zero and below the worker count, is how many workers
+	// serve during the probation; the rest start once the gates pass.
+	Canary int
+	Now    func() time.Time // time.Now if nil
 }
 
 // NewSide is the new master's side of the dance, from its start to being
@@ -65,6 +78,15 @@ type NewSide struct {
 	tl      timeline
 	last    *Result
 	acts    []Action
+	// want is the old master's worker count; canary: this probation
+	// starts Canary of them first (decided at the first configuration).
+	want   int
+	canary bool
+	// traffic is the last figures of both generations over the probation
+	// (Traffic), seen says whether any came.
+	traffic Traffic
+	seen    bool
+	verdict string // the gates' last judgement, for ctl status
 }
 
 // NewNewSide returns the machine of a new master, in NewAwaitingConfig.
@@ -150,6 +172,11 @@ func (n *NewSide) Handle(env Env, ev Event) []Action {
 		if n.Uncommitted() {
 			n.tell(Msg{Kind: KindProgress, Ready: env.ReadyWorkers, Workers: env.Workers})
 		}
+		if n.state == NewCompleting && env.AllReady && env.Workers >= n.want {
+			n.complete(env)
+		}
+	case Traffic:
+		n.onTraffic(env, ev)
 	case WorkersChanged:
 		if n.Uncommitted() {
 			n.tell(Msg{Kind: KindWorkers, PGIDs: ev.PGIDs})
@@ -205,7 +232,7 @@ func (n *NewSide) onParentMsg(env Env, ev FromParent) {
 	case KindConfig:
 		n.onConfig(env, msg, ev.ConfigErr)
 	case KindCommit:
-		if n.state == NewProbation {
+		if n.state == NewProbation || n.state == NewGateWait {
 			n.log.Info("the old master asks for the commit", "event", "upgrade.commit_asked")
 			n.commit(env, "the old master asks for it")
 		}
@@ -225,7 +252,7 @@ func (n *NewSide) onParentMsg(env Env, ev FromParent) {
 			return
 		}
 		n.hold = false
-		if why := n.heldWhy; why != "" && n.state == NewProbation {
+		if why := n.heldWhy; why != "" && n.probation() {
 			n.heldWhy = ""
 			n.log.Info("the old master's pre-flight passed; committing", "event", "upgrade.commit_released")
 			n.commit(env, why)
@@ -246,8 +273,10 @@ func (n *NewSide) onParentMsg(env Env, ev FromParent) {
 // TTIN/TTOU sent to the old master during the upgrade).
 func (n *NewSide) onConfig(env Env, msg Msg, err error) {
 	want := max(msg.Workers, 1)
+	n.want = want
 	if !n.configured {
 		n.configured, n.parentPid, n.hold = true, msg.Pid, msg.Hold
+		n.canary = n.cfg.Canary > 0 && n.cfg.Canary < want
 		if msg.Since > 0 {
 			n.tl.since = time.Unix(0, msg.Since)
 		}
@@ -265,7 +294,26 @@ func (n *NewSide) onConfig(env Env, msg Msg, err error) {
 	if !env.Running {
 		return
 	}
-	n.do(SetWorkers{N: want})
+	n.do(SetWorkers{N: n.slots()})
+}
+
+// slots is how many workers this generation runs now: the canary's
+// count until it passed, then the old master's.
+func (n *NewSide) slots() int {
+	if n.canaryStage() {
+		return min(n.cfg.Canary, n.want)
+	}
+	return n.want
+}
+
+// canaryStage reports whether only the canary serves.
+func (n *NewSide) canaryStage() bool { return n.canary && n.state < NewCompleting }
+
+// probation reports whether the new generation serves, uncommitted and
+// not giving up: its probation, its wait for the gates' minimum, or the
+// start of the rest after the canary.
+func (n *NewSide) probation() bool {
+	return n.state == NewProbation || n.state == NewGateWait || n.state == NewCompleting
 }
 
 func (n *NewSide) onServing(env Env, pidErr error) {
@@ -293,7 +341,8 @@ func (n *NewSide) onServing(env Env, pidErr error) {
 		n.log.Info("serving alongside the old generation; QUIT to the old master commits", "event", "upgrade.serving", "workers", env.Workers, "manual", true)
 		n.do(Arm{Timer: TimerProbation, D: n.cfg.Probation})
 	default:
-		n.log.Info("serving alongside the old generation; probation", "event", "upgrade.serving", "workers", env.Workers, "probation", n.cfg.Probation.String())
+		n.log.Info("serving alongside the old generation; probation", "event", "upgrade.serving", "workers", env.Workers, "probation", n.cfg.Probation.String(),
+			"canary", n.canaryStage(), "gates", n.cfg.Gates.On())
 		n.do(Arm{Timer: TimerProbation, D: n.cfg.Probation})
 	}
 }
@@ -305,7 +354,7 @@ func (n *NewSide) onTimer(env Env, ev TimerFired) {
 			n.fail(env, ExitNoParent, fmt.Sprintf("no configuration from the old master within %v", ConfigTimeout))
 		}
 	case TimerReady:
-		if n.Uncommitted() && env.Running && !env.Serving {
+		if n.Uncommitted() && env.Running && (!env.Serving || n.state == NewCompleting && ev.Seq == readyRest && !env.AllReady) {
 			n.fail(env, ExitNotReady, fmt.Sprintf("%d of %d workers ready within the ready timeout (%v)", env.ReadyWorkers, env.Workers, n.cfg.ReadyTimeout))
 		}
 	case TimerProbation:
@@ -317,7 +366,11 @@ func (n *NewSide) onTimer(env Env, ev TimerFired) {
 			return
 		}
 		n.log.Info("probation over", "event", "upgrade.probation_over")
-		n.commit(env, "probation over")
+		n.probationOver(env)
+	case TimerGateWait:
+		if n.state == NewGateWait && env.Running {
+			n.judge(env, true)
+		}
 	case TimerRelease:
 		if n.state == NewFailing && env.Running {
 			n.log.Warn("no word from the old master; stopping anyway", "event", "upgrade.release_deadline")
@@ -330,6 +383,15 @@ func (n *NewSide) onTimer(env Env, ev TimerFired) {
 func (n *NewSide) commit(env Env, why string) {
 	if !n.Uncommitted() {
 		return
+	}
+	if n.canaryStage() {
+		if !n.parentGone {
+			n.startRest(why)
+			return
+		}
+		// The only generation left: it commits with every worker.
+		n.canary = false
+		n.do(SetWorkers{N: n.want})
 	}
 	if n.hold && !n.parentGone {
 		// The old master's pre-flight of this binary has not passed yet;
@@ -371,7 +433,7 @@ func (n *NewSide) onParentExited(env Env) {
 		} else {
 			n.to(NewStarting, "the old generation is gone")
 		}
-	case n.state == NewProbation:
+	case n.probation():
 		n.log.Warn("the old generation exited before the commit; committing now", "event", "upgrade.parent_gone", "then", "commit")
 		n.commit(env, "the old generation exited")
 	case n.state == NewAwaitingConfig || n.state == NewStarting:
@@ -418,3 +480,121 @@ func (n *NewSide) fail(env Env, code int, reason string) {
 	}
 	n.do(Arm{Timer: TimerRelease, D: n.cfg.ReadyTimeout + Slack})
 }
+
+// readyRest is the Seq of the TimerReady armed for the rest of the
+// workers after the canary.
+const readyRest = 1
+
+// onTraffic takes both generations' figures over the probation: a gate
+// that fails rolls back at once, without waiting for the probation's end
+// (once the minimum of requests is met); a wait for that minimum ends as
+// soon as the gates pass.
+func (n *NewSide) onTraffic(env Env, t Traffic) {
+	n.traffic, n.seen = t, true
+	if !n.probation() || !n.cfg.Gates.On() || !env.Running {
+		return
+	}
+	v, why := n.cfg.Gates.Judge(t.New, t.Old, n.state == NewCompleting)
+	n.verdict = v.String() + ": " + why
+	switch {
+	case v == GateFail:
+		n.gateFailed(env, why)
+	case v == GatePass && n.state == NewGateWait:
+		n.gatesPassed(env, why)
+	}
+}
+
+// probationOver: the probation's time is served; the gates decide.
+func (n *NewSide) probationOver(env Env) {
+	if !n.cfg.Gates.On() {
+		n.commit(env, "probation over")
+		return
+	}
+	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.Old, false)
+	switch v {
+	case GateFail:
+		n.gateFailed(env, why)
+	case GateNoTraffic:
+		n.judge(env, true)
+	case GateWait:
+		n.to(NewGateWait, why)
+		n.log.Info("probation extended: the gates wait for more requests", "event", "upgrade.gates_waiting",
+			"requests", n.traffic.New.Requests, "min_requests", n.cfg.Gates.MinRequests, "max_wait", MaxGateWait.String())
+		n.tell(Msg{Kind: KindExtend, Millis: MaxGateWait.Milliseconds(), Reason: why})
+		n.do(Arm{Timer: TimerGateWait, D: MaxGateWait})
+	default:
+		n.gatesPassed(env, why)
+	}
+}
+
+// judge is the end of the wait for the minimum of requests: the gates
+// judge what there is.
+func (n *NewSide) judge(env Env, waive bool) {
+	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.Old, waive)
+	switch v {
+	case GateFail:
+		n.gateFailed(env, why)
+	case GateWait:
+	case GateNoTraffic:
+		n.log.Warn("the gates had no request to judge; going ahead", "event", "upgrade.gates_inconclusive", "reason", why, "waited", MaxGateWait.String())
+		n.commit(env, "no traffic to judge within the gates' wait")
+	default:
+		n.gatesPassed(env, why)
+	}
+}
+
+// gatesPassed: the canary's rest starts, or the commit.
+func (n *NewSide) gatesPassed(env Env, why string) {
+	stage := "commit"
+	if n.canaryStage() {
+		stage = "canary"
+	}
+	n.log.Info("the gates passed", "event", "upgrade.gates_passed", "stage", stage, "reason", why,
+		"requests", n.traffic.New.Requests, "old_requests", n.traffic.Old.Requests)
+	n.commit(env, "the gates passed")
+}
+
+// gateFailed rolls back: the old generation never stopped serving.
+func (n *NewSide) gateFailed(env Env, why string) {
+	n.log.Error("a gate failed: rolling back", "event", "upgrade.gate_failed", "reason", why,
+		"requests", n.traffic.New.Requests, "errors", n.traffic.New.Errors, "p99", n.traffic.New.P99.String(),
+		"old_requests", n.traffic.Old.Requests, "old_errors", n.traffic.Old.Errors, "old_p99", n.traffic.Old.P99.String())
+	n.fail(env, ExitGateFailed, why)
+}
+
+// startRest ends the canary stage: the rest of the workers start; the
+// commit follows once all are ready (complete), and the old master's
+// deadline moves by the ready timeout.
+func (n *NewSide) startRest(why string) {
+	n.to(NewCompleting, why)
+	n.log.Info("the canary passed; starting the rest of the workers", "event", "upgrade.canary_passed", "workers", n.want, "canary", n.cfg.Canary)
+	n.do(SetWorkers{N: n.want}, Arm{Timer: TimerReady, D: n.cfg.ReadyTimeout, Seq: readyRest})
+	n.tell(Msg{Kind: KindExtend, Millis: n.cfg.ReadyTimeout.Milliseconds(), Reason: fmt.Sprintf("the canary passed; starting the other %d workers", n.want-min(n.cfg.Canary, n.want))})
+}
+
+// complete: after the canary, every worker is ready; the gates judge
+// once more (no minimum: the canary met it), and the commit follows.
+func (n *NewSide) complete(env Env) {
+	if !n.cfg.Gates.On() {
+		n.commit(env, "every worker ready after the canary")
+		return
+	}
+	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.Old, true)
+	if v == GateFail {
+		n.gateFailed(env, why)
+		return
+	}
+	n.gatesPassed(env, why)
+}
+
+// ServingSince is when every worker of the probation (the canary's, with
+// --canary) was first ready: the start of the gates' window; zero before.
+func (n *NewSide) ServingSince() time.Time { return n.tl.at[PhaseServing] }
+
+// Verdict is the gates' last judgement of the probation so far ("wait:
+// new generation: 40 of the 100 requests the gates need"); "" before
+// any.
+func (n *NewSide) Verdict() string { return n.verdict }
+
+// Judging reports whether the gates want Traffic events now.
+func (n *NewSide) Judging() bool { return n.cfg.Gates.On() && n.probation() }

@@ -79,8 +79,9 @@ type Attempt struct {
 	releaseSent  bool
 	quitPending  bool // a QUIT waits for the new generation to serve
 	killed       bool
-	seq          int    // of the current deadline
-	preflightErr string // why the pre-flight failed
+	seq          int       // of the current deadline
+	preflightErr string    // why the pre-flight failed
+	extendUntil  time.Time // the probation's end the new master last asked for (KindExtend)
 	tl           timeline
 }
 
@@ -279,7 +280,7 @@ func (o *OldSide) onPreflightDone(ev PreflightDone) {
 		if up.Pid != 0 && up.Failed == nil {
 			o.tell(Msg{Kind: KindPreflightOK}) // a new master told to Hold may commit
 			if up.Serving && !o.cfg.ManualCommit {
-				o.arm(o.cfg.Probation + Slack) // the commit is due now
+				o.arm(max(o.cfg.Probation, up.extendUntil.Sub(o.cfg.Now())) + Slack) // the commit is due now
 			}
 		}
 		return

@@ -82,6 +82,17 @@ func (o *OldSide) onChildMsg(env Env, ev FromChild) {
 			o.tell(Msg{Kind: KindCommit})
 			o.to(OldCommitting, "a QUIT was pending")
 		}
+	case KindExtend:
+		if !up.Serving || up.Failed != nil || msg.Millis <= 0 {
+			return
+		}
+		d := time.Duration(min(msg.Millis, MaxExtend.Milliseconds())) * time.Millisecond
+		up.extendUntil = o.cfg.Now().Add(d)
+		log.Info("new generation: probation extended", "event", "upgrade.extended", "by", d.String(), "reason", msg.Reason)
+		o.do(Progress{Line: fmt.Sprintf("probation extended by %v: %s", d, msg.Reason)})
+		if !o.cfg.ManualCommit && up.Preflight != PreflightRunning {
+			o.arm(d + Slack)
+		}
 	case KindCommitted:
 		up.tl.mark(PhaseCommitted, o.cfg.Now())
 		log.Info("new generation committed", "event", "upgrade.new_committed")

@@ -41,6 +41,7 @@ const (
 	kindBool
 	kindStrings // a list of strings (or one string)
 	kindMap     // an object of strings
+	kindNumber  // a number, whole or not
 )
 
 // fileKeys are the keys a config file may set.
@@ -52,6 +53,7 @@ var fileKeys = map[string]keyKind{
 	"user": kindString, "group": kindString, "chdir": kindString, "env": kindMap, "pass_env": kindStrings,
 	"worker_log": kindString, "allow_new_privs": kindBool,
 	"umask": kindString, "backlog": kindInt, "command": kindStrings,
+	"max_error_rate": kindString, "max_latency_factor": kindNumber, "min_requests": kindInt, "canary": kindInt,
 	"health_check": kindString, "health_check_cmd": kindString, "health_check_timeout": kindString,
 }
 
@@ -164,6 +166,11 @@ func attrValues(attr *hcl.Attribute, kind keyKind) ([]string, error) {
 			return nil, errors.New("want a whole number")
 		}
 		return []string{strconv.FormatInt(i, 10)}, nil
+	case kindNumber:
+		if t != cty.Number {
+			return nil, errors.New("want a number")
+		}
+		return []string{v.AsBigFloat().Text('g', -1)}, nil
 	case kindBool:
 		if t != cty.Bool {
 			return nil, errors.New("want true or false")
@@ -256,6 +263,9 @@ func checkValue(name, v string) error {
 		}
 	case "ready":
 		_, err := parseReady(v)
+		return err
+	case "max-error-rate":
+		_, err := parseRate(v)
 		return err
 	case "worker-stop-signal":
 		_, err := parseSignal(v)

@@ -170,3 +170,38 @@ func FuzzConfigFile(f *testing.F) {
 		_, _ = applyConfigFile(path, newRunFlagSet(&rf, io.Discard)) // must not panic
 	})
 }
+
+// TestConfigFile_Gates: the gates and the canary from the file and the
+// flags, and their refusals.
+func TestConfigFile_Gates(t *testing.T) {
+	path := writeConfig(t, `
+max_error_rate     = "1.5%"
+max_latency_factor = 2.5
+min_requests       = 50
+canary             = 1
+`)
+	f, _, err := parseWith(t, []string{"--config", path, "--canary", "2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := f.gates()
+	if err != nil || !g.ErrorGate || g.MaxErrorRate != 1.5 || g.MaxLatencyFactor != 2.5 || g.MinRequests != 50 || f.canary != 2 {
+		t.Fatalf("gates %+v canary %d, %v", g, f.canary, err)
+	}
+	// Off by default; --min-requests alone judges nothing.
+	f, _, _ = parseWith(t, nil)
+	if g, err := f.gates(); err != nil || g.On() || f.canary != 0 {
+		t.Fatalf("defaults: gates %+v (on %v) canary %d, %v", g, g.On(), f.canary, err)
+	}
+	for _, bad := range []string{`max_error_rate = "lots"`, `max_error_rate = "101%"`, `max_latency_factor = "2"`, `min_requests = 1.5`} {
+		if _, _, err := parseWith(t, []string{"--config", writeConfig(t, bad)}); err == nil {
+			t.Errorf("%s: accepted", bad)
+		}
+	}
+	for _, args := range [][]string{{"--max-latency-factor", "0.5"}, {"--min-requests", "-1"}, {"--max-error-rate", "-1%"}} {
+		f, _, _ := parseWith(t, args)
+		if _, err := f.gates(); err == nil {
+			t.Errorf("%v: accepted", args)
+		}
+	}
+}

@@ -212,7 +212,13 @@ func printStatus(out io.Writer, st *master.Status) {
 		if u.Preflight != "" {
 			line += ", pre-flight " + p(u.Preflight)
 		}
+		if u.Stage != "" {
+			line += ", " + p(u.Stage)
+		}
 		fmt.Fprintln(out, line)
+		if u.Gates != "" {
+			fmt.Fprintf(out, "         gates: %s\n", p(u.Gates))
+		}
 		if len(u.Phases) > 0 {
 			fmt.Fprintf(out, "         phases (ms since the signal): %s\n", u.Phases)
 		}

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master"
 	"github.com/molt-server/molt/master/keeper"
+	"github.com/molt-server/molt/upgrade"
 	"github.com/molt-server/molt/worker"
 	"golang.org/x/sys/unix"
 )
@@ -83,6 +84,10 @@ type runFlags struct {
 	noKeeper     bool
 	watchdog     time.Duration
 	lifetime     time.Duration
+	maxErrorRate string
+	maxLatency   float64
+	minRequests  int
+	canary       int
 	health       string
 	healthCmd    string
 	healthTime   time.Duration
@@ -139,6 +144,10 @@ func newRunFlagSet(f *runFlags, out io.Writer) *flag.FlagSet {
 	fs.IntVar(&f.backlog, "backlog", 0, "listen backlog `N` of every listener (default: the kernel's somaxconn)")
 	fs.BoolVar(&f.noKeeper, "no-keeper", false, "no keeper process: the master is the process started (nginx's tree;\nits pid changes at every upgrade)")
 	fs.StringVar(&f.control, "control-socket", "", "`PATH` of the control socket for molt ctl (default: molt.sock beside the pid file)")
+	fs.StringVar(&f.maxErrorRate, "max-error-rate", "", "gate of the probation: the new generation's share of 5xx over the probation may exceed\nthe old one's over the same window by at most `PCT` percentage points (e.g. 1%), or it rolls back\n(default: off; docs/upgrades.md)")
+	fs.Float64Var(&f.maxLatency, "max-latency-factor", 0, "gate of the probation: the new generation's p99 latency may be at most `F` times the\nold one's (e.g. 2), or it rolls back (default: off)")
+	fs.IntVar(&f.minRequests, "min-requests", upgrade.DefaultMinRequests, "with a gate on, the probation extends (by at most "+upgrade.MaxGateWait.String()+") until the new generation\nhas served `N` requests; then the gates judge what there is, and none at all commits")
+	fs.IntVar(&f.canary, "canary", 0, "the probation in two stages: first only `N` new workers serve beside all the old ones;\nonce the probation and the gates pass, the rest start, and the commit follows when all are\nready (default: off)")
 	fs.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics at http://`ADDR`/metrics (HOST:PORT; no authentication:\nbind it to loopback or a private address) (default: off)")
 	fs.StringVar(&f.commit, "commit", "auto", "`MODE` of an upgrade's commit: auto (after the probation) or manual\n(QUIT to the old master commits, as with nginx)")
 	fs.Usage = func() {
@@ -282,6 +291,15 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 		return cfg, fmt.Errorf("--max-worker-lifetime %v: want at least 1s, or 0 for never", f.lifetime)
 	}
 	cfg.MaxWorkerLifetime = f.lifetime
+	gates, err := f.gates()
+	if err != nil {
+		return cfg, err
+	}
+	cfg.Gates = gates
+	if f.canary < 0 {
+		return cfg, fmt.Errorf("--canary %d: want a number of workers, or 0 for off", f.canary)
+	}
+	cfg.Canary = f.canary
 	if f.healthTime <= 0 {
 		return cfg, fmt.Errorf("--health-check-timeout %v: want a positive duration", f.healthTime)
 	}
@@ -370,6 +388,37 @@ func (f *runFlags) config(command []string) (master.Config, error) {
 	}
 	cfg.Backlog = f.backlog
 	return cfg, nil
+}
+
+// gates turns --max-error-rate, --max-latency-factor and --min-requests
+// into the gates of a probation.
+func (f *runFlags) gates() (upgrade.Gates, error) {
+	var g upgrade.Gates
+	if f.maxErrorRate != "" {
+		p, err := parseRate(f.maxErrorRate)
+		if err != nil {
+			return g, fmt.Errorf("--max-error-rate: %w", err)
+		}
+		g.ErrorGate, g.MaxErrorRate = true, p
+	}
+	if f.maxLatency != 0 && !(f.maxLatency >= 1 && f.maxLatency <= 1000) {
+		return g, fmt.Errorf("--max-latency-factor %v: want a factor from 1 to 1000, or 0 for off", f.maxLatency)
+	}
+	g.MaxLatencyFactor = f.maxLatency
+	if f.minRequests < 0 {
+		return g, fmt.Errorf("--min-requests %d: want 0 or more", f.minRequests)
+	}
+	g.MinRequests = uint64(f.minRequests)
+	return g, nil
+}
+
+// parseRate parses a number of percentage points: "1%", "0.5", "0%".
+func parseRate(v string) (float64, error) {
+	p, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), "%"), 64)
+	if err != nil || !(p >= 0 && p <= 100) {
+		return 0, fmt.Errorf("%q: want percentage points from 0 to 100, e.g. 1%%", v)
+	}
+	return p, nil
 }
 
 // parseReady parses --ready: "notify" or "delay:DUR".

@@ -7,7 +7,7 @@
 //	fakeapp serve [--report DIR] [--tamper] [--no-notify] [--ignore-stop]
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
 //	              [--misuse shutdown:PATH|blocking:PATH]
-//	              [--health-status CODE] [--health-plant]
+//	              [--health-status CODE] [--health-plant] [--status CODE] [--delay DUR]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -21,6 +21,8 @@
 // worker to create PATH, once it serves, shut the shared listening sockets
 // down, or switch them to blocking mode every 100 ms for 3 s (other Go
 // workers starting would switch it back), and then write "done" to PATH.
+// --status answers every request with CODE once ready (a release that
+// serves errors), --delay answers every request after DUR (a slow one).
 // --health-status answers GET /healthz with CODE (a release whose
 // health check fails while it serves everything else); --health-plant
 // never serves the master's private health socket (MOLT_HEALTH_FD) and
@@ -62,6 +64,8 @@ func main() {
 	exitAfter := fs.Duration("exit-after", 0, "drain and exit 1 after DUR (a worker that dies on its own, without dropping a request)")
 	misuse := fs.String("misuse", "", "shutdown:PATH or blocking:PATH: the first worker to create PATH does that to the listeners")
 	doTamper := fs.Bool("tamper", false, "forge a molt log line into, and truncate, every file it holds or can open for writing")
+	fs.IntVar(&answer.status, "status", 200, "answer every request with this status")
+	fs.DurationVar(&answer.delay, "delay", 0, "answer every request after DUR")
 	fs.IntVar(&healthStatus, "health-status", 0, "answer GET /healthz with CODE")
 	plant := fs.Bool("health-plant", false, "close MOLT_HEALTH_FD and answer 200 on sockets planted by name instead")
 	fs.Parse(os.Args[2:])
@@ -243,6 +247,12 @@ func writeReport(dir string, tampered []string) error {
 	return os.Rename(tmp, filepath.Join(dir, fmt.Sprintf("%d.json", r.Pid)))
 }
 
+// answer is how serve answers every request (--status, --delay).
+var answer struct {
+	status int
+	delay  time.Duration
+}
+
 var appendMu sync.Mutex
 
 func appendLine(path, line string) {
@@ -269,8 +279,9 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile, misuse string, exitAft
 			w.Header().Set("X-Molt-Master-Pid", os.Getenv(worker.EnvMasterPID))
 			w.Header().Set("X-Fakeapp-Names", os.Getenv(worker.EnvListenFDNames))
 			w.Header().Set("X-Fakeapp-Listener", name)
+			code := answer.status
 			if r.URL.Path == "/healthz" && healthStatus != 0 {
-				w.WriteHeader(healthStatus)
+				code = healthStatus
 			}
 			if r.URL.Path == "/sleep" {
 				if hitFile != "" {
@@ -279,6 +290,10 @@ func serve(noNotify, ignoreStop bool, readyFile, hitFile, misuse string, exitAft
 				ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
 				time.Sleep(time.Duration(ms) * time.Millisecond)
 			}
+			if answer.delay > 0 {
+				time.Sleep(answer.delay)
+			}
+			w.WriteHeader(code)
 			fmt.Fprintf(w, "fakeapp %s\n", pid)
 		})
 	}

@@ -84,8 +84,9 @@ type Trigger interface {
 type sample struct {
 	start, end time.Duration // since the run began
 	mode       Mode
-	class      Class // "" when answered 200
-	served     string
+	class      Class  // "" when answered 200
+	served     string // the generation header of an answer, 200 or not
+	code       int    // the answer's status; 0 with none
 	worker     string
 	// first: the first request on a connection the client dialed for it
 	// (every request in close mode).
@@ -317,10 +318,14 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 		first := c.conn == nil
 		resp, err := c.do()
 		s := sample{start: start, end: time.Since(c.began), mode: c.mode, first: first}
+		if resp != nil {
+			// An answer, 200 or not: which generation gave it.
+			s.served, s.code = resp.Header.Get(c.header), resp.StatusCode
+		}
 		if err != nil {
 			s.class = classify(err)
 		} else {
-			s.served, s.worker = resp.Header.Get(c.header), resp.Header.Get(c.workerHeader)
+			s.worker = resp.Header.Get(c.workerHeader)
 		}
 		c.rec.add(s)
 	}
@@ -362,7 +367,7 @@ func (c *client) do() (*http.Response, error) {
 		c.close() // the server said so, or the mode: the next request dials
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, statusError(resp.StatusCode)
+		return resp, statusError(resp.StatusCode)
 	}
 	return resp, nil
 }

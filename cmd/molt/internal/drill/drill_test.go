@@ -168,3 +168,40 @@ func TestRun_CountsConnectionsByWorker(t *testing.T) {
 		})
 	}
 }
+
+// TestRun_SplitsEachUpgradeByGeneration: the answers and 5xx of each
+// upgrade's window, by the generation that gave them (generation 2
+// answers 500 to every other request: a bad release beside a good one).
+func TestRun_SplitsEachUpgradeByGeneration(t *testing.T) {
+	var gen, n atomic.Int64
+	gen.Store(1)
+	target := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		g := gen.Load()
+		w.Header().Set("X-Molt-Master-Pid", strconv.FormatInt(g, 10))
+		if g == 2 && n.Add(1)%2 == 0 {
+			w.WriteHeader(http.StatusInternalServerError)
+		}
+	})
+	rep, err := Run(context.Background(), Config{
+		Target: target, Clients: 2, Rate: 400, Duration: 1200 * time.Millisecond, Upgrades: 1, Interval: 400 * time.Millisecond,
+		Trigger: swapTrigger{&gen}, Header: "X-Molt-Master-Pid",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Upgrades) != 1 {
+		t.Fatalf("upgrades %+v", rep.Upgrades)
+	}
+	sp := rep.Upgrades[0].ByGeneration
+	if sp["2"].Answers == 0 || sp["2"].Errors == 0 || sp["2"].Errors > sp["2"].Answers/2+1 || sp["1"].Errors != 0 {
+		t.Fatalf("split %+v", sp)
+	}
+	if rep.Failures[Status] != sp["2"].Errors {
+		t.Errorf("%d status failures, %d 5xx in the split", rep.Failures[Status], sp["2"].Errors)
+	}
+	var out strings.Builder
+	rep.Print(&out)
+	if !strings.Contains(out.String(), "by generation: ") || !strings.Contains(out.String(), "5xx") {
+		t.Errorf("report lacks the split:\n%s", out.String())
+	}
+}

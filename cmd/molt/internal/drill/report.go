@@ -72,10 +72,20 @@ type Upgrade struct {
 	// that served before it.
 	NewServingMs float64 `json:"new_serving_ms"`
 	OldGoneMs    float64 `json:"old_gone_ms"`
-	Error        string  `json:"error,omitempty"`
+	// ByGeneration splits the answers from this trigger to the next one
+	// (or the end) by the generation that gave them: how many, and how
+	// many were 5xx (a canary's exposure, a bad release's errors).
+	ByGeneration map[string]Split `json:"by_generation,omitempty"`
+	Error        string           `json:"error,omitempty"`
 	// Fault is set for a fault (--fault) instead of an upgrade: At is
 	// then the kill, and FiredMs its BackMs.
 	Fault *FaultResult `json:"fault,omitempty"`
+}
+
+// Split is one generation's answers in an upgrade window.
+type Split struct {
+	Answers int `json:"answers"`
+	Errors  int `json:"5xx"`
 }
 
 // Span is a stretch of time in which the same generations answered.
@@ -130,6 +140,7 @@ func (r *Report) analyze(samples []sample) {
 		}
 		end := u.At + u.Fired
 		if known {
+			u.ByGeneration = split(samples, u.At, next)
 			ns, og := generations(samples, u.At, next)
 			if ns >= 0 {
 				u.NewServingMs = ms(ns)
@@ -204,6 +215,27 @@ func generations(samples []sample, at, next time.Duration) (newServing, oldGone 
 		}
 	}
 	return newServing, oldGone
+}
+
+// split counts the answers, and the 5xx among them, by generation from
+// at to next.
+func split(samples []sample, at, next time.Duration) map[string]Split {
+	out := map[string]Split{}
+	for _, s := range samples {
+		if s.end < at || s.served == "" || s.code == 0 {
+			continue
+		}
+		if s.end > next {
+			break
+		}
+		sp := out[s.served]
+		sp.Answers++
+		if s.code >= 500 && s.code <= 599 {
+			sp.Errors++
+		}
+		out[s.served] = sp
+	}
+	return out
 }
 
 func percentiles(lat []time.Duration) Percentiles {
@@ -309,6 +341,19 @@ func (r *Report) Print(w io.Writer) {
 			line += "; trigger failed: " + u.Error
 		}
 		fmt.Fprintln(w, line)
+		if len(u.ByGeneration) > 0 {
+			var gens []string
+			for g := range u.ByGeneration {
+				gens = append(gens, g)
+			}
+			sort.Strings(gens)
+			var parts []string
+			for _, g := range gens {
+				sp := u.ByGeneration[g]
+				parts = append(parts, fmt.Sprintf("%s %d answers, %d 5xx (%.1f%%)", g, sp.Answers, sp.Errors, 100*float64(sp.Errors)/float64(max(sp.Answers, 1))))
+			}
+			fmt.Fprintf(w, "  by generation: %s\n", strings.Join(parts, "; "))
+		}
 	}
 	if len(r.ByWorker) > 0 {
 		var ws []string

@@ -1,0 +1,278 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+	"github.com/molt-server/molt/test/load"
+)
+
+// The gates of a probation and the canary (docs/upgrades.md, "Gates"):
+// a release that starts fine and then serves errors, or slowly, is rolled
+// back by what it serves; a fine one is committed with the gates logged
+// as passed.
+
+// gatesMin is --min-requests in these tests.
+const gatesMin = 100
+
+// gatesApp writes the releases of the app and points dir/app at the good
+// one: good answers after 2 ms; errors answers 500 to every request once
+// ready; base answers after 20 ms and slow after 100 ms, 5× slower (the
+// latency gate's pair: a p99 of a few milliseconds is all scheduling
+// noise on a shared machine under the race detector).
+func gatesApp(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	writeScript(t, filepath.Join(dir, "good.sh"), "exec "+bins.fakeapp+" serve --delay 2ms")
+	writeScript(t, filepath.Join(dir, "errors.sh"), "exec "+bins.fakeapp+" serve --delay 2ms --status 500")
+	writeScript(t, filepath.Join(dir, "base.sh"), "exec "+bins.fakeapp+" serve --delay 20ms")
+	writeScript(t, filepath.Join(dir, "slow.sh"), "exec "+bins.fakeapp+" serve --delay 100ms")
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "good.sh"))
+	return dir
+}
+
+// startGated runs 4 workers of dir/app with the gates' flags and waits
+// until they serve.
+func startGated(t *testing.T, dir string, flags ...string) (*master, []int) {
+	t.Helper()
+	args := append([]string{"--listen", "127.0.0.1:0", "--workers", "4", "--ready-timeout", "10s", "--probation", "2s",
+		"--min-requests", strconv.Itoa(gatesMin)}, flags...)
+	u := start(t, runOpts{Deploy: byRename, Args: append(args, "--", filepath.Join(dir, "app"))})
+	u.waitServing()
+	return u, u.waitWorkers(4)
+}
+
+// stopCounting500s ends the standard load, fails the test on any failed
+// request but an answer of 500, and returns each kind's result.
+func (l *loadPair) stopCounting500s(t *testing.T) (ka, pc load.Result) {
+	t.Helper()
+	defer l.cancel()
+	l.more(t, 32)
+	ka, pc = l.ka.Stop(), l.pc.Stop()
+	for name, res := range map[string]load.Result{"keep-alive": ka, "connection per request": pc} {
+		t.Logf("%s load: %v", name, res)
+		if n := res.Failed() - res.Failures[load.Status]; n != 0 {
+			t.Errorf("%s load: %d failed requests besides the 500s: %v", name, n, res.Samples)
+		}
+		for _, s := range res.Samples {
+			if strings.HasPrefix(s, string(load.Status)) && !strings.Contains(s, "status 500") {
+				t.Errorf("%s load: %s", name, s)
+			}
+		}
+	}
+	return ka, pc
+}
+
+// TestGates_ErrorsRollBack: a release that answers 500 to every request
+// once ready is rolled back by the error gate within its probation, the
+// reason naming the error share; the old generation serves on,
+// untouched. With --canary 1 of 4 workers, the 500s the clients saw stay
+// bounded by the gates' minimum and the figures' lag
+// (docs/upgrades.md, "Canary").
+func TestGates_ErrorsRollBack(t *testing.T) {
+	t.Parallel()
+	for _, canary := range []int{0, 1} {
+		t.Run(fmt.Sprintf("canary_%d", canary), func(t *testing.T) {
+			t.Parallel()
+			dir := gatesApp(t)
+			flags := []string{"--max-error-rate", "1%", "--probation", "30s"}
+			if canary > 0 {
+				flags = append(flags, "--canary", strconv.Itoa(canary))
+			}
+			u, workers := startGated(t, dir, flags...)
+			l := startLoad(t, u.addr())
+			repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "errors.sh"))
+			usr2 := time.Now()
+			u.Signal(syscall.SIGUSR2)
+			failed := test.WaitLog(t, u.log, 60*time.Second, 1, "the error gate's verdict", test.Event("upgrade.gate_failed"))
+			rb := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
+			took := time.Since(usr2)
+			reason := rb[0].Str("reason")
+			if !strings.Contains(reason, "new generation: 5xx 100.0% over ") || !strings.Contains(reason, "(old: 0.0%)") {
+				t.Errorf("rollback reason %q, want the error share of both generations", reason)
+			}
+			if took > 30*time.Second {
+				t.Errorf("rolled back %v after USR2, past the 30s probation", took)
+			}
+			if n := failed[0].Int("requests"); n < gatesMin {
+				t.Errorf("the gate judged %d requests, fewer than --min-requests %d", n, gatesMin)
+			}
+			started := test.Find(u.log, test.Event("worker.started", "gen", "2"))
+			if canary > 0 && len(started) != canary {
+				t.Errorf("the new generation started %d workers, want the canary's %d", len(started), canary)
+			}
+			if got := u.current(); got != u.Pid {
+				t.Errorf("molt.pid names %d after the rollback, want the old master %d", got, u.Pid)
+			}
+			if last := statusOf(t, u.pidFile).LastUpgrade; last == nil || last.Cause != "gate" || last.Reason != reason {
+				t.Errorf("ctl status: last upgrade %+v, want cause gate and the reason logged", last)
+			}
+			if now := u.waitWorkers(4); fmt.Sprint(now) != fmt.Sprint(workers) {
+				t.Errorf("the old generation's workers changed from %v to %v", workers, now)
+			}
+			checkNewGenerationGone(t, u.log)
+			r := get(t, u.addr(), "/")
+			if r.Status != 200 || r.Header.Get("X-Molt-Master-Pid") != strconv.Itoa(u.Pid) {
+				t.Errorf("after the rollback: %d from master %s, want 200 from %d", r.Status, r.Header.Get("X-Molt-Master-Pid"), u.Pid)
+			}
+			ka, pc := l.stopCounting500s(t)
+			seen := ka.Failures[load.Status] + pc.Failures[load.Status]
+			judged := failed[0].Int("requests")
+			t.Logf("canary %d: %d answers of 500 seen by the clients (keep-alive %d, per connection %d); the gate judged %d; rolled back %v after USR2",
+				canary, seen, ka.Failures[load.Status], pc.Failures[load.Status], judged, took.Round(time.Millisecond))
+			if seen == 0 {
+				t.Error("the clients saw no 500: the bad release met no traffic")
+			}
+			if canary > 0 && seen > 2*judged+gatesMin {
+				t.Errorf("with --canary %d the clients saw %d answers of 500, more than twice the %d the gate judged plus %d",
+					canary, seen, judged, gatesMin)
+			}
+			u.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
+				test.Event("upgrade.gate_failed"))
+		})
+	}
+}
+
+// TestGates_SlowRollsBack: a release 5× slower is rolled back by the
+// latency gate.
+func TestGates_SlowRollsBack(t *testing.T) {
+	t.Parallel()
+	dir := gatesApp(t)
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "base.sh"))
+	u, workers := startGated(t, dir, "--max-latency-factor", "2", "--probation", "30s")
+	l := startLoad(t, u.addr())
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "slow.sh"))
+	u.Signal(syscall.SIGUSR2)
+	rb := test.WaitLog(t, u.log, 60*time.Second, 1, "the rollback", test.Event("upgrade.rolled_back"))
+	if reason := rb[0].Str("reason"); !strings.Contains(reason, "new generation: p99 ") || !strings.Contains(reason, "the old's") {
+		t.Errorf("rollback reason %q, want the p99 of both generations", reason)
+	}
+	if now := u.waitWorkers(4); fmt.Sprint(now) != fmt.Sprint(workers) {
+		t.Errorf("the old generation's workers changed from %v to %v", workers, now)
+	}
+	checkNewGenerationGone(t, u.log)
+	l.stop(t)
+	u.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
+		test.Event("upgrade.gate_failed"))
+}
+
+// TestGates_FineCommits: a fine release is committed after its
+// probation, with the gates logged as passed, and no request failed.
+func TestGates_FineCommits(t *testing.T) {
+	t.Parallel()
+	dir := gatesApp(t)
+	u, _ := startGated(t, dir, "--max-error-rate", "1%", "--max-latency-factor", "3")
+	l := startLoad(t, u.addr())
+	pid := u.upgrade()
+	passed := test.Find(u.log, test.Event("upgrade.gates_passed", "stage", "commit"))
+	if len(passed) != 1 {
+		t.Fatalf("%d upgrade.gates_passed lines, want 1", len(passed))
+	}
+	if n := passed[0].Int("requests"); n < gatesMin {
+		t.Errorf("the gates passed on %d requests, fewer than %d", n, gatesMin)
+	}
+	if why := passed[0].Str("reason"); !strings.Contains(why, "5xx 0.0% over") || !strings.Contains(why, "p99 ") {
+		t.Errorf("gates_passed reason %q, want both gates' figures", why)
+	}
+	masters := l.stop(t)
+	if masters[pid] == 0 {
+		t.Errorf("the new master %d answered nothing: %v", pid, masters)
+	}
+	u.stop()
+}
+
+// TestGates_CanaryServesTheMinimum: with --canary 1 of 4, the canary
+// alone serves the new generation's share until the gates pass on it,
+// having served at least --min-requests; then the rest start and the
+// commit follows. In both connection modes: per connection, new
+// connections reach the canary from the start; keep-alive clients stay
+// on the worker they have, so only those that connect during the canary
+// can reach it (docs/upgrades.md, "Canary").
+func TestGates_CanaryServesTheMinimum(t *testing.T) {
+	t.Parallel()
+	for _, keepAlive := range []bool{false, true} {
+		name := "connection_per_request"
+		if keepAlive {
+			name = "keep_alive"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			dir := gatesApp(t)
+			u, _ := startGated(t, dir, "--max-error-rate", "1%", "--canary", "1")
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			cfg := load.Config{Network: "tcp", Addr: u.addr(), Clients: 16, Rate: 160, KeepAlive: keepAlive}
+			before := load.Start(ctx, cfg) // connected before the upgrade
+			old := u.current()
+			u.Signal(syscall.SIGUSR2)
+			serving := test.WaitLog(t, u.log, 60*time.Second, 1, "the canary serving", test.Event("upgrade.serving", "canary", "true"))
+			canaries := test.Find(u.log, test.Event("worker.started", "gen", "2"))
+			if len(canaries) != 1 {
+				t.Fatalf("%d workers of the new generation started before the canary served, want 1", len(canaries))
+			}
+			canary := canaries[0].Int("pid")
+			// The new master (molt.pid names it) shows its stage and the
+			// gates' judgement so far.
+			test.WaitFor(t, stepTimeout, "the gates' judgement in ctl status", func() error {
+				st, err := tryStatus(t, u.pidFile)
+				if err != nil {
+					return err
+				}
+				if up := st.Upgrade; up == nil || up.Side != "new" || up.Gates == "" {
+					return fmt.Errorf("upgrade %+v", st.Upgrade)
+				} else if up.Stage != "probation" && up.Stage != "gates-waiting" || up.Want != 1 {
+					t.Errorf("during the canary: stage %q, %d workers wanted", up.Stage, up.Want)
+				}
+				return nil
+			})
+			runs := []*load.Run{before}
+			onCanary := func() int {
+				n := 0
+				for _, r := range runs {
+					n += r.Snapshot().ByWorker[canary]
+				}
+				return n
+			}
+			if keepAlive {
+				// The clients connected before stay on the old workers; a
+				// few more connect during the canary, two at a time, until
+				// one of them lands on it.
+				small := load.Config{Network: "tcp", Addr: u.addr(), Clients: 2, Rate: 40, KeepAlive: true}
+				test.WaitFor(t, 30*time.Second, "a keep-alive connection on the canary", func() error {
+					if onCanary() > 0 {
+						return nil
+					}
+					runs = append(runs, load.Start(ctx, small))
+					return fmt.Errorf("%d keep-alive runs, none on the canary yet", len(runs)-1)
+				})
+			}
+			passed := test.WaitLog(t, u.log, 90*time.Second, 1, "the gates passing on the canary", test.Event("upgrade.gates_passed", "stage", "canary"))
+			atVerdict := onCanary()
+			if n := passed[0].Int("requests"); n < gatesMin {
+				t.Errorf("the gates passed the canary on %d requests, fewer than --min-requests %d", n, gatesMin)
+			}
+			if atVerdict < gatesMin {
+				t.Errorf("the clients had %d answers from the canary %d at the verdict, fewer than %d", atVerdict, canary, gatesMin)
+			}
+			u.waitTakeover(old)
+			if n := len(test.Find(u.log, test.Event("worker.started", "gen", "2"))); n < 4 {
+				t.Errorf("the new generation started %d workers, want 4", n)
+			}
+			t.Logf("%s: the canary %d served %d answers by the verdict (the gates counted %d); %v from serving to the verdict",
+				name, canary, atVerdict, passed[0].Int("requests"), passed[0].Time.Sub(serving[0].Time).Round(time.Millisecond))
+			for _, r := range runs {
+				if res := r.Stop(); res.Failed() != 0 {
+					t.Errorf("load: %d failed requests: %v", res.Failed(), res.Samples)
+				}
+			}
+			u.stop()
+		})
+	}
+}
