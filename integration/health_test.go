@@ -54,6 +54,9 @@ func TestHealthCheck_FailingWorkerRolledBack(t *testing.T) {
 				return
 			}
 			rb := test.Find(u.log, test.Event("upgrade.rolled_back"))
+			if got := rb[0].Str("cause"); got != "health" {
+				t.Errorf("rollback cause %q, want health", got)
+			}
 			for _, want := range c.reason[1:] {
 				if !strings.Contains(rb[0].Str("reason"), want) {
 					t.Errorf("rollback reason %q, want one containing %q", rb[0].Str("reason"), want)

@@ -12,6 +12,7 @@ const (
 	ExitNoParent     = upgrade.ExitNoParent
 	ExitStoppedByOld = upgrade.ExitStoppedByOld
 	ExitPIDFile      = upgrade.ExitPIDFile
+	ExitHealthFailed = upgrade.ExitHealthFailed
 )
 
 // ExitError is what Run returns for a new master that gave up: the

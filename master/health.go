@@ -156,7 +156,7 @@ func (m *Master) onHealthDone(ev healthDone) {
 	if m.newUncommitted() {
 		m.log.Error("upgrade: a new worker failed its health check; the new generation gives up", "event", "upgrade.health_failed", "worker", p.slot, "pid", p.pid, "reason", reason)
 	}
-	m.workerFailed(ExitNotReady, reason)
+	m.workerFailed(ExitHealthFailed, reason)
 }
 
 // getHealth sends GET path on conn and reads the answer's status line

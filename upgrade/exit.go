@@ -27,6 +27,7 @@ const (
 	ExitStoppedByOld = 14 // TERM/INT to the old master stopped both generations
 	ExitPIDFile      = 15 // it could not write the pid file (a full disk, a read-only directory)
 	ExitGateFailed   = 16 // its traffic failed a gate of the probation (--max-error-rate, --max-latency-factor)
+	ExitHealthFailed = 17 // one of its workers failed its health check (--health-check, --health-check-cmd)
 )
 
 // exitReasons explains every exit status an old master may see from a new
@@ -43,6 +44,7 @@ var exitReasons = map[int]string{
 	ExitStoppedByOld: "the new master was stopped with the old one",
 	ExitPIDFile:      "the new master could not write the pid file",
 	ExitGateFailed:   "the new generation's traffic failed a gate of its probation",
+	ExitHealthFailed: "a worker of the new generation failed its health check",
 }
 
 // ExitError is what a new master that gave up before its commit ends
@@ -156,6 +158,7 @@ const (
 	CauseStopped       = "stopped"        // ExitStoppedByOld
 	CausePIDFile       = "pid_file"       // ExitPIDFile
 	CauseGate          = "gate"           // ExitGateFailed: its traffic failed a gate of the probation
+	CauseHealth        = "health"         // ExitHealthFailed: a new worker failed its health check
 	CauseFailed        = "failed"         // any other exit
 	CauseSuccessorDied = "successor_died" // taken back: the committed new master died
 )
@@ -164,6 +167,7 @@ var exitCauses = map[int]string{
 	ExitUsage: CauseConfig, ExitNoParent: CauseConfig, ExitBind: CauseBind, ExitLocked: CauseLocked,
 	ExitNotReady: CauseNotReady, ExitWorkerDied: CauseWorkerDied, ExitAborted: CauseAborted,
 	ExitStoppedByOld: CauseStopped, ExitPIDFile: CausePIDFile, ExitGateFailed: CauseGate,
+	ExitHealthFailed: CauseHealth,
 }
 
 // FailureCause is the stable cause of a failed attempt, from the same

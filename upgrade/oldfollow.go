@@ -171,7 +171,7 @@ func (o *OldSide) onUpgradeDone(env Env, err error) {
 	}
 	o.to(OldIdle, "rolled back")
 	o.log.Error("upgrade failed; rolled back: this generation keeps serving",
-		append([]any{"event", "upgrade.rolled_back", "new_pid", up.Pid, "reason", reason, "elapsed", elapsed}, ph.Fields()...)...)
+		append([]any{"event", "upgrade.rolled_back", "new_pid", up.Pid, "reason", reason, "cause", cause, "elapsed", elapsed}, ph.Fields()...)...)
 	o.do(SupervisorReady{Status: fmt.Sprintf("serving, %d workers; upgrade rolled back: %s", env.Workers, reason)})
 	if up.quitPending {
 		o.log.Error("QUIT cancelled: the upgrade it waited for failed; send QUIT again to stop this generation", "event", "upgrade.quit_cancelled")
