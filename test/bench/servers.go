@@ -89,7 +89,7 @@ type server struct {
 	pidFile string // molt and nginx: names the current master
 	log     string
 	procs   []*exec.Cmd
-	keeper  int // molt with its keeper: the keeper's pid
+	keeper  int    // molt with its keeper: the keeper's pid
 	metrics string // molt: its --metrics-listen address
 }
 
