@@ -419,3 +419,40 @@ func TestBalance_CanaryKeepsToTheOldGenerationsPace(t *testing.T) {
 		t.Errorf("least = %d after entry 1's count fell, want 0", lo)
 	}
 }
+
+// A canary maps the old generation's table only when it is sealed, and
+// read-only.
+func TestBalance_CanaryOpensOnlyASealedPeerTable(t *testing.T) {
+	memfd := func(seal bool) int {
+		fd, err := unix.MemfdCreate("test-table", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Ftruncate(fd, 4*TableLine); err != nil {
+			t.Fatal(err)
+		}
+		if seal {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return fd // openBalancer closes it
+	}
+	for _, seal := range []bool{true, false} {
+		t.Setenv(EnvAcceptTable, strconv.Itoa(memfd(true)))
+		t.Setenv(EnvAcceptEntry, "0")
+		t.Setenv(EnvListenPID, strconv.Itoa(os.Getpid()))
+		t.Setenv(EnvAcceptPeerTable, strconv.Itoa(memfd(seal)))
+		b := openBalancer()
+		if b == nil {
+			t.Fatal("openBalancer refused its own table")
+		}
+		if (b.peer != nil) != seal {
+			t.Errorf("sealed %v: peer table mapped: %v", seal, b.peer != nil)
+		}
+		if b.peer != nil {
+			unix.Munmap(b.peer.mem)
+		}
+		unix.Munmap(b.mem)
+	}
+}
