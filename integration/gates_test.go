@@ -276,3 +276,79 @@ func TestGates_CanaryServesTheMinimum(t *testing.T) {
 		})
 	}
 }
+
+// TestGates_CanaryShare: with --canary 1 beside 4 old workers, the
+// canary meets about its share of the new connections during the canary
+// stage, 1/5, not what an idle worker first in the kernel's queue would
+// take (docs/upgrades.md, "Canary"). Per connection, every request is a
+// new connection; with keep-alive, the clients connected before stay on
+// the old workers and clients that connect during the stage are counted.
+func TestGates_CanaryShare(t *testing.T) {
+	t.Parallel()
+	for _, keepAlive := range []bool{false, true} {
+		name := "connection_per_request"
+		if keepAlive {
+			name = "keep_alive"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			dir := gatesApp(t)
+			u, _ := startGated(t, dir, "--max-error-rate", "1%", "--canary", "1")
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			runs := []*load.Run{load.Start(ctx, load.Config{Network: "tcp", Addr: u.addr(), Clients: 16, Rate: 160, KeepAlive: keepAlive})}
+			conns := func() map[int]int {
+				all := map[int]int{}
+				for _, r := range runs {
+					for w, n := range r.Snapshot().Conns {
+						all[w] += n
+					}
+				}
+				return all
+			}
+			u.Signal(syscall.SIGUSR2)
+			test.WaitLog(t, u.log, 60*time.Second, 1, "the canary serving", test.Event("upgrade.serving", "canary", "true"))
+			canary := test.Find(u.log, test.Event("worker.started", "gen", "2"))[0].Int("pid")
+			before := conns()
+			verdict := func() error {
+				if len(test.Find(u.log, test.Event("upgrade.gates_passed", "stage", "canary"))) == 0 {
+					return fmt.Errorf("no verdict on the canary yet")
+				}
+				return nil
+			}
+			if keepAlive {
+				// New keep-alive clients, four at a time, slow: 120 at most.
+				small := load.Config{Network: "tcp", Addr: u.addr(), Clients: 4, Rate: 8, KeepAlive: true}
+				test.WaitFor(t, 90*time.Second, "the gates passing on the canary", func() error {
+					if len(runs) <= 30 {
+						runs = append(runs, load.Start(ctx, small))
+					}
+					return verdict()
+				})
+			} else {
+				test.WaitFor(t, 90*time.Second, "the gates passing on the canary", verdict)
+			}
+			after := conns()
+			total, onCanary := 0, after[canary]-before[canary]
+			for w, n := range after {
+				total += n - before[w]
+			}
+			share := float64(onCanary) / float64(max(total, 1))
+			t.Logf("%s: the canary %d took %d of %d new connections during the canary stage: %.1f%% (its share of the workers: 20%%)",
+				name, canary, onCanary, total, 100*share)
+			if total < 40 {
+				t.Errorf("only %d new connections during the canary stage: too few to judge a share", total)
+			}
+			if share > 0.3 {
+				t.Errorf("the canary took %.1f%% of the new connections, more than 30%% (its share of the workers: 20%%)", 100*share)
+			}
+			u.waitTakeover(u.Pid)
+			for _, r := range runs {
+				if res := r.Stop(); res.Failed() != 0 {
+					t.Errorf("load: %d failed requests: %v", res.Failed(), res.Samples)
+				}
+			}
+			u.stop()
+		})
+	}
+}

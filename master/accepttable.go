@@ -2,6 +2,7 @@ package master
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 
@@ -85,4 +86,67 @@ func (t *acceptTable) zero(i int) error {
 		return fmt.Errorf("accept table: zero entry %d: %w", i, err)
 	}
 	return nil
+}
+
+// acceptTableFileName is the name a generation's accept table travels
+// under to the next master (PassFile), for that master's canary.
+const acceptTableFileName = "accept-table"
+
+// shareAcceptTable takes the old generation's table the old master
+// passed, if this master is a new one with a canary, and passes its own
+// on to the next. The canary's workers get the old table read-only
+// (MOLT_ACCEPT_PEER_TABLE): they accept no more than the least busy old
+// worker, so that a canary meets about its share of new connections
+// (docs/upgrades.md, "Canary"). This master never reads it. Anything
+// failing leaves the canary balanced within its own generation only,
+// logged.
+func (m *Master) shareAcceptTable() {
+	inherited, err := m.hand.InheritedFile(acceptTableFileName)
+	if err == nil && inherited != nil {
+		if m.role() == roleNew && m.cfg.Canary > 0 && m.accept != nil {
+			m.peerAccept, err = reopenReadOnly(inherited)
+		}
+		_ = inherited.Close()
+	}
+	if m.role() == roleNew && m.cfg.Canary > 0 && m.peerAccept == nil {
+		why := "the old master passed no accept table"
+		if err != nil {
+			why = err.Error()
+		} else if m.accept == nil {
+			why = "this generation has no accept table"
+		}
+		m.log.Warn("the canary balances within its own generation only", "event", "balance.canary_unbalanced", "reason", why)
+	}
+	if m.accept != nil {
+		if err := m.hand.PassFile(acceptTableFileName, m.accept.f); err != nil {
+			m.log.Warn("the accept table does not pass to the next master; its canary will balance within its own generation only",
+				"event", "balance.pass_failed", "error", err)
+		}
+	}
+}
+
+// reopenReadOnly opens the memfd f again, read-only: the descriptor a
+// canary worker gets cannot write the old generation's table (a worker
+// could still reopen it writable through /proc, as it can its own
+// generation's: what it writes there only skews the balance).
+func reopenReadOnly(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("old accept table: %w", err)
+	}
+	fd := -1
+	if cerr := rc.Control(func(raw uintptr) {
+		fd, err = unix.Open(fmt.Sprintf("/proc/self/fd/%d", raw), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}); cerr != nil {
+		return nil, fmt.Errorf("old accept table: %w", cerr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("old accept table: reopen read-only: %w", err)
+	}
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil || seals&unix.F_SEAL_SHRINK == 0 {
+		_ = unix.Close(fd)
+		return nil, errors.New("old accept table: not sealed against shrinking")
+	}
+	return os.NewFile(uintptr(fd), "molt-old-accept-table"), nil
 }

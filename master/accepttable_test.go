@@ -3,6 +3,7 @@ package master
 import (
 	"bytes"
 	"encoding/binary"
+	"os"
 	"testing"
 
 	"github.com/molt-server/molt/worker"
@@ -85,5 +86,44 @@ func TestAcceptTable_EntriesZeroedAndReused(t *testing.T) {
 	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
 	if want := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL; err != nil || seals&want != want {
 		t.Errorf("seals = %#x, %v; want %#x", seals, err, want)
+	}
+}
+
+// The old generation's table reaches a canary read-only: the descriptor
+// cannot write it or map it writable; an unsealed file is refused.
+func TestAcceptTable_ReopenedReadOnlyForTheCanary(t *testing.T) {
+	tab, err := newAcceptTable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tab.f.Close()
+	ro, err := reopenReadOnly(tab.f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if _, err := ro.WriteAt([]byte{1}, 0); err == nil {
+		t.Error("a write through the reopened table succeeded")
+	}
+	fd := int(ro.Fd()) // a memfd: its blocking mode is nobody's concern
+	if mem, err := unix.Mmap(fd, 0, worker.TableLine, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
+		unix.Munmap(mem)
+		t.Error("the reopened table maps writable")
+	}
+	mem, err := unix.Mmap(fd, 0, worker.TableLine, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatalf("map read-only: %v", err)
+	}
+	unix.Munmap(mem)
+
+	plain, err := unix.MemfdCreate("unsealed", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(plain), "unsealed")
+	defer f.Close()
+	if ro, err := reopenReadOnly(f); err == nil {
+		ro.Close()
+		t.Error("an unsealed file was accepted as an accept table")
 	}
 }

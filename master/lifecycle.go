@@ -99,6 +99,7 @@ func (m *Master) start() error {
 	if m.accept, err = newAcceptTable(); err != nil {
 		m.log.Warn("workers will accept unbalanced", "event", "balance.unavailable", "error", err)
 	}
+	m.shareAcceptTable()
 	m.spec = newSpec(m.cfg, m.listeners)
 	m.setPhase(phaseStarting, "listeners open")
 	m.after(listenerCheckEvery, timerFired{kind: listenerCheck})
@@ -305,6 +306,9 @@ func (m *Master) release() {
 	}
 	if m.accept != nil {
 		_ = m.accept.f.Close()
+	}
+	if m.peerAccept != nil {
+		_ = m.peerAccept.Close()
 	}
 	for _, f := range []*os.File{m.parentW, m.parentR, m.devNull} {
 		if f != nil {

@@ -95,6 +95,10 @@ type Master struct {
 	// accept is this generation's accept table (accepttable.go); nil if
 	// it could not be made: workers then accept unbalanced.
 	accept *acceptTable
+	// peerAccept is the old generation's accept table, reopened
+	// read-only, for this generation's canary (accepttable.go); nil
+	// outside an upgrade or if the old master passed none.
+	peerAccept *os.File
 
 	// metrics serves --metrics-listen (nil: off); counters are this
 	// master's own figures, base those its old master sent (metrics.go).

@@ -105,6 +105,12 @@ func (m *Master) startWorker(s *slot) (*proc, error) {
 			worker.EnvAcceptEntry + "=" + strconv.Itoa(entry),
 		}
 		files = append(files, m.accept.f)
+		// A canary also gets the old generation's table, read-only
+		// (accepttable.go, shareAcceptTable).
+		if m.peerAccept != nil && m.new != nil && m.new.CanaryStage() {
+			balanceEnv = append(balanceEnv, worker.EnvAcceptPeerTable+"="+strconv.Itoa(len(files)))
+			files = append(files, m.peerAccept)
+		}
 	}
 	// The health socket: after every other fd, announced by its own
 	// variable, never in LISTEN_FDS (health.go).

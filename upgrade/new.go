@@ -309,6 +309,10 @@ func (n *NewSide) slots() int {
 // canaryStage reports whether only the canary serves.
 func (n *NewSide) canaryStage() bool { return n.canary && n.state < NewCompleting }
 
+// CanaryStage reports whether only the canary serves (--canary, before
+// its gates passed).
+func (n *NewSide) CanaryStage() bool { return n.canaryStage() }
+
 // probation reports whether the new generation serves, uncommitted and
 // not giving up: its probation, its wait for the gates' minimum, or the
 // start of the rest after the canary.

@@ -28,6 +28,12 @@ const (
 	EnvAcceptTable = "MOLT_ACCEPT_TABLE"
 	// EnvAcceptEntry is this worker's entry in the accept table.
 	EnvAcceptEntry = "MOLT_ACCEPT_ENTRY"
+	// EnvAcceptPeerTable is the fd number of the old generation's accept
+	// table, read-only, passed to a canary only (docs/worker-protocol.md,
+	// "Balance"): the canary accepts no more than the least busy worker
+	// of the old generation, so that it meets about its share of new
+	// connections.
+	EnvAcceptPeerTable = "MOLT_ACCEPT_PEER_TABLE"
 	// EnvAcceptBalance set to "off" makes Balance return its listener
 	// unchanged: the worker accepts as fast as it can, whatever its
 	// siblings hold.
@@ -62,6 +68,10 @@ const (
 	balanceStep   = 250 * time.Microsecond
 	balanceBound  = 20 * time.Millisecond
 	balanceIgnore = time.Second
+	// peerSlack is how many more connections than the least busy
+	// accepting worker of the old generation a canary may have accepted
+	// since it started.
+	peerSlack = 2
 )
 
 var (
@@ -114,6 +124,12 @@ func openBalancer() *balancer {
 		return nil
 	}
 	defer unix.Close(fd) // the mapping outlives the fd
+	peerFD, err := strconv.Atoi(os.Getenv(EnvAcceptPeerTable))
+	if err == nil && peerFD >= 0 && peerFD != fd {
+		defer unix.Close(peerFD)
+	} else {
+		peerFD = -1
+	}
 	// Sealed against shrinking, or a sibling could truncate it under our
 	// mapping and kill us with SIGBUS.
 	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
@@ -132,8 +148,123 @@ func openBalancer() *balancer {
 	b := newBalancer(mem, self)
 	if b == nil {
 		_ = unix.Munmap(mem)
+		return nil
+	}
+	if peerFD >= 0 {
+		b.peer = openPeer(peerFD)
 	}
 	return b
+}
+
+// openPeer maps the old generation's table passed to a canary, read-only,
+// or returns nil (the canary then balances within its generation only).
+func openPeer(fd int) *peerTable {
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil || seals&unix.F_SEAL_SHRINK == 0 {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Size < 2*TableLine || st.Size%TableLine != 0 {
+		return nil
+	}
+	size := min(int(st.Size), (MaxTableEntries+1)*TableLine)
+	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil
+	}
+	p := newPeerTable(mem)
+	if p == nil {
+		_ = unix.Munmap(mem)
+	}
+	return p
+}
+
+// peerTable is the old generation's accept table as a canary sees it: it
+// only reads it. Its workers are untrusted too: what they write only
+// ever makes the canary wait, never longer than balanceBound per
+// connection, or lets it accept more (skewed balance, not a stop).
+type peerTable struct {
+	mem []byte
+	cap int
+	// base[i] is entry i's accepts when the canary started counting (or
+	// when a new worker took the entry: its count fell).
+	base         []atomic.Int64
+	ignoredUntil []atomic.Int64
+}
+
+func newPeerTable(mem []byte) *peerTable {
+	n := len(mem)/TableLine - 1
+	if n < 1 || uintptr(unsafe.Pointer(&mem[0]))%8 != 0 {
+		return nil
+	}
+	p := &peerTable{mem: mem, cap: n, base: make([]atomic.Int64, n), ignoredUntil: make([]atomic.Int64, n)}
+	for i := range n {
+		p.base[i].Store(p.accepts(i))
+	}
+	return p
+}
+
+func (p *peerTable) accepts(i int) int64 {
+	return atomic.LoadInt64((*int64)(unsafe.Pointer(&p.mem[(i+1)*TableLine+TableOffAccepts])))
+}
+
+func (p *peerTable) accepting(i int) bool {
+	return atomic.LoadUint32((*uint32)(unsafe.Pointer(&p.mem[(i+1)*TableLine+TableOffState]))) == EntryAccepting
+}
+
+func (p *peerTable) entries() int {
+	n := int(atomic.LoadUint32((*uint32)(unsafe.Pointer(&p.mem[0]))))
+	return max(0, min(n, p.cap))
+}
+
+// since is what entry i accepted since its base; a count that fell (a
+// new worker in the entry, or a lie) becomes the new base.
+func (p *peerTable) since(i int) int64 {
+	acc, base := p.accepts(i), p.base[i].Load()
+	if acc < base {
+		p.base[i].Store(acc)
+		return 0
+	}
+	return acc - base
+}
+
+// least is the fewest connections an accepting, not ignored worker of
+// the old generation accepted since the canary started; false if none
+// accepts.
+func (p *peerTable) least(now int64) (int64, bool) {
+	lo, any := int64(0), false
+	n := p.entries()
+	for i := 0; i < n; i++ {
+		if !p.accepting(i) || p.ignoredUntil[i].Load() > now {
+			continue
+		}
+		if d := p.since(i); !any || d < lo {
+			lo, any = d, true
+		}
+	}
+	return lo, any
+}
+
+// snapshot records the accepts of every accepting entry.
+func (p *peerTable) snapshot() map[int]int64 {
+	snap := map[int]int64{}
+	n := p.entries()
+	for i := 0; i < n; i++ {
+		if p.accepting(i) {
+			snap[i] = p.accepts(i)
+		}
+	}
+	return snap
+}
+
+// ignoreStill leaves out, for ignore, every entry behind mine that
+// accepted nothing for a whole bound while a connection waited.
+func (p *peerTable) ignoreStill(snap map[int]int64, mine int64, now int64, ignore time.Duration) {
+	for i, acc := range snap {
+		if p.accepts(i) == acc && mine > p.since(i)+peerSlack {
+			p.ignoredUntil[i].Store(now + ignore.Nanoseconds())
+		}
+	}
 }
 
 // balancer gates the accepts of this process by the accept table in mem.
@@ -160,6 +291,11 @@ type balancer struct {
 
 	mu   sync.Mutex
 	open int // balanced listeners not yet closed
+
+	// peer is the old generation's table for a canary, else nil; mine
+	// counts this worker's accepts since it started, for the comparison.
+	peer *peerTable
+	mine atomic.Int64
 }
 
 // newBalancer gates with the table in mem (8-byte aligned, a whole number
@@ -203,8 +339,15 @@ func (b *balancer) accepts(i int) int64 {
 }
 
 // over reports whether this worker holds more than slack connections more
-// than its least loaded accepting sibling that is not ignored.
+// than its least loaded accepting sibling that is not ignored, or, for a
+// canary, has accepted more than peerSlack connections more than the least
+// busy accepting worker of the old generation since it started.
 func (b *balancer) over(now int64) bool {
+	if b.peer != nil {
+		if lo, ok := b.peer.least(now); ok && b.mine.Load() > lo+peerSlack {
+			return true
+		}
+	}
 	mine := b.active(b.self)
 	n := b.entries()
 	for i := 0; i < n; i++ {
@@ -243,6 +386,7 @@ func (b *balancer) snapshot() map[int]int64 {
 }
 
 func (b *balancer) opened() {
+	b.mine.Add(1)
 	atomic.AddInt64(b.word64(b.self, TableOffActive), 1)
 	atomic.AddInt64(b.word64(b.self, TableOffAccepts), 1)
 }
@@ -361,6 +505,10 @@ func (l *balancedListener) waitTurn() bool {
 	b := l.b
 	start := time.Now()
 	snap := b.snapshot()
+	var peerSnap map[int]int64
+	if b.peer != nil {
+		peerSnap = b.peer.snapshot()
+	}
 	step := time.NewTimer(b.step)
 	defer step.Stop()
 	for {
@@ -370,6 +518,9 @@ func (l *balancedListener) waitTurn() bool {
 		}
 		if now.Sub(start) >= b.bound {
 			b.ignoreStill(snap, now.UnixNano())
+			if b.peer != nil {
+				b.peer.ignoreStill(peerSnap, b.mine.Load(), now.UnixNano(), b.ignore)
+			}
 			return true
 		}
 		// Until this worker closes a connection, or for a step: a sibling

@@ -354,3 +354,105 @@ func TestBalance_OpensOnlyASealedTableMeantForIt(t *testing.T) {
 		})
 	}
 }
+
+// fakePeer gives b an old generation's table in ordinary memory with
+// entries entries in use, all accepting, and returns a setter of an
+// entry's accepts.
+func fakePeer(t *testing.T, b *balancer, entries int) func(i int, accepts int64) {
+	t.Helper()
+	words := make([]uint64, (entries+1)*TableLine/8)
+	mem := unsafe.Slice((*byte)(unsafe.Pointer(&words[0])), len(words)*8)
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&mem[0])), uint32(entries))
+	for i := range entries {
+		atomic.StoreUint32((*uint32)(unsafe.Pointer(&mem[(i+1)*TableLine+TableOffState])), EntryAccepting)
+		atomic.StoreInt64((*int64)(unsafe.Pointer(&mem[(i+1)*TableLine+TableOffAccepts])), 100)
+	}
+	b.peer = newPeerTable(mem)
+	if b.peer == nil {
+		t.Fatal("newPeerTable refused a valid table")
+	}
+	return func(i int, accepts int64) {
+		atomic.StoreInt64((*int64)(unsafe.Pointer(&mem[(i+1)*TableLine+TableOffAccepts])), accepts)
+	}
+}
+
+// A canary ahead of the old generation's least busy worker waits its
+// turn (bounded), counts from what the old workers had accepted when it
+// started, and accepts at once when they catch up or hang.
+func TestBalance_CanaryKeepsToTheOldGenerationsPace(t *testing.T) {
+	bound := 200 * time.Millisecond
+	b := fakeTable(t, 1, 0, bound)
+	setAccepts := fakePeer(t, b, 2)
+	ln := b.wrap(loopback(t), true)
+	accept := func() time.Duration {
+		t.Helper()
+		dial(t, ln)
+		start := time.Now()
+		if err := <-acceptIn(ln); err != nil {
+			t.Fatal(err)
+		}
+		return time.Since(start)
+	}
+	for i := range peerSlack + 1 { // its slack: the old workers accepted nothing yet
+		if d := accept(); d >= bound {
+			t.Fatalf("accept %d waited %v within the slack", i, d)
+		}
+	}
+	setAccepts(0, 100+10) // entry 1 still at its base: the least busy
+	setAccepts(1, 100+1)  // catches up partly: one more turn
+	if d := accept(); d >= bound {
+		t.Fatalf("waited %v with the least busy old worker one behind the slack", d)
+	}
+	// Now ahead, the old workers accepting nothing more: one bounded wait,
+	// then the one behind (entry 1) is ignored.
+	if d := accept(); d < bound {
+		t.Errorf("accepted after %v, ahead of the old generation, before the bound %v", d, bound)
+	}
+	if d := accept(); d >= bound {
+		t.Errorf("waited %v again for old workers already seen hung", d)
+	}
+	if lo, ok := b.peer.least(time.Now().Add(2 * b.ignore).UnixNano()); !ok || lo != 1 {
+		t.Errorf("least = %d, %v after the ignore period; want 1 (entry 1)", lo, ok)
+	}
+	setAccepts(1, 0) // a new worker in entry 1 (or a lie): its count rebases
+	if lo, _ := b.peer.least(time.Now().Add(2 * b.ignore).UnixNano()); lo != 0 {
+		t.Errorf("least = %d after entry 1's count fell, want 0", lo)
+	}
+}
+
+// A canary maps the old generation's table only when it is sealed, and
+// read-only.
+func TestBalance_CanaryOpensOnlyASealedPeerTable(t *testing.T) {
+	memfd := func(seal bool) int {
+		fd, err := unix.MemfdCreate("test-table", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Ftruncate(fd, 4*TableLine); err != nil {
+			t.Fatal(err)
+		}
+		if seal {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return fd // openBalancer closes it
+	}
+	for _, seal := range []bool{true, false} {
+		t.Setenv(EnvAcceptTable, strconv.Itoa(memfd(true)))
+		t.Setenv(EnvAcceptEntry, "0")
+		t.Setenv(EnvListenPID, strconv.Itoa(os.Getpid()))
+		t.Setenv(EnvAcceptPeerTable, strconv.Itoa(memfd(seal)))
+		b := openBalancer()
+		if b == nil {
+			t.Fatal("openBalancer refused its own table")
+		}
+		if (b.peer != nil) != seal {
+			t.Errorf("sealed %v: peer table mapped: %v", seal, b.peer != nil)
+		}
+		if b.peer != nil {
+			unix.Munmap(b.peer.mem)
+		}
+		unix.Munmap(b.mem)
+	}
+}

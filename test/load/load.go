@@ -63,6 +63,9 @@ type Result struct {
 	// ByMaster and ByWorker count answered requests by the
 	// X-Molt-Master-Pid and X-Molt-Worker-Pid headers.
 	ByMaster, ByWorker map[int]int
+	// Conns counts new connections by the X-Molt-Worker-Pid of their
+	// first answer (without keep-alive, every answered request).
+	Conns map[int]int
 	// Samples describes the first failures.
 	Samples []string
 	// Fails lists the failures (up to maxFails), each with what a test
@@ -119,6 +122,9 @@ func (r *Result) add(o Result) {
 	for p, n := range o.ByWorker {
 		r.ByWorker[p] += n
 	}
+	for p, n := range o.Conns {
+		r.Conns[p] += n
+	}
 	for _, s := range o.Samples {
 		if len(r.Samples) < maxSamples {
 			r.Samples = append(r.Samples, s)
@@ -132,7 +138,7 @@ func (r *Result) add(o Result) {
 }
 
 func newResult() Result {
-	return Result{Failures: map[Class]int{}, ByMaster: map[int]int{}, ByWorker: map[int]int{}}
+	return Result{Failures: map[Class]int{}, ByMaster: map[int]int{}, ByWorker: map[int]int{}, Conns: map[int]int{}}
 }
 
 // Run is a load run in progress.
@@ -214,8 +220,8 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		start, last := time.Now(), c.last
-		if c.conn == nil {
+		start, last, fresh := time.Now(), c.last, c.conn == nil
+		if fresh {
 			last = 0
 		}
 		resp, err := c.do()
@@ -237,6 +243,9 @@ func (c *client) run(ctx context.Context, interval time.Duration) {
 			}
 			if w, err := strconv.Atoi(resp.Header.Get("X-Molt-Worker-Pid")); err == nil {
 				c.res.ByWorker[w]++
+				if fresh {
+					c.res.Conns[w]++
+				}
 				c.last = w
 			}
 		}
