@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/molt-server/molt/master/internal/notify"
@@ -121,6 +122,8 @@ func dropNotifySocket(log hclog.Logger, s *notify.Socket) {
 func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 	ack := make(chan struct{}, 1)
 	var lim stats.Limiter
+	var pace pacer
+	paced := false
 	for {
 		msg, err := s.Read()
 		if err != nil {
@@ -149,5 +152,53 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 		case <-m.done:
 			return
 		}
+		if d := pace.delay(time.Now()); d > 0 {
+			// A flood of messages the loop must apply (STATUS=, say)
+			// waits here, in the socket's queue and then the sender's
+			// sendto: delayed, in order, none lost, and the loop's cost
+			// bounded whatever the rate.
+			if !paced {
+				paced = true
+				log.Warn("a worker sends notify messages faster than the master applies them; pacing it", "event", "notify.paced",
+					"worker_pid", worker, "rate", notifyRate)
+			}
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-m.done:
+				t.Stop()
+				return
+			}
+		}
 	}
+}
+
+// notifyRate and notifyBurst pace what one worker's notify socket sends
+// the loop: a token bucket of notifyBurst messages, refilled at
+// notifyRate a second. A worker sends a few a second (READY=1, STATUS=,
+// WATCHDOG=1, its figures); a flood costs the loop notifyRate events a
+// second, not a core.
+const (
+	notifyRate  = 100
+	notifyBurst = 100
+)
+
+// pacer is a worker reader's token bucket; the zero pacer is full.
+type pacer struct {
+	spent float64 // tokens spent: 0 is full
+	last  time.Time
+}
+
+// delay takes a token for a message applied at now and returns how long
+// the reader must wait before it reads the next one (0: at once).
+func (p *pacer) delay(now time.Time) time.Duration {
+	if !p.last.IsZero() {
+		p.spent = max(0, p.spent-now.Sub(p.last).Seconds()*notifyRate)
+	}
+	p.last = now
+	p.spent++
+	if over := p.spent - notifyBurst; over > 0 {
+		return time.Duration(over / notifyRate * float64(time.Second))
+	}
+	return 0
 }

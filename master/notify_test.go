@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // TestSearchable: a directory workers must pass through to reach their
@@ -29,5 +30,36 @@ func TestSearchable(t *testing.T) {
 	}
 	if err := searchable(closed, &syscall.Credential{Uid: uint32(os.Getuid()), Gid: 1}); err != nil {
 		t.Errorf("its owner: %v", err)
+	}
+}
+
+// TestPacer_BoundsAFloodNotAWorker: a burst of notifyBurst messages
+// passes at once; beyond it, messages at any rate wait so that no more
+// than notifyRate a second reach the loop; after a quiet second the
+// bucket has room again.
+func TestPacer_BoundsAFloodNotAWorker(t *testing.T) {
+	var p pacer
+	now := time.Unix(1000, 0)
+	for i := range notifyBurst {
+		if d := p.delay(now); d != 0 {
+			t.Fatalf("message %d of the burst waits %v", i, d)
+		}
+	}
+	// A flood: each message arrives the moment the reader may read it.
+	var waited time.Duration
+	for range 1000 {
+		d := p.delay(now)
+		if d <= 0 {
+			t.Fatal("a flood past the burst went unpaced")
+		}
+		waited += d
+		now = now.Add(d)
+	}
+	if got := float64(1000) / waited.Seconds(); got > notifyRate*1.01 {
+		t.Errorf("the flood reached the loop at %.0f a second, want at most %d", got, notifyRate)
+	}
+	now = now.Add(2 * time.Second)
+	if d := p.delay(now); d != 0 {
+		t.Errorf("after two quiet seconds a message waits %v", d)
 	}
 }

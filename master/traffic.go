@@ -1,6 +1,7 @@
 package master
 
 import (
+	"math"
 	"os"
 	"strconv"
 	"time"
@@ -228,7 +229,11 @@ func trafficFamilies(m *Master, sn *metrics.Snapshot) {
 		}
 		var cum uint64
 		for i, n := range tot.Buckets {
-			cum += n
+			// Saturating: a worker may report any count, up to 2^64-1,
+			// and the buckets must stay cumulative.
+			if cum += n; cum < n {
+				cum = math.MaxUint64
+			}
 			le := "+Inf"
 			if i < len(worker.BucketBounds) {
 				le = strconv.FormatFloat(worker.BucketBounds[i].Seconds(), 'g', -1, 64)

@@ -1,10 +1,12 @@
 package master
 
 import (
+	"math"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/molt-server/molt/master/internal/metrics"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/internal/stats"
 	"github.com/molt-server/molt/worker"
@@ -86,5 +88,44 @@ func TestTraffic_ReportsAcrossRestartsAndFloods(t *testing.T) {
 	st := m.status()
 	if len(st.Traffic) != 1 || st.Traffic[0].Requests != 47 || st.Traffic[0].WindowReqs != 10 || st.Traffic[0].ReportsDropped != 100 {
 		t.Errorf("status traffic %+v", st.Traffic)
+	}
+}
+
+// TestTraffic_HugeReportKeepsTheHistogramCumulative: a worker that
+// reports the largest count there is (2^64-1 in its first bucket, 2 in
+// the others) cannot make molt_request_duration_seconds' buckets go down
+// (a sum that wrapped around): they stay cumulative, saturated.
+func TestTraffic_HugeReportKeepsTheHistogramCumulative(t *testing.T) {
+	m, f := newTestMaster(t, 1, nil)
+	w1 := f.started[0]
+	var s worker.Stats
+	for i := range s.Buckets {
+		s.Buckets[i] = 2
+	}
+	s.Buckets[0] = math.MaxUint64
+	s.Classes[worker.Class5xx] = math.MaxUint64
+	fig := stats.Figures(s)
+	m.onNotify(notified{Msg: notify.Msg{Pid: w1}, worker: w1, stats: &fig})
+	var sn metrics.Snapshot
+	trafficFamilies(m, &sn)
+	var prev float64
+	n := 0
+	for _, fam := range sn.Families {
+		if fam.Name != "molt_request_duration_seconds" {
+			continue
+		}
+		for _, smp := range fam.Samples {
+			if smp.Suffix != "_bucket" {
+				continue
+			}
+			if smp.Value < prev {
+				t.Errorf("bucket %v = %v after %v: not cumulative", smp.Labels, smp.Value, prev)
+			}
+			prev = smp.Value
+			n++
+		}
+	}
+	if n != worker.NumBuckets {
+		t.Fatalf("%d buckets, want %d", n, worker.NumBuckets)
 	}
 }

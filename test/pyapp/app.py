@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 stopping = False
@@ -114,6 +115,34 @@ def stats_flood(n):
     sys.stderr.write("pyapp: stats flood: %d of %d sent\n" % (sent, n))
 
 
+def status_flood(seconds):
+    """Worker 0 only, in a thread: STATUS= datagrams as fast as they go
+    for seconds (each one the loop must apply), then STATUS=flood done N
+    with the number sent: the master paces it, and loses none."""
+    if os.environ.get("MOLT_WORKER") != "0":
+        return
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+
+    def run():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.settimeout(1)
+        sent, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                s.sendto(b"STATUS=flood %d" % sent, addr)
+                sent += 1
+            except OSError:
+                pass
+        s.settimeout(30)
+        s.sendto(b"STATUS=flood done %d" % sent, addr)
+        s.close()
+        sys.stderr.write("pyapp: status flood: %d sent\n" % sent)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("pyapp: LISTEN_PID %r is not my pid %d" % (os.environ.get("LISTEN_PID"), os.getpid()))
@@ -130,6 +159,10 @@ def main():
     if "--stats-flood" in sys.argv:
         n, path = sys.argv[sys.argv.index("--stats-flood") + 1].split(":", 1)
         flood = (int(n), path)
+    status = None  # --status-flood SECONDS:PATH: flood once PATH exists
+    if "--status-flood" in sys.argv:
+        secs, path = sys.argv[sys.argv.index("--status-flood") + 1].split(":", 1)
+        status = (float(secs), path)
     if "--blocking-accept" in sys.argv:
         ln.setblocking(True)
         blocking_loop(ln, names)
@@ -140,6 +173,9 @@ def main():
         if flood and os.path.exists(flood[1]):
             stats_flood(flood[0])
             flood = None
+        if status and os.path.exists(status[1]):
+            status_flood(status[0])
+            status = None
         try:
             r, _, _ = select.select([ln], [], [], 0.2)
         except InterruptedError:
