@@ -223,6 +223,7 @@ func (m *Master) nextSeq() int {
 func (m *Master) loop(ctx context.Context) error {
 	ctxDone := ctx.Done()
 	for m.phase != phaseStopped {
+		routine := false // an event that changes nothing the metrics show
 		select {
 		case ev := <-m.events:
 			m.log.Trace("event", "what", ev) // not "event": that key is the stable one of the lines below
@@ -233,6 +234,7 @@ func (m *Master) loop(ctx context.Context) error {
 				m.onChildExited(ev)
 			case notified:
 				m.onNotify(ev)
+				routine = routineNotify(ev.Fields)
 			case statsTick:
 				m.onStatsTick(ev)
 				m.feedGates(ev.at) // gates.go
@@ -262,7 +264,9 @@ func (m *Master) loop(ctx context.Context) error {
 			m.log.Info("context cancelled", "event", "master.cancelled", "action", "graceful shutdown")
 			m.shutdown(false)
 		}
-		m.publishMetrics()
+		if !routine {
+			m.publishMetrics()
+		}
 	}
 	if m.exitErr == nil && m.new != nil {
 		if e := m.new.Exit(); e != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/molt-server/molt/master/internal/metrics"
 	"github.com/molt-server/molt/upgrade"
+	"github.com/molt-server/molt/worker"
 )
 
 // The Prometheus endpoint (--metrics-listen; docs/operating.md,
@@ -335,4 +336,20 @@ func (m *Master) closeMetrics() {
 		_ = m.metrics.Close()
 		m.metrics = nil
 	}
+}
+
+// routineNotify reports whether a worker's notify message only reports
+// (its figures, a watchdog ping, a STATUS= line): the metrics snapshot is
+// not rebuilt for it. Figures reach the snapshot with the next
+// once-a-second tick; a worker that sends such messages by the hundred a
+// second costs the loop no snapshot each.
+func routineNotify(n worker.Notification) bool {
+	for _, f := range n.Fields {
+		switch f.Key {
+		case worker.NotifyStatsKey, "WATCHDOG", "STATUS":
+		default:
+			return false
+		}
+	}
+	return true
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -218,6 +219,7 @@ func cmdRun(args []string) int {
 		return loadRunConfig(&f2, fs2)
 	}
 	cfg.Logger = withFault(cfg.Logger)
+	supervisorGC()
 	err = master.Run(context.Background(), cfg)
 	if err == nil {
 		return exitOK
@@ -576,4 +578,23 @@ func masterPath(arg0 string) (string, error) {
 		arg0 = p
 	}
 	return filepath.Abs(arg0)
+}
+
+// masterGCPercent is the master's GOGC unless the operator sets GOGC.
+// A master's live heap is small (about a megabyte) and what it allocates
+// is a trickle (a metrics snapshot and the traffic figures each second),
+// so with Go's default (100, whose heap goal never falls below 4 MB) its
+// resident set creeps up by that goal before the first collection. At 25
+// the goal is a quarter of that: collections come every several seconds
+// at most and cost the master no measurable CPU (test/bench/RESULTS.md,
+// "Memory" and the master's CPU ticks). Workers keep the environment's
+// GOGC: this is the master's own setting, not passed on.
+const masterGCPercent = 25
+
+// supervisorGC applies masterGCPercent to this process (the master of
+// "molt run"; not to an embedded master.Run, whose program decides).
+func supervisorGC() {
+	if _, set := os.LookupEnv("GOGC"); !set {
+		debug.SetGCPercent(masterGCPercent)
+	}
 }

@@ -184,8 +184,9 @@ func (b *bench) section(title string, lines ...string) {
 	b.sections = append(b.sections, "## "+title+"\n\n"+strings.Join(lines, "\n")+"\n")
 }
 
-// rssMB is the resident set of pid, in MB.
-func rssMB(pid int) float64 {
+// memMB is one of the memory lines of /proc/PID/status (VmRSS, RssAnon,
+// RssFile), in MB; -1 if unknown.
+func memMB(pid int, key string) float64 {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return -1
@@ -193,7 +194,7 @@ func rssMB(pid int) float64 {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), key+":"); ok {
 			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
 			return float64(kb) / 1024
 		}
