@@ -114,11 +114,7 @@ func fdstoreConfig(listen ...string) string {
 // spends no CPU per connection.
 func TestFDStore_KeeperFollowsTheListeners(t *testing.T) {
 	t.Parallel()
-	dir := test.ShortTempDir(t)
-	sock := filepath.Join(dir, "adm.sock")
-	u := start(t, runOpts{Dir: dir, Deploy: byRename, Keeper: true, Config: fdstoreConfig("web=127.0.0.1:0", "adm=unix:"+sock)})
-	addrs := u.addrs(2)
-	u.waitServing()
+	u, addrs, sock := startWebAndAdm(t)
 	keeper := u.Pid
 	test.WaitLog(t, u.log, stepTimeout, 2, "both listeners stored", test.Event("keeper.fdstore", "action", "stored"))
 	l := startLoad(t, addrs["web"])
@@ -573,4 +569,18 @@ func TestFDStore_SystemdStoreKeepsTheSocketsAcrossARestart(t *testing.T) {
 		t.Errorf("keeper exit %d after QUIT", code)
 	}
 	r.checkLogs()
+}
+
+// startWebAndAdm starts molt under its keeper with two listeners, web
+// (TCP on loopback) and adm (a unix socket under a short temporary
+// directory), and waits until it serves; it returns the addresses by name
+// and adm's path.
+func startWebAndAdm(t *testing.T) (*master, map[string]string, string) {
+	t.Helper()
+	dir := test.ShortTempDir(t)
+	sock := filepath.Join(dir, "adm.sock")
+	u := start(t, runOpts{Dir: dir, Deploy: byRename, Keeper: true, Config: fdstoreConfig("web=127.0.0.1:0", "adm=unix:"+sock)})
+	addrs := u.addrs(2)
+	u.waitServing()
+	return u, addrs, sock
 }

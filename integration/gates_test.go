@@ -197,84 +197,73 @@ func TestGates_FineCommits(t *testing.T) {
 // can reach it (docs/upgrades.md, "Canary").
 func TestGates_CanaryServesTheMinimum(t *testing.T) {
 	t.Parallel()
-	for _, keepAlive := range []bool{false, true} {
-		name := "connection_per_request"
-		if keepAlive {
-			name = "keep_alive"
+	eachCanaryMode(t, func(t *testing.T, u *master, ctx context.Context, keepAlive bool, name string) {
+		cfg := load.Config{Network: "tcp", Addr: u.addr(), Clients: 16, Rate: 160, KeepAlive: keepAlive}
+		before := load.Start(ctx, cfg) // connected before the upgrade
+		old := u.current()
+		u.Signal(syscall.SIGUSR2)
+		serving := test.WaitLog(t, u.log, 60*time.Second, 1, "the canary serving", test.Event("upgrade.serving", "canary", "true"))
+		canaries := test.Find(u.log, test.Event("worker.started", "gen", "2"))
+		if len(canaries) != 1 {
+			t.Fatalf("%d workers of the new generation started before the canary served, want 1", len(canaries))
 		}
-		t.Run(name, func(t *testing.T) {
-			t.Parallel()
-			dir := gatesApp(t)
-			u, _ := startGated(t, dir, "--max-error-rate", "1%", "--canary", "1")
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			cfg := load.Config{Network: "tcp", Addr: u.addr(), Clients: 16, Rate: 160, KeepAlive: keepAlive}
-			before := load.Start(ctx, cfg) // connected before the upgrade
-			old := u.current()
-			u.Signal(syscall.SIGUSR2)
-			serving := test.WaitLog(t, u.log, 60*time.Second, 1, "the canary serving", test.Event("upgrade.serving", "canary", "true"))
-			canaries := test.Find(u.log, test.Event("worker.started", "gen", "2"))
-			if len(canaries) != 1 {
-				t.Fatalf("%d workers of the new generation started before the canary served, want 1", len(canaries))
+		canary := canaries[0].Int("pid")
+		// The new master (molt.pid names it) shows its stage and the
+		// gates' judgement so far.
+		test.WaitFor(t, stepTimeout, "the gates' judgement in ctl status", func() error {
+			st, err := tryStatus(t, u.pidFile)
+			if err != nil {
+				return err
 			}
-			canary := canaries[0].Int("pid")
-			// The new master (molt.pid names it) shows its stage and the
-			// gates' judgement so far.
-			test.WaitFor(t, stepTimeout, "the gates' judgement in ctl status", func() error {
-				st, err := tryStatus(t, u.pidFile)
-				if err != nil {
-					return err
-				}
-				if up := st.Upgrade; up == nil || up.Side != "new" || up.Gates == "" {
-					return fmt.Errorf("upgrade %+v", st.Upgrade)
-				} else if up.Stage != "probation" && up.Stage != "gates-waiting" || up.Want != 1 {
-					t.Errorf("during the canary: stage %q, %d workers wanted", up.Stage, up.Want)
-				}
-				return nil
-			})
-			runs := []*load.Run{before}
-			onCanary := func() int {
-				n := 0
-				for _, r := range runs {
-					n += r.Snapshot().ByWorker[canary]
-				}
-				return n
+			if up := st.Upgrade; up == nil || up.Side != "new" || up.Gates == "" {
+				return fmt.Errorf("upgrade %+v", st.Upgrade)
+			} else if up.Stage != "probation" && up.Stage != "gates-waiting" || up.Want != 1 {
+				t.Errorf("during the canary: stage %q, %d workers wanted", up.Stage, up.Want)
 			}
-			if keepAlive {
-				// The clients connected before stay on the old workers; a
-				// few more connect during the canary, two at a time, until
-				// one of them lands on it.
-				small := load.Config{Network: "tcp", Addr: u.addr(), Clients: 2, Rate: 40, KeepAlive: true}
-				test.WaitFor(t, 30*time.Second, "a keep-alive connection on the canary", func() error {
-					if onCanary() > 0 {
-						return nil
-					}
-					runs = append(runs, load.Start(ctx, small))
-					return fmt.Errorf("%d keep-alive runs, none on the canary yet", len(runs)-1)
-				})
-			}
-			passed := test.WaitLog(t, u.log, 90*time.Second, 1, "the gates passing on the canary", test.Event("upgrade.gates_passed", "stage", "canary"))
-			atVerdict := onCanary()
-			if n := passed[0].Int("requests"); n < gatesMin {
-				t.Errorf("the gates passed the canary on %d requests, fewer than --min-requests %d", n, gatesMin)
-			}
-			if atVerdict < gatesMin {
-				t.Errorf("the clients had %d answers from the canary %d at the verdict, fewer than %d", atVerdict, canary, gatesMin)
-			}
-			u.waitTakeover(old)
-			if n := len(test.Find(u.log, test.Event("worker.started", "gen", "2"))); n < 4 {
-				t.Errorf("the new generation started %d workers, want 4", n)
-			}
-			t.Logf("%s: the canary %d served %d answers by the verdict (the gates counted %d); %v from serving to the verdict",
-				name, canary, atVerdict, passed[0].Int("requests"), passed[0].Time.Sub(serving[0].Time).Round(time.Millisecond))
-			for _, r := range runs {
-				if res := r.Stop(); res.Failed() != 0 {
-					t.Errorf("load: %d failed requests: %v", res.Failed(), res.Samples)
-				}
-			}
-			u.stop()
+			return nil
 		})
-	}
+		runs := []*load.Run{before}
+		onCanary := func() int {
+			n := 0
+			for _, r := range runs {
+				n += r.Snapshot().ByWorker[canary]
+			}
+			return n
+		}
+		if keepAlive {
+			// The clients connected before stay on the old workers; a
+			// few more connect during the canary, two at a time, until
+			// one of them lands on it.
+			small := load.Config{Network: "tcp", Addr: u.addr(), Clients: 2, Rate: 40, KeepAlive: true}
+			test.WaitFor(t, 30*time.Second, "a keep-alive connection on the canary", func() error {
+				if onCanary() > 0 {
+					return nil
+				}
+				runs = append(runs, load.Start(ctx, small))
+				return fmt.Errorf("%d keep-alive runs, none on the canary yet", len(runs)-1)
+			})
+		}
+		passed := test.WaitLog(t, u.log, 90*time.Second, 1, "the gates passing on the canary", test.Event("upgrade.gates_passed", "stage", "canary"))
+		atVerdict := onCanary()
+		if n := passed[0].Int("requests"); n < gatesMin {
+			t.Errorf("the gates passed the canary on %d requests, fewer than --min-requests %d", n, gatesMin)
+		}
+		if atVerdict < gatesMin {
+			t.Errorf("the clients had %d answers from the canary %d at the verdict, fewer than %d", atVerdict, canary, gatesMin)
+		}
+		u.waitTakeover(old)
+		if n := len(test.Find(u.log, test.Event("worker.started", "gen", "2"))); n < 4 {
+			t.Errorf("the new generation started %d workers, want 4", n)
+		}
+		t.Logf("%s: the canary %d served %d answers by the verdict (the gates counted %d); %v from serving to the verdict",
+			name, canary, atVerdict, passed[0].Int("requests"), passed[0].Time.Sub(serving[0].Time).Round(time.Millisecond))
+		for _, r := range runs {
+			if res := r.Stop(); res.Failed() != 0 {
+				t.Errorf("load: %d failed requests: %v", res.Failed(), res.Samples)
+			}
+		}
+		u.stop()
+	})
 }
 
 // TestGates_CanaryShare: with --canary 1 beside 4 old workers, the
@@ -285,6 +274,67 @@ func TestGates_CanaryServesTheMinimum(t *testing.T) {
 // the old workers and clients that connect during the stage are counted.
 func TestGates_CanaryShare(t *testing.T) {
 	t.Parallel()
+	eachCanaryMode(t, func(t *testing.T, u *master, ctx context.Context, keepAlive bool, name string) {
+		runs := []*load.Run{load.Start(ctx, load.Config{Network: "tcp", Addr: u.addr(), Clients: 16, Rate: 160, KeepAlive: keepAlive})}
+		conns := func() map[int]int {
+			all := map[int]int{}
+			for _, r := range runs {
+				for w, n := range r.Snapshot().Conns {
+					all[w] += n
+				}
+			}
+			return all
+		}
+		u.Signal(syscall.SIGUSR2)
+		test.WaitLog(t, u.log, 60*time.Second, 1, "the canary serving", test.Event("upgrade.serving", "canary", "true"))
+		canary := test.Find(u.log, test.Event("worker.started", "gen", "2"))[0].Int("pid")
+		before := conns()
+		verdict := func() error {
+			if len(test.Find(u.log, test.Event("upgrade.gates_passed", "stage", "canary"))) == 0 {
+				return fmt.Errorf("no verdict on the canary yet")
+			}
+			return nil
+		}
+		if keepAlive {
+			// New keep-alive clients, four at a time, slow: 120 at most.
+			small := load.Config{Network: "tcp", Addr: u.addr(), Clients: 4, Rate: 8, KeepAlive: true}
+			test.WaitFor(t, 90*time.Second, "the gates passing on the canary", func() error {
+				if len(runs) <= 30 {
+					runs = append(runs, load.Start(ctx, small))
+				}
+				return verdict()
+			})
+		} else {
+			test.WaitFor(t, 90*time.Second, "the gates passing on the canary", verdict)
+		}
+		after := conns()
+		total, onCanary := 0, after[canary]-before[canary]
+		for w, n := range after {
+			total += n - before[w]
+		}
+		share := float64(onCanary) / float64(max(total, 1))
+		t.Logf("%s: the canary %d took %d of %d new connections during the canary stage: %.1f%% (its share of the workers: 20%%)",
+			name, canary, onCanary, total, 100*share)
+		if total < 40 {
+			t.Errorf("only %d new connections during the canary stage: too few to judge a share", total)
+		}
+		if share > 0.3 {
+			t.Errorf("the canary took %.1f%% of the new connections, more than 30%% (its share of the workers: 20%%)", 100*share)
+		}
+		u.waitTakeover(u.Pid)
+		for _, r := range runs {
+			if res := r.Stop(); res.Failed() != 0 {
+				t.Errorf("load: %d failed requests: %v", res.Failed(), res.Samples)
+			}
+		}
+		u.stop()
+	})
+}
+
+// eachCanaryMode runs f in both connection modes, each in a parallel
+// subtest of its own: a master with the gates' app, --max-error-rate 1%
+// and --canary 1 (startGated), and a context cancelled when f returns.
+func eachCanaryMode(t *testing.T, f func(t *testing.T, u *master, ctx context.Context, keepAlive bool, name string)) {
 	for _, keepAlive := range []bool{false, true} {
 		name := "connection_per_request"
 		if keepAlive {
@@ -292,63 +342,10 @@ func TestGates_CanaryShare(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			dir := gatesApp(t)
-			u, _ := startGated(t, dir, "--max-error-rate", "1%", "--canary", "1")
+			u, _ := startGated(t, gatesApp(t), "--max-error-rate", "1%", "--canary", "1")
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			runs := []*load.Run{load.Start(ctx, load.Config{Network: "tcp", Addr: u.addr(), Clients: 16, Rate: 160, KeepAlive: keepAlive})}
-			conns := func() map[int]int {
-				all := map[int]int{}
-				for _, r := range runs {
-					for w, n := range r.Snapshot().Conns {
-						all[w] += n
-					}
-				}
-				return all
-			}
-			u.Signal(syscall.SIGUSR2)
-			test.WaitLog(t, u.log, 60*time.Second, 1, "the canary serving", test.Event("upgrade.serving", "canary", "true"))
-			canary := test.Find(u.log, test.Event("worker.started", "gen", "2"))[0].Int("pid")
-			before := conns()
-			verdict := func() error {
-				if len(test.Find(u.log, test.Event("upgrade.gates_passed", "stage", "canary"))) == 0 {
-					return fmt.Errorf("no verdict on the canary yet")
-				}
-				return nil
-			}
-			if keepAlive {
-				// New keep-alive clients, four at a time, slow: 120 at most.
-				small := load.Config{Network: "tcp", Addr: u.addr(), Clients: 4, Rate: 8, KeepAlive: true}
-				test.WaitFor(t, 90*time.Second, "the gates passing on the canary", func() error {
-					if len(runs) <= 30 {
-						runs = append(runs, load.Start(ctx, small))
-					}
-					return verdict()
-				})
-			} else {
-				test.WaitFor(t, 90*time.Second, "the gates passing on the canary", verdict)
-			}
-			after := conns()
-			total, onCanary := 0, after[canary]-before[canary]
-			for w, n := range after {
-				total += n - before[w]
-			}
-			share := float64(onCanary) / float64(max(total, 1))
-			t.Logf("%s: the canary %d took %d of %d new connections during the canary stage: %.1f%% (its share of the workers: 20%%)",
-				name, canary, onCanary, total, 100*share)
-			if total < 40 {
-				t.Errorf("only %d new connections during the canary stage: too few to judge a share", total)
-			}
-			if share > 0.3 {
-				t.Errorf("the canary took %.1f%% of the new connections, more than 30%% (its share of the workers: 20%%)", 100*share)
-			}
-			u.waitTakeover(u.Pid)
-			for _, r := range runs {
-				if res := r.Stop(); res.Failed() != 0 {
-					t.Errorf("load: %d failed requests: %v", res.Failed(), res.Samples)
-				}
-			}
-			u.stop()
+			f(t, u, ctx, keepAlive, name)
 		})
 	}
 }

@@ -3,7 +3,6 @@ package integration
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -272,11 +271,7 @@ func TestResurrect_OldMasterKilledDuringProbation(t *testing.T) {
 // inodes), and holds none of the dropped one.
 func TestResurrect_CurrentListenerSet(t *testing.T) {
 	t.Parallel()
-	dir := test.ShortTempDir(t)
-	sock := filepath.Join(dir, "adm.sock")
-	u := start(t, runOpts{Dir: dir, Deploy: byRename, Keeper: true, Config: fdstoreConfig("web=127.0.0.1:0", "adm=unix:"+sock)})
-	addrs := u.addrs(2)
-	u.waitServing()
+	u, addrs, sock := startWebAndAdm(t)
 	keeper := u.Pid
 	old := u.masterPid()
 	first := listenerInodes(t, []string{addrs["web"]}, []string{sock})

@@ -311,21 +311,7 @@ func waitActive(t *testing.T, b *balancer, want int64) {
 // could shrink under the mapping (SIGBUS) is not used, nor one passed to
 // another pid, nor any with MOLT_ACCEPT_BALANCE=off.
 func TestBalance_OpensOnlyASealedTableMeantForIt(t *testing.T) {
-	memfd := func(seal bool) int {
-		fd, err := unix.MemfdCreate("test-table", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := unix.Ftruncate(fd, 4*TableLine); err != nil {
-			t.Fatal(err)
-		}
-		if seal {
-			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return fd // openBalancer closes it
-	}
+	memfd := func(seal bool) int { return testTable(t, seal) }
 	for _, c := range []struct {
 		name      string
 		seal      bool
@@ -423,21 +409,7 @@ func TestBalance_CanaryKeepsToTheOldGenerationsPace(t *testing.T) {
 // A canary maps the old generation's table only when it is sealed, and
 // read-only.
 func TestBalance_CanaryOpensOnlyASealedPeerTable(t *testing.T) {
-	memfd := func(seal bool) int {
-		fd, err := unix.MemfdCreate("test-table", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := unix.Ftruncate(fd, 4*TableLine); err != nil {
-			t.Fatal(err)
-		}
-		if seal {
-			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return fd // openBalancer closes it
-	}
+	memfd := func(seal bool) int { return testTable(t, seal) }
 	for _, seal := range []bool{true, false} {
 		t.Setenv(EnvAcceptTable, strconv.Itoa(memfd(true)))
 		t.Setenv(EnvAcceptEntry, "0")
@@ -455,4 +427,23 @@ func TestBalance_CanaryOpensOnlyASealedPeerTable(t *testing.T) {
 		}
 		unix.Munmap(b.mem)
 	}
+}
+
+// testTable is a 4-entry accept table, a memfd sealed against shrinking
+// and growing or not; the caller's openBalancer closes it.
+func testTable(t *testing.T, seal bool) int {
+	t.Helper()
+	fd, err := unix.MemfdCreate("test-table", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Ftruncate(fd, 4*TableLine); err != nil {
+		t.Fatal(err)
+	}
+	if seal {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return fd
 }
