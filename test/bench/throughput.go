@@ -17,7 +17,15 @@ type setup struct {
 	multi bool // several serving processes: report the balance
 	start func() *server
 	s     *server
-	runs  map[string][]tputRun // by mode, one per round
+	runs  map[string][]tputRun // by mode, one per round ((a): one before each other run, and one at the end)
+	// ref is (a) around each of runs: the mean of the (a) runs just
+	// before and just after it (not for (a) itself).
+	ref map[string][]tputRun
+}
+
+// between is the mean of two runs' rate, p99 and CPU per request.
+func between(x, y tputRun) tputRun {
+	return tputRun{rate: (x.rate + y.rate) / 2, p99: (x.p99 + y.p99) / 2, cpuPerReq: (x.cpuPerReq + y.cpuPerReq) / 2}
 }
 
 // tputRun is one drill against one setup.
@@ -49,19 +57,33 @@ func (b *bench) throughput() {
 		{name: "(e) molt, `--workers 2`", multi: true, start: func() *server { return b.startMolt(moltOpts{workers: 2, keeper: true}) }},
 	}
 	for _, st := range setups {
-		st.s, st.runs = st.start(), map[string][]tputRun{}
+		st.s, st.runs, st.ref = st.start(), map[string][]tputRun{}, map[string][]tputRun{}
 	}
+	// (a) runs before and after every other run, and each of those is
+	// compared with the mean of the two (a) runs around it: this
+	// machine's speed drifts from run to run, and a ratio between runs
+	// seconds apart shows that drift as much as what it measures.
+	bare := setups[0]
 	for round := 1; round <= b.rounds; round++ {
 		// The order flips every round: a setup's place in it must not
 		// weigh on its figures.
-		order := slices.Clone(setups)
+		order := slices.Clone(setups[1:])
 		if round%2 == 0 {
 			slices.Reverse(order)
 		}
 		for _, mode := range modes {
+			b.log("throughput: round %d of %d, %s, %s", round, b.rounds, mode, bare.name)
+			before := b.tputRun(bare.s, mode)
+			bare.runs[mode] = append(bare.runs[mode], before)
 			for _, st := range order {
 				b.log("throughput: round %d of %d, %s, %s", round, b.rounds, mode, st.name)
-				st.runs[mode] = append(st.runs[mode], b.tputRun(st.s, mode))
+				run := b.tputRun(st.s, mode)
+				b.log("throughput: round %d of %d, %s, %s", round, b.rounds, mode, bare.name)
+				after := b.tputRun(bare.s, mode)
+				bare.runs[mode] = append(bare.runs[mode], after)
+				st.runs[mode] = append(st.runs[mode], run)
+				st.ref[mode] = append(st.ref[mode], between(before, after))
+				before = after
 			}
 		}
 	}
@@ -240,11 +262,11 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 		}
 		return xs
 	}
-	// ratios to (a) in the same round and mode.
+	// ratios to (a) around each run.
 	ratio := func(st *setup, mode string, f func(tputRun) float64) []float64 {
 		var xs []float64
 		for i, r := range st.runs[mode] {
-			xs = append(xs, f(r)/f(setups[0].runs[mode][i]))
+			xs = append(xs, f(r)/f(st.ref[mode][i]))
 		}
 		return xs
 	}
@@ -276,7 +298,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 				st.name, mode, runs[0].workers, r, rr, cpu, p, pr, conns, reqs, mt, kt))
 			for n, run := range runs {
 				if run.note != "" {
-					notes = append(notes, fmt.Sprintf("- %s, %s, round %d: %s", st.name, mode, n+1, strings.TrimSpace(run.note)))
+					notes = append(notes, fmt.Sprintf("- %s, %s, run %d of %d: %s", st.name, mode, n+1, len(runs), strings.TrimSpace(run.note)))
 				}
 			}
 		}
@@ -291,7 +313,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	cpuRatio := func(st *setup, mode string) float64 {
 		var xs []float64
 		for i, r := range st.runs[mode] {
-			xs = append(xs, setups[0].runs[mode][i].cpuPerReq/r.cpuPerReq)
+			xs = append(xs, st.ref[mode][i].cpuPerReq/r.cpuPerReq)
 		}
 		return median(xs)
 	}
@@ -342,7 +364,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 		defNote += " since molt is pinned to one CPU"
 	}
 	lines := []string{
-		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, in the order (a)–(e) in odd rounds and (e)–(a) in even ones, and there are %d rounds (median [min–max] over the rounds). A ratio to (a) is taken per round and mode, then the median [min–max] of those. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
+		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, in the order (b)–(e) in odd rounds and (e)–(b) in even ones, with a run of (a) before the first and after each (so (a) runs 5 times a round in each mode), and there are %d rounds (median [min–max] over the runs). A ratio to (a) compares a run with the mean of the two runs of (a) just before and just after it, seconds apart: this virtual machine's speed drifts by tens of percent over a minute, and a ratio between runs further apart measures that drift as much as the setups; the median [min–max] of those ratios over the rounds is given. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
 			defNote, b.runFor, b.rounds),
 		"",
 	}
