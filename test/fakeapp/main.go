@@ -8,6 +8,7 @@
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
 //	              [--misuse shutdown:PATH|blocking:PATH]
 //	              [--health-status CODE] [--health-plant] [--status CODE] [--delay DUR]
+//	              [--lie-stats PATH]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -28,6 +29,10 @@
 // never serves the master's private health socket (MOLT_HEALTH_FD) and
 // instead answers 200 on sockets it binds where a master might look by
 // name (beside its notify socket, in its working directory).
+// --lie-stats makes the first worker to create PATH a liar about its
+// traffic, as a compromised worker would be: it sends no true figures,
+// and every second a MOLT_STATS= report of a huge and growing count of
+// 5xx, all in the histogram's last bucket; it serves like the others.
 package main
 
 import (
@@ -68,7 +73,11 @@ func main() {
 	fs.DurationVar(&answer.delay, "delay", 0, "answer every request after DUR")
 	fs.IntVar(&healthStatus, "health-status", 0, "answer GET /healthz with CODE")
 	plant := fs.Bool("health-plant", false, "close MOLT_HEALTH_FD and answer 200 on sockets planted by name instead")
+	lie := fs.String("lie-stats", "", "PATH: the first worker to create PATH reports huge counts of 5xx instead of its figures")
 	fs.Parse(os.Args[2:])
+	if *lie != "" {
+		lieStats(*lie)
+	}
 	if *plant {
 		plantHealth()
 	}
@@ -245,6 +254,29 @@ func writeReport(dir string, tampered []string) error {
 		return err
 	}
 	return os.Rename(tmp, filepath.Join(dir, fmt.Sprintf("%d.json", r.Pid)))
+}
+
+// lieStats: if this worker is the first to create path, it turns its
+// true figures off and reports, every second from now, 10^12 more 5xx
+// than the second before, in the histogram's last bucket (cumulative, so
+// the master takes each report).
+func lieStats(path string) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return
+	}
+	fmt.Fprintln(f, os.Getpid())
+	f.Close()
+	os.Setenv(worker.EnvStats, "off")
+	go func() {
+		var s worker.Stats
+		for k := uint64(1); ; k++ {
+			s.Classes[worker.Class5xx] = k * 1_000_000_000_000
+			s.Buckets[worker.NumBuckets-1] = s.Classes[worker.Class5xx]
+			_ = worker.Notify(worker.NotifyStatsKey + "=" + s.Format())
+			time.Sleep(worker.StatsInterval)
+		}
+	}()
 }
 
 // answer is how serve answers every request (--status, --delay).
