@@ -154,7 +154,7 @@ func TestGates_OneLyingOldWorkerCannotPassABadRelease(t *testing.T) {
 	t.Parallel()
 	dir := gatesApp(t)
 	liarFile := filepath.Join(dir, "liar")
-	writeScript(t, filepath.Join(dir, "lying.sh"), "exec "+bins.fakeapp+" serve --delay 2ms --lie-stats "+liarFile)
+	writeScript(t, filepath.Join(dir, "lying.sh"), "exec "+bins.fakeapp+" serve --delay 2ms --lie-stats 5xx:"+liarFile)
 	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "lying.sh"))
 	u, workers := startGated(t, dir, "--max-error-rate", "1%", "--probation", "30s")
 	l := startLoad(t, u.addr())
@@ -201,6 +201,40 @@ func TestGates_OneLyingOldWorkerCannotPassABadRelease(t *testing.T) {
 	}
 	u.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
 		test.Event("upgrade.gate_failed"))
+}
+
+// TestGates_OneLyingOldWorkerCannotFailAGoodRelease: one of the old
+// generation's 4 workers reports huge counts of fast 2xx, so that the old
+// generation's sum has a p99 of microseconds and a fine release looks
+// hundreds of times slower. On the median of the old workers' own p99,
+// the fine release passes the latency gate and commits.
+func TestGates_OneLyingOldWorkerCannotFailAGoodRelease(t *testing.T) {
+	t.Parallel()
+	dir := gatesApp(t)
+	writeScript(t, filepath.Join(dir, "lying.sh"), "exec "+bins.fakeapp+" serve --delay 20ms --lie-stats fast:"+filepath.Join(dir, "liar"))
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "lying.sh"))
+	u, _ := startGated(t, dir, "--max-error-rate", "1%", "--max-latency-factor", "3")
+	l := startLoad(t, u.addr())
+	test.WaitFor(t, stepTimeout, "the lying worker's figures in its generation's", func() error {
+		tr, _ := statusOf(t, u.pidFile).traffic(1, "workers")
+		if tr.Classes["2xx"] < 1e12 || tr.P99MS <= 0 || tr.P99MS > 1 {
+			return fmt.Errorf("figures %+v", tr)
+		}
+		return nil
+	})
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "base.sh"))
+	pid := u.upgrade()
+	passed := test.Find(u.log, test.Event("upgrade.gates_passed", "stage", "commit"))
+	if len(passed) != 1 {
+		t.Fatalf("%d upgrade.gates_passed lines, want 1", len(passed))
+	}
+	if why := passed[0].Str("reason"); !regexp.MustCompile(`p99 \S+ \(old: \S+, (median of 4|median of 3 of 4|lower of 2 of 4) workers\)`).MatchString(why) {
+		t.Errorf("gates_passed reason %q, want the p99 against the median of the old workers'", why)
+	}
+	if masters := l.stop(t); masters[pid] == 0 {
+		t.Errorf("the new master %d answered nothing: %v", pid, masters)
+	}
+	u.stop()
 }
 
 // TestGates_SlowRollsBack: a release 5× slower is rolled back by the

@@ -8,7 +8,7 @@
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
 //	              [--misuse shutdown:PATH|blocking:PATH]
 //	              [--health-status CODE] [--health-plant] [--status CODE] [--delay DUR]
-//	              [--lie-stats PATH]
+//	              [--lie-stats 5xx:PATH|fast:PATH]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -32,7 +32,8 @@
 // --lie-stats makes the first worker to create PATH a liar about its
 // traffic, as a compromised worker would be: it sends no true figures,
 // and every second a MOLT_STATS= report of a huge and growing count of
-// 5xx, all in the histogram's last bucket; it serves like the others.
+// 5xx, all in the histogram's last bucket (5xx), or of 2xx, all in its
+// first (fast); it serves like the others.
 package main
 
 import (
@@ -73,7 +74,7 @@ func main() {
 	fs.DurationVar(&answer.delay, "delay", 0, "answer every request after DUR")
 	fs.IntVar(&healthStatus, "health-status", 0, "answer GET /healthz with CODE")
 	plant := fs.Bool("health-plant", false, "close MOLT_HEALTH_FD and answer 200 on sockets planted by name instead")
-	lie := fs.String("lie-stats", "", "PATH: the first worker to create PATH reports huge counts of 5xx instead of its figures")
+	lie := fs.String("lie-stats", "", "5xx:PATH or fast:PATH: the first worker to create PATH reports huge counts of slow 5xx, or of fast 2xx, instead of its figures")
 	fs.Parse(os.Args[2:])
 	if *lie != "" {
 		lieStats(*lie)
@@ -256,11 +257,22 @@ func writeReport(dir string, tampered []string) error {
 	return os.Rename(tmp, filepath.Join(dir, fmt.Sprintf("%d.json", r.Pid)))
 }
 
-// lieStats: if this worker is the first to create path, it turns its
-// true figures off and reports, every second from now, 10^12 more 5xx
-// than the second before, in the histogram's last bucket (cumulative, so
-// the master takes each report).
-func lieStats(path string) {
+// lieStats: if this worker is the first to create PATH of spec
+// (KIND:PATH), it turns its true figures off and reports, every second
+// from now, 10^12 more requests than the second before (cumulative, so
+// the master takes each report): 5xx in the histogram's last bucket, or
+// (fast) 2xx in its first.
+func lieStats(spec string) {
+	kind, path, _ := strings.Cut(spec, ":")
+	class, bucket := worker.Class5xx, worker.NumBuckets-1
+	switch kind {
+	case "5xx":
+	case "fast":
+		class, bucket = worker.Class2xx, 0
+	default:
+		fmt.Fprintln(os.Stderr, "fakeapp: --lie-stats wants 5xx:PATH or fast:PATH")
+		os.Exit(2)
+	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return
@@ -271,8 +283,8 @@ func lieStats(path string) {
 	go func() {
 		var s worker.Stats
 		for k := uint64(1); ; k++ {
-			s.Classes[worker.Class5xx] = k * 1_000_000_000_000
-			s.Buckets[worker.NumBuckets-1] = s.Classes[worker.Class5xx]
+			s.Classes[class] = k * 1_000_000_000_000
+			s.Buckets[bucket] = s.Classes[class]
 			_ = worker.Notify(worker.NotifyStatsKey + "=" + s.Format())
 			time.Sleep(worker.StatsInterval)
 		}
