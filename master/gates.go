@@ -29,9 +29,10 @@ func (m *Master) feedGates(now time.Time) {
 	_ = m.toNew(m.gateTraffic(since, now))
 }
 
-// gateTraffic is both generations' figures from since to now. With no
-// per-worker figures from the old master (a version before them), the
-// gates take its sum: logged once.
+// gateTraffic is both generations' figures from since to now. An old
+// master sends its workers' figures before its total, each second: one
+// whose total came alone (a version before them) leaves the gates its
+// sum, logged once.
 func (m *Master) gateTraffic(since, now time.Time) upgrade.Traffic {
 	d := now.Sub(since)
 	t := upgrade.Traffic{New: gateFigures(m.trafficSeries().Window(d, now).Figures)}
@@ -39,7 +40,7 @@ func (m *Master) gateTraffic(since, now time.Time) upgrade.Traffic {
 		t.Old = gateFigures(m.parentTraffic.Window(d, now).Figures)
 	}
 	if m.parentWorkers == nil {
-		if !m.sumOnlyLogged {
+		if m.parentTraffic != nil && !m.sumOnlyLogged {
 			m.sumOnlyLogged = true
 			m.log.Warn("no per-worker figures from the old master (an older version, or none of its workers reports): the gates compare against its generation's sum",
 				"event", "stats.old_sum_only")

@@ -188,10 +188,11 @@ func (m *Master) takeOldWorkers(msg upgrade.Msg, now, from time.Time) {
 			"old_gen", msg.Gen, "max_workers", 2*m.oldWorkers)
 	}
 	for _, src := range msg.Sources {
-		f, ok := figuresOf(src.Figures)
-		err := fmt.Errorf("worker %d: %d figures, want %d", src.ID, len(src.Figures), worker.NumClasses+worker.NumBuckets)
-		if ok {
+		var err error
+		if f, ok := figuresOf(src.Figures); ok {
 			err = m.parentWorkers.Report(src.ID, f, now, from)
+		} else {
+			err = fmt.Errorf("worker %d: %d figures, want %d", src.ID, len(src.Figures), worker.NumClasses+worker.NumBuckets)
 		}
 		if err != nil {
 			m.oldRejected++

@@ -202,6 +202,9 @@ func TestTraffic_NewMasterBaseline(t *testing.T) {
 	total := func(n, e uint64) upgrade.Msg {
 		return upgrade.Msg{Kind: upgrade.KindFigures, Gen: 1, Figures: vector(n, e)}
 	}
+	if tr := m.gateTraffic(since, time.Now()); tr.OldByWorker || strings.Contains(buf.String(), "stats.old_sum_only") {
+		t.Fatalf("before any figure from the old master: %+v, or the fallback logged:\n%s", tr, buf.String())
+	}
 	m.onParentFigures(total(0, 0))
 	m.onParentFigures(total(3000, 1e12))
 	tr := m.gateTraffic(since.Add(-time.Hour), time.Now())
