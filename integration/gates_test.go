@@ -3,7 +3,10 @@ package integration
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -95,7 +98,7 @@ func TestGates_ErrorsRollBack(t *testing.T) {
 			rb := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back"))
 			took := time.Since(usr2)
 			reason := rb[0].Str("reason")
-			if !strings.Contains(reason, "new generation: 5xx 100.0% over ") || !strings.Contains(reason, "(old: 0.0%)") {
+			if !strings.Contains(reason, "new generation: 5xx 100.0% over ") || !strings.Contains(reason, "(old: 0.0%, ") {
 				t.Errorf("rollback reason %q, want the error share of both generations", reason)
 			}
 			if took > 30*time.Second {
@@ -138,6 +141,100 @@ func TestGates_ErrorsRollBack(t *testing.T) {
 				test.Event("upgrade.gate_failed"))
 		})
 	}
+}
+
+// TestGates_OneLyingOldWorkerCannotPassABadRelease: one of the old
+// generation's 4 workers reports a 5xx share of 100% over huge counts,
+// so that the old generation's sum looks as bad as a release of 500s.
+// The gates' baseline is the median of the old workers' own figures: the
+// release of 500s is rolled back all the same, the reason naming that
+// median; the old generation serves on, and no request fails but the new
+// generation's 500s (docs/security.md, "Limits").
+func TestGates_OneLyingOldWorkerCannotPassABadRelease(t *testing.T) {
+	t.Parallel()
+	dir := gatesApp(t)
+	liarFile := filepath.Join(dir, "liar")
+	writeScript(t, filepath.Join(dir, "lying.sh"), "exec "+bins.fakeapp+" serve --delay 2ms --lie-stats 5xx:"+liarFile)
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "lying.sh"))
+	u, workers := startGated(t, dir, "--max-error-rate", "1%", "--probation", "30s")
+	l := startLoad(t, u.addr())
+	// The lie is in: the old generation's sum is all 5xx.
+	test.WaitFor(t, stepTimeout, "the lying worker's figures in its generation's", func() error {
+		tr, _ := statusOf(t, u.pidFile).traffic(1, "workers")
+		if tr.Classes["5xx"] < 1e12 || tr.ErrorShare < 0.99 {
+			return fmt.Errorf("figures %+v", tr)
+		}
+		return nil
+	})
+	b, err := os.ReadFile(liarFile)
+	if liar, _ := strconv.Atoi(strings.TrimSpace(string(b))); err != nil || !slices.Contains(workers, liar) {
+		t.Fatalf("the liar %q (%v) is not one of the old workers %v", b, err, workers)
+	}
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "errors.sh"))
+	u.Signal(syscall.SIGUSR2)
+	failed := test.WaitLog(t, u.log, 60*time.Second, 1, "the error gate's verdict", test.Event("upgrade.gate_failed"))
+	rb := test.WaitLog(t, u.log, stepTimeout, 1, "the rollback", test.Event("upgrade.rolled_back", "cause", "gate"))
+	reason := rb[0].Str("reason")
+	if !strings.Contains(reason, "new generation: 5xx 100.0% over ") ||
+		!regexp.MustCompile(`\(old: 0\.0%, (median of 4|median of 3 of 4|lower of 2 of 4) workers\)`).MatchString(reason) {
+		t.Errorf("rollback reason %q, want the new generation's 100%% against the median of the old workers' 0%%", reason)
+	}
+	if n := failed[0].Int("requests"); n < gatesMin {
+		t.Errorf("the gate judged %d requests, fewer than --min-requests %d", n, gatesMin)
+	}
+	if gaveUp := test.Find(u.log, test.Event("upgrade.giving_up", "code", strconv.Itoa(16))); len(gaveUp) != 1 {
+		t.Errorf("%d upgrade.giving_up lines with exit code 16, want 1", len(gaveUp))
+	}
+	if last := statusOf(t, u.pidFile).LastUpgrade; last == nil || last.Cause != "gate" || last.Reason != reason {
+		t.Errorf("ctl status: last upgrade %+v, want cause gate and the reason logged", last)
+	}
+	if got := u.current(); got != u.Pid {
+		t.Errorf("molt.pid names %d after the rollback, want the old master %d", got, u.Pid)
+	}
+	if now := u.waitWorkers(4); fmt.Sprint(now) != fmt.Sprint(workers) {
+		t.Errorf("the old generation's workers changed from %v to %v", workers, now)
+	}
+	checkNewGenerationGone(t, u.log)
+	ka, pc := l.stopCounting500s(t)
+	if ka.Failures[load.Status]+pc.Failures[load.Status] == 0 {
+		t.Error("the clients saw no 500: the bad release met no traffic")
+	}
+	u.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
+		test.Event("upgrade.gate_failed"))
+}
+
+// TestGates_OneLyingOldWorkerCannotFailAGoodRelease: one of the old
+// generation's 4 workers reports huge counts of fast 2xx, so that the old
+// generation's sum has a p99 of microseconds and a fine release looks
+// hundreds of times slower. On the median of the old workers' own p99,
+// the fine release passes the latency gate and commits.
+func TestGates_OneLyingOldWorkerCannotFailAGoodRelease(t *testing.T) {
+	t.Parallel()
+	dir := gatesApp(t)
+	writeScript(t, filepath.Join(dir, "lying.sh"), "exec "+bins.fakeapp+" serve --delay 20ms --lie-stats fast:"+filepath.Join(dir, "liar"))
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "lying.sh"))
+	u, _ := startGated(t, dir, "--max-error-rate", "1%", "--max-latency-factor", "3")
+	l := startLoad(t, u.addr())
+	test.WaitFor(t, stepTimeout, "the lying worker's figures in its generation's", func() error {
+		tr, _ := statusOf(t, u.pidFile).traffic(1, "workers")
+		if tr.Classes["2xx"] < 1e12 || tr.P99MS <= 0 || tr.P99MS > 1 {
+			return fmt.Errorf("figures %+v", tr)
+		}
+		return nil
+	})
+	repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "base.sh"))
+	pid := u.upgrade()
+	passed := test.Find(u.log, test.Event("upgrade.gates_passed", "stage", "commit"))
+	if len(passed) != 1 {
+		t.Fatalf("%d upgrade.gates_passed lines, want 1", len(passed))
+	}
+	if why := passed[0].Str("reason"); !regexp.MustCompile(`p99 \S+ \(old: \S+, (median of 4|median of 3 of 4|lower of 2 of 4) workers\)`).MatchString(why) {
+		t.Errorf("gates_passed reason %q, want the p99 against the median of the old workers'", why)
+	}
+	if masters := l.stop(t); masters[pid] == 0 {
+		t.Errorf("the new master %d answered nothing: %v", pid, masters)
+	}
+	u.stop()
 }
 
 // TestGates_SlowRollsBack: a release 5× slower is rolled back by the

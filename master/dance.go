@@ -220,9 +220,13 @@ func (m *Master) onParentMsg(ev fromParent) {
 		m.log.Warn("bad message from the old master; ignored", "error", ev.err)
 		return
 	}
-	if ev.msg.Kind == upgrade.KindFigures {
-		if ev.msg.To == os.Getpid() {
+	if ev.msg.Kind == upgrade.KindFigures || ev.msg.Kind == upgrade.KindWorkerFigures {
+		switch {
+		case ev.msg.To != os.Getpid():
+		case ev.msg.Kind == upgrade.KindFigures:
 			m.onParentFigures(ev.msg)
+		default:
+			m.onParentWorkerFigures(ev.msg)
 		}
 		return
 	}
@@ -232,7 +236,7 @@ func (m *Master) onParentMsg(ev fromParent) {
 	}
 	var cfgErr error
 	if msg := ev.msg; msg.Kind == upgrade.KindConfig && msg.To == os.Getpid() && !m.new.Configured() {
-		m.gen, m.parentNames = msg.Gen, msg.Names
+		m.gen, m.parentNames, m.oldWorkers = msg.Gen, msg.Names, msg.Workers
 		m.setLogger(m.log.With("gen", m.gen))
 		cfgErr = m.keepActivated(msg.Activated)
 	}

@@ -46,6 +46,17 @@ type Master struct {
 	traffic, parentTraffic *stats.Series
 	statsDropped           atomic.Uint64 // reports past one a second, by the readers
 	figuresUnsent          int           // the attempt figures failed to reach (traffic.go)
+	// parentWorkers: the old generation's figures worker by worker, on
+	// a new master during its upgrade (nil until the old master sends
+	// any); oldWorkers is the old master's worker count (its config), the
+	// bound of what parentWorkers keeps; the rest is counted in
+	// oldRejected (oldRejectedLogged of them logged), the last error in
+	// oldRejectErr. sumOnlyLogged: the fallback to the sum was logged.
+	parentWorkers                  *stats.Sources
+	oldWorkers                     int
+	oldRejected, oldRejectedLogged uint64
+	oldRejectErr                   error
+	sumOnlyLogged                  bool
 	// spawner starts workers with no_new_privs, privSpawner those
 	// allowed new privileges (--allow-new-privs); each is made when first
 	// needed.

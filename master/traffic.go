@@ -1,6 +1,8 @@
 package master
 
 import (
+	"errors"
+	"fmt"
 	"math"
 	"os"
 	"strconv"
@@ -17,8 +19,10 @@ import (
 // worker reports its cumulative MOLT_STATS= figures once a second; the
 // master sums them by generation (stats.Series) and snapshots the total
 // every second. During an upgrade the old master sends its generation's
-// total to the new one every second (upgrade.KindFigures), so the new
-// master holds both generations over the same window.
+// figures to the new one every second, worker by worker
+// (upgrade.KindWorkerFigures: the gates' baseline is their median) and
+// the total (upgrade.KindFigures), so the new master holds both
+// generations over the same window.
 
 // trafficWindow is the window of the per-second rates "ctl status" shows.
 const trafficWindow = 10 * time.Second
@@ -95,21 +99,50 @@ func (m *Master) applyStats(pid int, f stats.Figures) {
 }
 
 // onStatsTick snapshots the figures and, on an old master with an
-// upgrade in flight, sends them to the new master.
+// upgrade in flight, sends them to the new master; on a new master, it
+// logs the old workers' figures it refused since the last tick.
 func (m *Master) onStatsTick(ev statsTick) {
 	m.trafficSeries().SetGen(m.gen)
 	m.traffic.Tick(ev.at)
+	if m.oldRejected > m.oldRejectedLogged {
+		m.oldRejectedLogged = m.oldRejected
+		m.log.Warn("figures of old workers refused", "event", "stats.old_worker_rejected", "rejected", m.oldRejected,
+			"max_workers", 2*m.oldWorkers, "error", m.oldRejectErr)
+	}
 	up := m.old.Attempt()
 	if up == nil || up.Pid <= 0 || m.children == nil || up.ID == m.figuresUnsent {
 		return
 	}
-	tot := m.traffic.Total()
-	if err := m.children.Send(upgrade.Msg{Kind: upgrade.KindFigures, To: up.Pid, Pid: os.Getpid(), Gen: m.gen, Figures: figuresVector(tot)}); err != nil {
+	if err := m.sendFigures(up.Pid); err != nil {
 		// A new master that does not read its channel costs the loop
 		// one SendTimeout, not one a second.
 		m.figuresUnsent = up.ID
 		m.log.Warn("figures not sent to the new master; no more for this upgrade", "event", "stats.send_failed", "new_pid", up.Pid, "error", err)
 	}
+}
+
+// sendFigures sends this generation's figures to the new master to: each
+// live worker's own, upgrade.MaxSources a message, then the total.
+func (m *Master) sendFigures(to int) error {
+	var err error
+	batch := make([]upgrade.Source, 0, upgrade.MaxSources)
+	flush := func() {
+		if len(batch) > 0 && err == nil {
+			err = m.children.Send(upgrade.Msg{Kind: upgrade.KindWorkerFigures, To: to, Pid: os.Getpid(), Gen: m.gen, Sources: batch})
+		}
+		batch = batch[:0]
+	}
+	m.traffic.Live(func(pid int, f stats.Figures) {
+		batch = append(batch, upgrade.Source{ID: pid, Figures: figuresVector(f)})
+		if len(batch) == upgrade.MaxSources {
+			flush()
+		}
+	})
+	flush()
+	if err != nil {
+		return err
+	}
+	return m.children.Send(upgrade.Msg{Kind: upgrade.KindFigures, To: to, Pid: os.Getpid(), Gen: m.gen, Figures: figuresVector(m.traffic.Total())})
 }
 
 // onParentFigures takes the old generation's figures (a new master).
@@ -126,6 +159,46 @@ func (m *Master) onParentFigures(msg upgrade.Msg) {
 	}
 	m.parentTraffic.SetTotal(f)
 	m.parentTraffic.Tick(time.Now())
+}
+
+// onParentWorkerFigures takes the old generation's figures worker by
+// worker (a new master). It keeps at most twice as many workers as the
+// old master runs (a recycled worker and its successor both report for a
+// while, and one that exited keeps its place until StaleAfter); the rest
+// is refused, counted and logged at the next tick.
+func (m *Master) onParentWorkerFigures(msg upgrade.Msg) {
+	var from time.Time
+	if m.new != nil {
+		from = m.new.ServingSince()
+	}
+	m.takeOldWorkers(msg, time.Now(), from)
+}
+
+// takeOldWorkers applies the figures of msg, received at now, to the old
+// generation's workers' windows, which start at from (zero: not yet).
+func (m *Master) takeOldWorkers(msg upgrade.Msg, now, from time.Time) {
+	if m.oldWorkers <= 0 {
+		m.oldRejected += uint64(len(msg.Sources))
+		m.oldRejectErr = errors.New("per-worker figures before the old master's configuration")
+		return
+	}
+	if m.parentWorkers == nil || m.parentWorkers.Gen() != msg.Gen {
+		m.parentWorkers = stats.NewSources(msg.Gen, 2*m.oldWorkers)
+		m.log.Info("receiving the old generation's traffic figures worker by worker", "event", "stats.old_by_worker",
+			"old_gen", msg.Gen, "max_workers", 2*m.oldWorkers)
+	}
+	for _, src := range msg.Sources {
+		var err error
+		if f, ok := figuresOf(src.Figures); ok {
+			err = m.parentWorkers.Report(src.ID, f, now, from)
+		} else {
+			err = fmt.Errorf("worker %d: %d figures, want %d", src.ID, len(src.Figures), worker.NumClasses+worker.NumBuckets)
+		}
+		if err != nil {
+			m.oldRejected++
+			m.oldRejectErr = err
+		}
+	}
 }
 
 // figuresVector lays f out as the channel carries it: the class counts,

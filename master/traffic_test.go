@@ -1,7 +1,9 @@
 package master
 
 import (
+	"bytes"
 	"math"
+	"strings"
 	"testing"
 	"time"
 
@@ -9,6 +11,7 @@ import (
 	"github.com/molt-server/molt/master/internal/metrics"
 	"github.com/molt-server/molt/master/internal/notify"
 	"github.com/molt-server/molt/master/internal/stats"
+	"github.com/molt-server/molt/upgrade"
 	"github.com/molt-server/molt/worker"
 )
 
@@ -127,5 +130,117 @@ func TestTraffic_HugeReportKeepsTheHistogramCumulative(t *testing.T) {
 	}
 	if n != worker.NumBuckets {
 		t.Fatalf("%d buckets, want %d", n, worker.NumBuckets)
+	}
+}
+
+// TestTraffic_OldMasterSendsEachWorkersFigures: during an upgrade the old
+// master sends, every second, each live worker's own figures (the gates'
+// baseline) and then its generation's total.
+func TestTraffic_OldMasterSendsEachWorkersFigures(t *testing.T) {
+	m, f, h, child := newUpgradingMaster(t)
+	if err := m.onUSR2(); err != nil {
+		t.Fatal(err)
+	}
+	m.onChildMsg(fromChild{msg: upgrade.Msg{Kind: upgrade.KindHello, Pid: child}})
+	if msg := recv(t, h); msg.Kind != upgrade.KindConfig {
+		t.Fatalf("configuration %+v", msg)
+	}
+	w1, w2 := f.started[0], f.started[1]
+	for _, ev := range []notified{statsOf(w1, 10, 1), statsOf(w2, 1e12, 1e12)} {
+		m.onNotify(ev)
+	}
+	m.onStatsTick(statsTick{at: time.Now()})
+	msg := recv(t, h)
+	if msg.Kind != upgrade.KindWorkerFigures || msg.To != child || msg.Gen != m.gen || len(msg.Sources) != 2 {
+		t.Fatalf("first figures message %+v, want the 2 workers'", msg)
+	}
+	got := map[int]uint64{}
+	for _, s := range msg.Sources {
+		fig, ok := figuresOf(s.Figures)
+		if !ok {
+			t.Fatalf("source %+v", s)
+		}
+		got[s.ID] = fig.Errors()
+	}
+	if got[w1] != 1 || got[w2] != 1e12 {
+		t.Errorf("errors by worker %v, want %d: 1, %d: 1e12", got, w1, w2)
+	}
+	if msg := recv(t, h); msg.Kind != upgrade.KindFigures || len(msg.Figures) != worker.NumClasses+worker.NumBuckets {
+		t.Fatalf("then %+v, want the total", msg)
+	}
+}
+
+// statsOf is worker pid's report of n 2xx and e 5xx requests.
+func statsOf(pid int, n, e uint64) notified {
+	var s stats.Figures
+	s.Classes[worker.Class2xx], s.Classes[worker.Class5xx] = n, e
+	s.Buckets[3] = n + e
+	return notified{Msg: notify.Msg{Pid: pid}, worker: pid, stats: &s}
+}
+
+// vector is the channel's vector of n 2xx and e 5xx requests, the 5xx in
+// the last bucket.
+func vector(n, e uint64) []uint64 {
+	var s stats.Figures
+	s.Classes[worker.Class2xx], s.Classes[worker.Class5xx] = n, e
+	s.Buckets[3], s.Buckets[worker.NumBuckets-1] = n, e
+	return figuresVector(s)
+}
+
+// TestTraffic_NewMasterBaseline: a new master hands its side the old
+// generation's figures worker by worker once the old master sends them;
+// from an old master that sends only the total (an older version), the
+// sum, logged once (stats.old_sum_only). It keeps no more workers than
+// twice the old master's, refusing the rest with a count, logged at the
+// next tick (stats.old_worker_rejected).
+func TestTraffic_NewMasterBaseline(t *testing.T) {
+	m, _ := newTestMaster(t, 2, nil)
+	var buf bytes.Buffer
+	m.log = hclog.New(&hclog.LoggerOptions{Output: &buf, JSONFormat: true})
+	m.oldWorkers = 2
+	since := time.Now()
+	total := func(n, e uint64) upgrade.Msg {
+		return upgrade.Msg{Kind: upgrade.KindFigures, Gen: 1, Figures: vector(n, e)}
+	}
+	if tr := m.gateTraffic(since, time.Now()); tr.OldByWorker || strings.Contains(buf.String(), "stats.old_sum_only") {
+		t.Fatalf("before any figure from the old master: %+v, or the fallback logged:\n%s", tr, buf.String())
+	}
+	m.onParentFigures(total(0, 0))
+	m.onParentFigures(total(3000, 1e12))
+	tr := m.gateTraffic(since.Add(-time.Hour), time.Now())
+	_ = m.gateTraffic(since.Add(-time.Hour), time.Now())
+	if tr.OldByWorker || tr.Old.Requests != 3000+1e12 {
+		t.Fatalf("from an older old master: %+v, want the sum", tr)
+	}
+	if n := strings.Count(buf.String(), `"event":"stats.old_sum_only"`); n != 1 {
+		t.Errorf("%d stats.old_sum_only lines, want 1:\n%s", n, buf.String())
+	}
+
+	// A newer one: worker by worker, 4 at most (2 workers); one of
+	// them lies, one sends a vector of the wrong length.
+	workers := func(n uint64) upgrade.Msg {
+		return upgrade.Msg{Kind: upgrade.KindWorkerFigures, Gen: 1, Sources: []upgrade.Source{
+			{ID: 10, Figures: vector(n, 1)}, {ID: 11, Figures: vector(n, 1)}, {ID: 12, Figures: vector(n, n*n)},
+			{ID: 13, Figures: vector(n, 1)}, {ID: 14, Figures: vector(n, 1)}, {ID: 15, Figures: []uint64{1, 2}},
+		}}
+	}
+	m.takeOldWorkers(workers(100), since.Add(-time.Second), since) // before the window: not counted
+	m.takeOldWorkers(workers(1100), since.Add(time.Second), since)
+	tr = m.gateTraffic(since, time.Now())
+	if !tr.OldByWorker || len(tr.OldWorkers) != 4 {
+		t.Fatalf("worker by worker: %+v, want 4 workers", tr)
+	}
+	if b := upgrade.OldBaseline(tr.Old, tr.OldWorkers, tr.OldByWorker); b.Workers != 4 || b.Share != 0 {
+		t.Errorf("baseline %+v, want the median of 4 workers, 0%%", b)
+	}
+	for _, w := range tr.OldWorkers {
+		if w.Requests != 1000 && w.Requests != 1000+1100*1100-100*100 {
+			t.Errorf("an old worker's window of %d requests, want 1000 (or the liar's)", w.Requests)
+		}
+	}
+	m.onStatsTick(statsTick{at: time.Now()})
+	m.onStatsTick(statsTick{at: time.Now()})
+	if n := strings.Count(buf.String(), `"event":"stats.old_worker_rejected"`); n != 1 || !strings.Contains(buf.String(), `"rejected":4`) {
+		t.Errorf("%d stats.old_worker_rejected lines, want 1 counting 4:\n%s", n, buf.String())
 	}
 }

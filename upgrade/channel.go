@@ -54,6 +54,12 @@ const (
 	// a second while the upgrade is in flight. The channel carries the
 	// numbers; the masters give them their meaning.
 	KindFigures = "figures"
+	// KindWorkerFigures: Gen, Sources: G1's traffic figures worker by
+	// worker, cumulative, at most MaxSources a message, sent before each
+	// KindFigures while the upgrade is in flight: the gates' baseline is
+	// their median. A G1 of an older version sends none; the new master
+	// then judges against the sum.
+	KindWorkerFigures = "worker-figures"
 )
 
 // KindStop is sent either way: stop fast (TERM/INT to either master stops
@@ -93,13 +99,28 @@ type Msg struct {
 	// Figures (figures): the sender generation's cumulative traffic
 	// figures, a vector of at most MaxFigures counts.
 	Figures []uint64 `json:"figures,omitempty"`
+	// Sources (worker-figures): figures of the sender's generation,
+	// one worker each, at most MaxSources.
+	Sources []Source `json:"sources,omitempty"`
 	// Metrics (metrics): opaque to this package; the master's
 	// counters (master/internal/metrics.Counters).
 	Metrics json.RawMessage `json:"metrics,omitempty"`
 }
 
-// MaxFigures bounds the length of Msg.Figures.
+// MaxFigures bounds the length of Msg.Figures, and of a Source's.
 const MaxFigures = 64
+
+// Source is one worker's figures in a worker-figures message: ID names
+// the worker (its pid on the sender's side; the receiver only tells them
+// apart by it).
+type Source struct {
+	ID      int      `json:"id"`
+	Figures []uint64 `json:"figures"`
+}
+
+// MaxSources bounds the length of Msg.Sources: 32 vectors of 25 counts of
+// up to 15 digits fit in a packet.
+const MaxSources = 32
 
 // ErrMessage is wrapped by every error DecodeMsg returns.
 var ErrMessage = errors.New("upgrade: malformed channel message")
@@ -134,6 +155,14 @@ func DecodeMsg(b []byte) (Msg, error) {
 	}
 	if len(m.Figures) > MaxFigures {
 		return Msg{}, fmt.Errorf("%w: %d figures, more than %d", ErrMessage, len(m.Figures), MaxFigures)
+	}
+	if len(m.Sources) > MaxSources {
+		return Msg{}, fmt.Errorf("%w: %d sources, more than %d", ErrMessage, len(m.Sources), MaxSources)
+	}
+	for _, s := range m.Sources {
+		if s.ID <= 0 || len(s.Figures) > MaxFigures {
+			return Msg{}, fmt.Errorf("%w: source %d with %d figures", ErrMessage, s.ID, len(s.Figures))
+		}
 	}
 	for _, p := range m.PGIDs {
 		if p <= 0 {

@@ -151,3 +151,35 @@ func TestDecodeMsg_Figures(t *testing.T) {
 		}
 	}
 }
+
+// TestChannel_WorkerFiguresAreBounded: a worker-figures message carries
+// at most MaxSources workers, each named and of at most MaxFigures
+// counts; a full one fits in a packet.
+func TestChannel_WorkerFiguresAreBounded(t *testing.T) {
+	full := make([]uint64, 25)
+	for i := range full {
+		full[i] = 999_999_999_999_999
+	}
+	var srcs []Source
+	for i := range MaxSources {
+		srcs = append(srcs, Source{ID: 4194304 - i, Figures: full})
+	}
+	b, err := EncodeMsg(Msg{Kind: KindWorkerFigures, To: 4194304, Pid: 4194304, Gen: 1 << 30, Sources: srcs})
+	if err != nil {
+		t.Fatalf("a full message: %v", err)
+	}
+	if m, err := DecodeMsg(b); err != nil || len(m.Sources) != MaxSources || m.Sources[0].Figures[24] != full[24] {
+		t.Fatalf("decoded %+v, %v", m.Sources[:1], err)
+	}
+	for name, bad := range map[string]string{
+		"too many":     `{"kind":"worker-figures","sources":[` + strings.Repeat(`{"id":1,"figures":[1]},`, MaxSources) + `{"id":1,"figures":[1]}]}`,
+		"no id":        `{"kind":"worker-figures","sources":[{"figures":[1]}]}`,
+		"negative id":  `{"kind":"worker-figures","sources":[{"id":-3,"figures":[1]}]}`,
+		"long vector":  `{"kind":"worker-figures","sources":[{"id":3,"figures":[` + strings.Repeat("1,", MaxFigures) + `1]}]}`,
+		"negative one": `{"kind":"worker-figures","sources":[{"id":3,"figures":[-1]}]}`,
+	} {
+		if _, err := DecodeMsg([]byte(bad)); !errors.Is(err, ErrMessage) {
+			t.Errorf("%s: %v, want ErrMessage", name, err)
+		}
+	}
+}

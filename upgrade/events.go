@@ -102,8 +102,16 @@ type (
 	// PGIDs (the old master kills them with this one at a deadline).
 	WorkersChanged struct{ PGIDs []int }
 	// Traffic is both generations' figures over the probation so far
-	// (from ServingSince), once a second while Judging.
-	Traffic struct{ New, Old Figures }
+	// (from ServingSince), once a second while Judging: New and Old
+	// are each generation's sum; with OldByWorker, OldWorkers are the
+	// old generation's figures worker by worker, of which the gates take
+	// the median (OldBaseline); without (an old master that sends no
+	// per-worker figures), they take its sum.
+	Traffic struct {
+		New, Old    Figures
+		OldWorkers  []Figures
+		OldByWorker bool
+	}
 )
 
 func (FromParent) event()     {}

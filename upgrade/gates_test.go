@@ -1,6 +1,7 @@
 package upgrade
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -34,7 +35,7 @@ func TestGates_Judge(t *testing.T) {
 		{"old idle", latGate, Figures{Requests: 500, P99: time.Second}, Figures{}, false, GatePass, []string{"no request to compare"}},
 		{"both, latency fails", Gates{ErrorGate: true, MaxErrorRate: 1, MaxLatencyFactor: 2, MinRequests: 1}, Figures{Requests: 500, P99: 30 * time.Millisecond}, old, false, GateFail, []string{"p99 30ms"}},
 	} {
-		v, why := c.g.Judge(c.nw, c.old, c.waive)
+		v, why := c.g.Judge(c.nw, OldBaseline(c.old, nil, false), c.waive)
 		if v != c.want {
 			t.Errorf("%s: verdict %v (%s), want %v", c.name, v, why, c.want)
 		}
@@ -196,4 +197,130 @@ func TestDance_ExtendIsBounded(t *testing.T) {
 	if _, err := DecodeMsg([]byte(`{"kind":"extend","ms":-1}`)); err == nil {
 		t.Error("a negative extension decoded")
 	}
+}
+
+// The old generation's workers in the baseline tests: honest ones with
+// a 0.1% or 1% share of errors and a p99 of 10 ms; a liar that reports
+// huge counts of 5xx in the last bucket (to pass a bad release), or of
+// fast 2xx (to fail a good one).
+var (
+	honest    = Figures{Requests: 1000, Errors: 1, P99: 10 * time.Millisecond}
+	honest1pc = Figures{Requests: 1000, Errors: 10, P99: 10 * time.Millisecond}
+	liarBad   = Figures{Requests: 1e14, Errors: 1e14, P99: 10 * time.Second}
+	liarFast  = Figures{Requests: 1e14, P99: 40 * time.Microsecond}
+)
+
+// sum is the old generation's figures summed, as the gates took them
+// before the per-worker baseline (and still do from an older old
+// master): the p99 is the slowest worker's, as the sum's histogram
+// would have it under a liar's weight.
+func sum(ws ...Figures) Figures {
+	var s Figures
+	for _, w := range ws {
+		s.Requests += w.Requests
+		s.Errors += w.Errors
+		s.P99 = max(s.P99, w.P99)
+	}
+	return s
+}
+
+// TestGates_OneLyingOldWorker: among 3 or 4 old workers, one that lies
+// can neither pass a release of 500s (nor a slow one) by inflating its
+// 5xx and latency, nor fail a good release by inflating its fast 2xx:
+// the baseline is the median of the workers' own figures, and the reason
+// says so. With the sum (an older old master), both attacks work.
+func TestGates_OneLyingOldWorker(t *testing.T) {
+	g := Gates{ErrorGate: true, MaxErrorRate: 1, MaxLatencyFactor: 2, MinRequests: 100}
+	slowBad := Figures{Requests: 1204, Errors: 282, P99: 50 * time.Millisecond}
+	good := Figures{Requests: 1000, Errors: 15, P99: 12 * time.Millisecond} // 1.5%: within 1 point of 1%
+	for _, n := range []int{3, 4} {
+		var bad, fast []Figures
+		for range n - 1 {
+			bad = append(bad, honest)
+			fast = append(fast, honest1pc)
+		}
+		bad = append([]Figures{liarBad}, bad...)
+		fast = append(fast, liarFast)
+		of := fmt.Sprintf("median of %d workers", n)
+
+		b := OldBaseline(sum(bad...), bad, true)
+		if b.Share != 0.1 || b.P99 != 10*time.Millisecond || b.Workers != n {
+			t.Errorf("%d workers, one inflating its 5xx: baseline %+v, want an honest worker's 0.1%% and 10ms", n, b)
+		}
+		v, why := g.Judge(newBad, b, false)
+		if v != GateFail || !strings.Contains(why, "(old: 0.1%, "+of+")") {
+			t.Errorf("%d workers, one inflating its 5xx: %v: %s; want the bad release failed on the median", n, v, why)
+		}
+		v, why = g.Judge(Figures{Requests: 1000, P99: 50 * time.Millisecond}, b, false)
+		if v != GateFail || !strings.Contains(why, "the old's 10ms ("+of+")") {
+			t.Errorf("%d workers, one inflating its latency: %v: %s; want the slow release failed on the median", n, v, why)
+		}
+		if v, why := g.Judge(slowBad, OldBaseline(sum(bad...), nil, false), false); v != GatePass {
+			t.Errorf("%d workers summed, one inflating its 5xx: %v: %s; the sum was expected to let the bad release pass", n, v, why)
+		}
+
+		b = OldBaseline(sum(fast...), fast, true)
+		v, why = g.Judge(good, b, false)
+		if v != GatePass || !strings.Contains(why, "(old: 1.0%, "+of+")") || !strings.Contains(why, "(old: 10ms, "+of+")") {
+			t.Errorf("%d workers, one inflating its fast 2xx: %v: %s; want the good release passed on the median", n, v, why)
+		}
+		if v, why := g.Judge(good, OldBaseline(sum(fast...), nil, false), false); v != GateFail {
+			t.Errorf("%d workers summed, one inflating its fast 2xx: %v: %s; the sum was expected to fail the good release", n, v, why)
+		}
+	}
+}
+
+// TestGates_OneOrTwoOldWorkers: the documented cases (docs/security.md,
+// "Limits"). Of two workers the baseline is the lower: a liar cannot pass
+// a bad release, but can fail a good one. One worker is the baseline
+// alone, a liar included. A p99 of 0 (no histogram) does not turn the
+// latency gate off.
+func TestGates_OneOrTwoOldWorkers(t *testing.T) {
+	g := Gates{ErrorGate: true, MaxErrorRate: 1, MaxLatencyFactor: 2, MinRequests: 100}
+	good := Figures{Requests: 1000, Errors: 15, P99: 12 * time.Millisecond}
+	for _, c := range []struct {
+		name    string
+		workers []Figures
+		nw      Figures
+		want    Verdict
+		words   string
+	}{
+		{"two, one inflating its 5xx", []Figures{liarBad, honest}, newBad, GateFail, "(old: 0.1%, lower of 2 workers)"},
+		{"two, one inflating its latency", []Figures{honest, liarBad}, Figures{Requests: 1000, P99: 50 * time.Millisecond}, GateFail, "the old's 10ms (lower of 2 workers)"},
+		{"two, one with no histogram", []Figures{{Requests: 1e14, Errors: 1e14}, honest}, Figures{Requests: 1000, P99: 50 * time.Millisecond}, GateFail, "the old's 10ms (from 1 of 2 workers)"},
+		{"two, one inflating its fast 2xx: a good release fails", []Figures{honest1pc, liarFast}, good, GateFail, "(old: 0.0%, lower of 2 workers)"},
+		{"two honest", []Figures{honest1pc, honest1pc}, good, GatePass, "(old: 1.0%, lower of 2 workers)"},
+		{"one, a liar: a bad release passes", []Figures{liarBad}, newBad, GatePass, "(old: 100.0%, from 1 worker)"},
+		{"one honest", []Figures{honest}, newBad, GateFail, "(old: 0.1%, from 1 worker)"},
+		{"too few requests to count", []Figures{liarBad, honest, honest, {Requests: 19, Errors: 19, P99: time.Second}}, newBad, GateFail, "(old: 0.1%, median of 3 of 4 workers)"},
+		{"none with enough", []Figures{{Requests: 5, Errors: 5}}, newBad, GateFail, "(old: 0.0%, no old worker served 20 requests)"},
+		{"none with enough, latency", []Figures{{Requests: 5, P99: time.Millisecond}}, Figures{Requests: 1000, P99: time.Second}, GatePass, "no worker with 20 requests to compare"},
+	} {
+		b := OldBaseline(sum(c.workers...), c.workers, true)
+		v, why := g.Judge(c.nw, b, false)
+		if v != c.want || !strings.Contains(why, c.words) {
+			t.Errorf("%s: %v: %s; want %v saying %q", c.name, v, why, c.want, c.words)
+		}
+	}
+}
+
+// TestGates_SumFromAnOlderOldMaster: an old master that sends no
+// per-worker figures: the baseline is its generation's sum, and the
+// reason reads as before.
+func TestGates_SumFromAnOlderOldMaster(t *testing.T) {
+	g := Gates{ErrorGate: true, MaxErrorRate: 1, MaxLatencyFactor: 2, MinRequests: 100}
+	b := OldBaseline(Figures{Requests: 2000, Errors: 2, P99: 10 * time.Millisecond}, nil, false)
+	if b.ByWorker || b.Share != 0.1 || b.P99 != 10*time.Millisecond {
+		t.Fatalf("baseline %+v", b)
+	}
+	if v, why := g.Judge(newBad, b, false); v != GateFail || !strings.HasPrefix(why, "new generation: 5xx 23.4% over 1,204 requests (old: 0.1%), more than") {
+		t.Errorf("%v: %s", v, why)
+	}
+	// A dance fed the sum only judges on it.
+	w := gated(t, 0)
+	w.start()
+	w.toNew(Traffic{New: newBad, Old: sum(liarBad, honest, honest, honest)})
+	w.wantNew(NewProbation) // the hole the per-worker baseline closes
+	w.toNew(Traffic{New: newBad, Old: sum(liarBad, honest, honest, honest), OldWorkers: []Figures{liarBad, honest, honest, honest}, OldByWorker: true})
+	w.wantRolledBack("(old: 0.1%, median of 4 workers)")
 }

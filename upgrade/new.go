@@ -498,7 +498,7 @@ func (n *NewSide) onTraffic(env Env, t Traffic) {
 	if !n.probation() || !n.cfg.Gates.On() || !env.Running {
 		return
 	}
-	v, why := n.cfg.Gates.Judge(t.New, t.Old, n.state == NewCompleting)
+	v, why := n.cfg.Gates.Judge(t.New, t.baseline(), n.state == NewCompleting)
 	n.verdict = v.String() + ": " + why
 	switch {
 	case v == GateFail:
@@ -514,7 +514,7 @@ func (n *NewSide) probationOver(env Env) {
 		n.commit(env, "probation over")
 		return
 	}
-	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.Old, false)
+	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.baseline(), false)
 	switch v {
 	case GateFail:
 		n.gateFailed(env, why)
@@ -534,7 +534,7 @@ func (n *NewSide) probationOver(env Env) {
 // judge is the end of the wait for the minimum of requests: the gates
 // judge what there is.
 func (n *NewSide) judge(env Env, waive bool) {
-	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.Old, waive)
+	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.baseline(), waive)
 	switch v {
 	case GateFail:
 		n.gateFailed(env, why)
@@ -554,15 +554,17 @@ func (n *NewSide) gatesPassed(env Env, why string) {
 		stage = "canary"
 	}
 	n.log.Info("the gates passed", "event", "upgrade.gates_passed", "stage", stage, "reason", why,
-		"requests", n.traffic.New.Requests, "old_requests", n.traffic.Old.Requests)
+		"requests", n.traffic.New.Requests, "old_requests", n.traffic.Old.Requests, "old_workers", n.traffic.baseline().Workers)
 	n.commit(env, "the gates passed")
 }
 
 // gateFailed rolls back: the old generation never stopped serving.
 func (n *NewSide) gateFailed(env Env, why string) {
+	old := n.traffic.baseline()
 	n.log.Error("a gate failed: rolling back", "event", "upgrade.gate_failed", "reason", why,
 		"requests", n.traffic.New.Requests, "errors", n.traffic.New.Errors, "p99", n.traffic.New.P99.String(),
-		"old_requests", n.traffic.Old.Requests, "old_errors", n.traffic.Old.Errors, "old_p99", n.traffic.Old.P99.String())
+		"old_requests", n.traffic.Old.Requests, "old_errors", n.traffic.Old.Errors, "old_p99", n.traffic.Old.P99.String(),
+		"old_share", pct(old.Share), "old_baseline_p99", old.P99.String(), "old_workers", old.Workers)
 	n.fail(env, ExitGateFailed, why)
 }
 
@@ -583,7 +585,7 @@ func (n *NewSide) complete(env Env) {
 		n.commit(env, "every worker ready after the canary")
 		return
 	}
-	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.Old, true)
+	v, why := n.cfg.Gates.Judge(n.traffic.New, n.traffic.baseline(), true)
 	if v == GateFail {
 		n.gateFailed(env, why)
 		return

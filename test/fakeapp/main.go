@@ -8,6 +8,7 @@
 //	              [--ready-file PATH] [--hit-file PATH] [--exit-after DUR]
 //	              [--misuse shutdown:PATH|blocking:PATH]
 //	              [--health-status CODE] [--health-plant] [--status CODE] [--delay DUR]
+//	              [--lie-stats 5xx:PATH|fast:PATH]
 //	fakeapp crash | exit0 | hang
 //
 // serve answers GET / with 200 and X-Molt-Worker-Pid, X-Molt-Master-Pid,
@@ -28,6 +29,11 @@
 // never serves the master's private health socket (MOLT_HEALTH_FD) and
 // instead answers 200 on sockets it binds where a master might look by
 // name (beside its notify socket, in its working directory).
+// --lie-stats makes the first worker to create PATH a liar about its
+// traffic, as a compromised worker would be: it sends no true figures,
+// and every second a MOLT_STATS= report of a huge and growing count of
+// 5xx, all in the histogram's last bucket (5xx), or of 2xx, all in its
+// first (fast); it serves like the others.
 package main
 
 import (
@@ -68,7 +74,11 @@ func main() {
 	fs.DurationVar(&answer.delay, "delay", 0, "answer every request after DUR")
 	fs.IntVar(&healthStatus, "health-status", 0, "answer GET /healthz with CODE")
 	plant := fs.Bool("health-plant", false, "close MOLT_HEALTH_FD and answer 200 on sockets planted by name instead")
+	lie := fs.String("lie-stats", "", "5xx:PATH or fast:PATH: the first worker to create PATH reports huge counts of slow 5xx, or of fast 2xx, instead of its figures")
 	fs.Parse(os.Args[2:])
+	if *lie != "" {
+		lieStats(*lie)
+	}
 	if *plant {
 		plantHealth()
 	}
@@ -245,6 +255,40 @@ func writeReport(dir string, tampered []string) error {
 		return err
 	}
 	return os.Rename(tmp, filepath.Join(dir, fmt.Sprintf("%d.json", r.Pid)))
+}
+
+// lieStats: if this worker is the first to create PATH of spec
+// (KIND:PATH), it turns its true figures off and reports, every second
+// from now, 10^12 more requests than the second before (cumulative, so
+// the master takes each report): 5xx in the histogram's last bucket, or
+// (fast) 2xx in its first.
+func lieStats(spec string) {
+	kind, path, _ := strings.Cut(spec, ":")
+	class, bucket := worker.Class5xx, worker.NumBuckets-1
+	switch kind {
+	case "5xx":
+	case "fast":
+		class, bucket = worker.Class2xx, 0
+	default:
+		fmt.Fprintln(os.Stderr, "fakeapp: --lie-stats wants 5xx:PATH or fast:PATH")
+		os.Exit(2)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return
+	}
+	fmt.Fprintln(f, os.Getpid())
+	f.Close()
+	os.Setenv(worker.EnvStats, "off")
+	go func() {
+		var s worker.Stats
+		for k := uint64(1); ; k++ {
+			s.Classes[class] = k * 1_000_000_000_000
+			s.Buckets[bucket] = s.Classes[class]
+			_ = worker.Notify(worker.NotifyStatsKey + "=" + s.Format())
+			time.Sleep(worker.StatsInterval)
+		}
+	}()
 }
 
 // answer is how serve answers every request (--status, --delay).

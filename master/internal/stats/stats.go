@@ -289,3 +289,98 @@ func (l *Limiter) Allow(now time.Time) bool {
 	l.tokens++
 	return true
 }
+
+// Live calls fn with the last report of each worker that has not exited,
+// in no particular order.
+func (s *Series) Live(fn func(pid int, f Figures)) {
+	for pid, f := range s.workers {
+		if _, gone := s.gone[pid]; !gone {
+			fn(pid, f)
+		}
+	}
+}
+
+// Sources are another master's generation's figures worker by worker,
+// as that master sends them (each worker's cumulative report), for the
+// gates' baseline (upgrade.OldBaseline): each worker's figures over a
+// window that starts when the caller says (Report's from). Bounded: at
+// most max workers; a worker the sender no longer reports makes room for
+// a new one once it is StaleAfter old. Not safe for concurrent use.
+type Sources struct {
+	gen, max int
+	byID     map[int]*source
+}
+
+type source struct {
+	base, last Figures // at the window's start (or first report), and now
+	seen       time.Time
+}
+
+// ErrTooManySources: a report for one more worker than a Sources keeps.
+var ErrTooManySources = errors.New("more workers than the sender can have")
+
+// StaleAfter is how long a worker may go unreported (the sender reports
+// each of its workers every second) before a new one may take its place
+// in a full Sources: it exited.
+const StaleAfter = 3 * time.Second
+
+// NewSources returns empty Sources of generation gen keeping at most n
+// workers (at least 1).
+func NewSources(gen, n int) *Sources {
+	return &Sources{gen: gen, max: max(n, 1), byID: map[int]*source{}}
+}
+
+// Gen is the sources' generation.
+func (s *Sources) Gen() int { return s.gen }
+
+// Report takes worker id's cumulative figures f, received at: a report
+// at or before from (zero: the window has not started) is the worker's
+// base, what its window counts from; one after adds to its window. A
+// worker first reported after from counts from that first report. A
+// report lower than the worker's previous one (ErrNotMonotonic), or for
+// one worker more than max when none is stale (ErrTooManySources), is
+// refused and changes nothing.
+func (s *Sources) Report(id int, f Figures, at, from time.Time) error {
+	src, ok := s.byID[id]
+	switch {
+	case ok && f.below(src.last):
+		return fmt.Errorf("worker %d: %w", id, ErrNotMonotonic)
+	case !ok && len(s.byID) >= s.max && !s.evict(at):
+		return fmt.Errorf("worker %d: %w (%d)", id, ErrTooManySources, s.max)
+	case !ok:
+		src = &source{base: f}
+		s.byID[id] = src
+	}
+	if from.IsZero() || !at.After(from) {
+		src.base = f
+	}
+	src.last, src.seen = f, at
+	return nil
+}
+
+// evict forgets the worker reported longest ago, if that is StaleAfter
+// before now.
+func (s *Sources) evict(now time.Time) bool {
+	oldest, at := 0, now
+	for id, src := range s.byID {
+		if src.seen.Before(at) {
+			oldest, at = id, src.seen
+		}
+	}
+	if oldest == 0 || now.Sub(at) < StaleAfter {
+		return false
+	}
+	delete(s.byID, oldest)
+	return true
+}
+
+// Len is the number of workers kept.
+func (s *Sources) Len() int { return len(s.byID) }
+
+// Windows appends each worker's figures over its window to dst.
+func (s *Sources) Windows(dst []Figures) []Figures {
+	for _, src := range s.byID {
+		dst = append(dst, src.last.Sub(src.base))
+	}
+	return dst
+}

@@ -158,3 +158,64 @@ func TestLimiter(t *testing.T) {
 		t.Error("a report a second after the flood dropped")
 	}
 }
+
+// TestSources_WindowsAndBound: each worker's window counts from its last
+// report at or before the window's start (or its first report, if later);
+// a report that goes down is refused; the Sources keep at most their
+// bound of workers, a new one taking the place of one unreported for
+// StaleAfter.
+func TestSources_WindowsAndBound(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	from := t0.Add(2 * time.Second)
+	s := NewSources(4, 3)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Before the window: bases; no window started yet (from zero) too.
+	must(s.Report(10, fig(worker.Class2xx, 1, 100), t0, time.Time{}))
+	must(s.Report(11, fig(worker.Class5xx, 1, 50), t0, from))
+	must(s.Report(10, fig(worker.Class2xx, 1, 150), from, from))
+	// In the window.
+	must(s.Report(10, fig(worker.Class2xx, 1, 170), from.Add(time.Second), from))
+	must(s.Report(11, fig(worker.Class5xx, 1, 80), from.Add(time.Second), from))
+	// First reported in the window: counts from there.
+	must(s.Report(12, fig(worker.Class2xx, 1, 5), from.Add(time.Second), from))
+	must(s.Report(12, fig(worker.Class2xx, 1, 9), from.Add(2*time.Second), from))
+	if err := s.Report(11, fig(worker.Class5xx, 1, 79), from.Add(2*time.Second), from); !errors.Is(err, ErrNotMonotonic) {
+		t.Errorf("a report going down: %v", err)
+	}
+	got := map[uint64]bool{}
+	for _, w := range s.Windows(nil) {
+		got[w.Requests()] = true
+	}
+	if len(got) != 3 || !got[20] || !got[30] || !got[4] {
+		t.Errorf("windows of %v requests, want 20, 30 and 4", got)
+	}
+	// Full: a fourth worker is refused while the others report...
+	at := from.Add(3 * time.Second)
+	if err := s.Report(13, fig(worker.Class2xx, 1, 1), at, from); !errors.Is(err, ErrTooManySources) {
+		t.Errorf("a fourth worker of 3: %v", err)
+	}
+	// ... and takes the place of one unreported for StaleAfter.
+	must(s.Report(10, fig(worker.Class2xx, 1, 200), at, from))
+	must(s.Report(12, fig(worker.Class2xx, 1, 10), at, from))
+	must(s.Report(13, fig(worker.Class2xx, 1, 1), from.Add(time.Second+StaleAfter), from))
+	if s.Len() != 3 {
+		t.Errorf("%d workers kept, want 3", s.Len())
+	}
+}
+
+func TestSeries_LiveLeavesTheGoneOut(t *testing.T) {
+	s := NewSeries(1, 10)
+	_ = s.Report(100, fig(worker.Class2xx, 1, 1))
+	_ = s.Report(101, fig(worker.Class2xx, 1, 2))
+	s.WorkerGone(100, time.Unix(1000, 0))
+	var live []int
+	s.Live(func(pid int, _ Figures) { live = append(live, pid) })
+	if len(live) != 1 || live[0] != 101 {
+		t.Errorf("live %v, want [101]", live)
+	}
+}
