@@ -98,14 +98,14 @@ func (m *Master) onNotify(ev notified) {
 	p := m.procs[ev.worker]
 	if p == nil && ev.stats != nil && m.trafficSeries().Knows(ev.worker) {
 		// Its final report, read before its exit was.
-		m.applyStats(ev.worker, *ev.stats)
+		m.applyStats(ev.worker, -1, *ev.stats)
 	}
 	if p == nil {
 		m.log.Debug("notify message for a worker already gone; ignored", "event", "notify.worker_gone", "pid", ev.Pid, "worker_pid", ev.worker)
 		return
 	}
 	if ev.stats != nil {
-		m.applyStats(p.pid, *ev.stats)
+		m.applyStats(p.pid, p.slot, *ev.stats)
 	}
 	msg := ev.Fields
 	if msg.Is("READY", "1") {

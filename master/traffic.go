@@ -91,8 +91,13 @@ func (m *Master) trafficSeries() *stats.Series {
 	return m.traffic
 }
 
-// applyStats adds a worker's report to its generation's figures.
-func (m *Master) applyStats(pid int, f stats.Figures) {
+// applyStats adds a worker's report to its generation's figures, and to
+// its slot's: slot is the worker's slot number, or -1 for a worker
+// already gone (its slot was recorded with its first report).
+func (m *Master) applyStats(pid, slot int, f stats.Figures) {
+	if slot >= 0 {
+		m.trafficSeries().Assign(pid, slot)
+	}
 	if err := m.trafficSeries().Report(pid, f); err != nil {
 		m.rejected.Add(pid, err.Error())
 	}
@@ -122,7 +127,9 @@ func (m *Master) onStatsTick(ev statsTick) {
 }
 
 // sendFigures sends this generation's figures to the new master to: each
-// live worker's own, upgrade.MaxSources a message, then the total.
+// worker slot's own (every worker the slot had: a worker that restarts
+// stays one source of the gates' median), upgrade.MaxSources a message,
+// then the total.
 func (m *Master) sendFigures(to int) error {
 	var err error
 	batch := make([]upgrade.Source, 0, upgrade.MaxSources)
@@ -132,8 +139,8 @@ func (m *Master) sendFigures(to int) error {
 		}
 		batch = batch[:0]
 	}
-	m.traffic.Live(func(pid int, f stats.Figures) {
-		batch = append(batch, upgrade.Source{ID: pid, Figures: figuresVector(f)})
+	m.traffic.Slots(func(n int, f stats.Figures) {
+		batch = append(batch, upgrade.Source{ID: n + 1, Figures: figuresVector(f)}) // slots count from 0, IDs from 1
 		if len(batch) == upgrade.MaxSources {
 			flush()
 		}
@@ -161,11 +168,11 @@ func (m *Master) onParentFigures(msg upgrade.Msg) {
 	m.parentTraffic.Tick(time.Now())
 }
 
-// onParentWorkerFigures takes the old generation's figures worker by
-// worker (a new master). It keeps at most twice as many workers as the
-// old master runs (a recycled worker and its successor both report for a
-// while, and one that exited keeps its place until StaleAfter); the rest
-// is refused, counted and logged at the next tick.
+// onParentWorkerFigures takes the old generation's figures worker slot
+// by worker slot (a new master). It keeps at most twice as many as the
+// old master runs (it may add slots on TTIN during the upgrade; one no
+// longer sent keeps its place until StaleAfter); the rest is refused,
+// counted and logged at the next tick.
 func (m *Master) onParentWorkerFigures(msg upgrade.Msg) {
 	var from time.Time
 	if m.new != nil {

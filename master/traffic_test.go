@@ -134,8 +134,10 @@ func TestTraffic_HugeReportKeepsTheHistogramCumulative(t *testing.T) {
 }
 
 // TestTraffic_OldMasterSendsEachWorkersFigures: during an upgrade the old
-// master sends, every second, each live worker's own figures (the gates'
-// baseline) and then its generation's total.
+// master sends, every second, each worker slot's own figures (the gates'
+// baseline) and then its generation's total. A slot's figures count every
+// worker it had: a worker that restarts over and over (5 successors of
+// w1 here, each reporting 1e12 errors) stays one source, not six.
 func TestTraffic_OldMasterSendsEachWorkersFigures(t *testing.T) {
 	m, f, h, child := newUpgradingMaster(t)
 	if err := m.onUSR2(); err != nil {
@@ -148,6 +150,9 @@ func TestTraffic_OldMasterSendsEachWorkersFigures(t *testing.T) {
 	w1, w2 := f.started[0], f.started[1]
 	for _, ev := range []notified{statsOf(w1, 10, 1), statsOf(w2, 1e12, 1e12)} {
 		m.onNotify(ev)
+	}
+	for pid := 9001; pid <= 9005; pid++ { // w1's slot, restarted
+		m.applyStats(pid, m.procs[w1].slot, *statsOf(pid, 0, 1e12).stats)
 	}
 	m.onStatsTick(statsTick{at: time.Now()})
 	msg := recv(t, h)
@@ -162,8 +167,8 @@ func TestTraffic_OldMasterSendsEachWorkersFigures(t *testing.T) {
 		}
 		got[s.ID] = fig.Errors()
 	}
-	if got[w1] != 1 || got[w2] != 1e12 {
-		t.Errorf("errors by worker %v, want %d: 1, %d: 1e12", got, w1, w2)
+	if got[1] != 1+5e12 || got[2] != 1e12 {
+		t.Errorf("errors by slot %v, want 1: 1+5e12, 2: 1e12", got)
 	}
 	if msg := recv(t, h); msg.Kind != upgrade.KindFigures || len(msg.Figures) != worker.NumClasses+worker.NumBuckets {
 		t.Fatalf("then %+v, want the total", msg)

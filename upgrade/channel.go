@@ -111,8 +111,9 @@ type Msg struct {
 const MaxFigures = 64
 
 // Source is one worker's figures in a worker-figures message: ID names
-// the worker (its pid on the sender's side; the receiver only tells them
-// apart by it).
+// the worker (on the sender's side, its worker slot, from 1: a slot's
+// figures count every worker it had; the receiver only tells them apart
+// by it).
 type Source struct {
 	ID      int      `json:"id"`
 	Figures []uint64 `json:"figures"`

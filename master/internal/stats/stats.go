@@ -135,15 +135,22 @@ var ErrNotMonotonic = errors.New("figures lower than the worker's previous repor
 const DefaultKeep = 300
 
 // Series is one generation's figures: its total, the last report of each
-// live worker, and a ring of snapshots of the total.
+// live worker, what each worker slot's workers reported, and a ring of
+// snapshots of the total.
 type Series struct {
 	gen     int
 	total   Figures
 	workers map[int]Figures   // by worker pid: its last report
 	gone    map[int]time.Time // workers that exited, and when
-	ring    []snapshot        // oldest first once full, from head
-	head    int
-	keep    int
+	// slotOf is each worker's slot (Assign); slots, by slot, the sum of
+	// what its workers added: a slot's figures count every worker it
+	// ever had, so a worker that restarts (or crashes on purpose) is
+	// still one slot, not one more worker.
+	slotOf map[int]int
+	slots  map[int]Figures
+	ring   []snapshot // oldest first once full, from head
+	head   int
+	keep   int
 }
 
 type snapshot struct {
@@ -157,7 +164,7 @@ func NewSeries(gen, keep int) *Series {
 	if keep < 2 {
 		keep = DefaultKeep
 	}
-	return &Series{gen: gen, workers: map[int]Figures{}, gone: map[int]time.Time{}, keep: keep}
+	return &Series{gen: gen, workers: map[int]Figures{}, gone: map[int]time.Time{}, slotOf: map[int]int{}, slots: map[int]Figures{}, keep: keep}
 }
 
 // Gen is the series' generation.
@@ -176,9 +183,24 @@ func (s *Series) Report(pid int, f Figures) error {
 	if f.below(prev) {
 		return fmt.Errorf("worker %d: %w", pid, ErrNotMonotonic)
 	}
-	s.total.Add(f.Sub(prev))
+	d := f.Sub(prev)
+	s.total.Add(d)
 	s.workers[pid] = f
+	if n, ok := s.slotOf[pid]; ok {
+		sf := s.slots[n]
+		sf.Add(d)
+		s.slots[n] = sf
+	}
 	return nil
+}
+
+// Assign records that worker pid serves slot n: what it reports from
+// then on also counts in that slot's figures. A worker's slot never
+// changes; a second Assign is ignored.
+func (s *Series) Assign(pid, n int) {
+	if _, ok := s.slotOf[pid]; !ok {
+		s.slotOf[pid] = n
+	}
 }
 
 // GoneGrace is how long a Series keeps the last report of a worker that
@@ -214,6 +236,7 @@ func (s *Series) Tick(now time.Time) {
 		if now.Sub(at) >= GoneGrace {
 			delete(s.workers, pid)
 			delete(s.gone, pid)
+			delete(s.slotOf, pid)
 		}
 	}
 	sn := snapshot{at: now, fig: s.total}
@@ -290,13 +313,11 @@ func (l *Limiter) Allow(now time.Time) bool {
 	return true
 }
 
-// Live calls fn with the last report of each worker that has not exited,
-// in no particular order.
-func (s *Series) Live(fn func(pid int, f Figures)) {
-	for pid, f := range s.workers {
-		if _, gone := s.gone[pid]; !gone {
-			fn(pid, f)
-		}
+// Slots calls fn with each slot's figures (cumulative: every worker the
+// slot had), in no particular order.
+func (s *Series) Slots(fn func(n int, f Figures)) {
+	for n, f := range s.slots {
+		fn(n, f)
 	}
 }
 

@@ -208,14 +208,30 @@ func TestSources_WindowsAndBound(t *testing.T) {
 	}
 }
 
-func TestSeries_LiveLeavesTheGoneOut(t *testing.T) {
+// TestSeries_SlotsCountEveryWorkerOfTheSlot: a slot's figures add up
+// what each of its workers reported, one after the other and side by
+// side (a recycling), including a final report after the exit; a
+// worker's slot is the first one it is assigned.
+func TestSeries_SlotsCountEveryWorkerOfTheSlot(t *testing.T) {
 	s := NewSeries(1, 10)
-	_ = s.Report(100, fig(worker.Class2xx, 1, 1))
-	_ = s.Report(101, fig(worker.Class2xx, 1, 2))
+	s.Assign(100, 0)
+	s.Assign(101, 1)
+	_ = s.Report(100, fig(worker.Class5xx, 1, 5))
+	_ = s.Report(101, fig(worker.Class2xx, 1, 7))
 	s.WorkerGone(100, time.Unix(1000, 0))
-	var live []int
-	s.Live(func(pid int, _ Figures) { live = append(live, pid) })
-	if len(live) != 1 || live[0] != 101 {
-		t.Errorf("live %v, want [101]", live)
+	_ = s.Report(100, fig(worker.Class5xx, 1, 6)) // its final report
+	s.Assign(102, 0)                              // its successor
+	s.Assign(102, 1)                              // ignored
+	_ = s.Report(102, fig(worker.Class5xx, 1, 4))
+	s.Tick(time.Unix(1000+int64(GoneGrace/time.Second), 0)) // 100 forgotten
+	s.Assign(100, 1)                                        // a reused pid starts from nothing
+	_ = s.Report(100, fig(worker.Class2xx, 1, 3))
+	got := map[int]Figures{}
+	s.Slots(func(n int, f Figures) { got[n] = f })
+	if len(got) != 2 || got[0].Errors() != 10 || got[0].Requests() != 10 || got[1].Requests() != 10 || got[1].Errors() != 0 {
+		t.Errorf("slots %+v, want slot 0: 10 requests, all errors; slot 1: 10, none", got)
+	}
+	if tot := s.Total(); tot.Requests() != 20 {
+		t.Errorf("total %d requests, want 20", tot.Requests())
 	}
 }
