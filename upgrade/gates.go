@@ -82,6 +82,9 @@ type Baseline struct {
 	// master that sends no per-worker figures).
 	ByWorker                      bool
 	Workers, P99Workers, Reported int
+	// Few: no more than half of Reported served MinWorkerRequests, so
+	// Share is 0 and P99 is 0 (not judged) whatever they reported.
+	Few bool
 }
 
 // OldBaseline is the baseline of the old generation's window: with
@@ -100,7 +103,9 @@ type Baseline struct {
 // worker counted the baseline is that worker's; with two, a liar cannot
 // pass a bad release but can fail a good one (docs/security.md,
 // "Limits"). A p99 of 0 (no histogram) does not count: it would turn the
-// latency gate off.
+// latency gate off. If no more than half of the workers reported served
+// MinWorkerRequests (a liar always does: it reports what it likes), the
+// baseline is Few: an error share of 0 and no p99, the strictest.
 func OldBaseline(sum Figures, workers []Figures, byWorker bool) Baseline {
 	if !byWorker {
 		b := Baseline{Share: sum.Share()}
@@ -122,6 +127,13 @@ func OldBaseline(sum Figures, workers []Figures, byWorker bool) Baseline {
 		}
 	}
 	b.Workers, b.P99Workers = len(shares), len(p99s)
+	if len(shares) > 0 && 2*len(shares) <= b.Reported {
+		// Most old workers served too little to count: those that did
+		// are no baseline (a liar's huge counts always count). The
+		// strictest one instead: no error, no latency to compare.
+		b.Few = true
+		return b
+	}
 	if len(shares) > 0 {
 		slices.Sort(shares)
 		b.Share = shares[(len(shares)-1)/2]
@@ -145,6 +157,9 @@ func (b Baseline) of(n int) string {
 	}
 	if n == 0 {
 		return fmt.Sprintf("no old worker served %d requests", MinWorkerRequests)
+	}
+	if b.Few {
+		return fmt.Sprintf("only %d of %d old workers served %d requests", b.Workers, b.Reported, MinWorkerRequests)
 	}
 	s := strconv.Itoa(n)
 	if b.Reported > n {
@@ -211,6 +226,8 @@ func (g Gates) Judge(nw Figures, old Baseline, waive bool) (Verdict, string) {
 	if g.MaxLatencyFactor > 0 {
 		of := old.of(old.P99Workers)
 		switch {
+		case old.P99 <= 0 && old.Few:
+			passed = append(passed, fmt.Sprintf("p99 %s (old: %s, not compared)", nw.P99, of))
 		case old.P99 <= 0 && old.ByWorker:
 			passed = append(passed, fmt.Sprintf("p99 %s (old: no worker with %d requests to compare)", nw.P99, MinWorkerRequests))
 		case old.P99 <= 0:

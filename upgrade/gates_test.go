@@ -294,6 +294,10 @@ func TestGates_OneOrTwoOldWorkers(t *testing.T) {
 		{"one honest", []Figures{honest}, newBad, GateFail, "(old: 0.1%, from 1 worker)"},
 		{"too few requests to count", []Figures{liarBad, honest, honest, {Requests: 19, Errors: 19, P99: time.Second}}, newBad, GateFail, "(old: 0.1%, median of 3 of 4 workers)"},
 		{"none with enough", []Figures{{Requests: 5, Errors: 5}}, newBad, GateFail, "(old: 0.0%, no old worker served 20 requests)"},
+		{"one of two with enough: no baseline, the strictest", []Figures{honest1pc, {Requests: 5}}, good, GateFail, "(old: 0.0%, only 1 of 2 old workers served 20 requests)"},
+		{"only a liar with enough, of four", []Figures{liarBad, {Requests: 19, Errors: 19}, {Requests: 10}, {Requests: 3}}, newBad, GateFail, "(old: 0.0%, only 1 of 4 old workers served 20 requests)"},
+		{"only a liar with enough, latency", []Figures{liarBad, {Requests: 19, P99: time.Millisecond}, {Requests: 10}}, Figures{Requests: 1000, P99: time.Second}, GatePass, "(old: only 1 of 3 old workers served 20 requests, not compared)"},
+		{"two of three with enough", []Figures{honest, honest1pc, {Requests: 2}}, newBad, GateFail, "(old: 0.1%, lower of 2 of 3 workers)"},
 		{"none with enough, latency", []Figures{{Requests: 5, P99: time.Millisecond}}, Figures{Requests: 1000, P99: time.Second}, GatePass, "no worker with 20 requests to compare"},
 	} {
 		b := OldBaseline(sum(c.workers...), c.workers, true)
