@@ -165,7 +165,7 @@ func TestStats_OldGenerationReachesNewMaster(t *testing.T) {
 }
 
 // TestStats_ReportFloodIsDropped: under the standard load, a worker
-// sends 20,000 MOLT_STATS= datagrams as fast as it can, every other one
+// sends 4,000 MOLT_STATS= datagrams as fast as it can, every other one
 // malformed, the rest a lie. The master takes at most one a second from
 // it (the rest counted as dropped, the malformed ones rejected), keeps
 // answering "ctl status" and serving; the lie counts for that worker's
@@ -175,7 +175,7 @@ func TestStats_ReportFloodIsDropped(t *testing.T) {
 	app := pyApp(t)
 	dir := test.ShortTempDir(t)
 	gate := filepath.Join(dir, "flood")
-	const n = 20000
+	const n = 4000
 	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--", "python3", app, "--stats-flood", fmt.Sprintf("%d:%s", n, gate)}})
 	addr := m.addr()
 	m.waitServing()

@@ -118,12 +118,27 @@ func dropNotifySocket(log hclog.Logger, s *notify.Socket) {
 // dropped (a few log lines per interval, whatever the rate), and never
 // queues ahead of the operator's signals. What passes waits for the loop
 // to apply it before the next datagram is read: one message per worker
-// at most in the loop's queue.
+// at most in the loop's queue. Every datagram read, whatever becomes of
+// it (dropped, rejected or applied), takes a token of the reader's own
+// budget (notifyReadRate): a flood of datagrams the reader drops waits in
+// the socket's queue and its senders' sendto, and costs the master a
+// bounded share of a core, not one.
 func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 	ack := make(chan struct{}, 1)
 	var lim stats.Limiter
 	var pace pacer
-	paced := false
+	reads := pacer{rate: notifyReadRate, burst: notifyReadRate}
+	paced, readPaced := false, false
+	wait := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-m.done:
+			return false
+		}
+	}
 	for {
 		msg, err := s.Read()
 		if err != nil {
@@ -131,6 +146,21 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 				log.Error("notify socket failed; this worker can no longer report", "event", "notify.read_failed", "worker_pid", worker, "error", err)
 			}
 			return
+		}
+		if d := reads.delay(time.Now()); d > 0 {
+			// Checking the sender, parsing and dropping cost as much
+			// as the sender's sendto: without a budget, one process
+			// sending datagrams that are all dropped (reports past one
+			// a second, malformed ones, from outside the worker's
+			// session) kept a core of the master's busy.
+			if !readPaced {
+				readPaced = true
+				log.Warn("datagrams arrive at a worker's notify socket faster than the master reads them; pacing the reads", "event", "notify.paced",
+					"worker_pid", worker, "rate", notifyReadRate, "what", "datagrams read")
+			}
+			if !wait(d) {
+				return
+			}
 		}
 		if ok, why := notify.SpeaksFor(notify.SessionOf, msg.Pid, worker); !ok {
 			m.rejected.Add(msg.Pid, why)
@@ -160,13 +190,9 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 			if !paced {
 				paced = true
 				log.Warn("a worker sends notify messages faster than the master applies them; pacing it", "event", "notify.paced",
-					"worker_pid", worker, "rate", notifyRate)
+					"worker_pid", worker, "rate", notifyRate, "what", "messages applied")
 			}
-			t := time.NewTimer(d)
-			select {
-			case <-t.C:
-			case <-m.done:
-				t.Stop()
+			if !wait(d) {
 				return
 			}
 		}
@@ -183,22 +209,36 @@ const (
 	notifyBurst = 100
 )
 
-// pacer is a worker reader's token bucket; the zero pacer is full.
+// notifyReadRate bounds the datagrams one worker's notify socket's reader
+// reads a second, whatever becomes of them (burst as many): ten times
+// what reaches the loop, so that what is applied is never held back by
+// it, and a flood of dropped datagrams costs a percent or so of a core.
+// The socket's queue is short (net.unix.max_dgram_qlen, 10 by default):
+// a message waits behind at most that many of a flood.
+const notifyReadRate = 10 * notifyRate
+
+// pacer is a worker reader's token bucket; the zero pacer is full and
+// refills at notifyRate (burst notifyBurst), unless rate and burst say.
 type pacer struct {
-	spent float64 // tokens spent: 0 is full
-	last  time.Time
+	spent       float64 // tokens spent: 0 is full
+	last        time.Time
+	rate, burst float64 // 0: notifyRate, notifyBurst
 }
 
-// delay takes a token for a message applied at now and returns how long
+// delay takes a token for a message taken at now and returns how long
 // the reader must wait before it reads the next one (0: at once).
 func (p *pacer) delay(now time.Time) time.Duration {
+	rate, burst := p.rate, p.burst
+	if rate <= 0 {
+		rate, burst = notifyRate, notifyBurst
+	}
 	if !p.last.IsZero() {
-		p.spent = max(0, p.spent-now.Sub(p.last).Seconds()*notifyRate)
+		p.spent = max(0, p.spent-now.Sub(p.last).Seconds()*rate)
 	}
 	p.last = now
 	p.spent++
-	if over := p.spent - notifyBurst; over > 0 {
-		return time.Duration(over / notifyRate * float64(time.Second))
+	if over := p.spent - burst; over > 0 {
+		return time.Duration(over / rate * float64(time.Second))
 	}
 	return 0
 }

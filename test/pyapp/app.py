@@ -143,6 +143,47 @@ def status_flood(seconds):
     threading.Thread(target=run, daemon=True).start()
 
 
+def dgram_flood(kind, seconds):
+    """Worker 0 only, in a thread: datagrams as fast as they go for
+    seconds, each one the master drops before its loop: kind "stats", a
+    valid MOLT_STATS= report past the one a second it takes; "junk", a
+    malformed report; "foreign", a valid report sent from a child in a
+    session of its own (not the worker's: rejected)."""
+    if os.environ.get("MOLT_WORKER") != "0":
+        return
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    msg = b"MOLT_STATS=1 x,y z" if kind == "junk" else ("MOLT_STATS=1 %s %s" % (
+        ",".join(["0"] * 7), ",".join(["0"] * len(buckets)))).encode()
+
+    parent = os.getpid()
+
+    def send():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.settimeout(1)
+        sent, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and (kind != "foreign" or os.getppid() == parent):
+            for _ in range(100):
+                try:
+                    s.sendto(msg, addr)
+                    sent += 1
+                except OSError:
+                    pass
+        s.close()
+        sys.stderr.write("pyapp: %s flood: %d sent\n" % (kind, sent))
+
+    if kind == "foreign":
+        if os.fork() == 0:
+            os.setsid()
+            try:
+                send()
+            finally:
+                os._exit(0)
+        return
+    threading.Thread(target=send, daemon=True).start()
+
+
 def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("pyapp: LISTEN_PID %r is not my pid %d" % (os.environ.get("LISTEN_PID"), os.getpid()))
@@ -163,6 +204,10 @@ def main():
     if "--status-flood" in sys.argv:
         secs, path = sys.argv[sys.argv.index("--status-flood") + 1].split(":", 1)
         status = (float(secs), path)
+    dflood = None  # --dgram-flood KIND:SECONDS:PATH: flood once PATH exists
+    if "--dgram-flood" in sys.argv:
+        kind, secs, path = sys.argv[sys.argv.index("--dgram-flood") + 1].split(":", 2)
+        dflood = (kind, float(secs), path)
     if "--blocking-accept" in sys.argv:
         ln.setblocking(True)
         blocking_loop(ln, names)
@@ -176,6 +221,9 @@ def main():
         if status and os.path.exists(status[1]):
             status_flood(status[0])
             status = None
+        if dflood and os.path.exists(dflood[2]):
+            dgram_flood(dflood[0], dflood[1])
+            dflood = None
         try:
             r, _, _ = select.select([ln], [], [], 0.2)
         except InterruptedError:

@@ -1,0 +1,92 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/molt-server/molt/test"
+)
+
+// Attacks on issue 15's figures, gates, health check and metrics, by an
+// untrusted worker (run as nobody), a local user or a bad release: each
+// test performs the attack and asserts it fails, the running generation
+// serving on.
+
+// TestAttack15_DroppedDatagramFloodIsPaced: under the standard load, a
+// worker run as nobody floods its notify socket for 8 s with datagrams
+// the master drops before its loop: valid MOLT_STATS= reports past the
+// one a second it takes ("stats"), or malformed ones ("junk"). Such
+// datagrams never reached the pacing (notify.paced), so the socket's
+// reader read them as fast as the worker sent them: a core of the
+// master's. Now they are paced like the messages the loop applies: over
+// 4 s of the flood the master uses less than a third of a core, answers
+// "ctl status" promptly and serves; no request fails.
+func TestAttack15_DroppedDatagramFloodIsPaced(t *testing.T) {
+	t.Parallel()
+	test.Require(t, "root", os.Geteuid() == 0, "the flooding worker runs as nobody (--user)")
+	const python = "/usr/bin/python3" // one nobody can execute
+	test.Require(t, "python3", fileExists(python), python+" is missing")
+	for _, kind := range []string{"stats", "junk", "foreign"} {
+		t.Run(kind, func(t *testing.T) {
+			floodCost(t, python, kind, 0.33)
+		})
+	}
+}
+
+// floodCost runs a master whose worker 0 floods its notify socket with
+// datagrams of kind (pyapp --dgram-flood) and fails the test if the
+// master uses more than maxShare of a core over 4 s of it.
+func floodCost(t *testing.T, python, kind string, maxShare float64) {
+	app := pyApp(t)
+	dir := test.ShortTempDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil { // the worker, as nobody, looks for the gate
+		t.Fatal(err)
+	}
+	gate := filepath.Join(dir, "flood")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
+		"--", python, app, "--dgram-flood", kind + ":8:" + gate}})
+	addr := m.addr()
+	m.waitServing()
+	l := startLoad(t, addr)
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The flood starts within the worker's 0.2 s select.
+	test.WaitFor(t, stepTimeout, "the flood under way", func() error {
+		st := statusOf(t, m.pidFile)
+		if tr, _ := st.traffic(1, "workers"); kind == "stats" && tr.ReportsDropped < 100 {
+			return fmt.Errorf("%d reports dropped", tr.ReportsDropped)
+		}
+		return nil
+	})
+	t0, ok0 := test.CPUTicks(m.Pid)
+	began := time.Now()
+	// Observation window: the flood goes on (8 s from its start); we only
+	// measure the master's CPU over it, while asking for its status.
+	for time.Since(began) < 4*time.Second {
+		s := time.Now()
+		statusOf(t, m.pidFile)
+		if d := time.Since(s); d > 2*time.Second {
+			t.Errorf("ctl status took %v during the flood", d)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t1, ok1 := test.CPUTicks(m.Pid)
+	took := time.Since(began)
+	if !ok0 || !ok1 {
+		t.Fatal("the master's CPU time unreadable")
+	}
+	share := float64(t1-t0) / 100 / took.Seconds()
+	t.Logf("%s flood: the master used %.0f%% of a core over %v", kind, 100*share, took.Round(time.Millisecond))
+	if share > maxShare {
+		t.Errorf("%s flood: the master used %.0f%% of a core, want under %.0f%%", kind, 100*share, 100*maxShare)
+	}
+	l.more(t, 64)
+	l.stop(t)
+	m.stop(func(ln test.Line) bool {
+		return test.Event("notify.rejected")(ln) || test.Event("notify.paced")(ln)
+	})
+}
