@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -89,4 +90,47 @@ func floodCost(t *testing.T, python, kind string, maxShare float64) {
 	m.stop(func(ln test.Line) bool {
 		return test.Event("notify.rejected")(ln) || test.Event("notify.paced")(ln)
 	})
+}
+
+// TestAttack15_OldWorkerCanRollBackAnUpgrade shows a limit
+// (docs/security.md, "Limits"): the workers of every generation run as
+// the same --user, and the kernel lets a process signal (or trace) any
+// process of its own user. One compromised worker of the old generation
+// (pyapp --kill-new) SIGKILLs each worker of the new one as it starts:
+// no gate, health check or figure is involved, and the upgrade of a fine
+// release rolls back. The bound: the rollback is clean, the old
+// generation keeps all its workers and serves on, and no request fails.
+func TestAttack15_OldWorkerCanRollBackAnUpgrade(t *testing.T) {
+	t.Parallel()
+	test.Require(t, "root", os.Geteuid() == 0, "the workers run as nobody (--user)")
+	const python = "/usr/bin/python3" // one nobody can execute
+	test.Require(t, "python3", fileExists(python), python+" is missing")
+	app := pyApp(t)
+	dir := test.ShortTempDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil { // the worker, as nobody, looks for the gate
+		t.Fatal(err)
+	}
+	gate := filepath.Join(dir, "kill")
+	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
+		"--ready-timeout", "10s", "--probation", "2s", "--", python, app, "--kill-new", gate}})
+	m.waitServing()
+	workers := m.waitWorkers(2)
+	l := startLoad(t, m.addr())
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.Signal(syscall.SIGUSR2)
+	rb := test.WaitLog(t, m.log, 60*time.Second, 1, "the rollback", test.Event("upgrade.rolled_back"))
+	t.Logf("rolled back: cause %s: %s", rb[0].Str("cause"), rb[0].Str("reason"))
+	if got := m.current(); got != m.Pid {
+		t.Errorf("molt.pid names %d after the rollback, want the old master %d", got, m.Pid)
+	}
+	if now := m.waitWorkers(2); fmt.Sprint(now) != fmt.Sprint(workers) {
+		t.Errorf("the old generation's workers changed from %v to %v", workers, now)
+	}
+	checkNewGenerationGone(t, m.log)
+	l.more(t, 64)
+	l.stop(t)
+	m.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
+		test.Event("worker.exited_unexpectedly"))
 }

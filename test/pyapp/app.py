@@ -184,6 +184,44 @@ def dgram_flood(kind, seconds):
     threading.Thread(target=send, daemon=True).start()
 
 
+def kill_new(path):
+    """In a thread, once path exists: SIGKILL, every 50 ms, each process
+    of this user outside this worker's session whose master is not this
+    worker's and whose command line names path (the next generation's
+    workers of this test, nothing else on the machine). Armed only in a
+    worker started before path existed: an old worker."""
+    if os.path.exists(path):
+        return
+    me, master, mark = os.getsid(0), os.environ.get("MOLT_MASTER_PID", ""), path.encode()
+
+    def run():
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        killed = set()
+        while True:
+            for d in os.listdir("/proc"):
+                if not d.isdigit():
+                    continue
+                pid = int(d)
+                try:
+                    with open("/proc/%d/cmdline" % pid, "rb") as f:
+                        if mark not in f.read():
+                            continue
+                    with open("/proc/%d/stat" % pid) as f:
+                        ppid = f.read().rsplit(")", 1)[1].split()[1]
+                    if os.stat("/proc/%d" % pid).st_uid != os.getuid() or os.getsid(pid) == me or ppid == master:
+                        continue
+                    os.kill(pid, signal.SIGKILL)
+                    if pid not in killed:
+                        killed.add(pid)
+                        sys.stderr.write("pyapp: killed next-generation worker %d\n" % pid)
+                except (OSError, IndexError):
+                    pass
+            time.sleep(0.05)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("pyapp: LISTEN_PID %r is not my pid %d" % (os.environ.get("LISTEN_PID"), os.getpid()))
@@ -204,6 +242,8 @@ def main():
     if "--status-flood" in sys.argv:
         secs, path = sys.argv[sys.argv.index("--status-flood") + 1].split(":", 1)
         status = (float(secs), path)
+    if "--kill-new" in sys.argv:
+        kill_new(sys.argv[sys.argv.index("--kill-new") + 1])
     dflood = None  # --dgram-flood KIND:SECONDS:PATH: flood once PATH exists
     if "--dgram-flood" in sys.argv:
         kind, secs, path = sys.argv[sys.argv.index("--dgram-flood") + 1].split(":", 2)
