@@ -63,3 +63,28 @@ func TestPacer_BoundsAFloodNotAWorker(t *testing.T) {
 		t.Errorf("after two quiet seconds a message waits %v", d)
 	}
 }
+
+// TestPacer_ReadBudget: a reader's budget of datagrams read (any rate and
+// burst given) lets its burst pass at once and then no more than its
+// rate a second, dropped datagrams included.
+func TestPacer_ReadBudget(t *testing.T) {
+	p := pacer{rate: notifyReadRate, burst: notifyReadRate}
+	now := time.Unix(1000, 0)
+	for i := range notifyReadRate {
+		if d := p.delay(now); d != 0 {
+			t.Fatalf("datagram %d of the burst waits %v", i, d)
+		}
+	}
+	var waited time.Duration
+	for range 5000 {
+		d := p.delay(now)
+		if d <= 0 {
+			t.Fatal("a flood past the burst went unpaced")
+		}
+		waited += d
+		now = now.Add(d)
+	}
+	if got := 5000 / waited.Seconds(); got > notifyReadRate*1.01 || got < notifyReadRate*0.99 {
+		t.Errorf("the flood was read at %.0f a second, want %d", got, notifyReadRate)
+	}
+}
