@@ -205,3 +205,32 @@ func TestRun_SplitsEachUpgradeByGeneration(t *testing.T) {
 		t.Errorf("report lacks the split:\n%s", out.String())
 	}
 }
+
+// TestPrint_EscapesWhatTheServerChose: the generation and worker headers
+// are the server's (a compromised worker's) text; a format character that
+// reorders the line (U+202E) or a C1 control sequence introducer (U+009B,
+// or the raw byte 0x9b), which Go's HTTP parser lets through, reaches the
+// operator's terminal escaped.
+func TestPrint_EscapesWhatTheServerChose(t *testing.T) {
+	evil := []string{"1\u202e0", "2\u009b31m", "3\x9b2J"}
+	rep := &Report{ByWorker: map[string]int{}, ConnsByWorker: map[string]int{}}
+	u := Upgrade{N: 1, NewServingMs: -1, OldGoneMs: -1, ByGeneration: map[string]Split{}}
+	for _, e := range evil {
+		rep.ByWorker[e] = 1
+		u.ByGeneration[e] = Split{Answers: 1}
+	}
+	rep.Upgrades = []Upgrade{u}
+	rep.Timeline = []Span{{FromS: 0, ToS: 1, Served: evil}}
+	var out strings.Builder
+	rep.Print(&out)
+	for _, bad := range []string{"\u202e", "\u009b", "\x9b"} {
+		if strings.Contains(out.String(), bad) {
+			t.Errorf("the report shows %q raw:\n%q", bad, out.String())
+		}
+	}
+	for _, want := range []string{`1\u202e0`, `2\u009b31m`, `3\x9b2J`} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("the report lacks %s:\n%s", want, out.String())
+		}
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/molt-server/molt/master"
 )
 
 // Report is what a drill saw. Times are in milliseconds (…Ms) or seconds
@@ -284,7 +286,10 @@ func timeline(samples []sample) []Span {
 	return spans
 }
 
-// Print writes the report for a human.
+// Print writes the report for a human. The generations and workers are
+// what the answers' headers said: the server chose them, so they are
+// shown as master.Printable makes them (a header may carry U+202E or a
+// C1 control: Go's HTTP parser refuses only C0 controls and DEL).
 func (r *Report) Print(w io.Writer) {
 	fmt.Fprintf(w, "molt drill: %s for %.1fs, %d clients per mode (%s)", r.Target, r.ElapsedS, r.Clients, strings.Join(r.Modes, ", "))
 	if r.Rate > 0 {
@@ -338,7 +343,7 @@ func (r *Report) Print(w io.Writer) {
 			line += fmt.Sprintf("; old generation's last answer after %.0fms", u.OldGoneMs)
 		}
 		if u.Error != "" {
-			line += "; trigger failed: " + u.Error
+			line += "; trigger failed: " + master.Printable(u.Error)
 		}
 		fmt.Fprintln(w, line)
 		if len(u.ByGeneration) > 0 {
@@ -350,7 +355,7 @@ func (r *Report) Print(w io.Writer) {
 			var parts []string
 			for _, g := range gens {
 				sp := u.ByGeneration[g]
-				parts = append(parts, fmt.Sprintf("%s %d answers, %d 5xx (%.1f%%)", g, sp.Answers, sp.Errors, 100*float64(sp.Errors)/float64(max(sp.Answers, 1))))
+				parts = append(parts, fmt.Sprintf("%s %d answers, %d 5xx (%.1f%%)", master.Printable(g), sp.Answers, sp.Errors, 100*float64(sp.Errors)/float64(max(sp.Answers, 1))))
 			}
 			fmt.Fprintf(w, "  by generation: %s\n", strings.Join(parts, "; "))
 		}
@@ -363,14 +368,14 @@ func (r *Report) Print(w io.Writer) {
 		sort.Strings(ws)
 		var parts []string
 		for _, w := range ws {
-			parts = append(parts, fmt.Sprintf("%s %d (%d conns)", w, r.ByWorker[w], r.ConnsByWorker[w]))
+			parts = append(parts, fmt.Sprintf("%s %d (%d conns)", master.Printable(w), r.ByWorker[w], r.ConnsByWorker[w]))
 		}
 		fmt.Fprintf(w, "workers    %s\n", strings.Join(parts, ", "))
 	}
 	if len(r.Timeline) > 0 {
 		var parts []string
 		for _, s := range r.Timeline {
-			parts = append(parts, fmt.Sprintf("%.0f-%.0fs %s", s.FromS, s.ToS, strings.Join(s.Served, "+")))
+			parts = append(parts, fmt.Sprintf("%.0f-%.0fs %s", s.FromS, s.ToS, master.Printable(strings.Join(s.Served, "+"))))
 		}
 		fmt.Fprintf(w, "generations %s\n", strings.Join(parts, " | "))
 	}
