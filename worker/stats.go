@@ -37,11 +37,12 @@ const (
 	Class3xx      // 3xx
 	Class4xx      // 4xx
 	Class5xx      // 5xx
-	ClassPanicked // the handler panicked (http.ErrAbortHandler included)
+	ClassPanicked // the handler panicked (http.ErrAbortHandler included), its client still there
 	// ClassCut: the request's connection or stream closed before the
 	// handler returned (the client went away, an HTTP/2 reset, or the
 	// drain timeout closed it): the answer may not have reached the
-	// client, whatever status it had.
+	// client, whatever status it had, and whether the handler returned
+	// or panicked.
 	ClassCut
 	// ClassOther: a hijacked connection (WebSocket, raw stream) or a
 	// status outside 200-599 (101 Switching Protocols, 6xx-9xx).
@@ -273,10 +274,16 @@ func countRequests(h http.Handler) http.Handler {
 		defer func() {
 			class := rec.class()
 			switch {
+			case r.Context().Err() != nil:
+				// The client went away (or the drain cut it) before the
+				// handler returned, however it ended: a handler that
+				// aborts because it can no longer write
+				// (http.ErrAbortHandler, as httputil.ReverseProxy does)
+				// is no server error, or any client could raise a
+				// worker's error share by hanging up mid-answer.
+				class = ClassCut
 			case !returned:
 				class = ClassPanicked
-			case r.Context().Err() != nil:
-				class = ClassCut
 			}
 			traffic.record(class, time.Since(start))
 		}()

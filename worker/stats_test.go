@@ -239,3 +239,52 @@ func FuzzParseStats(f *testing.F) {
 		}
 	})
 }
+
+// TestStats_AbortAfterTheClientLeftIsCut: a handler that aborts with
+// http.ErrAbortHandler because its client went away (what
+// httputil.ReverseProxy does when it can no longer write the answer) is
+// counted as cut, not as a server error: otherwise any client, by
+// hanging up mid-answer on the connections it holds, would raise the
+// error share of the workers it reached, and so the gates' baseline or a
+// release's figures. An abort while the client is still there stays a
+// server error (panicked).
+func TestStats_AbortAfterTheClientLeftIsCut(t *testing.T) {
+	started := make(chan struct{})
+	h := countRequests(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/abort" {
+			panic(http.ErrAbortHandler) // the client is still there
+		}
+		w.Write([]byte("partial"))
+		w.(http.Flusher).Flush()
+		close(started)
+		select {
+		case <-r.Context().Done():
+		case <-time.After(5 * time.Second):
+		}
+		panic(http.ErrAbortHandler)
+	}))
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	before := TrafficStats()
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stream", nil)
+	go func() { <-started; cancel() }()
+	if resp, err := tr.RoundTrip(req); err == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	req, _ = http.NewRequest("GET", srv.URL+"/abort", nil)
+	if resp, err := tr.RoundTrip(req); err == nil {
+		resp.Body.Close()
+	}
+	srv.Close()
+	after := TrafficStats()
+	if got := after.Classes[ClassCut] - before.Classes[ClassCut]; got != 1 {
+		t.Errorf("cut: %d, want 1 (classes %v -> %v)", got, before.Classes, after.Classes)
+	}
+	if got := after.Classes[ClassPanicked] - before.Classes[ClassPanicked]; got != 1 {
+		t.Errorf("panicked: %d, want 1, the abort with the client there (classes %v -> %v)", got, before.Classes, after.Classes)
+	}
+}
