@@ -540,7 +540,10 @@ func (n *NewSide) judge(env Env, waive bool) {
 		n.gateFailed(env, why)
 	case GateWait:
 	case GateNoTraffic:
-		n.log.Warn("the gates had no request to judge; going ahead", "event", "upgrade.gates_inconclusive", "reason", why, "waited", MaxGateWait.String())
+		// old_requests tells an idle service from a release that accepts
+		// nothing while the old generation serves on.
+		n.log.Warn("the gates had no request to judge; going ahead", "event", "upgrade.gates_inconclusive", "reason", why, "waited", MaxGateWait.String(),
+			"old_requests", n.traffic.Old.Requests)
 		n.commit(env, "no traffic to judge within the gates' wait")
 	default:
 		n.gatesPassed(env, why)
