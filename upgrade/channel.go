@@ -119,9 +119,10 @@ type Source struct {
 	Figures []uint64 `json:"figures"`
 }
 
-// MaxSources bounds the length of Msg.Sources: 32 vectors of 25 counts of
-// up to 15 digits fit in a packet.
-const MaxSources = 32
+// MaxSources bounds the length of Msg.Sources: 16 vectors of 25 counts of
+// up to 20 digits (a count is a uint64: a slot's sum of what its workers
+// said saturates at 2^64-1) fit in a packet.
+const MaxSources = 16
 
 // ErrMessage is wrapped by every error DecodeMsg returns.
 var ErrMessage = errors.New("upgrade: malformed channel message")

@@ -3,6 +3,7 @@ package upgrade
 import (
 	"errors"
 	"io"
+	"math"
 	"os"
 	"strings"
 	"testing"
@@ -158,7 +159,7 @@ func TestDecodeMsg_Figures(t *testing.T) {
 func TestChannel_WorkerFiguresAreBounded(t *testing.T) {
 	full := make([]uint64, 25)
 	for i := range full {
-		full[i] = 999_999_999_999_999
+		full[i] = math.MaxUint64
 	}
 	var srcs []Source
 	for i := range MaxSources {

@@ -148,6 +148,11 @@ type Series struct {
 	// still one slot, not one more worker.
 	slotOf map[int]int
 	slots  map[int]Figures
+	// slotAt is, for each slot, the first Tick after its last report;
+	// fresh the slots reported since the last Tick, lastTick its time.
+	slotAt   map[int]time.Time
+	fresh    map[int]bool
+	lastTick time.Time
 	ring   []snapshot // oldest first once full, from head
 	head   int
 	keep   int
@@ -164,7 +169,7 @@ func NewSeries(gen, keep int) *Series {
 	if keep < 2 {
 		keep = DefaultKeep
 	}
-	return &Series{gen: gen, workers: map[int]Figures{}, gone: map[int]time.Time{}, slotOf: map[int]int{}, slots: map[int]Figures{}, keep: keep}
+	return &Series{gen: gen, workers: map[int]Figures{}, gone: map[int]time.Time{}, slotOf: map[int]int{}, slots: map[int]Figures{}, slotAt: map[int]time.Time{}, fresh: map[int]bool{}, keep: keep}
 }
 
 // Gen is the series' generation.
@@ -189,7 +194,7 @@ func (s *Series) Report(pid int, f Figures) error {
 	if n, ok := s.slotOf[pid]; ok {
 		sf := s.slots[n]
 		sf.Add(d)
-		s.slots[n] = sf
+		s.slots[n], s.fresh[n] = sf, true
 	}
 	return nil
 }
@@ -232,6 +237,11 @@ func (s *Series) Total() Figures { return s.total }
 // Tick records a snapshot of the total at now; the oldest is dropped
 // beyond keep. Call it once a second.
 func (s *Series) Tick(now time.Time) {
+	s.lastTick = now
+	for n := range s.fresh {
+		s.slotAt[n] = now
+		delete(s.fresh, n)
+	}
 	for pid, at := range s.gone {
 		if now.Sub(at) >= GoneGrace {
 			delete(s.workers, pid)
@@ -314,10 +324,15 @@ func (l *Limiter) Allow(now time.Time) bool {
 }
 
 // Slots calls fn with each slot's figures (cumulative: every worker the
-// slot had), in no particular order.
+// slot had), in no particular order, leaving out a slot with no report
+// in the GoneGrace before the last Tick (one removed by TTOU, or whose
+// worker is not running) and one reported only since: the sum stays,
+// for when it reports again.
 func (s *Series) Slots(fn func(n int, f Figures)) {
 	for n, f := range s.slots {
-		fn(n, f)
+		if at, ok := s.slotAt[n]; ok && s.lastTick.Sub(at) <= GoneGrace {
+			fn(n, f)
+		}
 	}
 }
 

@@ -234,4 +234,15 @@ func TestSeries_SlotsCountEveryWorkerOfTheSlot(t *testing.T) {
 	if tot := s.Total(); tot.Requests() != 20 {
 		t.Errorf("total %d requests, want 20", tot.Requests())
 	}
+	// Slot 0 reports no more (removed): it is left out once GoneGrace
+	// passed without a report; slot 1 goes on.
+	for i := int64(1); i <= int64(GoneGrace/time.Second)+1; i++ {
+		s.Tick(time.Unix(1000+int64(GoneGrace/time.Second)+i, 0))
+		_ = s.Report(100, fig(worker.Class2xx, 1, uint64(3+i)))
+	}
+	got = map[int]Figures{}
+	s.Slots(func(n int, f Figures) { got[n] = f })
+	if _, ok := got[0]; ok || len(got) != 1 {
+		t.Errorf("slots %+v, want slot 1 only", got)
+	}
 }
