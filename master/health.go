@@ -195,7 +195,9 @@ func getHealth(conn net.Conn, path string, timeout time.Duration) error {
 // check probes an untrusted worker and needs no more than it has), in
 // the workers' directory and environment plus MOLT_WORKER_PID,
 // MOLT_WORKER and MOLT_MASTER_PID, in a session of its own, bounded by
-// timeout (then its whole group is killed). Exit 0 passes.
+// timeout (then its whole group is killed). Exit 0 passes. Whatever the
+// command left running in its group is killed once it exits: a check
+// leaves nothing behind.
 func runHealthCmd(cmd string, timeout time.Duration, pid, slot int, cred *syscall.Credential, dir string, env []string, newPrivs bool) error {
 	// Pdeathsig and no_new_privs are the forking thread's: this one, kept
 	// to itself and ended with the goroutine (no Unlock).
@@ -219,7 +221,21 @@ func runHealthCmd(cmd string, timeout time.Duration, pid, slot int, cred *syscal
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: cred, Pdeathsig: syscall.SIGKILL}
 	c.Cancel = func() error { return syscall.Kill(-c.Process.Pid, syscall.SIGKILL) }
 	c.WaitDelay = time.Second
-	err := c.Run()
+	if err := c.Start(); err != nil {
+		return err
+	}
+	// Wait for the shell's exit without reaping it: while it is a
+	// zombie its pid, the group's id, is no one else's, so the kill
+	// reaches only what the command left in its group (which would
+	// also hold its output open until WaitDelay).
+	for {
+		var info unix.Siginfo
+		if err := unix.Waitid(unix.P_PID, c.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil); err != unix.EINTR {
+			break
+		}
+	}
+	_ = syscall.Kill(-c.Process.Pid, syscall.SIGKILL)
+	err := c.Wait()
 	if err == nil {
 		return nil
 	}

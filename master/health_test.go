@@ -2,8 +2,13 @@ package master
 
 import (
 	"bufio"
+	"bytes"
+	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -170,8 +175,20 @@ func TestRunHealthCmd(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "exit status 3: sick") || strings.Contains(err.Error(), "\033") {
 		t.Errorf("a failing command: %v", err)
 	}
-	// A command that outlives its timeout is killed with its children.
+	// A command that exits 0 but leaves a child behind passes at once,
+	// and the child is killed.
+	pidFile := filepath.Join(t.TempDir(), "child")
 	start := time.Now()
+	if err := runCmd("sleep 30 & echo $! > "+pidFile+"; exit 0", 5*time.Second); err != nil || time.Since(start) > 900*time.Millisecond {
+		t.Errorf("a command leaving a child: %v after %v", err, time.Since(start))
+	}
+	if b, err := os.ReadFile(pidFile); err != nil {
+		t.Error(err)
+	} else if child, _ := strconv.Atoi(strings.TrimSpace(string(b))); child <= 0 || alive(child) {
+		t.Errorf("its child %q is still running", b)
+	}
+	// A command that outlives its timeout is killed with its children.
+	start = time.Now()
 	err = runCmd("sleep 30 & sleep 30", 200*time.Millisecond)
 	if err == nil || !strings.Contains(err.Error(), "no result within") || time.Since(start) > 5*time.Second {
 		t.Errorf("a hanging command: %v after %v", err, time.Since(start))
@@ -208,4 +225,20 @@ func TestLoop_ReloadFailsOnAFailedHealthCheck(t *testing.T) {
 			t.Errorf("an old worker was signalled: %v", f.signals)
 		}
 	}
+}
+
+// alive reports whether pid runs (neither gone nor a zombie), within a
+// second.
+func alive(pid int) bool {
+	for range 100 {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		if f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:])); len(f) > 0 && f[0] == "Z" {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }

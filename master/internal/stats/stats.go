@@ -153,9 +153,9 @@ type Series struct {
 	slotAt   map[int]time.Time
 	fresh    map[int]bool
 	lastTick time.Time
-	ring   []snapshot // oldest first once full, from head
-	head   int
-	keep   int
+	ring     []snapshot // oldest first once full, from head
+	head     int
+	keep     int
 }
 
 type snapshot struct {
