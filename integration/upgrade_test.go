@@ -263,7 +263,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 				l := startLoad(t, addr)
 				// Under the keeper, the old master's READY made it the
 				// primary again: the keeper's USR2 goes to it.
-				held, nw := u.commitHolding(addr, map[bool]int{false: old, true: u.Pid}[keeper], 8*time.Second)
+				held, nw := u.commitHolding(addr, map[bool]int{false: old, true: u.Pid}[keeper], 4*time.Second)
 				killed := time.Now()
 				if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 					t.Fatal(err)
