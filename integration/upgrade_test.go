@@ -66,7 +66,7 @@ func (m *master) commitHolding(addr string, pid int, hold time.Duration) (*keepA
 // the masters' fd and goroutine counts stay flat.
 func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 	t.Parallel()
-	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "500ms"}})
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
