@@ -3,10 +3,12 @@
 package integration
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 
 	"github.com/molt-server/molt/test"
@@ -64,19 +66,27 @@ func TestMain(m *testing.M) {
 	bins.embedapp = filepath.Join(dir, "embedapp")
 	bins.molt2 = filepath.Join(dir, "next", "molt")
 	bins.moltFault = filepath.Join(dir, "fault", "molt")
-	err = test.Build(dir, version, map[string]string{
-		"molt":     "./cmd/molt",
-		"fakeapp":  "./test/fakeapp",
-		"embedapp": "./test/embedapp",
+	// The three builds run concurrently: each is mostly a link, which
+	// go build does on one core.
+	var build [3]error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		build[0] = test.Build(dir, version, map[string]string{
+			"molt":     "./cmd/molt",
+			"fakeapp":  "./test/fakeapp",
+			"embedapp": "./test/embedapp",
+		})
 	})
-	if err == nil {
-		err = test.Build(filepath.Join(dir, "next"), nextVersion(), map[string]string{"molt": "./cmd/molt"})
-	}
-	if err == nil {
+	wg.Go(func() {
+		build[1] = test.Build(filepath.Join(dir, "next"), nextVersion(), map[string]string{"molt": "./cmd/molt"})
+	})
+	wg.Go(func() {
 		// molt2 with the faults a test injects (MOLT_FAULT), which the
 		// release binary never contains.
-		err = test.BuildTags(filepath.Join(dir, "fault"), faultVersion(), "moltfault", map[string]string{"molt": "./cmd/molt"})
-	}
+		build[2] = test.BuildTags(filepath.Join(dir, "fault"), faultVersion(), "moltfault", map[string]string{"molt": "./cmd/molt"})
+	})
+	wg.Wait()
+	err = errors.Join(build[:]...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "integration: build:", err)
 		os.RemoveAll(dir)

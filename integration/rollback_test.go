@@ -91,7 +91,7 @@ func TestRollback_EveryFailureBeforeCommit(t *testing.T) {
 			breakIt: func(t *testing.T, u *master, dir string) {
 				repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "hang.sh"))
 			}},
-		{name: "worker exits during probation", app: true, reason: "exited before the commit", flags: []string{"--probation", "5s"},
+		{name: "worker exits during probation", app: true, reason: "exited before the commit", flags: []string{"--probation", "3s"},
 			breakIt: func(t *testing.T, u *master, dir string) {
 				repoint(t, filepath.Join(dir, "app"), filepath.Join(dir, "dies.sh"))
 			}},

@@ -152,7 +152,10 @@ func TestSupervision_MasterKilledLeavesNoWorker(t *testing.T) {
 	}
 	for name, app := range cases {
 		t.Run(strings.ReplaceAll(name, " ", "_"), func(t *testing.T) {
-			m := start(t, runOpts{Args: append([]string{"--listen", "127.0.0.1:0", "--workers", "2", "--drain-timeout", "3s"}, app...)})
+			// A port below the ephemeral range: once the master and its
+			// workers are gone, no client's connection can take it
+			// before the new master binds it again (test.FreeAddr).
+			m := start(t, runOpts{Args: append([]string{"--listen", freeAddr(t), "--workers", "2", "--drain-timeout", "3s"}, app...)})
 			addr := m.addr()
 			m.waitServing()
 			workers := m.waitWorkers(2)

@@ -66,7 +66,7 @@ func (m *master) commitHolding(addr string, pid int, hold time.Duration) (*keepA
 // the masters' fd and goroutine counts stay flat.
 func TestUpgrade_RepeatedUpgradesUnderLoad(t *testing.T) {
 	t.Parallel()
-	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "500ms"}})
+	u := start(t, runOpts{Deploy: byRename, Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--probation", "300ms"}})
 	addr := u.addr()
 	u.waitServing()
 	l := startLoad(t, addr)
@@ -263,7 +263,7 @@ func TestUpgrade_NewMasterDiesAfterCommit(t *testing.T) {
 				l := startLoad(t, addr)
 				// Under the keeper, the old master's READY made it the
 				// primary again: the keeper's USR2 goes to it.
-				held, nw := u.commitHolding(addr, map[bool]int{false: old, true: u.Pid}[keeper], 8*time.Second)
+				held, nw := u.commitHolding(addr, map[bool]int{false: old, true: u.Pid}[keeper], 4*time.Second)
 				killed := time.Now()
 				if err := syscall.Kill(nw, syscall.SIGKILL); err != nil {
 					t.Fatal(err)

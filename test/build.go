@@ -1,11 +1,13 @@
 package test
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"sync"
 )
 
 // Build builds each package (value) into dir/name (key), with -race when
@@ -17,7 +19,10 @@ func Build(dir, version string, pkgs map[string]string) error {
 }
 
 // BuildTags is Build with the build tags tags (comma-separated; "" for
-// none), e.g. "moltfault" for the faults a test injects into molt.
+// none), e.g. "moltfault" for the faults a test injects into molt. The
+// packages are built concurrently (each is one go build; the build cache
+// is shared and safe for concurrent use); Build and BuildTags may run
+// concurrently too.
 func BuildTags(dir, version, tags string, pkgs map[string]string) error {
 	root, err := moduleRoot()
 	if err != nil {
@@ -31,7 +36,9 @@ func BuildTags(dir, version, tags string, pkgs map[string]string) error {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	for _, name := range names {
+	errs := make([]error, len(names))
+	var wg sync.WaitGroup
+	for i, name := range names {
 		args := []string{"build", "-o", filepath.Join(dir, name), "-ldflags", "-X main.buildVersion=" + version}
 		if RaceEnabled {
 			args = append(args, "-race")
@@ -40,13 +47,16 @@ func BuildTags(dir, version, tags string, pkgs map[string]string) error {
 			args = append(args, "-tags", tags)
 		}
 		args = append(args, pkgs[name])
-		cmd := exec.Command("go", args...)
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("go %v: %w\n%s", args, err, out)
-		}
+		wg.Go(func() {
+			cmd := exec.Command("go", args...)
+			cmd.Dir = root
+			if out, err := cmd.CombinedOutput(); err != nil {
+				errs[i] = fmt.Errorf("go %v: %w\n%s", args, err, out)
+			}
+		})
 	}
-	return nil
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // moduleRoot walks up from the working directory to the go.mod.

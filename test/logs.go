@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -49,24 +50,84 @@ func Logs(path string) []Line {
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
-		raw := sc.Text()
-		if !strings.HasPrefix(raw, "{") {
-			continue
+		if l, ok := parseLine(sc.Text()); ok {
+			out = append(out, l)
 		}
-		var m map[string]any
-		if json.Unmarshal([]byte(raw), &m) != nil {
-			continue
-		}
-		l := Line{Fields: m, Raw: raw}
-		l.Level, _ = m["@level"].(string)
-		l.Message, _ = m["@message"].(string)
-		l.Module, _ = m["@module"].(string)
-		if ts, ok := m["@timestamp"].(string); ok {
-			l.Time, _ = time.Parse(time.RFC3339Nano, ts)
-		}
-		out = append(out, l)
 	}
 	return out
+}
+
+// parseLine parses one JSON log line; ok is false for any other line.
+func parseLine(raw string) (l Line, ok bool) {
+	if !strings.HasPrefix(raw, "{") {
+		return l, false
+	}
+	var m map[string]any
+	if json.Unmarshal([]byte(raw), &m) != nil {
+		return l, false
+	}
+	l = Line{Fields: m, Raw: raw}
+	l.Level, _ = m["@level"].(string)
+	l.Message, _ = m["@message"].(string)
+	l.Module, _ = m["@module"].(string)
+	if ts, ok := m["@timestamp"].(string); ok {
+		l.Time, _ = time.Parse(time.RFC3339Nano, ts)
+	}
+	return l, true
+}
+
+// logTail reads a log file's JSON lines as they are appended: each next
+// reads and parses only what was written since the last one. If the file
+// at path was replaced (a rotation), truncated or removed, next starts
+// over from its beginning and says so.
+type logTail struct {
+	path string
+	ino  uint64
+	off  int64
+	part []byte // a last line not finished yet
+}
+
+// next returns the lines completed since the last call; reset is true if
+// the lines returned before are no longer the file's.
+func (r *logTail) next() (lines []Line, reset bool) {
+	f, err := os.Open(r.path)
+	if err != nil {
+		reset = r.ino != 0
+		*r = logTail{path: r.path}
+		return nil, reset
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, false
+	}
+	var ino uint64
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		ino = st.Ino
+	}
+	if ino != r.ino || fi.Size() < r.off {
+		reset = r.ino != 0
+		*r = logTail{path: r.path, ino: ino}
+	}
+	if fi.Size() == r.off {
+		return nil, reset
+	}
+	b := make([]byte, fi.Size()-r.off)
+	n, _ := f.ReadAt(b, r.off)
+	r.off += int64(n)
+	data := append(r.part, b[:n]...)
+	i := bytes.LastIndexByte(data, '\n')
+	if i < 0 {
+		r.part = data
+		return nil, reset
+	}
+	r.part = append([]byte(nil), data[i+1:]...)
+	for raw := range strings.SplitSeq(string(data[:i]), "\n") {
+		if l, ok := parseLine(raw); ok {
+			lines = append(lines, l)
+		}
+	}
+	return lines, reset
 }
 
 // Msg matches lines with message msg and, for each key/value pair in kv,
@@ -121,8 +182,20 @@ func Find(path string, match func(Line) bool) []Line {
 func WaitLog(t testing.TB, path string, timeout time.Duration, n int, what string, match func(Line) bool) []Line {
 	t.Helper()
 	var got []Line
-	WaitFor(t, timeout, what, func() error {
-		got = Find(path, match)
+	tail := logTail{path: path}
+	// A log is read incrementally (logTail), so it is looked at more often
+	// than WaitFor's 250 ms at most: every such wait would otherwise
+	// overshoot its event by 125 ms on average.
+	waitFor(t, timeout, logPollMax, what, func() error {
+		lines, reset := tail.next()
+		if reset {
+			got = nil
+		}
+		for _, l := range lines {
+			if match(l) {
+				got = append(got, l)
+			}
+		}
 		if len(got) < n {
 			return fmt.Errorf("%d of %d such lines in %s", len(got), n, path)
 		}
@@ -130,6 +203,9 @@ func WaitLog(t testing.TB, path string, timeout time.Duration, n int, what strin
 	})
 	return got
 }
+
+// logPollMax is the longest pause between two looks of WaitLog.
+const logPollMax = 25 * time.Millisecond
 
 // CheckLogs fails the test if the log at path shows a panic, a data race
 // or a Go fatal error, or an error-level line that no allow matches.

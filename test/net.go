@@ -1,9 +1,12 @@
 package test
 
 import (
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -54,8 +57,36 @@ func ShortTempDir(t testing.TB) string {
 
 // FreeAddr returns a 127.0.0.1:port address that was free a moment ago,
 // for a program that needs a port number up front (it cannot take port 0
-// and report back), such as systemd-socket-activate.
+// and report back), such as systemd-socket-activate, or for a test that
+// binds an address again after its holder died.
+//
+// The port is below the kernel's ephemeral range (ip_local_port_range),
+// which the kernel hands out for connect(2) and for listening on port 0:
+// with the connection churn of parallel tests' loads, a port from that
+// range can be taken by some client's connection between its release and
+// its next bind (EADDRINUSE). Below the range, only another FreeAddr can
+// pick it, at random among thousands.
 func FreeAddr() (string, error) {
+	const lowest = 10000
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				low = n
+			}
+		}
+	}
+	for range 100 {
+		if low-lowest < 1000 {
+			break // no room below the range: the kernel's choice
+		}
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(lowest+rand.IntN(low-lowest))))
+		if err != nil {
+			continue // in use
+		}
+		defer l.Close()
+		return l.Addr().String(), nil
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", err

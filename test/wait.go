@@ -32,21 +32,35 @@ func capTimeout(t testing.TB, d time.Duration) time.Duration {
 }
 
 // WaitFor polls f until it returns nil, backing off from 10ms to 250ms
-// between calls, and fails the test with the last error once timeout
+// (pollMax) between calls, and fails the test with the last error once timeout
 // (scaled, and capped below the test's deadline) has passed. what names
 // the awaited event in the failure message.
 func WaitFor(t testing.TB, timeout time.Duration, what string, f func() error) {
 	t.Helper()
-	if err := Poll(capTimeout(t, timeout), f); err != nil {
+	waitFor(t, timeout, pollMax, what, f)
+}
+
+// waitFor is WaitFor with maxDelay the longest pause between two calls.
+func waitFor(t testing.TB, timeout, maxDelay time.Duration, what string, f func() error) {
+	t.Helper()
+	if err := poll(capTimeout(t, timeout), maxDelay, f); err != nil {
 		t.Fatalf("waiting for %s: %v (timeout %v)", what, err, Timeout(timeout))
 	}
 }
 
+// pollMax is the longest pause between two calls of WaitFor's f: some
+// are costly (a molt ctl run).
+const pollMax = 250 * time.Millisecond
+
 // Poll is WaitFor without a test: it returns f's last error at the
 // timeout (not scaled), or nil.
 func Poll(timeout time.Duration, f func() error) error {
+	return poll(timeout, pollMax, f)
+}
+
+func poll(timeout, maxDelay time.Duration, f func() error) error {
 	deadline := time.Now().Add(timeout)
-	delay := 10 * time.Millisecond
+	delay := min(10*time.Millisecond, maxDelay)
 	for {
 		err := f()
 		if err == nil {
@@ -56,6 +70,6 @@ func Poll(timeout time.Duration, f func() error) error {
 			return err
 		}
 		time.Sleep(delay)
-		delay = min(delay*2, 250*time.Millisecond)
+		delay = min(delay*2, maxDelay)
 	}
 }
