@@ -45,10 +45,14 @@ type Server struct {
 	snap atomic.Pointer[Snapshot]
 	file *os.File // the listening socket; kept while serving stops (it passes to the next master)
 
-	mu  sync.Mutex   // guards srv and stopped (Start, Stop, Close: the loop)
-	srv *http.Server // nil while not serving
+	mu  sync.Mutex     // guards srv, ln and stopped (Start, Stop, Close: the loop)
+	srv *http.Server   // nil while not serving
+	ln  *limitListener // srv's
 	// stopped is closed when the last Stop's connections have ended.
 	stopped chan struct{}
+	// afterAccept (tests) runs after each accept, before Serve has the
+	// connection.
+	afterAccept func()
 }
 
 // NewServer returns a server for the listening socket f, not yet serving.
@@ -81,10 +85,12 @@ func (s *Server) Start(onErr func(error)) error {
 		WriteTimeout: WriteTimeout, IdleTimeout: IdleTimeout, MaxHeaderBytes: 8 << 10,
 		ErrorLog: log.New(io.Discard, "", 0)}
 	srv.SetKeepAlivesEnabled(true)
-	s.srv = srv
+	lim := &limitListener{Listener: ln, sem: make(chan struct{}, MaxConns), done: make(chan struct{}), afterAccept: s.afterAccept}
+	s.srv, s.ln = srv, lim
 	go func() {
-		err := srv.Serve(&limitListener{Listener: ln, sem: make(chan struct{}, MaxConns), done: make(chan struct{})})
-		if err != nil && !errors.Is(err, http.ErrServerClosed) && onErr != nil {
+		err := srv.Serve(lim)
+		// Stop closes lim: that error ends serving as asked.
+		if err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) && onErr != nil {
 			onErr(err)
 		}
 	}()
@@ -100,17 +106,23 @@ func (s *Server) Stop() {
 	if s.srv == nil {
 		return
 	}
-	// Close would cut the connections being served; a scrape that this
-	// master accepted is answered. Shutdown closes the listener at once
-	// and the idle connections, and leaves the rest to the timeouts: its
-	// wait is not the loop's.
-	srv, stopped := s.srv, make(chan struct{})
-	s.srv, s.stopped = nil, stopped
+	// Not Shutdown: net/http drops, unanswered, a request it reads once
+	// Shutdown began, and a scrape this master accepted (its request
+	// still in flight) must be answered; nor Close, which cuts the ones
+	// being served. Instead: every connection ends after its current
+	// answer (idle ones close now: an HTTP client retries a GET that
+	// meets a reused connection closing), no more are accepted, and the
+	// wait, bounded, is not the loop's. Connections still queued wait
+	// for whoever accepts next.
+	srv, ln, stopped := s.srv, s.ln, make(chan struct{})
+	s.srv, s.ln, s.stopped = nil, nil, stopped
+	srv.SetKeepAlivesEnabled(false)
+	_ = ln.Close()
 	go func() {
 		defer close(stopped)
 		ctx, cancel := context.WithTimeout(context.Background(), WriteTimeout)
 		defer cancel()
-		if srv.Shutdown(ctx) != nil {
+		if !ln.idle(ctx) {
 			_ = srv.Close()
 		}
 	}()
@@ -239,11 +251,28 @@ func sortedKeys[V any](m map[string]V) []string {
 
 // limitListener accepts at most cap(sem) connections at once: beyond it,
 // Accept waits for one to close, and new clients wait in the backlog.
+// The tokens in sem are its open connections (and an Accept in flight).
 type limitListener struct {
 	net.Listener
-	sem       chan struct{}
-	done      chan struct{} // closed by Close: a waiting Accept returns
-	closeOnce sync.Once
+	sem         chan struct{}
+	done        chan struct{} // closed by Close: a waiting Accept returns
+	closeOnce   sync.Once
+	afterAccept func() // tests: runs between the accept and Serve's turn
+}
+
+// idle waits until the listener holds no connection, or ctx ends; it
+// reports whether it got there.
+func (l *limitListener) idle(ctx context.Context) bool {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for len(l.sem) > 0 {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+	}
+	return true
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -256,6 +285,9 @@ func (l *limitListener) Accept() (net.Conn, error) {
 	if err != nil {
 		<-l.sem
 		return nil, err
+	}
+	if l.afterAccept != nil {
+		l.afterAccept()
 	}
 	return &limitConn{Conn: c, release: func() { <-l.sem }}, nil
 }
