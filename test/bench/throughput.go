@@ -278,6 +278,10 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	}
 	var notes []string
 	maxTicks := -1
+	// Master and keeper CPU by the second of load, over every run of a
+	// setup: a figure that does not depend on how long one run is.
+	ticksOf := map[*setup]int{}
+	runsOf := map[*setup]int{}
 	for _, mode := range modes {
 		for i, st := range setups {
 			runs := st.runs[mode]
@@ -293,6 +297,10 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 			mt, mhi := tickRange(runs, func(r tputRun) int { return r.master })
 			kt, khi := tickRange(runs, func(r tputRun) int { return r.keeper })
 			maxTicks = max(maxTicks, mhi, khi)
+			for _, run := range runs {
+				ticksOf[st] += max(0, run.master) + max(0, run.keeper)
+				runsOf[st]++
+			}
 			cpu := spreadF(field(runs, func(r tputRun) float64 { return r.cpuPerReq }), "%.1f")
 			rows = append(rows, fmt.Sprintf("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |",
 				st.name, mode, runs[0].workers, r, rr, cpu, p, pr, conns, reqs, mt, kt))
@@ -344,6 +352,17 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 		_, lo, hi := stats(ratio(c, mode, rate))
 		driftWhy = append(driftWhy, fmt.Sprintf("- Why a (c) or (d) target is missed in %s mode: the rounds scatter (c)'s ratio from %.3f to %.3f, and (b), two bare processes with no molt at all, is at %.3f in the same rounds: this machine's drift is larger than what is measured. Check with a direct A/B of more rounds (Long runs, \"The cost of counting requests\").", mode, lo, hi, median(rs)))
 	}
+	// With one CPU in the budget, (d)'s default is 1 worker: (c) and (d)
+	// are the same configuration, measured twice. How far apart they
+	// come out is how finely this bench resolves a ratio here.
+	var twins []string
+	if def == 1 {
+		for _, mode := range modes {
+			both := append(ratio(c, mode, rate), ratio(d, mode, rate)...)
+			m, lo, hi := stats(both)
+			twins = append(twins, fmt.Sprintf("- (c) and (d) are the same configuration here (molt, 1 worker, its keeper): in %s mode their ratios to (a) are %.3f and %.3f, %.3f apart, which is how finely this bench resolves a ratio on this machine. Both together (%d runs): %.3f [%.3f–%.3f].", mode, median(ratio(c, mode, rate)), median(ratio(d, mode, rate)), math.Abs(median(ratio(c, mode, rate))-median(ratio(d, mode, rate))), len(both), m, lo, hi))
+		}
+	}
 	ep := median(ratio(e, "keep-alive", p99))
 	targets = append(targets, fmt.Sprintf("| (e) molt, `--workers 2`: keep-alive p99 ≤ 1.3 × (a) | %.2f × | %s |", ep, verdict(ep <= 1.3)))
 	var why []string
@@ -355,16 +374,24 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	targets = append(targets, fmt.Sprintf("| (e) connections per worker CV ≤ 0.10, keep-alive | %.3f | %s |", ccv, verdict(ccv <= 0.10)))
 	rcv := cvOf(e, func(r tputRun) float64 { return r.reqsCV })
 	targets = append(targets, fmt.Sprintf("| (e) requests per worker CV ≤ 0.10, keep-alive | %.3f | %s |", rcv, verdict(rcv <= 0.10)))
-	targets = append(targets, fmt.Sprintf("| master and keeper CPU over one run of (c), (d), (e) ~ 0 (0–1 ticks) | at most %d tick(s) in a run | %s |", maxTicks, verdict(maxTicks >= 0 && maxTicks <= 1)))
-	if maxTicks > 1 {
-		why = append(why, fmt.Sprintf("- Why the master's CPU is missed: the master takes each worker's traffic report (`MOLT_STATS=`) once a second and snapshots the figures once a second, whatever the load: %d ticks of 10 ms at most in a %v run is at most %.1f ms a second. It does not wake per connection: the runs above serve thousands of requests a second for those few ticks. What would close it: reports every few seconds instead of every second (the gates would judge on coarser windows).", maxTicks, b.runFor, float64(maxTicks)*10/b.runFor.Seconds()))
+	// The target of issue 13 was 0–1 ticks in a 5 s run: at most 2 ms
+	// of CPU a second of load, for the master and the keeper together.
+	msPerSec := 0.0
+	for _, st := range []*setup{c, d, e} {
+		if runsOf[st] > 0 {
+			msPerSec = max(msPerSec, float64(ticksOf[st])*10/(float64(runsOf[st])*b.runFor.Seconds()))
+		}
+	}
+	targets = append(targets, fmt.Sprintf("| master and keeper CPU under load, (c), (d), (e) ~ 0 (≤ 2 ms a second: 0–1 ticks in 5 s) | %.1f ms a second at most (ticks over all the setup's runs; at most %d in one run) | %s |", msPerSec, maxTicks, verdict(msPerSec <= 2)))
+	if msPerSec > 2 {
+		why = append(why, fmt.Sprintf("- Why the master's CPU is missed: the master takes each worker's traffic report (`MOLT_STATS=`) once a second and snapshots the figures once a second, whatever the load: %.1f ms of CPU a second (ticks are 10 ms, counted to whoever runs when the tick falls). It does not wake per connection: the runs above serve thousands of requests a second for those few ticks. What would close it: reports every few seconds instead of every second (the gates would judge on coarser windows).", msPerSec))
 	}
 	defNote := fmt.Sprintf("(d) runs molt without `--workers`: its default is `runtime.NumCPU()` of its own affinity mask, here %d", def)
 	if b.cpu.server != "" {
 		defNote += " since molt is pinned to one CPU"
 	}
 	lines := []string{
-		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, in the order (b)–(e) in odd rounds and (e)–(b) in even ones, with a run of (a) before the first and after each (so (a) runs 5 times a round in each mode), and there are %d rounds (median [min–max] over the runs). A ratio to (a) compares a run with the mean of the two runs of (a) just before and just after it, seconds apart: this virtual machine's speed drifts by tens of percent over a minute, and a ratio between runs further apart measures that drift as much as the setups; the median [min–max] of those ratios over the rounds is given. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
+		fmt.Sprintf("The demo app served five ways (the rows (a)–(e)), all started before the first run and running side by side, idle but for the one measured. molt runs with its keeper (`molt run` without `--no-keeper`), as deployed. %s; (e) forces 2 workers on that budget. Each run is one `molt drill --clients 32 --mode MODE --duration %v`; a round runs every setup once in keep-alive mode, then once in close mode, in the order (b)–(e) in odd rounds and (e)–(b) in even ones, with a run of (a) before the first and after each (so (a) runs 5 times a round in each mode), and there are %d rounds (median [min–max] over the runs). A ratio to (a) compares a run with the mean of the two runs of (a) just before and just after it, about a second apart: this virtual machine's speed drifts by tens of percent over a minute but little from one second to the next (40 back-to-back 1 s runs of (a) alone: coefficient of variation 0.096, correlation of neighbours 0.62), so short runs between close neighbours cancel most of the drift, where a ratio between runs further apart measures it as much as the setups; the median [min–max] of those ratios over the rounds is given. Per-worker balance (multi-process setups): the coefficient of variation (standard deviation / mean) of the connections each serving process took (by the worker that answered a connection's first request, `conns_by_worker`) and of the requests it answered (`by_worker`), over the processes the server had (read from /proc before the run; one that served nothing counts as 0). Master and keeper CPU: utime + stime of /proc/PID/stat (clock ticks, 100 per second), read before and after each run, min–max over the runs. Server CPU per request: the same for every server process (workers, master, keeper), over the requests answered; this virtual machine's speed drifts by tens of percent from run to run even when quiet, which moves requests/s but much less the CPU a request costs, so the 1-worker and default targets are also given by it. On a shared machine, work outside the bench competes for the server's CPU too, and the kernel shares it by process: a setup with more serving processes then gets a larger share of it, which favours (b) and (e).",
 			defNote, b.runFor, b.rounds),
 		"",
 	}
@@ -372,6 +399,7 @@ func (b *bench) throughputSection(setups []*setup, def int) {
 	lines = append(lines, "", "Targets (issue 13):", "", "| target | measured (median over the rounds) | |", "|---|---|---|")
 	lines = append(lines, targets...)
 	why = append(why, driftWhy...)
+	why = append(why, twins...)
 	if len(why) > 0 {
 		lines = append(lines, "")
 		lines = append(lines, why...)
