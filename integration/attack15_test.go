@@ -42,11 +42,7 @@ func TestAttack15_DroppedDatagramFloodIsPaced(t *testing.T) {
 // master uses more than maxShare of a core over 4 s of it.
 func floodCost(t *testing.T, python, kind string, maxShare float64) {
 	app := pyApp(t)
-	dir := test.ShortTempDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil { // the worker, as nobody, looks for the gate
-		t.Fatal(err)
-	}
-	gate := filepath.Join(dir, "flood")
+	gate := nobodysGate(t, "flood")
 	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
 		"--", python, app, "--dgram-flood", kind + ":8:" + gate}})
 	addr := m.addr()
@@ -106,11 +102,7 @@ func TestAttack15_OldWorkerCanRollBackAnUpgrade(t *testing.T) {
 	const python = "/usr/bin/python3" // one nobody can execute
 	test.Require(t, "python3", fileExists(python), python+" is missing")
 	app := pyApp(t)
-	dir := test.ShortTempDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil { // the worker, as nobody, looks for the gate
-		t.Fatal(err)
-	}
-	gate := filepath.Join(dir, "kill")
+	gate := nobodysGate(t, "kill")
 	m := start(t, runOpts{Args: []string{"--listen", "127.0.0.1:0", "--workers", "2", "--user", "nobody",
 		"--ready-timeout", "10s", "--probation", "2s", "--", python, app, "--kill-new", gate}})
 	m.waitServing()
@@ -133,4 +125,14 @@ func TestAttack15_OldWorkerCanRollBackAnUpgrade(t *testing.T) {
 	l.stop(t)
 	m.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
 		test.Event("worker.exited_unexpectedly"))
+}
+
+// nobodysGate is a path in a fresh directory that a worker run as nobody
+// can look at: the test creates the file to start what the worker does.
+func nobodysGate(t *testing.T, name string) string {
+	dir := test.ShortTempDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, name)
 }

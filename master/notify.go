@@ -129,7 +129,17 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 	var pace pacer
 	reads := pacer{rate: notifyReadRate, burst: notifyReadRate}
 	paced, readPaced := false, false
-	wait := func(d time.Duration) bool {
+	// throttle waits out p's delay, if any, logging notify.paced the first
+	// time (what: which budget); false once the master is done.
+	throttle := func(p *pacer, warned *bool, rate float64, what, msg string) bool {
+		d := p.delay(time.Now())
+		if d <= 0 {
+			return true
+		}
+		if !*warned {
+			*warned = true
+			log.Warn(msg, "event", "notify.paced", "worker_pid", worker, "rate", rate, "what", what)
+		}
 		t := time.NewTimer(d)
 		defer t.Stop()
 		select {
@@ -147,20 +157,14 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 			}
 			return
 		}
-		if d := reads.delay(time.Now()); d > 0 {
-			// Checking the sender, parsing and dropping cost as much
-			// as the sender's sendto: without a budget, one process
-			// sending datagrams that are all dropped (reports past one
-			// a second, malformed ones, from outside the worker's
-			// session) kept a core of the master's busy.
-			if !readPaced {
-				readPaced = true
-				log.Warn("datagrams arrive at a worker's notify socket faster than the master reads them; pacing the reads", "event", "notify.paced",
-					"worker_pid", worker, "rate", notifyReadRate, "what", "datagrams read")
-			}
-			if !wait(d) {
-				return
-			}
+		// Checking the sender, parsing and dropping cost as much as the
+		// sender's sendto: without a budget, one process sending
+		// datagrams that are all dropped (reports past one a second,
+		// malformed ones, from outside the worker's session) kept a
+		// core of the master's busy.
+		if !throttle(&reads, &readPaced, notifyReadRate, "datagrams read",
+			"datagrams arrive at a worker's notify socket faster than the master reads them; pacing the reads") {
+			return
 		}
 		if ok, why := notify.SpeaksFor(notify.SessionOf, msg.Pid, worker); !ok {
 			m.rejected.Add(msg.Pid, why)
@@ -182,19 +186,13 @@ func (m *Master) readNotify(log hclog.Logger, s *notify.Socket, worker int) {
 		case <-m.done:
 			return
 		}
-		if d := pace.delay(time.Now()); d > 0 {
-			// A flood of messages the loop must apply (STATUS=, say)
-			// waits here, in the socket's queue and then the sender's
-			// sendto: delayed, in order, none lost, and the loop's cost
-			// bounded whatever the rate.
-			if !paced {
-				paced = true
-				log.Warn("a worker sends notify messages faster than the master applies them; pacing it", "event", "notify.paced",
-					"worker_pid", worker, "rate", notifyRate, "what", "messages applied")
-			}
-			if !wait(d) {
-				return
-			}
+		// A flood of messages the loop must apply (STATUS=, say) waits
+		// here, in the socket's queue and then the sender's sendto:
+		// delayed, in order, none lost, and the loop's cost bounded
+		// whatever the rate.
+		if !throttle(&pace, &paced, notifyRate, "messages applied",
+			"a worker sends notify messages faster than the master applies them; pacing it") {
+			return
 		}
 	}
 }

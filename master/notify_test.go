@@ -40,22 +40,7 @@ func TestSearchable(t *testing.T) {
 func TestPacer_BoundsAFloodNotAWorker(t *testing.T) {
 	var p pacer
 	now := time.Unix(1000, 0)
-	for i := range notifyBurst {
-		if d := p.delay(now); d != 0 {
-			t.Fatalf("message %d of the burst waits %v", i, d)
-		}
-	}
-	// A flood: each message arrives the moment the reader may read it.
-	var waited time.Duration
-	for range 1000 {
-		d := p.delay(now)
-		if d <= 0 {
-			t.Fatal("a flood past the burst went unpaced")
-		}
-		waited += d
-		now = now.Add(d)
-	}
-	if got := float64(1000) / waited.Seconds(); got > notifyRate*1.01 {
+	if got := floodRate(t, &p, &now, notifyBurst, 1000); got > notifyRate*1.01 {
 		t.Errorf("the flood reached the loop at %.0f a second, want at most %d", got, notifyRate)
 	}
 	now = now.Add(2 * time.Second)
@@ -64,27 +49,34 @@ func TestPacer_BoundsAFloodNotAWorker(t *testing.T) {
 	}
 }
 
+// floodRate lets p's burst pass at *now (none may wait), then sends n
+// more, each the moment it may go, and returns their rate a second.
+func floodRate(t *testing.T, p *pacer, now *time.Time, burst, n int) float64 {
+	t.Helper()
+	for i := range burst {
+		if d := p.delay(*now); d != 0 {
+			t.Fatalf("message %d of the burst waits %v", i, d)
+		}
+	}
+	var waited time.Duration
+	for range n {
+		d := p.delay(*now)
+		if d <= 0 {
+			t.Fatal("a flood past the burst went unpaced")
+		}
+		waited += d
+		*now = now.Add(d)
+	}
+	return float64(n) / waited.Seconds()
+}
+
 // TestPacer_ReadBudget: a reader's budget of datagrams read (any rate and
 // burst given) lets its burst pass at once and then no more than its
 // rate a second, dropped datagrams included.
 func TestPacer_ReadBudget(t *testing.T) {
 	p := pacer{rate: notifyReadRate, burst: notifyReadRate}
 	now := time.Unix(1000, 0)
-	for i := range notifyReadRate {
-		if d := p.delay(now); d != 0 {
-			t.Fatalf("datagram %d of the burst waits %v", i, d)
-		}
-	}
-	var waited time.Duration
-	for range 5000 {
-		d := p.delay(now)
-		if d <= 0 {
-			t.Fatal("a flood past the burst went unpaced")
-		}
-		waited += d
-		now = now.Add(d)
-	}
-	if got := 5000 / waited.Seconds(); got > notifyReadRate*1.01 || got < notifyReadRate*0.99 {
+	if got := floodRate(t, &p, &now, notifyReadRate, 5000); got > notifyReadRate*1.01 || got < notifyReadRate*0.99 {
 		t.Errorf("the flood was read at %.0f a second, want %d", got, notifyReadRate)
 	}
 }
