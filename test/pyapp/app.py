@@ -14,12 +14,16 @@ which would change the mode for every process sharing it.
 With --blocking-accept it is instead a worker written for
 systemd-socket-activate: it calls setblocking(True) on the listener and
 accept()s in a loop, as molt's listen option ",blocking" allows. Its stop
-signal interrupts a blocked accept (the handler raises there: Python
-retries a syscall a signal interrupted unless the handler raises, PEP 475),
-so that its drain ends at once. Without the option, molt switches the
+signal interrupts a blocked accept, so that its drain ends at once: the
+accept is libc's, through ctypes, which returns EINTR (socket.accept
+retries it, PEP 475, unless the handler raises, and a handler that raises
+just after the accept returned loses that connection: its client sees a
+reset). Without the option, molt switches the
 shared socket back to non-blocking and accept raises BlockingIOError
 (EAGAIN): the worker dies with it, as the C worker of issue 13 did.
 """
+import ctypes
+import errno
 import os
 import select
 import signal
@@ -59,18 +63,11 @@ def report_stats(force=False):
         return
     last_report = now
     notify("MOLT_STATS=1 %s %s" % (",".join(map(str, classes)), ",".join(map(str, buckets))))
-in_accept = False
-
-
-class Stop(Exception):
-    """Raised by the stop signal's handler into a blocked accept."""
 
 
 def on_term(signum, frame):
     global stopping
     stopping = True
-    if in_accept:
-        raise Stop()
 
 
 def notify(state):
@@ -280,21 +277,21 @@ def main():
 
 
 def blocking_loop(ln, names):
-    """Accept in blocking mode until the stop signal. BlockingIOError is
-    not caught: on a non-blocking socket it is fatal, as in a C worker."""
-    global in_accept
+    """Accept in blocking mode until the stop signal. The signal interrupts
+    a blocked accept (EINTR), and its handler runs once accept returned:
+    it never raises, so a connection accepted is always answered. A
+    signal just before accept is entered leaves it blocked until the next
+    connection, which it answers before it stops. EAGAIN (a non-blocking
+    socket) is fatal, as in a C worker."""
+    libc = ctypes.CDLL(None, use_errno=True)
     while not stopping:
-        try:
-            in_accept = True
-            if stopping:
-                break  # the signal came before in_accept was set
-            conn, _ = ln.accept()
-            in_accept = False
-        except Stop:
-            break
-        finally:
-            in_accept = False
-        answer(conn, names)
+        fd = libc.accept(ln.fileno(), None, None)
+        if fd < 0:
+            e = ctypes.get_errno()
+            if e == errno.EINTR:
+                continue
+            raise OSError(e, os.strerror(e))
+        answer(socket.socket(fileno=fd), names)
 
 
 def answer(conn, names):
