@@ -130,19 +130,8 @@ func openBalancer() *balancer {
 	} else {
 		peerFD = -1
 	}
-	// Sealed against shrinking, or a sibling could truncate it under our
-	// mapping and kill us with SIGBUS.
-	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
-	if err != nil || seals&unix.F_SEAL_SHRINK == 0 {
-		return nil
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil || st.Size < 2*TableLine || st.Size%TableLine != 0 {
-		return nil
-	}
-	size := min(int(st.Size), (MaxTableEntries+1)*TableLine)
-	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
+	mem := mapTable(fd, unix.PROT_READ|unix.PROT_WRITE)
+	if mem == nil {
 		return nil
 	}
 	b := newBalancer(mem, self)
@@ -156,9 +145,11 @@ func openBalancer() *balancer {
 	return b
 }
 
-// openPeer maps the old generation's table passed to a canary, read-only,
-// or returns nil (the canary then balances within its generation only).
-func openPeer(fd int) *peerTable {
+// mapTable maps the accept table fd with prot, or returns nil if it is
+// not one: it must be sealed against shrinking (or whoever else holds it
+// could truncate it under the mapping and kill this process with SIGBUS)
+// and hold a header and whole lines; at most MaxTableEntries are mapped.
+func mapTable(fd, prot int) []byte {
 	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
 	if err != nil || seals&unix.F_SEAL_SHRINK == 0 {
 		return nil
@@ -168,8 +159,18 @@ func openPeer(fd int) *peerTable {
 		return nil
 	}
 	size := min(int(st.Size), (MaxTableEntries+1)*TableLine)
-	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	mem, err := unix.Mmap(fd, 0, size, prot, unix.MAP_SHARED)
 	if err != nil {
+		return nil
+	}
+	return mem
+}
+
+// openPeer maps the old generation's table passed to a canary, read-only,
+// or returns nil (the canary then balances within its generation only).
+func openPeer(fd int) *peerTable {
+	mem := mapTable(fd, unix.PROT_READ)
+	if mem == nil {
 		return nil
 	}
 	p := newPeerTable(mem)
