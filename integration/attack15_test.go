@@ -3,7 +3,6 @@ package integration
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -59,24 +58,7 @@ func floodCost(t *testing.T, python, kind string, maxShare float64) {
 		}
 		return nil
 	})
-	t0, ok0 := test.CPUTicks(m.Pid)
-	began := time.Now()
-	// Observation window: the flood goes on (8 s from its start); we only
-	// measure the master's CPU over it, while asking for its status.
-	for time.Since(began) < 4*time.Second {
-		s := time.Now()
-		statusOf(t, m.pidFile)
-		if d := time.Since(s); d > 2*time.Second {
-			t.Errorf("ctl status took %v during the flood", d)
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	t1, ok1 := test.CPUTicks(m.Pid)
-	took := time.Since(began)
-	if !ok0 || !ok1 {
-		t.Fatal("the master's CPU time unreadable")
-	}
-	share := float64(t1-t0) / 100 / took.Seconds()
+	share, took := masterShareDuringFlood(t, m)
 	t.Logf("%s flood: the master used %.0f%% of a core over %v", kind, 100*share, took.Round(time.Millisecond))
 	if share > maxShare {
 		t.Errorf("%s flood: the master used %.0f%% of a core, want under %.0f%%", kind, 100*share, 100*maxShare)
@@ -125,14 +107,4 @@ func TestAttack15_OldWorkerCanRollBackAnUpgrade(t *testing.T) {
 	l.stop(t)
 	m.stop(test.Event("upgrade.rolled_back"), test.Event("upgrade.new_gave_up"), test.Event("upgrade.giving_up"),
 		test.Event("worker.exited_unexpectedly"))
-}
-
-// nobodysGate is a path in a fresh directory that a worker run as nobody
-// can look at: the test creates the file to start what the worker does.
-func nobodysGate(t *testing.T, name string) string {
-	dir := test.ShortTempDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return filepath.Join(dir, name)
 }

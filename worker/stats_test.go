@@ -157,10 +157,7 @@ func TestStats_CutRequest(t *testing.T) {
 	before := TrafficStats()
 	tr := &http.Transport{}
 	defer tr.CloseIdleConnections()
-	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
-	go func() { <-started; cancel() }()
-	_, _ = tr.RoundTrip(req)
+	cancelOnceStarted(tr, srv.URL, started)
 	close(release)
 	srv.Close()
 	after := TrafficStats()
@@ -268,14 +265,8 @@ func TestStats_AbortAfterTheClientLeftIsCut(t *testing.T) {
 	before := TrafficStats()
 	tr := &http.Transport{}
 	defer tr.CloseIdleConnections()
-	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stream", nil)
-	go func() { <-started; cancel() }()
-	if resp, err := tr.RoundTrip(req); err == nil {
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-	}
-	req, _ = http.NewRequest("GET", srv.URL+"/abort", nil)
+	cancelOnceStarted(tr, srv.URL+"/stream", started)
+	req, _ := http.NewRequest("GET", srv.URL+"/abort", nil)
 	if resp, err := tr.RoundTrip(req); err == nil {
 		resp.Body.Close()
 	}
@@ -286,5 +277,24 @@ func TestStats_AbortAfterTheClientLeftIsCut(t *testing.T) {
 	}
 	if got := after.Classes[ClassPanicked] - before.Classes[ClassPanicked]; got != 1 {
 		t.Errorf("panicked: %d, want 1, the abort with the client there (classes %v -> %v)", got, before.Classes, after.Classes)
+	}
+}
+
+// cancelOnceStarted sends GET url through tr, cancels it once started is
+// closed (its handler runs), and returns when the round trip has ended.
+func cancelOnceStarted(tr *http.Transport, url string, started <-chan struct{}) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+	go func() {
+		select {
+		case <-started:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	if resp, err := tr.RoundTrip(req); err == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
 	}
 }
